@@ -1,0 +1,170 @@
+"""The scheduler-independent part of every job: secrets, port, server start, ready line.
+
+Requirements:
+- the job chooses its own free port on the node, starts the single-user server there and, once
+  the server accepts connections, prints exactly one ready line to its output:
+  ``HUB_SPAWNER_READY {"host": "cn017", "port": 43211}``;
+- secrets (the API token and friends) reach the job only through a 0600 file that the job
+  reads and deletes at once; never through the command line or the scheduler's environment;
+- every value put into the script is shell-quoted; environment variable names are validated.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+
+READY_MARKER = "HUB_SPAWNER_READY"
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
+
+LAUNCH_TEMPLATE = """\
+# --- hub_spawner launcher: load secrets, choose a port, start the server, report readiness ---
+set -u
+umask 077
+hub_spawner_secrets={{ secrets_path }}
+if [ ! -r "$hub_spawner_secrets" ]; then
+    echo "hub_spawner: cannot read the server's environment file $hub_spawner_secrets" >&2
+    exit 1
+fi
+set -a
+. "$hub_spawner_secrets"
+set +a
+rm -f -- "$hub_spawner_secrets"
+{{ prologue }}
+hub_spawner_port=$({{ python }} -c \
+    'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])') || {
+    echo "hub_spawner: could not choose a free port on $(hostname) (is {{ python }} on PATH?)" >&2
+    exit 1
+}
+export JUPYTERHUB_SERVICE_URL="http://{{ listen_ip }}:${hub_spawner_port}/"
+{{ command }} &
+hub_spawner_server=$!
+trap 'kill -TERM "$hub_spawner_server" 2>/dev/null' TERM INT HUP
+hub_spawner_waited=0
+until (exec 3<>"/dev/tcp/127.0.0.1/$hub_spawner_port") 2>/dev/null; do
+    if ! kill -0 "$hub_spawner_server" 2>/dev/null; then
+        wait "$hub_spawner_server"
+        hub_spawner_status=$?
+        echo "hub_spawner: the server exited with status $hub_spawner_status before it listened" >&2
+        exit "$hub_spawner_status"
+    fi
+    if [ "$hub_spawner_waited" -ge {{ ready_timeout_tenths }} ]; then
+        echo "hub_spawner: the server did not listen on port $hub_spawner_port in time" >&2
+        kill -TERM "$hub_spawner_server" 2>/dev/null
+        exit 1
+    fi
+    sleep 0.1
+    hub_spawner_waited=$((hub_spawner_waited + 1))
+done
+echo "{{ ready_marker }} {\\"host\\": \\"$(hostname)\\", \\"port\\": $hub_spawner_port}"
+wait "$hub_spawner_server"
+"""
+
+
+@dataclass(frozen=True)
+class ReadyLine:
+    """Where the job's server listens, as the job reported it."""
+
+    host: str
+    port: int
+
+
+def render_launch(
+    command: list[str],
+    secrets_path: str,
+    prologue: str = "",
+    python: str = "python3",
+    listen_ip: str = "0.0.0.0",
+    ready_timeout_seconds: int = 600,
+) -> str:
+    """The launcher part of the job script; every argument is quoted for bash.
+
+    ``prologue`` is admin-written shell (``module load ...``) and inserted verbatim.
+    """
+    if not command:
+        raise ValueError("the server command is empty")
+    return _render(
+        LAUNCH_TEMPLATE,
+        secrets_path=shlex.quote(secrets_path),
+        prologue=prologue,
+        python=shlex.quote(python),
+        listen_ip=_checked_ip(listen_ip),
+        command=shlex.join(command),
+        ready_timeout_tenths=int(ready_timeout_seconds * 10),
+        ready_marker=READY_MARKER,
+    )
+
+
+def render_job_script(template: str, **variables: Any) -> str:
+    """Render a scheduler's job-script template (Jinja2, undefined names are errors)."""
+    return _render(template, **variables)
+
+
+def render_env_file(env: dict[str, str]) -> str:
+    """``NAME='value'`` lines for bash to source; raises ``ValueError`` on a bad name."""
+    lines = []
+    for name, value in sorted(env.items()):
+        if not _ENV_NAME.match(name):
+            raise ValueError(f"not a valid environment variable name: {name!r}")
+        lines.append(f"{name}={shlex.quote(str(value))}")
+    return "\n".join(lines) + "\n"
+
+
+def parse_ready_line(output: str) -> ReadyLine | None:
+    """The last ready line in a job's output, or ``None`` if there is none yet.
+
+    Raises ``ValueError`` if a ready line is there but malformed (bad JSON, a host that is not a
+    hostname, a port outside 1-65535): the job is then not one of ours to trust.
+    """
+    ready = None
+    for line in output.splitlines():
+        if line.startswith(READY_MARKER + " "):
+            ready = line[len(READY_MARKER) + 1 :]
+    if ready is None:
+        return None
+    try:
+        fields = json.loads(ready)
+        host, port = fields["host"], fields["port"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"malformed ready line: {ready!r}") from None
+    if not isinstance(host, str) or not _HOSTNAME.match(host):
+        raise ValueError(f"ready line names an invalid host: {host!r}")
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ValueError(f"ready line names an invalid port: {port!r}")
+    return ReadyLine(host=host, port=port)
+
+
+def last_lines(output: str, count: int = 10) -> str:
+    """The last ``count`` non-empty lines of a job's output, for error messages."""
+    lines = [line.rstrip() for line in output.splitlines() if line.strip()]
+    return "\n".join(lines[-count:])
+
+
+def same_host(reported: str, scheduled: str) -> bool:
+    """Whether the ready line's host is the node the scheduler placed the job on.
+
+    Compares short names (``cn017`` == ``cn017.cluster.example``).
+    """
+    return reported.split(".")[0].lower() == scheduled.split(".")[0].lower()
+
+
+def _checked_ip(ip: str) -> str:
+    if not re.match(r"^[0-9a-fA-F:.]+$", ip):
+        raise ValueError(f"not an IP address: {ip!r}")
+    return ip
+
+
+_environment = jinja2.Environment(
+    undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
+)
+
+
+def _render(template: str, **variables: Any) -> str:
+    return _environment.from_string(template).render(**variables)

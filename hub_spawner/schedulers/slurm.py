@@ -1,0 +1,172 @@
+"""Slurm: the job script, the command lines and the parsers for their output.
+
+Requirements:
+- pure: no I/O; every function here is a small transformation tested on recorded real output
+  (``tests/fixtures/slurm/``);
+- every value that ends up in a command line is validated by the caller and quoted here
+  with ``shlex.quote``; ``#SBATCH`` directives only ever receive values that passed
+  ``hub_spawner.resources`` validation (sbatch parses them itself, no shell involved);
+- an answer we cannot read is ``JobState.UNKNOWN``, never ``JobState.DONE``: a job is only
+  declared gone when Slurm says so.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+from . import CommandOutput, JobState, JobStatus, SubmitRejected
+
+NAME = "slurm"
+DISPLAY_NAME = "Slurm"
+
+#: Default job script. Jinja2; ``launch`` is the scheduler-independent part that starts the
+#: server and prints the ready line (``hub_spawner.jobscript``). Directive values are validated
+#: before rendering (see ``hub_spawner.resources``).
+JOB_SCRIPT_TEMPLATE = """\
+#!/bin/bash
+#SBATCH --job-name={{ job_name }}
+#SBATCH --output={{ output_path }}
+#SBATCH --no-requeue
+{% if resources.partition %}#SBATCH --partition={{ resources.partition }}
+{% endif %}{% if resources.cpus %}#SBATCH --cpus-per-task={{ resources.cpus }}
+{% endif %}{% if resources.memory_mb %}#SBATCH --mem={{ resources.memory_mb }}M
+{% endif %}{% if time_limit %}#SBATCH --time={{ time_limit }}
+{% endif %}{% if resources.account %}#SBATCH --account={{ resources.account }}
+{% endif %}{% for directive in extra_directives %}#SBATCH {{ directive }}
+{% endfor %}
+{{ launch }}
+"""
+
+# States from squeue(1) "JOB STATE CODES".
+_PENDING_STATES = {
+    "PENDING",
+    "CONFIGURING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESIZING",
+    "SUSPENDED",
+    "STOPPED",
+    "SIGNALING",
+    "STAGE_OUT",
+    "SPECIAL_EXIT",
+    "RESV_DEL_HOLD",
+}
+_RUNNING_STATES = {"RUNNING"}
+_DONE_STATES = {
+    "COMPLETED",
+    "COMPLETING",
+    "CANCELLED",
+    "FAILED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "OUT_OF_MEMORY",
+    "REVOKED",
+}
+
+_JOB_ID = re.compile(r"^[0-9]+(_[0-9]+)?$")
+_FIELD_SEPARATOR = "|"
+
+
+def format_time_limit(seconds: int) -> str:
+    """Slurm's ``D-HH:MM:SS`` (``--time``); ``""`` for 0 (the partition's default)."""
+    if seconds <= 0:
+        return ""
+    days, rest = divmod(int(seconds), 86400)
+    hours, rest = divmod(rest, 3600)
+    return f"{days}-{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def submit_command() -> str:
+    """Command line that submits the job script given on its standard input."""
+    return "sbatch --parsable"
+
+
+def parse_submit_output(output: CommandOutput) -> str:
+    """Job id from ``sbatch --parsable``; raises ``SubmitRejected`` with Slurm's message.
+
+    ``--parsable`` prints ``ID`` or ``ID;CLUSTER``.
+    """
+    if output.exit_status != 0:
+        raise SubmitRejected(_error_text(output) or f"sbatch exited with {output.exit_status}")
+    first_line = output.stdout.strip().splitlines()[0] if output.stdout.strip() else ""
+    job_id = first_line.split(";", 1)[0].strip()
+    if not _JOB_ID.match(job_id):
+        raise SubmitRejected(f"sbatch printed no job id (output: {output.stdout.strip()!r})")
+    return job_id
+
+
+def status_command(job_id: str) -> str:
+    """Command line that prints one ``STATE|NODE|REASON`` line for the job.
+
+    ``--states=all`` keeps finished jobs visible until Slurm's MinJobAge purges them.
+    """
+    fmt = _FIELD_SEPARATOR.join(["%T", "%N", "%r"])
+    return (
+        f"squeue --noheader --states=all --jobs={quote_job_id(job_id)} --format={shlex.quote(fmt)}"
+    )
+
+
+def parse_status_output(output: CommandOutput) -> JobStatus:
+    """Read ``status_command`` output.
+
+    Guarantees: ``DONE`` only when squeue names a finished state, prints nothing, or says the job
+    id is invalid (purged after MinJobAge); any other failure is ``UNKNOWN``.
+    """
+    if output.exit_status != 0:
+        if "Invalid job id" in output.stderr:
+            return JobStatus(JobState.DONE, reason="Slurm no longer knows the job")
+        return JobStatus(JobState.UNKNOWN, reason=_error_text(output))
+    lines = [line for line in output.stdout.splitlines() if line.strip()]
+    if not lines:
+        return JobStatus(JobState.DONE, reason="Slurm no longer lists the job")
+    fields = lines[0].strip().split(_FIELD_SEPARATOR)
+    if len(fields) != 3:
+        return JobStatus(JobState.UNKNOWN, reason=f"unreadable squeue line {lines[0]!r}")
+    state_name, node, reason = (field.strip() for field in fields)
+    reason = "" if reason == "None" else reason
+    node = "" if node in ("", "(null)") else node
+    state_name = state_name.split()[0] if state_name else ""
+    if state_name in _RUNNING_STATES:
+        state = JobState.RUNNING
+    elif state_name in _PENDING_STATES:
+        state = JobState.PENDING
+    elif state_name in _DONE_STATES:
+        state = JobState.DONE
+    else:
+        state = JobState.UNKNOWN
+    return JobStatus(state, state_name=state_name, reason=reason, node=node)
+
+
+def cancel_command(job_id: str) -> str:
+    """Command line that cancels the job (harmless if it has already ended)."""
+    return f"scancel {quote_job_id(job_id)}"
+
+
+def cancel_by_name_command(job_name: str, cluster_username: str) -> str:
+    """Command line that cancels the user's jobs with this (unique) name.
+
+    Used when a submission was sent but its job id never came back.
+    """
+    return f"scancel --name={shlex.quote(job_name)} --user={shlex.quote(cluster_username)}"
+
+
+def quote_job_id(job_id: str) -> str:
+    """The job id, checked to be a Slurm job id; raises ``ValueError`` otherwise."""
+    if not _JOB_ID.match(job_id or ""):
+        raise ValueError(f"not a Slurm job id: {job_id!r}")
+    return job_id
+
+
+def _error_text(output: CommandOutput) -> str:
+    """The scheduler's own message, without the ``sbatch: error:`` prefixes."""
+    lines = []
+    for line in (output.stderr or output.stdout).splitlines():
+        line = re.sub(r"^\w+: error: ", "", line.strip())
+        if line:
+            lines.append(line)
+    return " ".join(lines)

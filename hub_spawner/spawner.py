@@ -1,0 +1,651 @@
+"""The spawners: JupyterHub's lifecycle as glue between schedulers, SSH and tunnels.
+
+``SSHBatchSpawner`` holds everything that does not depend on the scheduler; ``SlurmSSHSpawner``
+(entry point ``slurm-ssh``) names the scheduler module. The lifecycle follows DESIGN.md:
+connect, write secrets (0600, over SFTP), submit, wait for the ready line, tunnel, return the
+tunnel's URL. Every way out of ``start()`` other than success reaches the same cleanup, which
+cancels the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import posixpath
+import re
+import secrets
+from types import ModuleType
+from typing import Any, ClassVar
+from urllib.parse import urlparse
+
+from jupyterhub.spawner import Spawner
+from jupyterhub.utils import maybe_future, url_path_join
+from traitlets import Callable, Float, Integer, List, Unicode, Union, default
+
+from . import jobscript
+from .errors import BadOptions, BadReadyLine, ClusterUnreachable, JobEndedEarly, JobRejected
+from .form import options_from_form, render_options_form
+from .resources import Limits, parse_memory_mb, parse_walltime_seconds, resources_from_options
+from .schedulers import JobState, JobStatus, SubmitRejected, slurm
+from .ssh import LoginConnection, SSHCommandError, SSHTarget, default_pool
+from .tunnel import default_tunnels
+
+STATE_VERSION = 1
+
+_CLUSTER_USERNAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")
+_REMOTE_PATH = re.compile(r"^[A-Za-z0-9_./@+-]+$")
+
+
+class SSHBatchSpawner(Spawner):
+    """Start each single-user server as a batch job on a cluster whose login node we reach by SSH.
+
+    Subclasses set ``scheduler`` to one of the ``hub_spawner.schedulers`` modules.
+    """
+
+    scheduler: ClassVar[ModuleType]
+
+    # --- where and as whom -------------------------------------------------------------------
+
+    login_host = Unicode(
+        "",
+        config=True,
+        help="""Host name or address of the cluster's login node, as the hub host reaches it.
+
+        Example: ``c.SlurmSSHSpawner.login_host = "login.cluster.example.org"``.
+        """,
+    )
+    login_port = Integer(22, config=True, help="SSH port of the login node.")
+    known_hosts_path = Unicode(
+        "/etc/hub_spawner/known_hosts",
+        config=True,
+        help="""OpenSSH known_hosts file that holds the login node's host key.
+
+        Host keys are always checked: a login node whose key is missing from this file, or does
+        not match it, is refused with an error that says so. Create it with
+        ``ssh-keyscan -H login.cluster.example.org > /etc/hub_spawner/known_hosts`` and check the
+        fingerprints with your cluster's admins.
+        """,
+    )
+    ssh_key_path_template = Unicode(
+        "/etc/hub_spawner/keys/{username}",
+        config=True,
+        help="""Path of the private key to log in with, per user.
+
+        ``{username}`` is the cluster username (see ``cluster_username``). The key must be
+        readable by the hub only (mode 0600) and unencrypted; its public half goes into the
+        user's ``~/.ssh/authorized_keys`` on the cluster.
+        """,
+    )
+    cluster_username = Union(
+        [Unicode(), Callable()],
+        default_value="{username}",
+        config=True,
+        help="""The user's name on the cluster.
+
+        A template with ``{username}`` (the hub username), or a callable taking the spawner and
+        returning the name (may be a coroutine). Example: ``"hpc_{username}"``. The result must
+        be a plain Unix user name.
+        """,
+    )
+    ssh_connect_timeout = Float(
+        15, config=True, help="Seconds to wait for the SSH connection to the login node."
+    )
+    command_timeout = Float(
+        60,
+        config=True,
+        help="Seconds a scheduler command (sbatch, squeue, scancel) may take before we give up.",
+    )
+
+    # --- how the server and the hub reach each other -----------------------------------------
+
+    tunnel_bind_ip = Unicode(
+        "127.0.0.1",
+        config=True,
+        help="""Address on the hub host where the tunnel to each server listens.
+
+        The proxy routes to ``http://<tunnel_bind_ip>:<tunnel port>``. Keep the default when the
+        proxy runs on the hub host; in Kubernetes, with the proxy in another pod, use the hub
+        pod's IP.
+        """,
+    )
+    hub_api_tunnel_host = Unicode(
+        "",
+        config=True,
+        help="""Where compute nodes reach the hub API: the login node's name or address as
+        *compute nodes* see it.
+
+        The spawner asks the login node's sshd to listen there (a reverse tunnel) and forwards
+        to the hub API; the server is given ``http://<hub_api_tunnel_host>:<port>/hub/api``.
+        This needs ``GatewayPorts clientspecified`` (and ``AllowTcpForwarding yes``) in the login
+        node's sshd_config. Empty means the login node's loopback, which only works when jobs run
+        on the login node itself.
+
+        Not used when ``hub_connect_url`` is set: then compute nodes reach the hub directly.
+        """,
+    )
+
+    # --- the job -----------------------------------------------------------------------------
+
+    job_script_template = Unicode(
+        "",
+        config=True,
+        help="""Jinja2 template of the job script; empty means the scheduler's default.
+
+        Variables: ``job_name``, ``output_path``, ``resources`` (``partition``, ``cpus``,
+        ``memory_mb``, ``account``), ``time_limit`` (already in the scheduler's format),
+        ``extra_directives`` and ``launch`` (the part that starts the server; always include it).
+        Values are validated before rendering.
+        """,
+    )
+    job_prologue = Unicode(
+        "",
+        config=True,
+        help="""Shell lines run in the job before the server starts, e.g.
+        ``module load jupyter`` or ``source /opt/conda/bin/activate lab``. Inserted verbatim.
+        """,
+    )
+    job_extra_directives = List(
+        Unicode(),
+        config=True,
+        help="""Extra scheduler directives, without the prefix: ``["--constraint=skylake"]``
+        becomes ``#SBATCH --constraint=skylake``. Admin-set, inserted verbatim.
+        """,
+    )
+    job_python = Unicode(
+        "python3",
+        config=True,
+        help="Python on the compute node (after ``job_prologue``), used to pick a free port.",
+    )
+    remote_state_dir = Unicode(
+        ".hub-spawner",
+        config=True,
+        help="""Directory for job output and the server's environment file, relative to the
+        user's home on the cluster (or absolute). Created with mode 0700.
+        """,
+    )
+
+    # --- resources offered -------------------------------------------------------------------
+
+    partitions = List(
+        Unicode(),
+        config=True,
+        help="""Partitions (queues) users may choose. Empty: any valid name, or the cluster's
+        default when left blank.""",
+    )
+    default_partition = Unicode("", config=True, help="Partition used when the user names none.")
+    default_cpus = Integer(1, config=True, help="Cores requested when the user names none.")
+    max_cpus = Integer(64, config=True, help="Most cores a user may request.")
+    default_memory = Unicode(
+        "", config=True, help="Memory requested by default, e.g. ``4G``; empty: the scheduler's."
+    )
+    max_memory = Unicode("1024G", config=True, help="Most memory a user may request, e.g. ``64G``.")
+    default_walltime = Unicode(
+        "08:00:00", config=True, help="Walltime requested by default (``HH:MM:SS``)."
+    )
+    max_walltime = Unicode(
+        "7-00:00:00", config=True, help="Longest walltime a user may request (``D-HH:MM:SS``)."
+    )
+    default_account = Unicode("", config=True, help="Account charged when the user names none.")
+
+    # --- polling -----------------------------------------------------------------------------
+
+    status_interval = Float(
+        0.5,
+        config=True,
+        help="""Seconds between status checks right after submission; the interval grows by half
+        each check up to ``status_interval_max`` while the job waits.""",
+    )
+    status_interval_max = Float(
+        5, config=True, help="Longest interval between status checks while a spawn waits."
+    )
+    stop_wait = Float(
+        20,
+        config=True,
+        help="Seconds ``stop()`` waits for the scheduler to confirm the job has ended.",
+    )
+
+    @default("env_keep")
+    def _env_keep_default(self) -> list[str]:
+        # The hub host's PATH, VIRTUAL_ENV, ... mean nothing on a compute node.
+        return []
+
+    @default("options_form")
+    def _options_form_default(self) -> Any:
+        return lambda spawner: render_options_form(spawner.resource_limits())
+
+    # --- state -------------------------------------------------------------------------------
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._progress_events: list[dict[str, Any]] = []
+        self._progress_changed = asyncio.Event()
+        self._reset_job()
+
+    def _reset_job(self) -> None:
+        self.job_id = ""
+        self.job_name = ""
+        self.job_host = ""
+        self.remote_port = 0
+        self.tunnel_port = 0
+        self.api_tunnel_port = 0
+        self.output_path = ""
+        self.secrets_path = ""
+        self._submission_sent = False
+
+    def get_state(self) -> dict[str, Any]:
+        state = super().get_state()
+        if self.job_id or self.job_name:
+            state.update(
+                hub_spawner_version=STATE_VERSION,
+                job_id=self.job_id,
+                job_name=self.job_name,
+                job_host=self.job_host,
+                remote_port=self.remote_port,
+                tunnel_port=self.tunnel_port,
+                api_tunnel_port=self.api_tunnel_port,
+                output_path=self.output_path,
+                secrets_path=self.secrets_path,
+            )
+        return state
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        if state.get("hub_spawner_version") == STATE_VERSION:
+            self.job_id = state.get("job_id", "")
+            self.job_name = state.get("job_name", "")
+            self.job_host = state.get("job_host", "")
+            self.remote_port = int(state.get("remote_port", 0))
+            self.tunnel_port = int(state.get("tunnel_port", 0))
+            self.api_tunnel_port = int(state.get("api_tunnel_port", 0))
+            self.output_path = state.get("output_path", "")
+            self.secrets_path = state.get("secrets_path", "")
+
+    def clear_state(self) -> None:
+        super().clear_state()
+        self._reset_job()
+
+    # --- the form ----------------------------------------------------------------------------
+
+    def resource_limits(self) -> Limits:
+        """The configured resource choices, checked (a bad config value is a clear error)."""
+        max_memory_mb = parse_memory_mb(self.max_memory, 1 << 40)
+        max_walltime = parse_walltime_seconds(self.max_walltime, 1 << 40)
+        return Limits(
+            default_partition=self.default_partition,
+            partitions=tuple(self.partitions),
+            default_cpus=self.default_cpus,
+            max_cpus=self.max_cpus,
+            default_memory_mb=(
+                parse_memory_mb(self.default_memory, max_memory_mb) if self.default_memory else 0
+            ),
+            max_memory_mb=max_memory_mb,
+            default_walltime_seconds=(
+                parse_walltime_seconds(self.default_walltime, max_walltime)
+                if self.default_walltime
+                else 0
+            ),
+            max_walltime_seconds=max_walltime,
+            default_account=self.default_account,
+        )
+
+    def options_from_form(self, formdata: dict[str, list[str]]) -> dict[str, Any]:
+        return options_from_form(formdata, self.resource_limits())
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> str:
+        """Submit the job, wait for its ready line, open the tunnel; return the tunnel's URL."""
+        self._progress_events = []
+        try:
+            resources = resources_from_options(self.user_options or {}, self.resource_limits())
+        except ValueError as error:
+            raise BadOptions(str(error)) from None
+        self._reset_job()
+        try:
+            return await self._start_job(resources)
+        except BaseException as error:
+            if not isinstance(error, asyncio.CancelledError):
+                self.log.error("Spawn of %s failed: %s", self._log_name, error)
+            cleanup = asyncio.ensure_future(self._release("the spawn failed or was cancelled"))
+            try:
+                await asyncio.shield(cleanup)
+            except asyncio.CancelledError:
+                pass  # the cleanup goes on by itself
+            except Exception:  # noqa: S110 - logged by _release; the spawn's own error wins
+                pass
+            raise
+
+    async def _start_job(self, resources: Any) -> str:
+        scheduler = self.scheduler
+        connection = await self._connection()
+        self._emit(5, f"Connected to {self.login_host} as {connection.target.username}")
+
+        home = await connection.home()
+        remote_dir = posixpath.join(home, self.remote_state_dir)
+        nonce = secrets.token_hex(4)
+        self.job_name = (
+            f"jupyterhub-{_slug(self.user.name)}-{_slug(self.name) or 'default'}-{nonce}"
+        )
+        self.output_path = posixpath.join(remote_dir, f"{self.job_name}.out")
+        self.secrets_path = posixpath.join(remote_dir, f"{self.job_name}.env")
+        for path in (self.output_path, self.secrets_path):
+            if not _REMOTE_PATH.match(path):
+                raise ClusterUnreachable(
+                    f"The path {path!r} on the cluster has characters we do not put in a job "
+                    "script; set remote_state_dir to a plain absolute path."
+                )
+        await connection.make_private_dir(remote_dir)
+
+        api_url = await self._open_hub_api_path(connection)
+        await connection.write_private_file(
+            self.secrets_path, jobscript.render_env_file(self._job_env(api_url))
+        )
+
+        script = self._job_script(resources)
+        self._submission_sent = True
+        output = await connection.run(
+            scheduler.submit_command(), stdin=script, timeout=self.command_timeout
+        )
+        try:
+            self.job_id = scheduler.parse_submit_output(output)
+        except SubmitRejected as error:
+            raise JobRejected(
+                f"{scheduler.DISPLAY_NAME} rejected the job: {error}. "
+                "Check the resources you asked for and try again."
+            ) from None
+        self.log.info("%s: submitted %s job %s", self._log_name, scheduler.NAME, self.job_id)
+        self._emit(20, f"Submitted job {self.job_id} to {scheduler.DISPLAY_NAME}")
+
+        ready = await self._wait_for_ready_line()
+        self.job_host, self.remote_port = ready.host, ready.port
+        self._emit(80, f"Server listening on {ready.host}:{ready.port}; opening the tunnel")
+        self.tunnel_port = await default_tunnels.open_local(
+            self._tunnel_name,
+            await self._connection(),
+            self.tunnel_bind_ip,
+            ready.host,
+            ready.port,
+        )
+        self._emit(90, f"Tunnel open: hub port {self.tunnel_port} -> {ready.host}:{ready.port}")
+        return f"http://{self._tunnel_connect_ip}:{self.tunnel_port}"
+
+    async def _wait_for_ready_line(self) -> jobscript.ReadyLine:
+        """Poll until the job prints its ready line; fail at once if the job ends first."""
+        interval = self.status_interval
+        reported = None
+        while True:
+            status = await self._job_status()
+            if status.state is JobState.DONE:
+                tail = jobscript.last_lines(await self._job_output())
+                raise JobEndedEarly(
+                    f"Job {self.job_id} ended ({status.state_name or status.reason or 'gone'}) "
+                    "before the server was ready."
+                    + (f" Last output of the job:\n{tail}" if tail else " It printed nothing.")
+                )
+            if status.state is JobState.PENDING and reported != ("pending", status.reason):
+                reported = ("pending", status.reason)
+                why = f": {status.reason}" if status.reason else ""
+                self._emit(30, f"Job {self.job_id} is waiting in the queue{why}")
+            elif status.state is JobState.RUNNING:
+                if reported != ("running", status.node):
+                    reported = ("running", status.node)
+                    self._emit(
+                        50, f"Job {self.job_id} is running on {status.node}; starting the server"
+                    )
+                ready = await self._read_ready_line(status.node)
+                if ready is not None:
+                    return ready
+            elif status.state is JobState.UNKNOWN:
+                self.log.warning(
+                    "%s: status of job %s unknown: %s", self._log_name, self.job_id, status.reason
+                )
+            await asyncio.sleep(interval)
+            interval = min(interval * 1.5, self.status_interval_max)
+
+    async def _read_ready_line(self, scheduled_node: str) -> jobscript.ReadyLine | None:
+        try:
+            ready = jobscript.parse_ready_line(await self._job_output())
+        except ValueError as error:
+            raise BadReadyLine(f"Job {self.job_id} reported an unusable address: {error}") from None
+        if (
+            ready is not None
+            and scheduled_node
+            and not jobscript.same_host(ready.host, scheduled_node)
+        ):
+            raise BadReadyLine(
+                f"Job {self.job_id} says its server is on {ready.host!r}, but "
+                f"{self.scheduler.DISPLAY_NAME} placed it on {scheduled_node!r}; not connecting."
+            )
+        return ready
+
+    async def poll(self) -> int | None:
+        """``None`` while the job runs (or its state is unknown), ``1`` once it has ended.
+
+        An SSH or scheduler error never means "gone". A dead tunnel is re-opened on its old port.
+        """
+        if not self.job_id:
+            return 0
+        status = await self._job_status()
+        if status.state is JobState.DONE:
+            self.log.info(
+                "%s: job %s has ended (%s)",
+                self._log_name,
+                self.job_id,
+                status.state_name or status.reason,
+            )
+            return 1
+        if status.state is JobState.UNKNOWN:
+            self.log.warning(
+                "%s: cannot tell whether job %s runs: %s",
+                self._log_name,
+                self.job_id,
+                status.reason,
+            )
+            return None
+        if status.state is JobState.RUNNING and self.job_host and self.tunnel_port:
+            await self._reopen_tunnels()
+        return None
+
+    async def stop(self, now: bool = False) -> None:
+        """Cancel the job, close the tunnels, delete the secrets file. Idempotent."""
+        await self._release("the server was stopped", wait=not now)
+
+    async def progress(self):
+        """Progress events of the current spawn, as they happen."""
+        sent = 0
+        while True:
+            while sent < len(self._progress_events):
+                yield self._progress_events[sent]
+                sent += 1
+            self._progress_changed.clear()
+            try:
+                await asyncio.wait_for(self._progress_changed.wait(), timeout=1)
+            except asyncio.TimeoutError:
+                pass
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    @property
+    def _tunnel_name(self) -> str:
+        return f"{self.user.name}/{self.name}"
+
+    @property
+    def _api_tunnel_name(self) -> str:
+        return f"{self.user.name}/{self.name}/hub-api"
+
+    @property
+    def _tunnel_connect_ip(self) -> str:
+        return "127.0.0.1" if self.tunnel_bind_ip in ("0.0.0.0", "") else self.tunnel_bind_ip
+
+    def _emit(self, progress: int, message: str) -> None:
+        self.log.info("%s: %s", self._log_name, message)
+        self._progress_events.append({"progress": progress, "message": message})
+        self._progress_changed.set()
+
+    async def _ssh_target(self) -> SSHTarget:
+        if callable(self.cluster_username):
+            username = await maybe_future(self.cluster_username(self))
+        else:
+            username = self.cluster_username.format(username=self.user.name)
+        if not _CLUSTER_USERNAME.match(username or ""):
+            raise ClusterUnreachable(
+                f"The cluster username {username!r} for {self.user.name} is not a valid Unix "
+                "user name; check the cluster_username setting."
+            )
+        if not self.login_host:
+            raise ClusterUnreachable("No login node is configured (login_host is empty).")
+        return SSHTarget(
+            host=self.login_host,
+            port=self.login_port,
+            username=username,
+            key_path=self.ssh_key_path_template.format(username=username),
+            known_hosts_path=self.known_hosts_path,
+            connect_timeout=self.ssh_connect_timeout,
+        )
+
+    async def _connection(self) -> LoginConnection:
+        return await default_pool.get(await self._ssh_target())
+
+    async def _job_status(self) -> JobStatus:
+        """The job's status; any failure to ask is ``UNKNOWN`` with the reason."""
+        try:
+            connection = await self._connection()
+            output = await connection.run(
+                self.scheduler.status_command(self.job_id), timeout=self.command_timeout
+            )
+        except ClusterUnreachable as error:
+            return JobStatus(JobState.UNKNOWN, reason=str(error))
+        return self.scheduler.parse_status_output(output)
+
+    async def _job_output(self) -> str:
+        try:
+            connection = await self._connection()
+            return await connection.read_file(self.output_path) or ""
+        except (ClusterUnreachable, OSError) as error:
+            self.log.warning("%s: cannot read job output: %s", self._log_name, error)
+            return ""
+
+    async def _open_hub_api_path(self, connection: LoginConnection) -> str:
+        """The hub API URL as compute nodes will use it: ``hub_connect_url`` if set, else a
+        reverse tunnel through the login node."""
+        hub_api = urlparse(self.hub.api_url)
+        if self.hub_connect_url:
+            return url_path_join(self.hub_connect_url, hub_api.path)
+        listen_host = self.hub_api_tunnel_host or "127.0.0.1"
+        self.api_tunnel_port = await default_tunnels.open_reverse(
+            self._api_tunnel_name,
+            connection,
+            listen_host,
+            hub_api.hostname or "127.0.0.1",
+            hub_api.port or 80,
+            listen_port=self.api_tunnel_port,
+        )
+        return f"http://{listen_host}:{self.api_tunnel_port}{hub_api.path}"
+
+    def _job_env(self, api_url: str) -> dict[str, str]:
+        env = self.get_env()
+        env.pop("JUPYTERHUB_SERVICE_URL", None)  # the job sets it once it has chosen a port
+        env["JUPYTERHUB_API_URL"] = api_url
+        env["JUPYTERHUB_ACTIVITY_URL"] = url_path_join(
+            api_url, "users", getattr(self.user, "escaped_name", self.user.name), "activity"
+        )
+        return env
+
+    def _job_script(self, resources: Any) -> str:
+        launch = jobscript.render_launch(
+            command=self.cmd + self.get_args(),
+            secrets_path=self.secrets_path,
+            prologue=self.job_prologue,
+            python=self.job_python,
+            ready_timeout_seconds=int(self.start_timeout),
+        )
+        return jobscript.render_job_script(
+            self.job_script_template or self.scheduler.JOB_SCRIPT_TEMPLATE,
+            job_name=self.job_name,
+            output_path=self.output_path,
+            resources=resources,
+            time_limit=self.scheduler.format_time_limit(resources.walltime_seconds),
+            extra_directives=self.job_extra_directives,
+            launch=launch,
+        )
+
+    async def _reopen_tunnels(self) -> None:
+        """After a hub restart or a lost connection: the same ports again, so routes stay valid."""
+        try:
+            connection = await self._connection()
+            if self.api_tunnel_port and not default_tunnels.is_alive(self._api_tunnel_name):
+                await self._open_hub_api_path(connection)
+            if not default_tunnels.is_alive(self._tunnel_name):
+                await default_tunnels.open_local(
+                    self._tunnel_name,
+                    connection,
+                    self.tunnel_bind_ip,
+                    self.job_host,
+                    self.remote_port,
+                    bind_port=self.tunnel_port,
+                )
+        except ClusterUnreachable as error:
+            self.log.warning("%s: cannot re-open tunnels yet: %s", self._log_name, error)
+
+    async def _release(self, why: str, wait: bool = True) -> None:
+        """Cancel the job (by id, or by its unique name if the id never came back), close the
+        tunnels and delete the secrets file. Keeps the job id if the cancel could not be sent."""
+        default_tunnels.close(self._tunnel_name)
+        default_tunnels.close(self._api_tunnel_name)
+        if not (self.job_id or self._submission_sent or self.secrets_path):
+            return
+        try:
+            connection = await self._connection()
+            if self.job_id:
+                command = self.scheduler.cancel_command(self.job_id)
+            elif self._submission_sent:
+                command = self.scheduler.cancel_by_name_command(
+                    self.job_name, connection.target.username
+                )
+            else:
+                command = ""
+            if command:
+                self.log.info(
+                    "%s: cancelling job %s (%s)", self._log_name, self.job_id or self.job_name, why
+                )
+                await connection.run(command, timeout=self.command_timeout)
+                if self.job_id and wait:
+                    await self._wait_until_gone()
+            if self.secrets_path:
+                await connection.remove_file(self.secrets_path)
+        except (ClusterUnreachable, SSHCommandError) as error:
+            self.log.error(
+                "%s: could not cancel job %s: %s. It may still be queued or running; cancel it "
+                "by hand with the scheduler's cancel command.",
+                self._log_name,
+                self.job_id or self.job_name,
+                error,
+            )
+            raise
+        self.job_id = ""
+        self._submission_sent = False
+        self.secrets_path = ""
+
+    async def _wait_until_gone(self) -> None:
+        deadline = asyncio.get_running_loop().time() + self.stop_wait
+        while asyncio.get_running_loop().time() < deadline:
+            status = await self._job_status()
+            if status.state is JobState.DONE:
+                return
+            await asyncio.sleep(0.5)
+        self.log.warning(
+            "%s: job %s still listed %.0f s after cancelling",
+            self._log_name,
+            self.job_id,
+            self.stop_wait,
+        )
+
+
+class SlurmSSHSpawner(SSHBatchSpawner):
+    """Single-user servers as Slurm jobs (``sbatch``/``squeue``/``scancel`` over SSH)."""
+
+    scheduler = slurm
+
+
+def _slug(name: str) -> str:
+    """A job-name-safe form of a hub user or server name (``[A-Za-z0-9_.-]``, <= 24 chars)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", name)[:24]

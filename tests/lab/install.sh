@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Install everything the demo lab and the test suite need, on a fresh Debian 12 machine (as root).
+# Idempotent: a second run only checks. Everything lands under $LAB_PREFIX (default
+# /opt/hub-spawner-lab) or in Debian's own places.
+set -euo pipefail
+
+LAB_PREFIX=${LAB_PREFIX:-/opt/hub-spawner-lab}
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+VENV=$LAB_PREFIX/venv
+STAMP=$LAB_PREFIX/.installed
+
+APT_PACKAGES=(openssh-server openssh-client munge slurm-wlm python3-venv iproute2 util-linux chromium procps)
+
+if [ "$(id -u)" != 0 ]; then
+    echo "install.sh: run as root (the lab creates network namespaces and users)" >&2
+    exit 1
+fi
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "install.sh: apt-get install ${missing[*]}"
+    # Package post-install scripts must not start daemons: the lab starts its own, in namespaces.
+    created_policy=no
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        created_policy=yes
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    [ "$created_policy" = yes ] && rm -f /usr/sbin/policy-rc.d
+fi
+
+mkdir -p "$LAB_PREFIX"
+chmod 755 "$LAB_PREFIX"
+
+# One world-readable venv from Debian's Python: the hub side and the jobs (which run as lab users,
+# who cannot read /root) use it. The hub side also gets this package, editable.
+if [ ! -x "$VENV/bin/python" ]; then
+    /usr/bin/python3 -m venv "$VENV"
+fi
+if [ ! -f "$STAMP" ] || [ "$REPO/pyproject.toml" -nt "$STAMP" ] || [ "$REPO/tests/lab/requirements.txt" -nt "$STAMP" ]; then
+    "$VENV/bin/pip" install -q --upgrade pip
+    "$VENV/bin/pip" install -q -r "$REPO/tests/lab/requirements.txt"
+    "$VENV/bin/pip" install -q --no-deps -e "$REPO"
+    touch "$STAMP"
+fi
+chmod -R a+rX "$VENV"
+
+if [ ! -x "$LAB_PREFIX/node_modules/.bin/configurable-http-proxy" ]; then
+    npm install --silent --no-audit --no-fund --prefix "$LAB_PREFIX" configurable-http-proxy@5.3.0 >/dev/null
+fi
+
+echo "install.sh: ready ($VENV, $LAB_PREFIX/node_modules/.bin/configurable-http-proxy)"
