@@ -1,0 +1,54 @@
+"""JupyterHub config for the local demo cluster (``make demo``) and the integration tests.
+
+The three-host lab (tests/lab/lab.py) must be up. Everything cluster-specific for a real site is
+in the ``SlurmSSHSpawner`` block; compare ``slurm_jupyterhub_config.py`` for a real cluster.
+Environment: HUB_STATE_DIR (database, cookie secret), HUB_PORT (default 8000),
+HUB_SPAWNER_LAB_DIR, LAB_PREFIX.
+"""
+
+import os
+
+c = get_config()  # noqa: F821 - provided by JupyterHub
+
+lab_dir = os.environ.get("HUB_SPAWNER_LAB_DIR", "/run/hub-spawner-lab")
+lab_prefix = os.environ.get("LAB_PREFIX", "/opt/hub-spawner-lab")
+state_dir = os.environ.get("HUB_STATE_DIR", os.getcwd())
+port = int(os.environ.get("HUB_PORT", "8000"))
+
+# --- the hub and the proxy ---------------------------------------------------------------------
+c.JupyterHub.ip = "127.0.0.1"
+c.JupyterHub.port = port
+c.JupyterHub.hub_ip = "127.0.0.1"
+c.JupyterHub.hub_port = port + 81
+c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{port + 1}"
+c.ConfigurableHTTPProxy.command = [f"{lab_prefix}/node_modules/.bin/configurable-http-proxy"]
+c.JupyterHub.db_url = f"sqlite:///{state_dir}/jupyterhub.sqlite"
+c.JupyterHub.cookie_secret_file = f"{state_dir}/jupyterhub_cookie_secret"
+c.JupyterHub.pid_file = f"{state_dir}/jupyterhub.pid"
+# The demo cancels every job when the hub stops (Ctrl-C). A production hub keeps them running
+# across restarts instead: see slurm_jupyterhub_config.py.
+c.JupyterHub.cleanup_servers = True
+
+# Demo users: real Unix users on the lab's login and compute hosts, with their own SSH keys.
+c.JupyterHub.authenticator_class = "shared-password"
+c.SharedPasswordAuthenticator.user_password = os.environ.get("HUB_DEMO_PASSWORD", "lab-demo-password")
+c.Authenticator.allowed_users = {"alice", "bob"}
+c.Authenticator.admin_users = {"alice"}
+
+# --- the spawner -------------------------------------------------------------------------------
+c.JupyterHub.spawner_class = "slurm-ssh"
+c.SlurmSSHSpawner.login_host = "10.77.1.2"
+c.SlurmSSHSpawner.known_hosts_path = f"{lab_dir}/known_hosts"
+c.SlurmSSHSpawner.ssh_key_path_template = f"{lab_dir}/keys/{{username}}"
+# Compute nodes reach the hub API through a reverse tunnel on the login node's cluster-side name.
+c.SlurmSSHSpawner.hub_api_tunnel_host = "login"
+c.SlurmSSHSpawner.job_python = f"{lab_prefix}/venv/bin/python"
+c.SlurmSSHSpawner.cmd = [f"{lab_prefix}/venv/bin/jupyterhub-singleuser"]
+c.SlurmSSHSpawner.default_url = "/lab"
+c.SlurmSSHSpawner.partitions = ["debug"]
+c.SlurmSSHSpawner.default_partition = "debug"
+c.SlurmSSHSpawner.max_cpus = 2
+c.SlurmSSHSpawner.max_memory = "900M"
+c.SlurmSSHSpawner.default_walltime = "01:00:00"
+c.SlurmSSHSpawner.start_timeout = 120
+c.SlurmSSHSpawner.http_timeout = 60

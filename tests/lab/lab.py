@@ -1,0 +1,326 @@
+"""The three-host lab: hub (root network namespace), login and compute (their own namespaces).
+
+    python -m tests.lab.lab up      # build it (tears down a leftover one first)
+    python -m tests.lab.lab down    # tear it down: processes by PID, namespaces, routes, veths
+    python -m tests.lab.lab status
+
+Topology (see shared/notes/cluster-lab.md):
+    hub      root netns      10.77.1.1                       (JupyterHub, proxy, spawner)
+    login    netns hsl-login 10.77.1.2 | 10.77.2.1 "login"   (sshd, munge clients, slurmctld)
+    compute  netns hsl-compute          10.77.2.2 "compute"  (slurmd; jobs run here)
+The hub has no route to 10.77.2.0/24 (an ``unreachable 10.77.0.0/16`` route is installed before
+any veth exists, so test traffic can never leave for the sandbox's egress), and the compute host
+has no route back to the hub. Only the login host sees both.
+
+This is test infrastructure: it runs as root, blocks, and uses subprocess freely.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LAB_DIR = Path(os.environ.get("HUB_SPAWNER_LAB_DIR", "/run/hub-spawner-lab"))
+LAB_PREFIX = Path(os.environ.get("LAB_PREFIX", "/opt/hub-spawner-lab"))
+STATE_FILE = LAB_DIR / "lab.json"
+
+SAFETY_ROUTE = "10.77.0.0/16"
+HUB_IP, LOGIN_IP = "10.77.1.1", "10.77.1.2"
+LOGIN_CLUSTER_IP, COMPUTE_IP = "10.77.2.1", "10.77.2.2"
+NAMESPACES = {"login": "hsl-login", "compute": "hsl-compute"}
+USERS = ("alice", "bob")
+HOSTS_FILE = f"127.0.0.1 localhost\n{LOGIN_CLUSTER_IP} login\n{COMPUTE_IP} compute\n"
+
+KNOWN_HOSTS = LAB_DIR / "known_hosts"
+KEY_DIR = LAB_DIR / "keys"
+SLURM_CONF = Path("/etc/slurm/slurm.conf")
+
+SLURM_CONF_TEXT = """\
+# Written by hub_spawner's test lab (tests/lab/lab.py).
+ClusterName=hslab
+SlurmctldHost=login({login_ip})
+SlurmUser=slurm
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+MpiDefault=none
+SchedulerParameters=sched_interval=1
+MinJobAge=300
+KillWait=5
+StateSaveLocation={run}/slurm/state
+SlurmdSpoolDir={run}/slurm/spool
+SlurmctldPidFile={run}/slurm/slurmctld.pid
+SlurmdPidFile={run}/slurm/slurmd.pid
+SlurmctldLogFile={run}/slurm/log/slurmctld.log
+SlurmdLogFile={run}/slurm/log/slurmd.log
+NodeName=compute NodeAddr={compute_ip} CPUs=2 RealMemory=1000 State=UNKNOWN
+PartitionName=debug Nodes=compute Default=YES MaxTime=INFINITE State=UP
+"""
+
+SSHD_CONFIG_TEXT = """\
+# Written by hub_spawner's test lab (tests/lab/lab.py).
+Port 22
+ListenAddress {login_ip}
+HostKey {run}/ssh_host_ed25519_key
+PidFile {run}/sshd.pid
+UsePAM no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+PermitRootLogin no
+AllowUsers {users}
+AllowTcpForwarding yes
+GatewayPorts clientspecified
+Subsystem sftp internal-sftp
+LogLevel VERBOSE
+"""
+
+
+def up() -> dict:
+    """Build the lab; returns its state (also written to ``STATE_FILE``)."""
+    if STATE_FILE.exists():
+        down()
+    LAB_DIR.mkdir(parents=True, exist_ok=True)
+    os.chmod(LAB_DIR, 0o755)
+    state: dict = {"pids": {}}
+    try:
+        _network()
+        _users_and_keys()
+        state["pids"]["munged"] = _start_munged()
+        state["pids"]["sshd"] = _start_sshd()
+        state["pids"].update(_start_slurm())
+        _write_state(state)
+        _wait_for_slurm()
+        _write_known_hosts()
+    except BaseException:
+        _write_state(state)
+        down()
+        raise
+    return state
+
+
+def down() -> None:
+    """Cancel lab jobs, stop lab daemons by PID, remove namespaces, veths, routes, files."""
+    state = json.loads(STATE_FILE.read_text()) if STATE_FILE.exists() else {"pids": {}}
+    pids = state.get("pids", {})
+    if "slurmctld" in pids and _alive(pids["slurmctld"]):
+        for user in USERS:
+            in_namespace("login", ["scancel", f"--user={user}"], check=False, timeout=10)
+    for name in ("sshd", "slurmd", "slurmctld", "munged"):
+        pid = pids.get(name)
+        if pid and _alive(pid):
+            _stop_pid(pid)
+    for user in USERS:  # leftovers of jobs (should be none: the test asserts it separately)
+        subprocess.run(["pkill", "-KILL", "-u", user], check=False)
+    for namespace in NAMESPACES.values():
+        subprocess.run(["ip", "netns", "del", namespace], check=False, stderr=subprocess.DEVNULL)
+        shutil.rmtree(f"/etc/netns/{namespace}", ignore_errors=True)
+    subprocess.run(["ip", "link", "del", "hsl-hub"], check=False, stderr=subprocess.DEVNULL)
+    subprocess.run(["ip", "route", "del", "unreachable", SAFETY_ROUTE], check=False,
+                   stderr=subprocess.DEVNULL)
+    STATE_FILE.unlink(missing_ok=True)
+
+
+def in_namespace(host: str, command: list[str], check: bool = True, timeout: float = 30,
+                 **kwargs) -> subprocess.CompletedProcess:
+    """Run a command inside the login or compute host's network namespace."""
+    return subprocess.run(
+        ["nsenter", f"--net=/run/netns/{NAMESPACES[host]}", *command],
+        check=check, timeout=timeout, capture_output=True, text=True, **kwargs,
+    )
+
+
+def host_command(host: str, command: str) -> list[str]:
+    """argv that runs ``command`` as host ``host``: its netns, hostname and /etc/hosts."""
+    namespace = NAMESPACES[host]
+    setup = f"mount --bind /etc/netns/{namespace}/hosts /etc/hosts && hostname {host} && exec "
+    return ["nsenter", f"--net=/run/netns/{namespace}", "unshare", "--uts", "--mount",
+            "--propagation", "private", "sh", "-c", setup + command]
+
+
+def _network() -> None:
+    # Safety first: nothing in 10.77/16 may ever leave through the default route.
+    _ip("route", "replace", "unreachable", SAFETY_ROUTE)
+    for host, namespace in NAMESPACES.items():
+        _ip("netns", "add", namespace)
+        _ip("-n", namespace, "link", "set", "lo", "up")
+        Path(f"/etc/netns/{namespace}").mkdir(parents=True, exist_ok=True)
+        Path(f"/etc/netns/{namespace}/hosts").write_text(HOSTS_FILE)
+    login, compute = NAMESPACES["login"], NAMESPACES["compute"]
+    _ip("link", "add", "hsl-hub", "type", "veth", "peer", "name", "hsl-l1", "netns", login)
+    _ip("addr", "add", f"{HUB_IP}/24", "dev", "hsl-hub")
+    _ip("link", "set", "hsl-hub", "up")
+    _ip("-n", login, "addr", "add", f"{LOGIN_IP}/24", "dev", "hsl-l1")
+    _ip("-n", login, "link", "set", "hsl-l1", "up")
+    _ip("-n", login, "link", "add", "hsl-l2", "type", "veth", "peer", "name", "hsl-c2",
+        "netns", compute)
+    _ip("-n", login, "addr", "add", f"{LOGIN_CLUSTER_IP}/24", "dev", "hsl-l2")
+    _ip("-n", login, "link", "set", "hsl-l2", "up")
+    _ip("-n", compute, "addr", "add", f"{COMPUTE_IP}/24", "dev", "hsl-c2")
+    _ip("-n", compute, "link", "set", "hsl-c2", "up")
+    # The login host must not route between its two sides.
+    subprocess.run(["ip", "netns", "exec", login, "sysctl", "-qw", "net.ipv4.ip_forward=0"],
+                   check=True)
+
+
+def _users_and_keys() -> None:
+    KEY_DIR.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(KEY_DIR, 0o700)
+    for user in USERS:
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", user], check=True)
+        subprocess.run(["usermod", "-p", "*", user], check=True)  # unlocked, no password
+        entry = pwd.getpwnam(user)
+        key = KEY_DIR / user
+        key.unlink(missing_ok=True)
+        Path(f"{key}.pub").unlink(missing_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{user}@hub-lab",
+                        "-f", str(key)], check=True)
+        ssh_dir = Path(entry.pw_dir) / ".ssh"
+        ssh_dir.mkdir(mode=0o700, exist_ok=True)
+        authorized = ssh_dir / "authorized_keys"
+        authorized.write_text(Path(f"{key}.pub").read_text())
+        os.chmod(authorized, 0o600)
+        for path in (ssh_dir, authorized):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+def _start_munged() -> int:
+    Path("/run/munge").mkdir(exist_ok=True)
+    shutil.chown("/run/munge", "munge", "munge")
+    process = subprocess.Popen(
+        ["runuser", "-u", "munge", "--", "/usr/sbin/munged", "--foreground", "--force"],
+        stdout=subprocess.DEVNULL, stderr=open(LAB_DIR / "munged.log", "w"),
+    )
+    _wait_until(lambda: Path("/run/munge/munge.socket.2").exists(), 10, "munged socket")
+    return process.pid
+
+
+def _start_sshd() -> int:
+    Path("/run/sshd").mkdir(exist_ok=True)
+    host_key = LAB_DIR / "ssh_host_ed25519_key"
+    host_key.unlink(missing_ok=True)
+    Path(f"{host_key}.pub").unlink(missing_ok=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)],
+                   check=True)
+    config = LAB_DIR / "sshd_config"
+    config.write_text(SSHD_CONFIG_TEXT.format(login_ip=LOGIN_IP, run=LAB_DIR,
+                                              users=" ".join(USERS)))
+    subprocess.run(["/usr/sbin/sshd", "-t", "-f", str(config)], check=True)
+    process = subprocess.Popen(
+        host_command("login", f"/usr/sbin/sshd -D -e -f {config}"),
+        stdout=subprocess.DEVNULL, stderr=open(LAB_DIR / "sshd.log", "w"),
+    )
+    _wait_until(lambda: _port_open("login", LOGIN_IP, 22), 10, "sshd on the login host")
+    return process.pid
+
+
+def _start_slurm() -> dict[str, int]:
+    run = LAB_DIR / "slurm"
+    for sub in ("state", "spool", "log"):
+        (run / sub).mkdir(parents=True, exist_ok=True)
+        shutil.chown(run / sub, "slurm", "slurm")
+    SLURM_CONF.parent.mkdir(exist_ok=True)
+    SLURM_CONF.write_text(SLURM_CONF_TEXT.format(login_ip=LOGIN_CLUSTER_IP, compute_ip=COMPUTE_IP,
+                                                 run=LAB_DIR))
+    ctld = subprocess.Popen(host_command("login", "/usr/sbin/slurmctld -D -c -i"),
+                            stdout=subprocess.DEVNULL, stderr=open(run / "log/ctld.err", "w"))
+    _wait_until(lambda: _port_open("login", LOGIN_CLUSTER_IP, 6817), 20, "slurmctld")
+    slurmd = subprocess.Popen(host_command("compute", "/usr/sbin/slurmd -D"),
+                              stdout=subprocess.DEVNULL, stderr=open(run / "log/slurmd.err", "w"))
+    return {"slurmctld": ctld.pid, "slurmd": slurmd.pid}
+
+
+def _wait_for_slurm() -> None:
+    def idle() -> bool:
+        result = in_namespace("login", ["sinfo", "-h", "-o", "%T"], check=False)
+        return result.stdout.strip() == "idle"
+
+    _wait_until(idle, 30, "Slurm node 'compute' idle")
+
+
+def _write_known_hosts() -> None:
+    public = (LAB_DIR / "ssh_host_ed25519_key.pub").read_text().split()
+    KNOWN_HOSTS.write_text(f"{LOGIN_IP} {public[0]} {public[1]}\n")
+
+
+def _port_open(host: str, ip: str, port: int) -> bool:
+    probe = f"exec 3<>/dev/tcp/{ip}/{port}"
+    return in_namespace(host, ["bash", "-c", probe], check=False).returncode == 0
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop_pid(pid: int, timeout: float = 15) -> None:
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            finished, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            finished = 0 if _alive(pid) else pid
+        if finished == pid or not _alive(pid):
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+
+
+def _wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"lab: timed out waiting for {what} (logs in {LAB_DIR})")
+
+
+def _write_state(state: dict) -> None:
+    LAB_DIR.mkdir(parents=True, exist_ok=True)
+    STATE_FILE.write_text(json.dumps(state))
+
+
+def main(argv: list[str]) -> int:
+    command = argv[1] if len(argv) > 1 else "status"
+    if command == "up":
+        state = up()
+        print(f"lab up: {state['pids']}")
+    elif command == "down":
+        down()
+        print("lab down")
+    elif command == "status":
+        print(STATE_FILE.read_text() if STATE_FILE.exists() else "lab is down")
+    else:
+        print(__doc__)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
