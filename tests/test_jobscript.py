@@ -1,0 +1,133 @@
+"""hub_spawner/jobscript.py: the launcher, the env file and the ready-line parser."""
+
+import os
+import shlex
+import subprocess
+
+import pytest
+
+from hub_spawner.jobscript import (
+    READY_MARKER,
+    ReadyLine,
+    last_lines,
+    parse_ready_line,
+    render_env_file,
+    render_launch,
+    same_host,
+)
+
+
+def test_ready_line_is_parsed_from_real_output():
+    output = "[I ServerApp] running\nHUB_SPAWNER_READY {\"host\": \"compute\", \"port\": 33635}\n"
+    assert parse_ready_line(output) == ReadyLine("compute", 33635)
+
+
+def test_no_ready_line_yet_is_none():
+    assert parse_ready_line("starting...\n") is None
+    assert parse_ready_line("") is None
+
+
+def test_last_ready_line_wins():
+    output = (f'{READY_MARKER} {{"host": "a", "port": 1}}\n'
+              f'{READY_MARKER} {{"host": "b", "port": 2}}\n')
+    assert parse_ready_line(output) == ReadyLine("b", 2)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "not json",
+        '{"host": "compute"}',
+        '{"host": "compute; rm -rf /", "port": 80}',
+        '{"host": "-oProxyCommand=x", "port": 80}',
+        '{"host": "compute", "port": 0}',
+        '{"host": "compute", "port": 70000}',
+        '{"host": "compute", "port": "80"}',
+        '{"host": "compute", "port": true}',
+        '["compute", 80]',
+    ],
+)
+def test_malformed_ready_line_is_an_error(payload):
+    with pytest.raises(ValueError):
+        parse_ready_line(f"{READY_MARKER} {payload}\n")
+
+
+def test_same_host_compares_short_names():
+    assert same_host("cn017.cluster.example", "cn017")
+    assert same_host("CN017", "cn017.cluster")
+    assert not same_host("cn018", "cn017")
+
+
+def test_last_lines_skips_blank_lines():
+    assert last_lines("a\n\nb\nc\n\n", 2) == "b\nc"
+
+
+def test_env_file_round_trips_hostile_values_through_bash(tmp_path):
+    env = {
+        "JUPYTERHUB_API_TOKEN": "abc'def\"$(touch pwned)`id`",
+        "MULTI": "line1\nline2",
+        "EMPTY": "",
+    }
+    path = tmp_path / "env"
+    path.write_text(render_env_file(env))
+    script = "set -a; . ./env; set +a; printf '%s\\0' \"$JUPYTERHUB_API_TOKEN\" \"$MULTI\" \"$EMPTY\""
+    out = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, check=True)
+    assert out.stdout.split(b"\0")[:3] == [v.encode() for v in env.values()]
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("name", ["A B", "1ABC", "A;B", "A=B", ""])
+def test_env_file_rejects_bad_names(name):
+    with pytest.raises(ValueError):
+        render_env_file({name: "x"})
+
+
+def test_launch_quotes_command_and_paths():
+    launch = render_launch(
+        command=["/opt/venv/bin/jupyterhub-singleuser", "--arg=$(id)", "a b"],
+        secrets_path="/home/al ice/.hub-spawner/x.env",
+    )
+    assert "hub_spawner_secrets='/home/al ice/.hub-spawner/x.env'" in launch
+    assert "/opt/venv/bin/jupyterhub-singleuser '--arg=$(id)' 'a b' &" in launch
+
+
+def test_launch_runs_a_server_and_prints_the_ready_line(tmp_path):
+    """Runs the real launcher under bash with a stand-in server (python's http.server)."""
+    secrets = tmp_path / "server.env"
+    secrets.write_text(render_env_file({"HUB_SPAWNER_TEST_SECRET": "s3cret"}))
+    os.chmod(secrets, 0o600)
+    server = (
+        'import os, sys, http.server, urllib.parse\n'
+        'assert os.environ["HUB_SPAWNER_TEST_SECRET"] == "s3cret"\n'
+        'port = urllib.parse.urlparse(os.environ["JUPYTERHUB_SERVICE_URL"]).port\n'
+        'http.server.HTTPServer(("127.0.0.1", port), http.server.BaseHTTPRequestHandler)'
+        '.handle_request()\n'
+    )
+    launch = render_launch(command=["python3", "-c", server], secrets_path=str(secrets),
+                           ready_timeout_seconds=20)
+    process = subprocess.Popen(["bash", "-c", launch], stdout=subprocess.PIPE, text=True)
+    first = process.stdout.readline()
+    ready = parse_ready_line(first)
+    assert ready is not None and ready.port > 0
+    assert not secrets.exists(), "the launcher deletes the secrets file once it has read it"
+    subprocess.run(["python3", "-c", f"import urllib.request as u; u.urlopen('http://127.0.0.1:{ready.port}/')"], check=False)  # noqa: E501
+    assert process.wait(timeout=20) == 0
+
+
+def test_launch_reports_a_server_that_dies_before_listening(tmp_path):
+    secrets = tmp_path / "server.env"
+    secrets.write_text("")
+    launch = render_launch(command=["sh", "-c", "echo boom >&2; exit 7"],
+                           secrets_path=str(secrets))
+    result = subprocess.run(["bash", "-c", launch], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 7
+    assert READY_MARKER not in result.stdout
+    assert "boom" in result.stderr and "exited with status 7 before it listened" in result.stderr
+
+
+def test_launch_fails_clearly_without_secrets_file(tmp_path):
+    launch = render_launch(command=["true"], secrets_path=str(tmp_path / "missing.env"))
+    result = subprocess.run(["bash", "-c", launch], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 1
+    assert "cannot read the server's environment file" in result.stderr
+    assert shlex.quote(str(tmp_path / "missing.env")) in result.stderr or "missing.env" in result.stderr
