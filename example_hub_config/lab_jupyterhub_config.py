@@ -33,7 +33,11 @@ c.JupyterHub.cleanup_servers = True
 c.JupyterHub.authenticator_class = "shared-password"
 c.SharedPasswordAuthenticator.user_password = os.environ.get("HUB_DEMO_PASSWORD", "lab-demo-password")
 c.Authenticator.allowed_users = {"alice", "bob"}
+# alice is also a hub admin (admin page): she logs in with the admin password.
 c.Authenticator.admin_users = {"alice"}
+c.SharedPasswordAuthenticator.admin_password = os.environ.get(
+    "HUB_DEMO_ADMIN_PASSWORD", "lab-demo-admin-password-for-alice-only"
+)
 
 # --- the spawner -------------------------------------------------------------------------------
 c.JupyterHub.spawner_class = "slurm-ssh"

@@ -208,6 +208,12 @@ class SSHBatchSpawner(Spawner):
         # The hub host's PATH, VIRTUAL_ENV, ... mean nothing on a compute node.
         return []
 
+    @default("apply_user_options")
+    def _apply_user_options_default(self) -> Any:
+        # user_options are validated in start(), which turns a bad value into a clean error on
+        # the spawn page; this only tells JupyterHub (>= 5.3) that they are handled.
+        return lambda spawner, user_options: None
+
     @default("options_form")
     def _options_form_default(self) -> Any:
         return lambda spawner: render_options_form(spawner.resource_limits())
@@ -302,9 +308,8 @@ class SSHBatchSpawner(Spawner):
         self._reset_job()
         try:
             return await self._start_job(resources)
-        except BaseException as error:
-            if not isinstance(error, asyncio.CancelledError):
-                self.log.error("Spawn of %s failed: %s", self._log_name, error)
+        except BaseException:
+            # JupyterHub logs the error itself (one line for our SpawnErrors); we clean up.
             cleanup = asyncio.ensure_future(self._release("the spawn failed or was cancelled"))
             try:
                 await asyncio.shield(cleanup)
@@ -348,6 +353,7 @@ class SSHBatchSpawner(Spawner):
         try:
             self.job_id = scheduler.parse_submit_output(output)
         except SubmitRejected as error:
+            self._submission_sent = output.exit_status == 0  # rejected: there is no job
             raise JobRejected(
                 f"{scheduler.DISPLAY_NAME} rejected the job: {error}. "
                 "Check the resources you asked for and try again."

@@ -169,4 +169,4 @@ def _error_text(output: CommandOutput) -> str:
         line = re.sub(r"^\w+: error: ", "", line.strip())
         if line:
             lines.append(line)
-    return " ".join(lines)
+    return "; ".join(lines)

@@ -1,0 +1,37 @@
+"""The test hub: the demo's lab config plus a service token and failure scenarios.
+
+Scenarios are named servers of alice whose command is swapped in ``pre_spawn_hook``:
+- ``dies-early``: the server exits with status 3 after printing a line, before listening;
+- ``never-ready``: the server never listens; ``start_timeout`` is 15 s.
+"""
+
+import os
+
+c = get_config()  # noqa: F821
+load_subconfig(os.environ["HUB_LAB_CONFIG"])  # noqa: F821
+
+c.JupyterHub.services = [{"name": "lab-tests", "api_token": os.environ["HUB_TEST_TOKEN"]}]
+c.JupyterHub.load_roles = [
+    {
+        "name": "lab-tests",
+        "scopes": ["admin:users", "admin:servers", "access:servers", "tokens", "read:users"],
+        "services": ["lab-tests"],
+    }
+]
+c.JupyterHub.allow_named_servers = True
+c.SlurmSSHSpawner.partitions = []  # let any well-formed partition name reach Slurm
+c.SlurmSSHSpawner.max_memory = "100G"  # so the test can ask Slurm for more than the node has
+
+
+def scenario(spawner):
+    if spawner.name == "dies-early":
+        spawner.cmd = ["/bin/sh", "-c", "echo 'lab scenario: giving up on purpose' >&2; exit 3"]
+    elif spawner.name == "never-ready":
+        spawner.cmd = ["/bin/sh", "-c", "echo 'lab scenario: sleeping'; exec sleep 600"]
+        spawner.start_timeout = 15
+
+
+c.Spawner.pre_spawn_hook = scenario
+
+# Return 202 at once from POST /users/:name/server, so the tests follow the progress stream.
+c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 0}
