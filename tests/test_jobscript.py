@@ -1,7 +1,6 @@
 """hub_spawner/jobscript.py: the launcher, the env file and the ready-line parser."""
 
 import os
-import shlex
 import subprocess
 
 import pytest
@@ -70,7 +69,10 @@ def test_env_file_round_trips_hostile_values_through_bash(tmp_path):
     }
     path = tmp_path / "env"
     path.write_text(render_env_file(env))
-    script = "set -a; . ./env; set +a; printf '%s\\0' \"$JUPYTERHUB_API_TOKEN\" \"$MULTI\" \"$EMPTY\""
+    script = (
+        "set -a; . ./env; set +a; "
+        "printf '%s\\0' \"$JUPYTERHUB_API_TOKEN\" \"$MULTI\" \"$EMPTY\""
+    )
     out = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, check=True)
     assert out.stdout.split(b"\0")[:3] == [v.encode() for v in env.values()]
     assert not (tmp_path / "pwned").exists()
@@ -130,4 +132,4 @@ def test_launch_fails_clearly_without_secrets_file(tmp_path):
     result = subprocess.run(["bash", "-c", launch], capture_output=True, text=True, timeout=20)
     assert result.returncode == 1
     assert "cannot read the server's environment file" in result.stderr
-    assert shlex.quote(str(tmp_path / "missing.env")) in result.stderr or "missing.env" in result.stderr
+    assert str(tmp_path / "missing.env") in result.stderr

@@ -54,8 +54,9 @@ def run_in_kernel(hub, user: str, code: str) -> str:
                 output.append(message["content"]["text"])
             elif message["msg_type"] == "error":
                 raise AssertionError(f"kernel error: {message['content']}")
-            elif message["msg_type"] == "status" and message["content"]["execution_state"] == "idle":
-                break
+            elif message["msg_type"] == "status":
+                if message["content"]["execution_state"] == "idle":
+                    break
     finally:
         connection.close()
     hub.api_server("DELETE", user, f"/api/kernels/{kernel['id']}")

@@ -120,13 +120,18 @@ def down() -> None:
     pids = state.get("pids", {})
     if "slurmctld" in pids and _alive(pids["slurmctld"]):
         for user in USERS:
-            in_namespace("login", ["scancel", f"--user={user}"], check=False, timeout=10)
+            try:
+                in_namespace("login", ["scancel", f"--user={user}"], check=False, timeout=10)
+            except subprocess.TimeoutExpired:
+                print(f"lab: scancel --user={user} timed out", file=sys.stderr)
     for name in ("sshd", "slurmd", "slurmctld", "munged"):
         pid = pids.get(name)
         if pid and _alive(pid):
             _stop_pid(pid)
-    for user in USERS:  # leftovers of jobs (should be none: the test asserts it separately)
-        subprocess.run(["pkill", "-KILL", "-u", user], check=False)
+    # Whatever still runs inside the lab's namespaces (job steps, user servers) is the lab's.
+    for namespace in NAMESPACES.values():
+        for pid in _namespace_pids(namespace):
+            _stop_pid(pid, timeout=5)
     for namespace in NAMESPACES.values():
         subprocess.run(["ip", "netns", "del", namespace], check=False, stderr=subprocess.DEVNULL)
         shutil.rmtree(f"/etc/netns/{namespace}", ignore_errors=True)
@@ -156,7 +161,7 @@ def host_command(host: str, command: str) -> list[str]:
 def _network() -> None:
     # Safety first: nothing in 10.77/16 may ever leave through the default route.
     _ip("route", "replace", "unreachable", SAFETY_ROUTE)
-    for host, namespace in NAMESPACES.items():
+    for namespace in NAMESPACES.values():
         _ip("netns", "add", namespace)
         _ip("-n", namespace, "link", "set", "lo", "up")
         Path(f"/etc/netns/{namespace}").mkdir(parents=True, exist_ok=True)
@@ -208,6 +213,7 @@ def _start_munged() -> int:
     process = subprocess.Popen(
         ["runuser", "-u", "munge", "--", "/usr/sbin/munged", "--foreground", "--force"],
         stdout=subprocess.DEVNULL, stderr=open(LAB_DIR / "munged.log", "w"),
+        start_new_session=True,
     )
     _wait_until(lambda: Path("/run/munge/munge.socket.2").exists(), 10, "munged socket")
     return process.pid
@@ -227,6 +233,7 @@ def _start_sshd() -> int:
     process = subprocess.Popen(
         host_command("login", f"/usr/sbin/sshd -D -e -f {config}"),
         stdout=subprocess.DEVNULL, stderr=open(LAB_DIR / "sshd.log", "w"),
+        start_new_session=True,
     )
     _wait_until(lambda: _port_open("login", LOGIN_IP, 22), 10, "sshd on the login host")
     return process.pid
@@ -241,10 +248,12 @@ def _start_slurm() -> dict[str, int]:
     SLURM_CONF.write_text(SLURM_CONF_TEXT.format(login_ip=LOGIN_CLUSTER_IP, compute_ip=COMPUTE_IP,
                                                  run=LAB_DIR))
     ctld = subprocess.Popen(host_command("login", "/usr/sbin/slurmctld -D -c -i"),
-                            stdout=subprocess.DEVNULL, stderr=open(run / "log/ctld.err", "w"))
+                            stdout=subprocess.DEVNULL, stderr=open(run / "log/ctld.err", "w"),
+                            start_new_session=True)
     _wait_until(lambda: _port_open("login", LOGIN_CLUSTER_IP, 6817), 20, "slurmctld")
     slurmd = subprocess.Popen(host_command("compute", "/usr/sbin/slurmd -D"),
-                              stdout=subprocess.DEVNULL, stderr=open(run / "log/slurmd.err", "w"))
+                              stdout=subprocess.DEVNULL, stderr=open(run / "log/slurmd.err", "w"),
+                              start_new_session=True)
     return {"slurmctld": ctld.pid, "slurmd": slurmd.pid}
 
 
@@ -271,15 +280,25 @@ def _ip(*args: str) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie that only waits to be reaped counts as gone)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _namespace_pids(namespace: str) -> list[int]:
+    result = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True,
+                            check=False)
+    return [int(pid) for pid in result.stdout.split() if pid.isdigit()]
 
 
 def _stop_pid(pid: int, timeout: float = 15) -> None:
-    os.kill(pid, signal.SIGTERM)
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -289,7 +308,10 @@ def _stop_pid(pid: int, timeout: float = 15) -> None:
         if finished == pid or not _alive(pid):
             return
         time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _wait_until(predicate, timeout: float, what: str) -> None:

@@ -1,0 +1,21 @@
+# Two commands matter (README): `make demo` and `make test`. Both install what they need first.
+LAB_PREFIX ?= /opt/hub-spawner-lab
+PYTHON := $(LAB_PREFIX)/venv/bin/python
+SCHEDULER ?= slurm
+
+.PHONY: install demo test lint bench
+
+install:
+	LAB_PREFIX=$(LAB_PREFIX) tests/lab/install.sh
+
+demo: install
+	LAB_PREFIX=$(LAB_PREFIX) $(PYTHON) -m tests.lab.demo --scheduler $(SCHEDULER)
+
+test: install
+	LAB_PREFIX=$(LAB_PREFIX) tests/run.sh
+
+lint: install
+	$(LAB_PREFIX)/venv/bin/ruff check hub_spawner tests bench
+
+bench: install
+	LAB_PREFIX=$(LAB_PREFIX) $(PYTHON) -m bench.tunnel_bench
