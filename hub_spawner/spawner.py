@@ -404,8 +404,11 @@ class SSHBatchSpawner(Spawner):
                 self.log.warning(
                     "%s: status of job %s unknown: %s", self._log_name, self.job_id, status.reason
                 )
+            if status.state is JobState.RUNNING:
+                interval = self.status_interval  # the server is starting: look often
+            else:
+                interval = min(interval * 1.5, self.status_interval_max)
             await asyncio.sleep(interval)
-            interval = min(interval * 1.5, self.status_interval_max)
 
     async def _read_ready_line(self, scheduled_node: str) -> jobscript.ReadyLine | None:
         try:
@@ -431,7 +434,7 @@ class SSHBatchSpawner(Spawner):
         if not self.job_id:
             return 0
         status = await self._job_status()
-        if status.state is JobState.DONE:
+        if status.state in (JobState.DONE, JobState.ENDING):
             self.log.info(
                 "%s: job %s has ended (%s)",
                 self._log_name,

@@ -56,6 +56,11 @@ def test_status_output_maps_to_state(name, state, node, reason):
     assert (status.state, status.node, status.reason) == (state, node, reason)
 
 
+def test_completing_is_ending_not_done():
+    status = slurm.parse_status_output(CommandOutput(0, "COMPLETING|compute|None\n", ""))
+    assert status.state is JobState.ENDING
+
+
 def test_status_empty_output_means_done():
     assert slurm.parse_status_output(CommandOutput(0, "\n", "")).state is JobState.DONE
 

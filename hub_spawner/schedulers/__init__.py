@@ -16,6 +16,7 @@ class JobState(enum.Enum):
 
     PENDING = "pending"  #: queued, held, suspended or being configured: not running yet
     RUNNING = "running"  #: running on a node
+    ENDING = "ending"  #: being torn down (Slurm's COMPLETING): no longer usable, not yet gone
     DONE = "done"  #: finished, failed, cancelled or no longer known to the scheduler
     UNKNOWN = "unknown"  #: the scheduler could not be asked or gave an answer we cannot read
 

@@ -54,9 +54,9 @@ _PENDING_STATES = {
     "RESV_DEL_HOLD",
 }
 _RUNNING_STATES = {"RUNNING"}
+_ENDING_STATES = {"COMPLETING"}
 _DONE_STATES = {
     "COMPLETED",
-    "COMPLETING",
     "CANCELLED",
     "FAILED",
     "TIMEOUT",
@@ -135,6 +135,8 @@ def parse_status_output(output: CommandOutput) -> JobStatus:
         state = JobState.RUNNING
     elif state_name in _PENDING_STATES:
         state = JobState.PENDING
+    elif state_name in _ENDING_STATES:
+        state = JobState.ENDING
     elif state_name in _DONE_STATES:
         state = JobState.DONE
     else:
