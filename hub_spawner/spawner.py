@@ -13,6 +13,7 @@ import asyncio
 import posixpath
 import re
 import secrets
+import shlex
 from types import ModuleType
 from typing import Any, ClassVar
 from urllib.parse import urlparse
@@ -26,7 +27,7 @@ from .errors import BadOptions, BadReadyLine, ClusterUnreachable, JobEndedEarly,
 from .form import options_from_form, render_options_form
 from .resources import Limits, parse_memory_mb, parse_walltime_seconds, resources_from_options
 from .schedulers import JobState, JobStatus, SubmitRejected, slurm
-from .ssh import LoginConnection, SSHCommandError, SSHTarget, default_pool
+from .ssh import LoginConnection, SSHTarget, default_pool
 from .tunnel import default_tunnels
 
 STATE_VERSION = 1
@@ -201,6 +202,13 @@ class SSHBatchSpawner(Spawner):
         20,
         config=True,
         help="Seconds ``stop()`` waits for the scheduler to confirm the job has ended.",
+    )
+
+    cancel_retry_interval = Float(
+        30,
+        config=True,
+        help="""Seconds between retries of a cancel that could not reach the login node. Such a
+        job is retried for as long as the hub runs, so that no job is left behind.""",
     )
 
     @default("env_keep")
@@ -597,39 +605,43 @@ class SSHBatchSpawner(Spawner):
 
     async def _release(self, why: str, wait: bool = True) -> None:
         """Cancel the job (by id, or by its unique name if the id never came back), close the
-        tunnels and delete the secrets file. Keeps the job id if the cancel could not be sent."""
+        tunnels and delete the secrets file.
+
+        If the login node cannot be reached, the cancel is handed to ``pending_cancels``, which
+        retries it in the background until it gets through: JupyterHub forgets the job id after
+        ``stop()`` whatever happens, so the job must not depend on this spawner's state.
+        """
         default_tunnels.close(self._tunnel_name)
         default_tunnels.close(self._api_tunnel_name)
         if not (self.job_id or self._submission_sent or self.secrets_path):
             return
+        target = await self._ssh_target()
+        commands = []
+        if self.job_id:
+            commands.append(self.scheduler.cancel_command(self.job_id))
+        elif self._submission_sent:
+            commands.append(self.scheduler.cancel_by_name_command(self.job_name, target.username))
+        if self.secrets_path:
+            commands.append(f"rm -f -- {shlex.quote(self.secrets_path)}")
+        label = f"job {self.job_id or self.job_name} of {self._log_name}"
+        if self.job_id or self._submission_sent:
+            self.log.info("%s: cancelling %s (%s)", self._log_name, label, why)
         try:
-            connection = await self._connection()
-            if self.job_id:
-                command = self.scheduler.cancel_command(self.job_id)
-            elif self._submission_sent:
-                command = self.scheduler.cancel_by_name_command(
-                    self.job_name, connection.target.username
-                )
-            else:
-                command = ""
-            if command:
-                self.log.info(
-                    "%s: cancelling job %s (%s)", self._log_name, self.job_id or self.job_name, why
-                )
-                await connection.run(command, timeout=self.command_timeout)
-                if self.job_id and wait:
-                    await self._wait_until_gone()
-            if self.secrets_path:
-                await connection.remove_file(self.secrets_path)
-        except (ClusterUnreachable, SSHCommandError) as error:
+            connection = await default_pool.get(target)
+            await connection.run("; ".join(commands), timeout=self.command_timeout)
+            if self.job_id and wait:
+                await self._wait_until_gone()
+        except ClusterUnreachable as error:
             self.log.error(
-                "%s: could not cancel job %s: %s. It may still be queued or running; cancel it "
-                "by hand with the scheduler's cancel command.",
+                "%s: could not cancel %s: %s Retrying every %g s in the background.",
                 self._log_name,
-                self.job_id or self.job_name,
+                label,
                 error,
+                self.cancel_retry_interval,
             )
-            raise
+            pending_cancels.add(
+                target, "; ".join(commands), label, self.cancel_retry_interval, self.log
+            )
         self.job_id = ""
         self._submission_sent = False
         self.secrets_path = ""
@@ -647,6 +659,41 @@ class SSHBatchSpawner(Spawner):
             self.job_id,
             self.stop_wait,
         )
+
+
+class PendingCancels:
+    """Cancels that could not be sent (login node down); retried until they get through.
+
+    Lives as long as the hub process; one background task serves all spawners.
+    """
+
+    def __init__(self) -> None:
+        self._commands: dict[tuple[SSHTarget, str], str] = {}
+        self._task: asyncio.Future | None = None
+
+    def add(self, target: SSHTarget, command: str, label: str, interval: float, log) -> None:
+        self._commands[(target, command)] = label
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._retry(interval, log))
+
+    def labels(self) -> list[str]:
+        return sorted(self._commands.values())
+
+    async def _retry(self, interval: float, log) -> None:
+        while self._commands:
+            await asyncio.sleep(interval)
+            for (target, command), label in list(self._commands.items()):
+                try:
+                    connection = await default_pool.get(target)
+                    await connection.run(command)
+                except ClusterUnreachable as error:
+                    log.warning("still cannot cancel %s: %s", label, error)
+                    continue
+                del self._commands[(target, command)]
+                log.info("cancelled %s (after an earlier failure)", label)
+
+
+pending_cancels = PendingCancels()
 
 
 class SlurmSSHSpawner(SSHBatchSpawner):

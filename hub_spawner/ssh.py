@@ -16,8 +16,9 @@ Requirements:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import shlex
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import asyncssh
@@ -125,15 +126,14 @@ class LoginConnection:
                 return None
         return data.decode("utf-8", errors="replace")
 
-    async def remove_file(self, path: str) -> None:
-        """Remove a file; a missing file is fine."""
-        await self.run(f"rm -f -- {shlex.quote(path)}")
-
-    def _sftp(self):
+    @contextlib.asynccontextmanager
+    async def _sftp(self) -> AsyncIterator[asyncssh.SFTPClient]:
+        """An SFTP session on this connection; failures become ``SSHCommandError``."""
         try:
-            return self.connection.start_sftp_client()
+            async with self.connection.start_sftp_client() as sftp:
+                yield sftp
         except (asyncssh.Error, OSError) as error:
-            raise SSHCommandError(f"SFTP to {self.target.host} failed: {error}") from None
+            raise SSHCommandError(f"SFTP on {self.target.host} failed: {error}") from None
 
     def close(self) -> None:
         self.connection.close()

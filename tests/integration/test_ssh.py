@@ -6,13 +6,12 @@ import asyncio
 import os
 import pwd
 import stat
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from hub_spawner.errors import ClusterUnreachable
-from hub_spawner.spawner import SlurmSSHSpawner
+from hub_spawner.spawner import SlurmSSHSpawner, pending_cancels
 from hub_spawner.ssh import ConnectionPool, SSHTarget, default_pool
 
 from .conftest import active_jobs
@@ -47,9 +46,7 @@ async def test_private_file_is_0600_and_private_dir_0700(lab):
     assert stat.S_IMODE(os.stat(f"{directory}/secret.env").st_mode) == 0o600
     assert await connection.read_file(f"{directory}/secret.env") == "TOKEN=x\n"
     assert await connection.read_file(f"{directory}/missing") is None
-    await connection.remove_file(f"{directory}/secret.env")
-    assert not Path(f"{directory}/secret.env").exists()
-    await connection.run(f"rmdir {directory}")
+    await connection.run(f"rm -r {directory}")
     pool.close_all()
 
 
@@ -83,25 +80,39 @@ async def test_unreachable_login_node_is_a_clear_error(lab):
         await ConnectionPool().get(target(lab, port=2222))
 
 
+def spawner_for_job(lab, job_id: str, **config) -> SlurmSSHSpawner:
+    """A spawner, outside any hub, that has (as after a hub restart) only the job id."""
+    spawner = SlurmSSHSpawner(
+        user=SimpleNamespace(name="alice"), hub=SimpleNamespace(),
+        login_host=lab.LOGIN_IP, known_hosts_path=str(lab.KNOWN_HOSTS),
+        ssh_key_path_template=str(lab.KEY_DIR / "{username}"), ssh_connect_timeout=3, **config,
+    )
+    spawner.load_state({"hub_spawner_version": 1, "job_id": job_id})
+    return spawner
+
+
+async def submit_sleep_job(lab) -> str:
+    connection = await default_pool.get(target(lab))
+    submitted = await connection.run("sbatch --parsable --output=/dev/null",
+                                     stdin="#!/bin/bash\nsleep 300\n")
+    return submitted.stdout.strip()
+
+
+async def wait_until_running(timeout: float = 10) -> None:
+    for _ in range(int(timeout / 0.5)):
+        if active_jobs("alice") and "RUNNING" in active_jobs("alice")[0]:
+            return
+        await asyncio.sleep(0.5)
+
+
 async def test_poll_says_unknown_not_gone_while_the_login_node_is_unreachable(lab):
     """poll() on a real Slurm job: running -> None; login node unreachable -> still None
     (never "gone"); job cancelled -> 1. The spawner has no hub here: poll() needs none."""
     default_pool.close_all()
-    connection = await default_pool.get(target(lab))
-    submitted = await connection.run("sbatch --parsable --output=/dev/null", stdin=(
-        "#!/bin/bash\nsleep 300\n"))
-    job_id = submitted.stdout.strip()
-    spawner = SlurmSSHSpawner(
-        user=SimpleNamespace(name="alice"), hub=SimpleNamespace(),
-        login_host=lab.LOGIN_IP, known_hosts_path=str(lab.KNOWN_HOSTS),
-        ssh_key_path_template=str(lab.KEY_DIR / "{username}"), ssh_connect_timeout=3,
-    )
-    spawner.load_state({"hub_spawner_version": 1, "job_id": job_id})
+    job_id = await submit_sleep_job(lab)
+    spawner = spawner_for_job(lab, job_id)
     try:
-        for _ in range(20):
-            if active_jobs("alice") and "RUNNING" in active_jobs("alice")[0]:
-                break
-            await asyncio.sleep(0.5)
+        await wait_until_running()
         assert await spawner.poll() is None
 
         default_pool.close_all()
@@ -115,5 +126,37 @@ async def test_poll_says_unknown_not_gone_while_the_login_node_is_unreachable(la
         spawner.load_state({"hub_spawner_version": 1, "job_id": job_id})
         assert await spawner.poll() == 1
     finally:
+        lab.in_namespace("login", ["scancel", job_id], check=False)
+        default_pool.close_all()
+
+
+async def test_stop_during_a_login_node_outage_cancels_the_job_once_it_is_back(lab):
+    """sshd really stops listening; stop() must not lose the job: the cancel is retried in the
+    background and reaches Slurm when sshd is back."""
+    default_pool.close_all()
+    job_id = await submit_sleep_job(lab)
+    spawner = spawner_for_job(lab, job_id, cancel_retry_interval=0.5)
+    sshd_stopped = False
+    try:
+        await wait_until_running()
+        default_pool.close_all()
+        lab.stop_sshd()
+        sshd_stopped = True
+        await spawner.stop()  # does not raise: JupyterHub clears the state whatever happens
+        assert spawner.job_id == ""
+        assert [job for job in active_jobs("alice") if job.startswith(job_id + " ")]
+        assert any(job_id in label for label in pending_cancels.labels())
+
+        lab.start_sshd()
+        sshd_stopped = False
+        for _ in range(40):
+            if not active_jobs("alice"):
+                break
+            await asyncio.sleep(0.5)
+        assert active_jobs("alice") == []
+        assert pending_cancels.labels() == []
+    finally:
+        if sshd_stopped:
+            lab.start_sshd()
         lab.in_namespace("login", ["scancel", job_id], check=False)
         default_pool.close_all()

@@ -102,6 +102,7 @@ def up() -> dict:
         _network()
         _users_and_keys()
         state["pids"]["munged"] = _start_munged()
+        _configure_sshd()
         state["pids"]["sshd"] = _start_sshd()
         state["pids"].update(_start_slurm())
         _write_state(state)
@@ -219,8 +220,20 @@ def _start_munged() -> int:
     return process.pid
 
 
-def _start_sshd() -> int:
-    Path("/run/sshd").mkdir(exist_ok=True)
+def stop_sshd() -> None:
+    """Stop the login host's sshd listener (existing sessions live on in their own processes)."""
+    state = json.loads(STATE_FILE.read_text())
+    _stop_pid(state["pids"]["sshd"])
+
+
+def start_sshd() -> None:
+    """Start the login host's sshd again, with the same host key."""
+    state = json.loads(STATE_FILE.read_text())
+    state["pids"]["sshd"] = _start_sshd()
+    _write_state(state)
+
+
+def _configure_sshd() -> None:
     host_key = LAB_DIR / "ssh_host_ed25519_key"
     host_key.unlink(missing_ok=True)
     Path(f"{host_key}.pub").unlink(missing_ok=True)
@@ -230,9 +243,14 @@ def _start_sshd() -> int:
     config.write_text(SSHD_CONFIG_TEXT.format(login_ip=LOGIN_IP, run=LAB_DIR,
                                               users=" ".join(USERS)))
     subprocess.run(["/usr/sbin/sshd", "-t", "-f", str(config)], check=True)
+
+
+def _start_sshd() -> int:
+    Path("/run/sshd").mkdir(exist_ok=True)
+    config = LAB_DIR / "sshd_config"
     process = subprocess.Popen(
         host_command("login", f"/usr/sbin/sshd -D -e -f {config}"),
-        stdout=subprocess.DEVNULL, stderr=open(LAB_DIR / "sshd.log", "w"),
+        stdout=subprocess.DEVNULL, stderr=open(LAB_DIR / "sshd.log", "a"),
         start_new_session=True,
     )
     _wait_until(lambda: _port_open("login", LOGIN_IP, 22), 10, "sshd on the login host")
