@@ -1,0 +1,41 @@
+"""JupyterHub config for a real Slurm cluster reached over SSH. Copy, then edit the marked lines.
+
+Cluster-side requirements (login node):
+- sshd accepts the hub's per-user keys (each user's ~/.ssh/authorized_keys holds the public key
+  of /etc/hub_spawner/keys/<cluster user>);
+- sshd_config has ``AllowTcpForwarding yes`` and ``GatewayPorts clientspecified`` (the reverse
+  tunnel that lets compute nodes call the hub API listens on the login node's cluster-side
+  address), unless you set ``hub_connect_url`` to an address compute nodes can reach directly;
+- compute nodes can reach the login node on that address, and the login node can reach compute
+  nodes on any port (the tunnel to each server goes login -> node:port);
+- jupyterhub (same major version as the hub) and jupyterlab are installed where jobs can run
+  them; ``python3`` is on the job's PATH (after ``job_prologue``).
+"""
+
+c = get_config()  # noqa: F821 - provided by JupyterHub
+
+c.JupyterHub.spawner_class = "slurm-ssh"
+# Keep jobs running across hub restarts; the spawner re-opens their tunnels on the same ports.
+c.JupyterHub.cleanup_servers = False
+
+c.SlurmSSHSpawner.login_host = "login.cluster.example.org"  # EDIT
+c.SlurmSSHSpawner.known_hosts_path = "/etc/hub_spawner/known_hosts"  # ssh-keyscan, then verify
+c.SlurmSSHSpawner.ssh_key_path_template = "/etc/hub_spawner/keys/{username}"
+c.SlurmSSHSpawner.cluster_username = "{username}"  # or e.g. "hpc_{username}", or a callable
+# The login node's name as compute nodes see it (often its internal interface).  # EDIT
+c.SlurmSSHSpawner.hub_api_tunnel_host = "login-ib0.cluster.example.org"
+
+c.SlurmSSHSpawner.job_prologue = "module load jupyter"  # EDIT: whatever puts it on PATH
+c.SlurmSSHSpawner.cmd = ["jupyterhub-singleuser"]
+c.SlurmSSHSpawner.default_url = "/lab"
+
+c.SlurmSSHSpawner.partitions = ["interactive", "gpu"]  # EDIT
+c.SlurmSSHSpawner.default_partition = "interactive"
+c.SlurmSSHSpawner.max_cpus = 16
+c.SlurmSSHSpawner.max_memory = "128G"
+c.SlurmSSHSpawner.default_walltime = "04:00:00"
+c.SlurmSSHSpawner.max_walltime = "1-00:00:00"
+
+# Queue waits count against start_timeout: allow for a busy cluster.
+c.SlurmSSHSpawner.start_timeout = 600
+c.SlurmSSHSpawner.http_timeout = 120
