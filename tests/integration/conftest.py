@@ -105,6 +105,7 @@ def hub(lab, tmp_path_factory):
     token = secrets.token_hex(24)
     env = dict(
         os.environ,
+        PYTHONPATH=str(REPO),  # this checkout's hub_spawner, whatever the venv points at
         HUB_STATE_DIR=str(state_dir),
         HUB_PORT=str(HUB_PORT),
         HUB_TEST_TOKEN=token,

@@ -47,7 +47,8 @@ def main() -> int:
     try:
         state_dir = lab.LAB_DIR / "demo-hub"
         state_dir.mkdir(exist_ok=True)
-        env = dict(os.environ, HUB_STATE_DIR=str(state_dir), HUB_PORT=str(HUB_PORT))
+        env = dict(os.environ, PYTHONPATH=str(REPO), HUB_STATE_DIR=str(state_dir),
+                   HUB_PORT=str(HUB_PORT))
         hub = subprocess.Popen(
             [str(lab.LAB_PREFIX / "venv/bin/jupyterhub"), "-f",
              str(REPO / "example_hub_config" / "lab_jupyterhub_config.py")],

@@ -43,11 +43,18 @@ chmod 755 "$LAB_PREFIX"
 if [ ! -x "$VENV/bin/python" ]; then
     /usr/bin/python3 -m venv "$VENV"
 fi
-if [ ! -f "$STAMP" ] || [ "$REPO/pyproject.toml" -nt "$STAMP" ] || [ "$REPO/tests/lab/requirements.txt" -nt "$STAMP" ]; then
-    "$VENV/bin/pip" install -q --upgrade pip
-    "$VENV/bin/pip" install -q -r "$REPO/tests/lab/requirements.txt"
-    "$VENV/bin/pip" install -q --no-deps -e "$REPO"
-    touch "$STAMP"
+# The stamp records which checkout the editable install points at.
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$REPO" ] || [ "$REPO/pyproject.toml" -nt "$STAMP" ] \
+        || [ "$REPO/tests/lab/requirements.txt" -nt "$STAMP" ]; then
+    pip_log=$LAB_PREFIX/pip.log
+    if ! { "$VENV/bin/pip" install -q --upgrade pip \
+            && "$VENV/bin/pip" install -q -r "$REPO/tests/lab/requirements.txt" \
+            && "$VENV/bin/pip" install -q --no-deps -e "$REPO"; } > "$pip_log" 2>&1; then
+        grep -v "^WARNING: Location" "$pip_log" >&2
+        echo "install.sh: pip install failed (full log: $pip_log)" >&2
+        exit 1
+    fi
+    echo "$REPO" > "$STAMP"
 fi
 chmod -R a+rX "$VENV"
 
