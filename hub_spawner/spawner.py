@@ -591,6 +591,11 @@ class SSHBatchSpawner(Spawner):
             connection = await self._connection()
             if self.api_tunnel_port and not default_tunnels.is_alive(self._api_tunnel_name):
                 await self._open_hub_api_path(connection)
+                self.log.info(
+                    "%s: re-opened the hub API tunnel on login port %d",
+                    self._log_name,
+                    self.api_tunnel_port,
+                )
             if not default_tunnels.is_alive(self._tunnel_name):
                 await default_tunnels.open_local(
                     self._tunnel_name,
@@ -599,6 +604,13 @@ class SSHBatchSpawner(Spawner):
                     self.job_host,
                     self.remote_port,
                     bind_port=self.tunnel_port,
+                )
+                self.log.info(
+                    "%s: re-opened the tunnel: hub port %d -> %s:%d",
+                    self._log_name,
+                    self.tunnel_port,
+                    self.job_host,
+                    self.remote_port,
                 )
         except ClusterUnreachable as error:
             self.log.warning("%s: cannot re-open tunnels yet: %s", self._log_name, error)

@@ -98,26 +98,24 @@ class Hub:
         return self.log_path.read_text(errors="replace")
 
 
-@pytest.fixture(scope="session")
-def hub(lab, tmp_path_factory):
-    """A real JupyterHub with the real configurable-http-proxy and the slurm-ssh spawner."""
-    state_dir = tmp_path_factory.mktemp("hub")
-    token = secrets.token_hex(24)
+def start_hub(state_dir: Path, port: int, token: str, extra_env: dict | None = None):
+    """Start a real JupyterHub (with its own configurable-http-proxy); wait until it answers."""
     env = dict(
         os.environ,
         PYTHONPATH=str(REPO),  # this checkout's hub_spawner, whatever the venv points at
         HUB_STATE_DIR=str(state_dir),
-        HUB_PORT=str(HUB_PORT),
+        HUB_PORT=str(port),
         HUB_TEST_TOKEN=token,
         HUB_LAB_CONFIG=str(REPO / "example_hub_config" / "lab_jupyterhub_config.py"),
+        **(extra_env or {}),
     )
     log_path = state_dir / "hub.log"
     jupyterhub = Path(os.environ.get("LAB_PREFIX", "/opt/hub-spawner-lab")) / "venv/bin/jupyterhub"
     process = subprocess.Popen(
         [str(jupyterhub), "-f", str(REPO / "tests" / "integration" / "hub_config.py")],
-        cwd=state_dir, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+        cwd=state_dir, env=env, stdout=open(log_path, "a"), stderr=subprocess.STDOUT,
     )
-    hub = Hub(HUB_URL, token, log_path)
+    hub = Hub(f"http://127.0.0.1:{port}", token, log_path)
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -126,16 +124,29 @@ def hub(lab, tmp_path_factory):
         except requests.ConnectionError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
             raise RuntimeError(f"the test hub did not start:\n{hub.log()[-3000:]}")
         time.sleep(0.3)
-    for user in lab_module.USERS:
-        hub.api("POST", f"/users/{user}")
-    yield hub
-    process.send_signal(signal.SIGTERM)  # cleanup_servers: the hub stops what is left
+    return hub, process
+
+
+def stop_hub(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
     try:
         process.wait(timeout=60)
     except subprocess.TimeoutExpired:
         process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def hub(lab, tmp_path_factory):
+    """A real JupyterHub with the real configurable-http-proxy and the slurm-ssh spawner."""
+    hub, process = start_hub(tmp_path_factory.mktemp("hub"), HUB_PORT, secrets.token_hex(24))
+    for user in lab_module.USERS:
+        hub.api("POST", f"/users/{user}")
+    yield hub
+    stop_hub(process)  # cleanup_servers: the hub stops what is left
 
 
 def active_jobs(user: str) -> list[str]:

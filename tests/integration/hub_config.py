@@ -35,3 +35,7 @@ c.Spawner.pre_spawn_hook = scenario
 
 # Return 202 at once from POST /users/:name/server, so the tests follow the progress stream.
 c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 0}
+
+# The hub-restart test keeps servers running across a restart, as production configs do.
+if os.environ.get("HUB_KEEP_SERVERS") == "1":
+    c.JupyterHub.cleanup_servers = False
