@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -131,12 +130,7 @@ def start_hub(state_dir: Path, port: int, token: str, extra_env: dict | None = N
 
 
 def stop_hub(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    lab_module.stop_pid(process.pid, timeout=60)
 
 
 @pytest.fixture(scope="session")

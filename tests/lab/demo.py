@@ -61,12 +61,7 @@ def main() -> int:
     finally:
         print("\ndemo: stopping the hub (its servers' jobs are cancelled)...", flush=True)
         if hub is not None and hub.poll() is None:
-            hub.send_signal(signal.SIGTERM)
-            try:
-                hub.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                hub.kill()
-                hub.wait()
+            lab.stop_pid(hub.pid, timeout=60)
         print("demo: cancelling leftover jobs and tearing the lab down...", flush=True)
         lab.down()
         print("demo: stopped; nothing left running.", flush=True)

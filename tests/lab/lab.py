@@ -128,11 +128,11 @@ def down() -> None:
     for name in ("sshd", "slurmd", "slurmctld", "munged"):
         pid = pids.get(name)
         if pid and _alive(pid):
-            _stop_pid(pid)
+            stop_pid(pid)
     # Whatever still runs inside the lab's namespaces (job steps, user servers) is the lab's.
     for namespace in NAMESPACES.values():
         for pid in _namespace_pids(namespace):
-            _stop_pid(pid, timeout=5)
+            stop_pid(pid, timeout=5)
     for namespace in NAMESPACES.values():
         subprocess.run(["ip", "netns", "del", namespace], check=False, stderr=subprocess.DEVNULL)
         shutil.rmtree(f"/etc/netns/{namespace}", ignore_errors=True)
@@ -223,7 +223,7 @@ def _start_munged() -> int:
 def stop_sshd() -> None:
     """Stop the login host's sshd listener (existing sessions live on in their own processes)."""
     state = json.loads(STATE_FILE.read_text())
-    _stop_pid(state["pids"]["sshd"])
+    stop_pid(state["pids"]["sshd"])
 
 
 def start_sshd() -> None:
@@ -312,7 +312,8 @@ def _namespace_pids(namespace: str) -> list[int]:
     return [int(pid) for pid in result.stdout.split() if pid.isdigit()]
 
 
-def _stop_pid(pid: int, timeout: float = 15) -> None:
+def stop_pid(pid: int, timeout: float = 15) -> None:
+    """SIGTERM, wait up to ``timeout`` (reaping our own children), then SIGKILL."""
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -328,7 +329,8 @@ def _stop_pid(pid: int, timeout: float = 15) -> None:
         time.sleep(0.1)
     try:
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
         pass
 
 
