@@ -23,7 +23,14 @@ from jupyterhub.utils import maybe_future, url_path_join
 from traitlets import Callable, Float, Integer, List, Unicode, Union, default
 
 from . import jobscript
-from .errors import BadOptions, BadReadyLine, ClusterUnreachable, JobEndedEarly, JobRejected
+from .errors import (
+    BadOptions,
+    BadReadyLine,
+    ClusterUnreachable,
+    JobEndedEarly,
+    JobRejected,
+    SpawnError,
+)
 from .form import options_from_form, render_options_form
 from .resources import Limits, parse_memory_mb, parse_walltime_seconds, resources_from_options
 from .schedulers import JobState, JobStatus, SubmitRejected, slurm
@@ -342,7 +349,7 @@ class SSHBatchSpawner(Spawner):
         self.secrets_path = posixpath.join(remote_dir, f"{self.job_name}.env")
         for path in (self.output_path, self.secrets_path):
             if not _REMOTE_PATH.match(path):
-                raise ClusterUnreachable(
+                raise SpawnError(
                     f"The path {path!r} on the cluster has characters we do not put in a job "
                     "script; set remote_state_dir to a plain absolute path."
                 )
@@ -388,7 +395,7 @@ class SSHBatchSpawner(Spawner):
         reported = None
         while True:
             status = await self._job_status()
-            if status.state is JobState.DONE:
+            if status.state in (JobState.DONE, JobState.ENDING):
                 tail = jobscript.last_lines(await self._job_output())
                 raise JobEndedEarly(
                     f"Job {self.job_id} ended ({status.state_name or status.reason or 'gone'}) "

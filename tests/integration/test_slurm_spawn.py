@@ -8,7 +8,9 @@ import pwd
 import socket
 import stat
 import subprocess
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import websocket
@@ -167,3 +169,45 @@ def test_hostile_option_is_refused_before_anything_reaches_the_cluster(hub):
     assert "not a valid name" in events[-1]["message"]
     assert not pwned.exists()
     assert active_jobs("alice") == []
+
+
+def occupy_the_compute_node(lab) -> str:
+    """bob's job takes both cores, so the next job waits with reason 'Resources'."""
+    result = lab.in_namespace("login", ["runuser", "-u", "bob", "--", "sbatch", "--parsable",
+                                        "--cpus-per-task=2", "--output=/dev/null",
+                                        "--wrap=sleep 300"])
+    job_id = result.stdout.strip()
+    assert wait_for(lambda: any(" RUNNING " in job for job in active_jobs("bob")), 20)
+    return job_id
+
+
+def test_pending_job_shows_the_queue_reason_then_starts(hub, lab):
+    blocker = occupy_the_compute_node(lab)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            spawn = pool.submit(hub.spawn, "alice")
+            assert wait_for(lambda: any(" PENDING " in job for job in active_jobs("alice")), 30)
+            time.sleep(2)  # let a status poll see the reason
+            lab.in_namespace("login", ["scancel", blocker])
+            events, _ = spawn.result(timeout=150)
+        messages = [event.get("message", "") for event in events]
+        assert any("is waiting in the queue: Resources" in message for message in messages), \
+            messages
+        assert events[-1].get("ready"), messages
+        hub.stop("alice")
+        assert wait_for(lambda: not active_jobs("alice"), 20), active_jobs("alice")
+    finally:
+        lab.in_namespace("login", ["scancel", blocker], check=False)
+
+
+def test_cancelling_a_pending_spawn_cancels_its_job(hub, lab):
+    blocker = occupy_the_compute_node(lab)
+    try:
+        response = hub.api("POST", "/users/alice/server", json={})
+        assert response.status_code == 202, response.text
+        assert wait_for(lambda: any(" PENDING " in job for job in active_jobs("alice")), 30)
+        hub.stop("alice")  # what the spawn page's cancel does: DELETE while pending
+        assert wait_for(lambda: not active_jobs("alice"), 20), active_jobs("alice")
+        assert "cancelling job" in hub.log()
+    finally:
+        lab.in_namespace("login", ["scancel", blocker], check=False)
