@@ -1,7 +1,9 @@
 """hub_spawner/jobscript.py: the launcher, the env file and the ready-line parser."""
 
 import os
+import socket
 import subprocess
+import urllib.request
 
 import pytest
 
@@ -99,21 +101,25 @@ def test_launch_runs_a_server_and_prints_the_ready_line(tmp_path):
     secrets.write_text(render_env_file({"HUB_SPAWNER_TEST_SECRET": "s3cret"}))
     os.chmod(secrets, 0o600)
     server = (
-        'import os, sys, http.server, urllib.parse\n'
+        "import os, http.server, urllib.parse\n"
         'assert os.environ["HUB_SPAWNER_TEST_SECRET"] == "s3cret"\n'
         'port = urllib.parse.urlparse(os.environ["JUPYTERHUB_SERVICE_URL"]).port\n'
-        'http.server.HTTPServer(("127.0.0.1", port), http.server.BaseHTTPRequestHandler)'
-        '.handle_request()\n'
+        'http.server.HTTPServer(("127.0.0.1", port), http.server.SimpleHTTPRequestHandler)'
+        ".serve_forever()\n"
     )
     launch = render_launch(command=["python3", "-c", server], secrets_path=str(secrets),
                            ready_timeout_seconds=20)
-    process = subprocess.Popen(["bash", "-c", launch], stdout=subprocess.PIPE, text=True)
-    first = process.stdout.readline()
-    ready = parse_ready_line(first)
-    assert ready is not None and ready.port > 0
-    assert not secrets.exists(), "the launcher deletes the secrets file once it has read it"
-    subprocess.run(["python3", "-c", f"import urllib.request as u; u.urlopen('http://127.0.0.1:{ready.port}/')"], check=False)  # noqa: E501
-    assert process.wait(timeout=20) == 0
+    process = subprocess.Popen(["bash", "-c", launch], stdout=subprocess.PIPE, text=True,
+                               cwd=tmp_path)
+    try:
+        ready = parse_ready_line(process.stdout.readline())
+        assert ready is not None and ready.host == socket.gethostname()
+        assert not secrets.exists(), "the launcher deletes the secrets file once it has read it"
+        with urllib.request.urlopen(f"http://127.0.0.1:{ready.port}/") as response:
+            assert response.status == 200
+    finally:
+        process.terminate()  # the launcher passes SIGTERM on to the server
+    assert process.wait(timeout=20) != 0
 
 
 def test_launch_reports_a_server_that_dies_before_listening(tmp_path):

@@ -62,11 +62,12 @@ class Hub:
               timeout: float = 150) -> tuple[list[dict], float]:
         """Start a server over the REST API and follow its progress stream to the end.
 
-        Returns the progress events and the seconds from request to the last event.
+        Returns the progress events and the seconds from request to the last event. Options
+        are always sent: JupyterHub re-uses a server's last ``user_options`` when given none.
         """
         server_path = f"/users/{user}/servers/{server}" if server else f"/users/{user}/server"
         started = time.monotonic()
-        response = self.api("POST", server_path, json=options or {}, timeout=timeout)
+        response = self.api("POST", server_path, json=options or {"cpus": 1}, timeout=timeout)
         events: list[dict] = []
         if response.status_code in (201, 202):
             progress = self.api("GET", f"{server_path}/progress", stream=True, timeout=timeout)
