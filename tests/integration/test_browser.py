@@ -3,6 +3,10 @@ press Start on the default spawn form, get JupyterLab served from the compute ho
 
 from __future__ import annotations
 
+import pwd
+import shutil
+from pathlib import Path
+
 import pytest
 from playwright.sync_api import sync_playwright
 
@@ -14,17 +18,21 @@ CHROMIUM_ARGS = [
 ]
 
 
-@pytest.fixture
-def bob_on_the_spawn_form(hub):
-    """A browser page, logged in as bob, showing the spawn form."""
+PASSWORDS = {"bob": "lab-demo-password", "alice": "lab-demo-admin-password-for-alice-only"}
+
+
+@pytest.fixture(params=["bob"])
+def on_the_spawn_form(request, hub):
+    """A browser page, logged in as the user named by the parameter, showing the spawn form."""
+    user = request.param
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium",
                                              args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
             page.goto(f"{hub.url}/hub/login")
-            page.fill("#username_input", "bob")
-            page.fill("#password_input", "lab-demo-password")
+            page.fill("#username_input", user)
+            page.fill("#password_input", PASSWORDS[user])
             page.click("#login_submit")
             page.wait_for_url("**/hub/spawn**")
             yield page
@@ -32,8 +40,8 @@ def bob_on_the_spawn_form(hub):
             browser.close()
 
 
-def test_a_bad_form_value_is_shown_on_the_form_and_starts_nothing(bob_on_the_spawn_form):
-    page = bob_on_the_spawn_form
+def test_a_bad_form_value_is_shown_on_the_form_and_starts_nothing(on_the_spawn_form):
+    page = on_the_spawn_form
     page.fill("[name=memory]", "lots")
     page.click("form input[type=submit], form button[type=submit]")
     page.wait_for_load_state()
@@ -42,17 +50,36 @@ def test_a_bad_form_value_is_shown_on_the_form_and_starts_nothing(bob_on_the_spa
     assert active_jobs("bob") == []
 
 
-def test_bob_clicks_start_on_the_default_form_and_gets_jupyterlab(
-    hub, bob_on_the_spawn_form, tmp_path
+@pytest.mark.parametrize("on_the_spawn_form", ["alice"], indirect=True)
+def test_alice_clicks_start_and_her_notebook_runs_as_her_on_the_compute_host(
+    hub, on_the_spawn_form, tmp_path
 ):
-    page = bob_on_the_spawn_form
+    home = Path(pwd.getpwnam("alice").pw_dir)  # a fresh JupyterLab: no restored notebooks
+    shutil.rmtree(home / ".jupyter" / "lab" / "workspaces", ignore_errors=True)
+    for notebook in home.glob("Untitled*.ipynb"):
+        notebook.unlink()
+    page = on_the_spawn_form
     assert page.locator("[name=partition]").input_value() == "debug"
     page.click("form input[type=submit], form button[type=submit]")
-    page.wait_for_url("**/user/bob/lab**", timeout=150_000)
+    page.wait_for_url("**/user/alice/lab**", timeout=150_000)
     page.wait_for_selector(".jp-LabShell", timeout=60_000)
     assert page.title() == "JupyterLab"
-    page.screenshot(path=str(tmp_path / "jupyterlab.png"))
-    job = active_jobs("bob")
+
+    # A new notebook from the launcher; one cell that says where and as whom it runs.
+    page.locator(".jp-LauncherCard[data-category='Notebook']").first.click()
+    editor = page.locator(".jp-Notebook .jp-Cell .cm-content").first
+    editor.wait_for(timeout=60_000)
+    # Type only once the kernel is connected: earlier keystrokes run nothing.
+    page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=60_000)
+    editor.click()
+    page.keyboard.type("import os, socket; print(socket.gethostname(), os.getuid())")
+    page.keyboard.press("Shift+Enter")
+    output = page.locator(".jp-OutputArea-output").first
+    output.wait_for(timeout=60_000)
+    page.screenshot(path=str(tmp_path / "notebook.png"))
+    assert output.inner_text().split() == ["compute", str(pwd.getpwnam("alice").pw_uid)]
+
+    job = active_jobs("alice")
     assert len(job) == 1 and "RUNNING" in job[0], job
-    hub.stop("bob")
-    assert wait_for(lambda: not active_jobs("bob"), 20), active_jobs("bob")
+    hub.stop("alice")
+    assert wait_for(lambda: not active_jobs("alice"), 20), active_jobs("alice")
