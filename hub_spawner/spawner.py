@@ -398,8 +398,8 @@ class SSHBatchSpawner(Spawner):
             if status.state in (JobState.DONE, JobState.ENDING):
                 tail = jobscript.last_lines(await self._job_output())
                 raise JobEndedEarly(
-                    f"Job {self.job_id} ended ({status.state_name or status.reason or 'gone'}) "
-                    "before the server was ready."
+                    f"Job {self.job_id} ended before the server was ready: "
+                    f"{self.scheduler.explain_end(status)}."
                     + (f" Last output of the job:\n{tail}" if tail else " It printed nothing.")
                 )
             if status.state is JobState.PENDING and reported != ("pending", status.reason):
@@ -450,11 +450,11 @@ class SSHBatchSpawner(Spawner):
             return 0
         status = await self._job_status()
         if status.state in (JobState.DONE, JobState.ENDING):
-            self.log.info(
-                "%s: job %s has ended (%s)",
+            self.log.warning(
+                "%s: job %s has ended: %s",
                 self._log_name,
                 self.job_id,
-                status.state_name or status.reason,
+                self.scheduler.explain_end(status),
             )
             return 1
         if status.state is JobState.UNKNOWN:

@@ -61,6 +61,21 @@ def test_completing_is_ending_not_done():
     assert status.state is JobState.ENDING
 
 
+@pytest.mark.parametrize(
+    "name, words",
+    [("squeue_cancelled", "it was cancelled"), ("squeue_completed", "the server exited"),
+     ("squeue_invalid_job", "Slurm no longer knows the job")],
+)
+def test_end_explanations_say_why(name, words):
+    assert words in slurm.explain_end(slurm.parse_status_output(recorded(name)))
+
+
+def test_walltime_end_tells_what_to_do():
+    status = slurm.parse_status_output(CommandOutput(0, "TIMEOUT|compute|TimeLimit\n", ""))
+    assert status.state is JobState.DONE
+    assert "walltime" in slurm.explain_end(status) and "longer" in slurm.explain_end(status)
+
+
 def test_status_empty_output_means_done():
     assert slurm.parse_status_output(CommandOutput(0, "\n", "")).state is JobState.DONE
 

@@ -68,6 +68,21 @@ _DONE_STATES = {
     "REVOKED",
 }
 
+# Why a job ended, for people, by Slurm's final state.
+_END_EXPLANATIONS = {
+    "TIMEOUT": "it reached its walltime limit; start a new server, with a longer walltime if "
+    "you need more time",
+    "OUT_OF_MEMORY": "it ran out of memory; start a new server with more memory",
+    "NODE_FAIL": "its node failed; start a new server",
+    "BOOT_FAIL": "its node failed to boot; start a new server",
+    "PREEMPTED": "a job with higher priority preempted it; start a new server",
+    "DEADLINE": "it reached its deadline; start a new server",
+    "CANCELLED": "it was cancelled (by you, an administrator or the scheduler)",
+    "FAILED": "it failed (its output file has the details)",
+    "COMPLETED": "the server exited",
+    "COMPLETING": "the server exited",
+}
+
 _JOB_ID = re.compile(r"^[0-9]+(_[0-9]+)?$")
 _FIELD_SEPARATOR = "|"
 
@@ -142,6 +157,14 @@ def parse_status_output(output: CommandOutput) -> JobStatus:
     else:
         state = JobState.UNKNOWN
     return JobStatus(state, state_name=state_name, reason=reason, node=node)
+
+
+def explain_end(status: JobStatus) -> str:
+    """Why the job ended and what to do, in a few words; never empty."""
+    explanation = _END_EXPLANATIONS.get(status.state_name)
+    if explanation:
+        return f"{explanation} (Slurm state {status.state_name})"
+    return status.reason or "Slurm no longer lists it"
 
 
 def cancel_command(job_id: str) -> str:

@@ -2,7 +2,10 @@
 
 Scenarios are named servers of alice whose command is swapped in ``pre_spawn_hook``:
 - ``dies-early``: the server exits with status 3 after printing a line, before listening;
-- ``never-ready``: the server never listens; ``start_timeout`` is 15 s.
+- ``never-ready``: the server never listens; ``start_timeout`` is 15 s;
+- ``login-down``: the spawner points at a login-node port where nothing listens;
+- ``unknown-host-key``: the spawner's known_hosts file is empty;
+- ``short-walltime``: polled every 3 s (the test asks for a one-minute walltime).
 """
 
 import os
@@ -29,6 +32,12 @@ def scenario(spawner):
     elif spawner.name == "never-ready":
         spawner.cmd = ["/bin/sh", "-c", "echo 'lab scenario: sleeping'; exec sleep 600"]
         spawner.start_timeout = 15
+    elif spawner.name == "login-down":
+        spawner.login_port = 2222
+    elif spawner.name == "unknown-host-key":
+        spawner.known_hosts_path = "/dev/null"
+    elif spawner.name == "short-walltime":
+        spawner.poll_interval = 3
 
 
 c.Spawner.pre_spawn_hook = scenario

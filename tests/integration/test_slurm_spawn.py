@@ -143,7 +143,7 @@ def test_job_that_dies_before_ready_fails_at_once_with_its_last_output(hub):
     events, seconds = hub.spawn("alice", "dies-early")
     assert events[-1].get("failed"), events
     message = events[-1]["message"]
-    assert "ended" in message and "before the server was ready" in message, message
+    assert "ended before the server was ready: it failed" in message, message
     assert "lab scenario: giving up on purpose" in message
     assert "exited with status 3 before it listened" in message
     assert seconds < 30  # not start_timeout (120 s)
@@ -157,6 +157,36 @@ def test_start_timeout_cancels_the_job(hub):
     assert wait_for(lambda: not active_jobs("alice"), 20), active_jobs("alice")
     assert wait_for(lambda: not user_processes("alice", "sleep 600"), 20)
     assert "cancelling job" in hub.log()
+
+
+def test_unreachable_login_node_fails_the_spawn_with_what_to_do(hub):
+    events, seconds = hub.spawn("alice", "login-down")
+    assert events[-1].get("failed"), events
+    assert "Cannot reach the login node 10.77.1.2:2222" in events[-1]["message"]
+    assert "tell an administrator" in events[-1]["message"]
+    assert seconds < 15
+    assert "Cannot reach the login node 10.77.1.2:2222" in hub.log()
+
+
+def test_unknown_host_key_fails_the_spawn_and_is_never_accepted(hub):
+    events, _ = hub.spawn("alice", "unknown-host-key")
+    assert events[-1].get("failed"), events
+    assert "is not in /dev/null" in events[-1]["message"]
+    assert "Refusing to connect" in events[-1]["message"]
+    assert active_jobs("alice") == []
+
+
+def test_walltime_end_stops_the_server_and_says_why(hub):
+    events, _ = hub.spawn("alice", "short-walltime", options={"walltime": "1"})
+    assert events[-1].get("ready"), events
+
+    def stopped() -> bool:
+        servers = hub.api("GET", "/users/alice").json()["servers"]
+        return "short-walltime" not in servers or not servers["short-walltime"]["ready"]
+
+    assert wait_for(stopped, timeout=180, interval=2)
+    assert "reached its walltime limit; start a new server, with a longer walltime" in hub.log()
+    assert wait_for(lambda: not active_jobs("alice"), 20), active_jobs("alice")
 
 
 def test_hostile_option_is_refused_before_anything_reaches_the_cluster(hub):
