@@ -241,3 +241,20 @@ def test_cancelling_a_pending_spawn_cancels_its_job(hub, lab):
         assert "cancelling job" in hub.log()
     finally:
         lab.in_namespace("login", ["scancel", blocker], check=False)
+
+
+def test_alice_and_bob_spawn_at_once_and_each_kernel_runs_as_its_owner(hub, lab):
+    with ThreadPoolExecutor(2) as pool:
+        spawns = {user: pool.submit(hub.spawn, user) for user in ("alice", "bob")}
+        results = {user: spawn.result(timeout=180) for user, spawn in spawns.items()}
+    try:
+        for user, (events, _) in results.items():
+            assert events[-1].get("ready"), (user, events)
+            output = run_in_kernel(hub, user,
+                                   "import os, socket; print(socket.gethostname(), os.getuid())")
+            assert output.split() == ["compute", str(pwd.getpwnam(user).pw_uid)]
+        assert len(active_jobs("alice")) == 1 and len(active_jobs("bob")) == 1
+    finally:
+        for user in ("alice", "bob"):
+            hub.stop(user)
+    assert wait_for(lambda: not active_jobs("alice") and not active_jobs("bob"), 20)
