@@ -116,7 +116,7 @@ def up() -> dict:
 
 
 def down() -> None:
-    """Cancel lab jobs, stop lab daemons by PID, remove namespaces, veths, routes, files."""
+    """Cancel lab jobs, stop lab daemons by PID, remove namespaces, veths, routes and keys."""
     state = json.loads(STATE_FILE.read_text()) if STATE_FILE.exists() else {"pids": {}}
     pids = state.get("pids", {})
     if "slurmctld" in pids and _alive(pids["slurmctld"]):
@@ -139,6 +139,10 @@ def down() -> None:
     subprocess.run(["ip", "link", "del", "hsl-hub"], check=False, stderr=subprocess.DEVNULL)
     subprocess.run(["ip", "route", "del", "unreachable", SAFETY_ROUTE], check=False,
                    stderr=subprocess.DEVNULL)
+    # Private keys do not outlive the lab (logs stay, for debugging).
+    shutil.rmtree(KEY_DIR, ignore_errors=True)
+    for key in LAB_DIR.glob("ssh_host_*_key*"):
+        key.unlink()
     STATE_FILE.unlink(missing_ok=True)
 
 
