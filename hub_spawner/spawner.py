@@ -10,10 +10,12 @@ cancels the job.
 from __future__ import annotations
 
 import asyncio
+import logging
 import posixpath
 import re
 import secrets
 import shlex
+from collections.abc import AsyncIterator
 from types import ModuleType
 from typing import Any, ClassVar
 from urllib.parse import urlparse
@@ -473,7 +475,7 @@ class SSHBatchSpawner(Spawner):
         """Cancel the job, close the tunnels, delete the secrets file. Idempotent."""
         await self._release("the server was stopped", wait=not now)
 
-    async def progress(self):
+    async def progress(self) -> AsyncIterator[dict[str, Any]]:
         """Progress events of the current spawn, as they happen."""
         sent = 0
         while True:
@@ -690,7 +692,9 @@ class PendingCancels:
         self._commands: dict[tuple[SSHTarget, str], str] = {}
         self._task: asyncio.Future | None = None
 
-    def add(self, target: SSHTarget, command: str, label: str, interval: float, log) -> None:
+    def add(
+        self, target: SSHTarget, command: str, label: str, interval: float, log: logging.Logger
+    ) -> None:
         self._commands[(target, command)] = label
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._retry(interval, log))
@@ -698,7 +702,7 @@ class PendingCancels:
     def labels(self) -> list[str]:
         return sorted(self._commands.values())
 
-    async def _retry(self, interval: float, log) -> None:
+    async def _retry(self, interval: float, log: logging.Logger) -> None:
         while self._commands:
             await asyncio.sleep(interval)
             for (target, command), label in list(self._commands.items()):
