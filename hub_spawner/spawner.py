@@ -397,7 +397,7 @@ class SSHBatchSpawner(Spawner):
         reported = None
         while True:
             status = await self._job_status()
-            if status.state in (JobState.DONE, JobState.ENDING):
+            if status.ended:
                 tail = jobscript.last_lines(await self._job_output())
                 raise JobEndedEarly(
                     f"Job {self.job_id} ended before the server was ready: "
@@ -451,7 +451,7 @@ class SSHBatchSpawner(Spawner):
         if not self.job_id:
             return 0
         status = await self._job_status()
-        if status.state in (JobState.DONE, JobState.ENDING):
+        if status.ended:
             self.log.warning(
                 "%s: job %s has ended: %s",
                 self._log_name,

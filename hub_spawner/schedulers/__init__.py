@@ -34,6 +34,11 @@ class JobStatus:
     reason: str = ""
     node: str = ""
 
+    @property
+    def ended(self) -> bool:
+        """The job will never serve again (finished, or being torn down)."""
+        return self.state in (JobState.DONE, JobState.ENDING)
+
 
 @dataclass(frozen=True)
 class CommandOutput:
