@@ -11,9 +11,13 @@ from html import escape
 from .resources import Limits, format_walltime, resources_from_options
 
 
-def render_options_form(limits: Limits) -> str:
-    """The form's inner HTML (JupyterHub adds the ``<form>`` and the Start button)."""
-    fields = [_partition_field(limits)]
+def render_options_form(limits: Limits, queue_label: str = "Partition") -> str:
+    """The form's inner HTML (JupyterHub adds the ``<form>`` and the Start button).
+
+    ``queue_label`` is what the scheduler calls a queue ("Partition" in Slurm, "Queue" in Grid
+    Engine and Torque/PBS). The GPU field is shown only when GPUs are offered.
+    """
+    fields = [_partition_field(limits, queue_label)]
     fields.append(
         _input(
             "cpus",
@@ -29,6 +33,16 @@ def render_options_form(limits: Limits) -> str:
             "memory", "Memory", "text", memory, 'placeholder="scheduler default, e.g. 4G or 512M"'
         )
     )
+    if limits.max_gpus:
+        fields.append(
+            _input(
+                "gpus",
+                "GPUs",
+                "number",
+                str(limits.default_gpus),
+                f'min="0" max="{limits.max_gpus}" step="1"',
+            )
+        )
     fields.append(
         _input(
             "walltime",
@@ -61,11 +75,11 @@ def options_from_form(formdata: dict[str, list[str]], limits: Limits) -> dict[st
     return resources_from_options(options, limits).to_user_options()
 
 
-def _partition_field(limits: Limits) -> str:
+def _partition_field(limits: Limits, label: str) -> str:
     if not limits.partitions:
         return _input(
             "partition",
-            "Partition / queue",
+            label,
             "text",
             limits.default_partition,
             'placeholder="the cluster\'s default"',
@@ -77,7 +91,7 @@ def _partition_field(limits: Limits) -> str:
     )
     return (
         '<div class="mb-3">\n'
-        '  <label class="form-label" for="hub-spawner-partition">Partition / queue</label>\n'
+        f'  <label class="form-label" for="hub-spawner-partition">{escape(label)}</label>\n'
         '  <select class="form-select" id="hub-spawner-partition" name="partition">\n'
         f"{choices}\n  </select>\n</div>"
     )

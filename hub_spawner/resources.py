@@ -19,7 +19,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _MEMORY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([MGT]?)B?\s*$", re.IGNORECASE)
 _WALLTIME = re.compile(r"^(?:([0-9]+)-)?([0-9]+)(?::([0-9]{1,2}))?(?::([0-9]{1,2}))?$")
 
-OPTION_NAMES = ("partition", "cpus", "memory", "walltime", "account")
+OPTION_NAMES = ("partition", "cpus", "memory", "gpus", "walltime", "account")
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,8 @@ class Limits:
     max_cpus: int = 64
     default_memory_mb: int = 0
     max_memory_mb: int = 1024 * 1024
+    default_gpus: int = 0
+    max_gpus: int = 0
     default_walltime_seconds: int = 8 * 3600
     max_walltime_seconds: int = 7 * 24 * 3600
     default_account: str = ""
@@ -46,6 +48,7 @@ class Resources:
     memory_mb: int = 0
     walltime_seconds: int = 0
     account: str = ""
+    gpus: int = 0
 
     def to_user_options(self) -> dict[str, Any]:
         """Round-trippable form, as stored in ``user_options``."""
@@ -53,6 +56,7 @@ class Resources:
             "partition": self.partition,
             "cpus": self.cpus,
             "memory": f"{self.memory_mb}M" if self.memory_mb else "",
+            "gpus": self.gpus,
             "walltime": format_walltime(self.walltime_seconds) if self.walltime_seconds else "",
             "account": self.account,
         }
@@ -86,7 +90,9 @@ def resources_from_options(options: dict[str, Any], limits: Limits) -> Resources
         else limits.default_walltime_seconds
     )
     account = parse_name("account", options.get("account") or limits.default_account)
-    return Resources(partition, cpus, memory_mb, walltime_seconds, account)
+    gpus = options.get("gpus")
+    gpus = parse_gpus(gpus, limits.max_gpus) if gpus not in (None, "") else limits.default_gpus
+    return Resources(partition, cpus, memory_mb, walltime_seconds, account, gpus)
 
 
 def parse_name(label: str, value: Any) -> str:
@@ -109,6 +115,19 @@ def parse_cpus(value: Any, max_cpus: int) -> int:
     if not 1 <= cpus <= max_cpus:
         raise ValueError(f"Cores must be between 1 and {max_cpus}, not {cpus}.")
     return cpus
+
+
+def parse_gpus(value: Any, max_gpus: int) -> int:
+    """A whole number of GPUs between 0 and ``max_gpus``."""
+    try:
+        gpus = int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"GPUs must be a whole number, not {str(value)!r}.") from None
+    if gpus and not max_gpus:
+        raise ValueError("GPUs are not offered here; ask for 0 GPUs or leave the field empty.")
+    if not 0 <= gpus <= max_gpus:
+        raise ValueError(f"GPUs must be between 0 and {max_gpus}, not {gpus}.")
+    return gpus
 
 
 def parse_memory_mb(value: Any, max_memory_mb: int) -> int:

@@ -1,15 +1,17 @@
 """The spawners: JupyterHub's lifecycle as glue between schedulers, SSH and tunnels.
 
 ``SSHBatchSpawner`` holds everything that does not depend on the scheduler; ``SlurmSSHSpawner``
-(entry point ``slurm-ssh``) names the scheduler module. The lifecycle follows DESIGN.md:
-connect, write secrets (0600, over SFTP), submit, wait for the ready line, tunnel, return the
-tunnel's URL. Every way out of ``start()`` other than success reaches the same cleanup, which
-cancels the job.
+(entry point ``slurm-ssh``), ``SGESSHSpawner`` (``sge-ssh``) and ``TorqueSSHSpawner``
+(``torque-ssh``) name the scheduler module and add that scheduler's own settings. The
+lifecycle follows DESIGN.md: connect, write secrets (0600, over SFTP), submit, wait for the
+ready line, tunnel, return the tunnel's URL. Every way out of ``start()`` other than success
+reaches the same cleanup, which cancels the job.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import posixpath
 import re
@@ -34,8 +36,15 @@ from .errors import (
     SpawnError,
 )
 from .form import options_from_form, render_options_form
-from .resources import Limits, parse_memory_mb, parse_walltime_seconds, resources_from_options
-from .schedulers import JobState, JobStatus, SubmitRejected, slurm
+from .resources import (
+    Limits,
+    Resources,
+    parse_memory_mb,
+    parse_name,
+    parse_walltime_seconds,
+    resources_from_options,
+)
+from .schedulers import JobState, JobStatus, SubmitRejected, sge, slurm, torque
 from .ssh import LoginConnection, SSHTarget, default_pool
 from .tunnel import default_tunnels
 
@@ -141,9 +150,12 @@ class SSHBatchSpawner(Spawner):
         help="""Jinja2 template of the job script; empty means the scheduler's default.
 
         Variables: ``job_name``, ``output_path``, ``resources`` (``partition``, ``cpus``,
-        ``memory_mb``, ``account``), ``time_limit`` (already in the scheduler's format),
-        ``extra_directives`` and ``launch`` (the part that starts the server; always include it).
-        Values are validated before rendering.
+        ``memory_mb``, ``gpus``, ``account``), ``time_limit`` (already in the scheduler's format),
+        ``extra_directives``, ``launch`` (the part that starts the server; always include it),
+        and the scheduler's own: Slurm ``gres``, ``qos``; Grid Engine ``slots``,
+        ``parallel_environment``, ``memory_request``, ``gpu_request``; Torque/PBS ``nodes``,
+        ``memory``. Values are validated before rendering. The defaults are the
+        ``JOB_SCRIPT_TEMPLATE`` of ``hub_spawner.schedulers.slurm``, ``sge`` and ``torque``.
         """,
     )
     job_prologue = Unicode(
@@ -157,7 +169,8 @@ class SSHBatchSpawner(Spawner):
         Unicode(),
         config=True,
         help="""Extra scheduler directives, without the prefix: ``["--constraint=skylake"]``
-        becomes ``#SBATCH --constraint=skylake``. Admin-set, inserted verbatim.
+        becomes ``#SBATCH --constraint=skylake`` (``#$`` for Grid Engine, ``#PBS`` for
+        Torque/PBS). Admin-set, inserted verbatim.
         """,
     )
     job_python = Unicode(
@@ -188,6 +201,14 @@ class SSHBatchSpawner(Spawner):
         "", config=True, help="Memory requested by default, e.g. ``4G``; empty: the scheduler's."
     )
     max_memory = Unicode("1024G", config=True, help="Most memory a user may request, e.g. ``64G``.")
+    default_gpus = Integer(0, config=True, help="GPUs requested when the user names none.")
+    max_gpus = Integer(
+        0,
+        config=True,
+        help="""Most GPUs a user may request; 0 hides the GPU field and refuses GPU requests.
+        How a GPU request reaches the scheduler: Slurm ``--gres=<gpu_gres>:N``, Grid Engine
+        ``-l <gpu_resource>=N``, Torque/PBS ``-l nodes=1:ppn=C:gpus=N``.""",
+    )
     default_walltime = Unicode(
         "08:00:00", config=True, help="Walltime requested by default (``HH:MM:SS``)."
     )
@@ -233,7 +254,9 @@ class SSHBatchSpawner(Spawner):
 
     @default("options_form")
     def _options_form_default(self) -> Any:
-        return lambda spawner: render_options_form(spawner.resource_limits())
+        return lambda spawner: render_options_form(
+            spawner.resource_limits(), spawner.scheduler.QUEUE_LABEL
+        )
 
     # --- state -------------------------------------------------------------------------------
 
@@ -301,6 +324,8 @@ class SSHBatchSpawner(Spawner):
                 parse_memory_mb(self.default_memory, max_memory_mb) if self.default_memory else 0
             ),
             max_memory_mb=max_memory_mb,
+            default_gpus=self.default_gpus,
+            max_gpus=self.max_gpus,
             default_walltime_seconds=(
                 parse_walltime_seconds(self.default_walltime, max_walltime)
                 if self.default_walltime
@@ -311,7 +336,23 @@ class SSHBatchSpawner(Spawner):
         )
 
     def options_from_form(self, formdata: dict[str, list[str]]) -> dict[str, Any]:
-        return options_from_form(formdata, self.resource_limits())
+        options = options_from_form(formdata, self.resource_limits())
+        self._template_variables(resources_from_options(options, self.resource_limits()))
+        return options
+
+    def scheduler_settings(self) -> dict[str, Any]:
+        """The admin's settings for this scheduler, as ``template_variables`` takes them."""
+        return {}
+
+    def _template_variables(self, resources: Resources) -> dict[str, Any]:
+        """The scheduler's template variables; ``ValueError`` for a request it cannot take."""
+        settings = {}
+        for key, value in self.scheduler_settings().items():
+            try:
+                settings[key] = parse_name(key, value) if isinstance(value, str) else value
+            except ValueError as error:
+                raise ValueError(f"Bad spawner setting: {error}") from None
+        return self.scheduler.template_variables(resources, settings)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -320,6 +361,7 @@ class SSHBatchSpawner(Spawner):
         self._progress_events = []
         try:
             resources = resources_from_options(self.user_options or {}, self.resource_limits())
+            self._template_variables(resources)
         except ValueError as error:
             raise BadOptions(str(error)) from None
         self._reset_job()
@@ -349,7 +391,8 @@ class SSHBatchSpawner(Spawner):
         )
         self.output_path = posixpath.join(remote_dir, f"{self.job_name}.out")
         self.secrets_path = posixpath.join(remote_dir, f"{self.job_name}.env")
-        for path in (self.output_path, self.secrets_path):
+        script_path = posixpath.join(remote_dir, f"{self.job_name}.sh")
+        for path in (self.output_path, self.secrets_path, script_path):
             if not _REMOTE_PATH.match(path):
                 raise SpawnError(
                     f"The path {path!r} on the cluster has characters we do not put in a job "
@@ -362,10 +405,11 @@ class SSHBatchSpawner(Spawner):
             self.secrets_path, jobscript.render_env_file(self._job_env(api_url))
         )
 
-        script = self._job_script(resources)
+        # The script stays beside the job's output: what was submitted, for whoever debugs it.
+        await connection.write_private_file(script_path, self._job_script(resources))
         self._submission_sent = True
         output = await connection.run(
-            scheduler.submit_command(), stdin=script, timeout=self.command_timeout
+            scheduler.submit_command(script_path, self.output_path), timeout=self.command_timeout
         )
         try:
             self.job_id = scheduler.parse_submit_output(output)
@@ -532,15 +576,23 @@ class SSHBatchSpawner(Spawner):
         return await default_pool.get(await self._ssh_target())
 
     async def _job_status(self) -> JobStatus:
-        """The job's status; any failure to ask is ``UNKNOWN`` with the reason."""
+        """The job's status; any failure to ask is ``UNKNOWN`` with the reason. A job in an
+        error state comes with the scheduler's reason for it."""
+        scheduler = self.scheduler
         try:
             connection = await self._connection()
             output = await connection.run(
-                self.scheduler.status_command(self.job_id), timeout=self.command_timeout
+                scheduler.status_command(self.job_id), timeout=self.command_timeout
             )
+            status = scheduler.parse_status_output(output, self.job_id)
+            if status.state is JobState.ERROR and not status.reason:
+                detail = await connection.run(
+                    scheduler.error_reason_command(self.job_id), timeout=self.command_timeout
+                )
+                status = dataclasses.replace(status, reason=scheduler.parse_error_reason(detail))
         except ClusterUnreachable as error:
             return JobStatus(JobState.UNKNOWN, reason=str(error))
-        return self.scheduler.parse_status_output(output)
+        return status
 
     async def _job_output(self) -> str:
         try:
@@ -589,9 +641,9 @@ class SSHBatchSpawner(Spawner):
             job_name=self.job_name,
             output_path=self.output_path,
             resources=resources,
-            time_limit=self.scheduler.format_time_limit(resources.walltime_seconds),
             extra_directives=self.job_extra_directives,
             launch=launch,
+            **self._template_variables(resources),
         )
 
     async def _reopen_tunnels(self) -> None:
@@ -723,6 +775,55 @@ class SlurmSSHSpawner(SSHBatchSpawner):
     """Single-user servers as Slurm jobs (``sbatch``/``squeue``/``scancel`` over SSH)."""
 
     scheduler = slurm
+
+    qos = Unicode("", config=True, help="Slurm QOS for every job (``--qos``); empty: none.")
+    gpu_gres = Unicode(
+        "gpu",
+        config=True,
+        help="Generic resource name for GPUs: a request for N GPUs becomes ``--gres=<name>:N``.",
+    )
+
+    def scheduler_settings(self) -> dict[str, Any]:
+        return {"qos": self.qos, "gpu_gres": self.gpu_gres}
+
+
+class SGESSHSpawner(SSHBatchSpawner):
+    """Single-user servers as Grid Engine jobs (``qsub``/``qstat``/``qdel`` over SSH)."""
+
+    scheduler = sge
+
+    parallel_environment = Unicode(
+        "smp",
+        config=True,
+        help="""Parallel environment that gives a job several cores on one host
+        (``-pe <name> N``, allocation rule ``$pe_slots``). Empty: jobs get one core and a
+        request for more is refused.""",
+    )
+    memory_resource = Unicode(
+        "h_vmem",
+        config=True,
+        help="""Resource that requests memory (``-l <name>=...``), e.g. ``h_vmem``,
+        ``mem_free`` or ``m_mem_free``. Grid Engine counts it per slot: the user's memory is
+        divided by the number of cores.""",
+    )
+    gpu_resource = Unicode(
+        "gpu",
+        config=True,
+        help="Consumable complex that counts GPUs: N GPUs become ``-l <name>=N``.",
+    )
+
+    def scheduler_settings(self) -> dict[str, Any]:
+        return {
+            "parallel_environment": self.parallel_environment,
+            "memory_resource": self.memory_resource,
+            "gpu_resource": self.gpu_resource,
+        }
+
+
+class TorqueSSHSpawner(SSHBatchSpawner):
+    """Single-user servers as Torque/PBS jobs (``qsub``/``qstat``/``qdel`` over SSH)."""
+
+    scheduler = torque
 
 
 def _slug(name: str) -> str:

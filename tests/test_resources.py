@@ -72,8 +72,8 @@ def test_walltime_format_has_unbounded_hours():
 def test_form_parses_first_values_and_ignores_empty_fields():
     options = options_from_form({"partition": ["gpu"], "cpus": ["2"], "memory": [""],
                                  "walltime": ["02:00:00"], "account": [""]}, LIMITS)
-    assert options == {"partition": "gpu", "cpus": 2, "memory": "", "walltime": "02:00:00",
-                       "account": ""}
+    assert options == {"partition": "gpu", "cpus": 2, "memory": "", "gpus": 0,
+                       "walltime": "02:00:00", "account": ""}
 
 
 def test_form_rejects_bad_value():

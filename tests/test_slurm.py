@@ -20,6 +20,11 @@ def recorded(name: str) -> CommandOutput:
     )
 
 
+def test_submit_command_quotes_the_script_path():
+    command = slurm.submit_command("/home/a b/x.sh", "/home/a b/x.out")
+    assert shlex.split(command) == ["sbatch", "--parsable", "/home/a b/x.sh"]
+
+
 def test_submit_output_gives_the_job_id():
     assert slurm.parse_submit_output(recorded("sbatch_ok")) == "3"
 
@@ -52,12 +57,12 @@ def test_submit_output_without_job_id_is_rejected():
     ],
 )
 def test_status_output_maps_to_state(name, state, node, reason):
-    status = slurm.parse_status_output(recorded(name))
+    status = slurm.parse_status_output(recorded(name), "3")
     assert (status.state, status.node, status.reason) == (state, node, reason)
 
 
 def test_completing_is_ending_not_done():
-    status = slurm.parse_status_output(CommandOutput(0, "COMPLETING|compute|None\n", ""))
+    status = slurm.parse_status_output(CommandOutput(0, "COMPLETING|compute|None\n", ""), "3")
     assert status.state is JobState.ENDING
 
 
@@ -67,17 +72,17 @@ def test_completing_is_ending_not_done():
      ("squeue_invalid_job", "Slurm no longer knows the job")],
 )
 def test_end_explanations_say_why(name, words):
-    assert words in slurm.explain_end(slurm.parse_status_output(recorded(name)))
+    assert words in slurm.explain_end(slurm.parse_status_output(recorded(name), "3"))
 
 
 def test_walltime_end_tells_what_to_do():
-    status = slurm.parse_status_output(CommandOutput(0, "TIMEOUT|compute|TimeLimit\n", ""))
+    status = slurm.parse_status_output(CommandOutput(0, "TIMEOUT|compute|TimeLimit\n", ""), "3")
     assert status.state is JobState.DONE
     assert "walltime" in slurm.explain_end(status) and "longer" in slurm.explain_end(status)
 
 
 def test_status_empty_output_means_done():
-    assert slurm.parse_status_output(CommandOutput(0, "\n", "")).state is JobState.DONE
+    assert slurm.parse_status_output(CommandOutput(0, "\n", ""), "3").state is JobState.DONE
 
 
 @pytest.mark.parametrize(
@@ -90,7 +95,7 @@ def test_status_empty_output_means_done():
     ],
 )
 def test_status_errors_are_unknown_never_done(output):
-    assert slurm.parse_status_output(output).state is JobState.UNKNOWN
+    assert slurm.parse_status_output(output, "3").state is JobState.UNKNOWN
 
 
 def test_status_and_cancel_commands_quote_and_validate_the_job_id():
@@ -117,11 +122,11 @@ def test_time_limit_format(seconds, text):
 
 def test_job_script_has_directives_for_every_resource():
     resources = Resources(partition="debug", cpus=2, memory_mb=512, walltime_seconds=3600,
-                          account="proj1")
+                          account="proj1", gpus=2)
     script = render_job_script(
         slurm.JOB_SCRIPT_TEMPLATE, job_name="jupyterhub-alice-x", output_path="/home/a/o.out",
-        resources=resources, time_limit=slurm.format_time_limit(3600),
-        extra_directives=["--constraint=skylake"], launch="echo launch",
+        resources=resources, extra_directives=["--constraint=skylake"], launch="echo launch",
+        **slurm.template_variables(resources, {"qos": "short", "gpu_gres": "gpu"}),
     )
     lines = script.splitlines()
     assert lines[0] == "#!/bin/bash"
@@ -129,16 +134,18 @@ def test_job_script_has_directives_for_every_resource():
         "#SBATCH --job-name=jupyterhub-alice-x", "#SBATCH --output=/home/a/o.out",
         "#SBATCH --partition=debug", "#SBATCH --cpus-per-task=2", "#SBATCH --mem=512M",
         "#SBATCH --time=0-01:00:00", "#SBATCH --account=proj1", "#SBATCH --constraint=skylake",
-        "#SBATCH --no-requeue",
+        "#SBATCH --no-requeue", "#SBATCH --gres=gpu:2", "#SBATCH --qos=short",
     ]:
         assert directive in lines
     assert lines[-1] == "echo launch"
 
 
 def test_job_script_leaves_out_unset_resources():
+    resources = Resources(cpus=0)
     script = render_job_script(
-        slurm.JOB_SCRIPT_TEMPLATE, job_name="j", output_path="/o", resources=Resources(cpus=0),
-        time_limit="", extra_directives=[], launch="true",
+        slurm.JOB_SCRIPT_TEMPLATE, job_name="j", output_path="/o", resources=resources,
+        extra_directives=[], launch="true", **slurm.template_variables(resources, {}),
     )
-    for absent in ["--partition", "--mem", "--time", "--account", "--cpus-per-task"]:
+    for absent in ["--partition", "--mem", "--time", "--account", "--cpus-per-task", "--gres",
+                   "--qos"]:
         assert absent not in script

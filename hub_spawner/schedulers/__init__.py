@@ -1,8 +1,23 @@
 """Scheduler knowledge, one module per scheduler.
 
-Each module (``slurm`` today) is pure: it builds job scripts and command lines and parses the
-scheduler's output, and never does I/O. The spawner runs the commands over SSH and hands the
-output back to the parsers. The types shared by every scheduler live here.
+Each module (``slurm``, ``sge``, ``torque``) is pure: it builds job scripts and command lines
+and parses the scheduler's output, and never does I/O. The spawner runs the commands over SSH
+and hands the output back to the parsers. The types shared by every scheduler live here.
+
+Every module provides:
+
+- ``NAME``, ``DISPLAY_NAME``, ``QUEUE_LABEL`` (what users call a queue there);
+- ``JOB_SCRIPT_TEMPLATE`` (Jinja2) and ``template_variables(resources, settings)``, which maps
+  the user-facing ``Resources`` and the admin's scheduler ``settings`` onto the template's
+  scheduler-specific variables (raises ``ValueError`` for a request the scheduler cannot take);
+- ``submit_command(script_path, output_path)`` and ``parse_submit_output(output)`` (job id, or
+  ``SubmitRejected`` with the scheduler's own words);
+- ``status_command(job_id)`` and ``parse_status_output(output, job_id)`` (``JobStatus``);
+- ``explain_end(status)``, ``cancel_command(job_id)``,
+  ``cancel_by_name_command(job_name, cluster_username)``, ``quote_job_id(job_id)``.
+
+A scheduler whose jobs can stop in an error state (``JobState.ERROR``) also provides
+``error_reason_command(job_id)`` and ``parse_error_reason(output)``.
 """
 
 from __future__ import annotations
@@ -17,6 +32,7 @@ class JobState(enum.Enum):
     PENDING = "pending"  #: queued, held, suspended or being configured: not running yet
     RUNNING = "running"  #: running on a node
     ENDING = "ending"  #: being torn down (Slurm's COMPLETING): no longer usable, not yet gone
+    ERROR = "error"  #: stuck in an error state (Grid Engine's Eqw): never runs, must be deleted
     DONE = "done"  #: finished, failed, cancelled or no longer known to the scheduler
     UNKNOWN = "unknown"  #: the scheduler could not be asked or gave an answer we cannot read
 
@@ -36,8 +52,8 @@ class JobStatus:
 
     @property
     def ended(self) -> bool:
-        """The job will never serve again (finished, or being torn down)."""
-        return self.state in (JobState.DONE, JobState.ENDING)
+        """The job will never serve again (finished, being torn down, or in an error state)."""
+        return self.state in (JobState.DONE, JobState.ENDING, JobState.ERROR)
 
 
 @dataclass(frozen=True)

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import re
 import shlex
+from typing import Any
 
+from ..resources import Resources
 from . import CommandOutput, JobState, JobStatus, SubmitRejected
 
 NAME = "slurm"
 DISPLAY_NAME = "Slurm"
+QUEUE_LABEL = "Partition"
 
 #: Default job script. Jinja2; ``launch`` is the scheduler-independent part that starts the
 #: server and prints the ready line (``hub_spawner.jobscript``). Directive values are validated
-#: before rendering (see ``hub_spawner.resources``).
+#: before rendering (see ``hub_spawner.resources``); ``template_variables`` adds the rest.
 JOB_SCRIPT_TEMPLATE = """\
 #!/bin/bash
 #SBATCH --job-name={{ job_name }}
@@ -31,8 +34,10 @@ JOB_SCRIPT_TEMPLATE = """\
 {% if resources.partition %}#SBATCH --partition={{ resources.partition }}
 {% endif %}{% if resources.cpus %}#SBATCH --cpus-per-task={{ resources.cpus }}
 {% endif %}{% if resources.memory_mb %}#SBATCH --mem={{ resources.memory_mb }}M
+{% endif %}{% if gres %}#SBATCH --gres={{ gres }}
 {% endif %}{% if time_limit %}#SBATCH --time={{ time_limit }}
 {% endif %}{% if resources.account %}#SBATCH --account={{ resources.account }}
+{% endif %}{% if qos %}#SBATCH --qos={{ qos }}
 {% endif %}{% for directive in extra_directives %}#SBATCH {{ directive }}
 {% endfor %}
 {{ launch }}
@@ -87,6 +92,17 @@ _JOB_ID = re.compile(r"^[0-9]+(_[0-9]+)?$")
 _FIELD_SEPARATOR = "|"
 
 
+def template_variables(resources: Resources, settings: dict[str, Any]) -> dict[str, Any]:
+    """Scheduler-specific template variables: ``time_limit``, ``gres`` (``gpu:N`` with the
+    admin's ``gpu_gres`` name), ``qos`` (the admin's ``qos``)."""
+    gres_name = settings.get("gpu_gres") or "gpu"
+    return {
+        "time_limit": format_time_limit(resources.walltime_seconds),
+        "gres": f"{gres_name}:{resources.gpus}" if resources.gpus else "",
+        "qos": settings.get("qos", ""),
+    }
+
+
 def format_time_limit(seconds: int) -> str:
     """Slurm's ``D-HH:MM:SS`` (``--time``); ``""`` for 0 (the partition's default)."""
     if seconds <= 0:
@@ -96,9 +112,10 @@ def format_time_limit(seconds: int) -> str:
     return f"{days}-{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
 
 
-def submit_command() -> str:
-    """Command line that submits the job script given on its standard input."""
-    return "sbatch --parsable"
+def submit_command(script_path: str, output_path: str) -> str:
+    """Command line that submits the job script at ``script_path`` (the script itself names
+    ``output_path``)."""
+    return f"sbatch --parsable {shlex.quote(script_path)}"
 
 
 def parse_submit_output(output: CommandOutput) -> str:
@@ -126,7 +143,7 @@ def status_command(job_id: str) -> str:
     )
 
 
-def parse_status_output(output: CommandOutput) -> JobStatus:
+def parse_status_output(output: CommandOutput, job_id: str) -> JobStatus:
     """Read ``status_command`` output.
 
     Guarantees: ``DONE`` only when squeue names a finished state, prints nothing, or says the job

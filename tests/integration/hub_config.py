@@ -33,7 +33,7 @@ def scenario(spawner):
         spawner.cmd = ["/bin/sh", "-c", "echo 'lab scenario: sleeping'; exec sleep 600"]
         spawner.start_timeout = 15
     elif spawner.name == "login-down":
-        spawner.login_port = 2222
+        spawner.login_port = 2299  # nothing listens there
     elif spawner.name == "unknown-host-key":
         spawner.known_hosts_path = "/dev/null"
     elif spawner.name == "short-walltime":

@@ -162,10 +162,10 @@ def test_start_timeout_cancels_the_job(hub):
 def test_unreachable_login_node_fails_the_spawn_with_what_to_do(hub):
     events, seconds = hub.spawn("alice", "login-down")
     assert events[-1].get("failed"), events
-    assert "Cannot reach the login node 10.77.1.2:2222" in events[-1]["message"]
+    assert "Cannot reach the login node 10.77.1.2:2299" in events[-1]["message"]
     assert "tell an administrator" in events[-1]["message"]
     assert seconds < 15
-    assert "Cannot reach the login node 10.77.1.2:2222" in hub.log()
+    assert "Cannot reach the login node 10.77.1.2:2299" in hub.log()
 
 
 def test_unknown_host_key_fails_the_spawn_and_is_never_accepted(hub):

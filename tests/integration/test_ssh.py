@@ -76,8 +76,8 @@ async def test_missing_key_says_so(lab, tmp_path):
 
 
 async def test_unreachable_login_node_is_a_clear_error(lab):
-    with pytest.raises(ClusterUnreachable, match="Cannot reach the login node .*:2222"):
-        await ConnectionPool().get(target(lab, port=2222))
+    with pytest.raises(ClusterUnreachable, match="Cannot reach the login node .*:2299"):
+        await ConnectionPool().get(target(lab, port=2299))
 
 
 def spawner_for_job(lab, job_id: str, **config) -> SlurmSSHSpawner:
@@ -116,7 +116,7 @@ async def test_poll_says_unknown_not_gone_while_the_login_node_is_unreachable(la
         assert await spawner.poll() is None
 
         default_pool.close_all()
-        spawner.login_port = 2222  # nothing listens there: the login node is "down"
+        spawner.login_port = 2299  # nothing listens there: the login node is "down"
         assert await spawner.poll() is None
         assert spawner.job_id == job_id
 

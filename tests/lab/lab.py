@@ -1,13 +1,18 @@
 """The three-host lab: hub (root network namespace), login and compute (their own namespaces).
 
-    python -m tests.lab.lab up      # build it (tears down a leftover one first)
+    python -m tests.lab.lab up [SCHEDULER...]   # build it (tears down a leftover one first)
     python -m tests.lab.lab down    # tear it down: processes by PID, namespaces, routes, veths
     python -m tests.lab.lab status
 
 Topology (see shared/notes/cluster-lab.md):
     hub      root netns      10.77.1.1                       (JupyterHub, proxy, spawner)
-    login    netns hsl-login 10.77.1.2 | 10.77.2.1 "login"   (sshd, munge clients, slurmctld)
-    compute  netns hsl-compute          10.77.2.2 "compute"  (slurmd; jobs run here)
+    login    netns hsl-login 10.77.1.2 | 10.77.2.1 "login"   (sshd :22 and :2222, slurmctld,
+                                                             sge_qmaster)
+    compute  netns hsl-compute          10.77.2.2 "compute"  (slurmd, sge_execd; jobs run here)
+Three schedulers (``SCHEDULERS``): Slurm; Grid Engine (Debian's gridengine, cell ``default``,
+queue ``all.q``, parallel environment ``smp``); and Torque/PBS command syntax through Slurm's
+``slurm-wlm-torque`` wrappers, which a second sshd on port 2222 puts first on users' PATH (the
+wrappers conflict with Grid Engine's qsub/qstat/qdel, so they cannot share one PATH).
 The hub has no route to 10.77.2.0/24 (an ``unreachable 10.77.0.0/16`` route is installed before
 any veth exists, so test traffic can never leave for the sandbox's egress), and the compute host
 has no route back to the hub. Only the login host sees both.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shlex
 import shutil
 import signal
 import subprocess
@@ -41,6 +47,69 @@ HOSTS_FILE = f"127.0.0.1 localhost\n{LOGIN_CLUSTER_IP} login\n{COMPUTE_IP} compu
 KNOWN_HOSTS = LAB_DIR / "known_hosts"
 KEY_DIR = LAB_DIR / "keys"
 SLURM_CONF = Path("/etc/slurm/slurm.conf")
+SCHEDULERS = ("slurm", "sge", "torque")
+#: The login node's SSH port per scheduler: Torque/PBS commands are on the second sshd's PATH.
+LOGIN_PORTS = {"slurm": 22, "sge": 22, "torque": 2222}
+TORQUE_PORT = 2222
+TORQUE_WRAPPERS = LAB_PREFIX / "torque-wrappers"  # made by install.sh
+
+SGE_ROOT = Path("/var/lib/gridengine")
+SGE_ENV = "env SGE_ROOT=/var/lib/gridengine SGE_CELL=default"
+SGE_BOOTSTRAP_TEXT = """\
+# Written by hub_spawner's test lab (tests/lab/lab.py).
+admin_user              sgeadmin
+default_domain          none
+ignore_fqdn             true
+spooling_method         berkeleydb
+spooling_lib            libspoolb
+spooling_params         {run}/sge/spooldb
+binary_path             /usr/sbin
+qmaster_spool_dir       {run}/sge/qmaster
+security_mode           none
+listener_threads        2
+worker_threads          2
+scheduler_threads       1
+"""
+SGE_EXEC_HOST_TEXT = """\
+hostname              compute
+load_scaling          NONE
+complex_values        NONE
+user_lists            NONE
+xuser_lists           NONE
+projects              NONE
+xprojects             NONE
+usage_scaling         NONE
+report_variables      NONE
+"""
+SGE_PE_TEXT = """\
+pe_name            smp
+slots              999
+user_lists         NONE
+xuser_lists        NONE
+start_proc_args    NONE
+stop_proc_args     NONE
+allocation_rule    $pe_slots
+control_slaves     FALSE
+job_is_first_task  TRUE
+urgency_slots      min
+accounting_summary FALSE
+qsort_args         NONE
+"""
+# Run by ``qconf -aq`` as $EDITOR on the default queue template.
+SGE_QUEUE_EDITOR_TEXT = """\
+#!/bin/sh
+sed -i -e 's/^hostlist .*/hostlist compute/' -e 's/^slots .*/slots 2/' \\
+    -e 's/^pe_list .*/pe_list smp/' -e 's/^load_thresholds .*/load_thresholds NONE/' \\
+    -e 's|^shell .*|shell /bin/bash|' "$1"
+"""
+# The scheduler's defaults wait 15 s between runs; the lab schedules every second.
+SGE_SCHEDULER_EDITS = {
+    "schedule_interval": "0:0:1",
+    "flush_submit_sec": "1",
+    "flush_finish_sec": "1",
+    "job_load_adjustments": "NONE",
+    "load_adjustment_decay_time": "0:0:0",
+}
 
 SLURM_CONF_TEXT = """\
 # Written by hub_spawner's test lab (tests/lab/lab.py).
@@ -74,10 +143,10 @@ PartitionName=debug Nodes=compute Default=YES MaxTime=INFINITE State=UP
 
 SSHD_CONFIG_TEXT = """\
 # Written by hub_spawner's test lab (tests/lab/lab.py).
-Port 22
+Port {port}
 ListenAddress {login_ip}
 HostKey {run}/ssh_host_ed25519_key
-PidFile {run}/sshd.pid
+PidFile {run}/sshd-{port}.pid
 UsePAM no
 PasswordAuthentication no
 KbdInteractiveAuthentication no
@@ -91,22 +160,34 @@ LogLevel VERBOSE
 """
 
 
-def up() -> dict:
-    """Build the lab; returns its state (also written to ``STATE_FILE``)."""
+def up(schedulers: tuple[str, ...] = SCHEDULERS) -> dict:
+    """Build the lab with these schedulers (Torque/PBS needs Slurm); returns its state (also
+    written to ``STATE_FILE``)."""
     if STATE_FILE.exists():
         down()
+    unknown = set(schedulers) - set(SCHEDULERS)
+    if unknown:
+        raise ValueError(f"unknown scheduler(s) {sorted(unknown)}; known: {SCHEDULERS}")
     LAB_DIR.mkdir(parents=True, exist_ok=True)
     os.chmod(LAB_DIR, 0o755)
-    state: dict = {"pids": {}}
+    state: dict = {"pids": {}, "schedulers": list(schedulers)}
     try:
         _network()
         _users_and_keys()
         state["pids"]["munged"] = _start_munged()
         _configure_sshd()
         state["pids"]["sshd"] = _start_sshd()
-        state["pids"].update(_start_slurm())
+        if "torque" in schedulers:
+            state["pids"]["sshd-torque"] = _start_sshd(TORQUE_PORT)
+        if "slurm" in schedulers or "torque" in schedulers:
+            state["pids"].update(_start_slurm())
+        if "sge" in schedulers:
+            state["pids"].update(_start_sge())
         _write_state(state)
-        _wait_for_slurm()
+        if "slurm" in schedulers or "torque" in schedulers:
+            _wait_for_slurm()
+        if "sge" in schedulers:
+            _wait_for_sge()
         _write_known_hosts()
     except BaseException:
         _write_state(state)
@@ -125,7 +206,13 @@ def down() -> None:
                 in_namespace("login", ["scancel", f"--user={user}"], check=False, timeout=10)
             except subprocess.TimeoutExpired:
                 print(f"lab: scancel --user={user} timed out", file=sys.stderr)
-    for name in ("sshd", "slurmd", "slurmctld", "munged"):
+    if "sge_qmaster" in pids and _alive(pids["sge_qmaster"]):
+        try:
+            sge_command(f"qdel -u {','.join(USERS)}", check=False, timeout=10)
+        except subprocess.TimeoutExpired:
+            print("lab: qdel timed out", file=sys.stderr)
+    for name in ("sshd", "sshd-torque", "slurmd", "slurmctld", "sge_execd", "sge_qmaster",
+                 "munged"):
         pid = pids.get(name)
         if pid and _alive(pid):
             stop_pid(pid)
@@ -155,10 +242,17 @@ def in_namespace(host: str, command: list[str], check: bool = True, timeout: flo
     )
 
 
-def host_command(host: str, command: str) -> list[str]:
-    """argv that runs ``command`` as host ``host``: its netns, hostname and /etc/hosts."""
+def host_command(host: str, command: str, binds: dict[str, str] | None = None) -> list[str]:
+    """argv that runs ``command`` as host ``host``: its netns, hostname and /etc/hosts.
+
+    ``binds`` maps directories to bind-mount over others (source -> target), for this process
+    tree only.
+    """
     namespace = NAMESPACES[host]
-    setup = f"mount --bind /etc/netns/{namespace}/hosts /etc/hosts && hostname {host} && exec "
+    setup = f"mount --bind /etc/netns/{namespace}/hosts /etc/hosts && hostname {host} && "
+    for source, target in (binds or {}).items():
+        setup += f"mount --bind {source} {target} && "
+    setup += "exec "
     return ["nsenter", f"--net=/run/netns/{namespace}", "unshare", "--uts", "--mount",
             "--propagation", "private", "sh", "-c", setup + command]
 
@@ -224,6 +318,13 @@ def _start_munged() -> int:
     return process.pid
 
 
+def sge_command(command: str, check: bool = True, timeout: float = 30
+                ) -> subprocess.CompletedProcess:
+    """Run a shell command as root on the login host (Grid Engine's admin and submit host)."""
+    return subprocess.run(host_command("login", f"{SGE_ENV} sh -c {shlex.quote(command)}"),
+                          check=check, timeout=timeout, capture_output=True, text=True)
+
+
 def stop_sshd() -> None:
     """Stop the login host's sshd listener (existing sessions live on in their own processes)."""
     state = json.loads(STATE_FILE.read_text())
@@ -243,21 +344,26 @@ def _configure_sshd() -> None:
     Path(f"{host_key}.pub").unlink(missing_ok=True)
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)],
                    check=True)
-    config = LAB_DIR / "sshd_config"
-    config.write_text(SSHD_CONFIG_TEXT.format(login_ip=LOGIN_IP, run=LAB_DIR,
-                                              users=" ".join(USERS)))
-    subprocess.run(["/usr/sbin/sshd", "-t", "-f", str(config)], check=True)
+    for port in (22, TORQUE_PORT):
+        config = LAB_DIR / f"sshd_config-{port}"
+        config.write_text(SSHD_CONFIG_TEXT.format(login_ip=LOGIN_IP, run=LAB_DIR, port=port,
+                                                  users=" ".join(USERS)))
+        subprocess.run(["/usr/sbin/sshd", "-t", "-f", str(config)], check=True)
 
 
-def _start_sshd() -> int:
+def _start_sshd(port: int = 22) -> int:
+    """The login host's sshd; on ``TORQUE_PORT`` its sessions see the Torque/PBS wrappers in
+    /usr/local/bin (first on PATH), so ``qsub`` there is Torque's, not Grid Engine's."""
     Path("/run/sshd").mkdir(exist_ok=True)
-    config = LAB_DIR / "sshd_config"
+    config = LAB_DIR / f"sshd_config-{port}"
+    binds = {str(TORQUE_WRAPPERS): "/usr/local/bin"} if port == TORQUE_PORT else None
     process = subprocess.Popen(
-        host_command("login", f"/usr/sbin/sshd -D -e -f {config}"),
-        stdout=subprocess.DEVNULL, stderr=open(LAB_DIR / "sshd.log", "a"),
+        host_command("login", f"/usr/sbin/sshd -D -e -f {config}", binds=binds),
+        stdout=subprocess.DEVNULL, stderr=open(LAB_DIR / f"sshd-{port}.log", "a"),
         start_new_session=True,
     )
-    _wait_until(lambda: _port_open("login", LOGIN_IP, 22), 10, "sshd on the login host")
+    _wait_until(lambda: _port_open("login", LOGIN_IP, port), 10,
+                f"sshd on the login host, port {port}")
     return process.pid
 
 
@@ -287,9 +393,73 @@ def _wait_for_slurm() -> None:
     _wait_until(idle, 30, "Slurm node 'compute' idle")
 
 
+def _start_sge() -> dict[str, int]:
+    """A fresh Grid Engine cell every time: spool under LAB_DIR, qmaster on login, execd on
+    compute, one queue ``all.q`` (2 slots) with parallel environment ``smp``."""
+    run = LAB_DIR / "sge"
+    shutil.rmtree(run, ignore_errors=True)
+    for sub in ("qmaster/job_scripts", "spooldb", "execd", "config"):
+        (run / sub).mkdir(parents=True)
+    subprocess.run(["chown", "-R", "sgeadmin:sgeadmin", str(run)], check=True)
+    common = SGE_ROOT / "default" / "common"
+    (common / "bootstrap").write_text(SGE_BOOTSTRAP_TEXT.format(run=LAB_DIR))
+    (common / "act_qmaster").write_text("login\n")
+    subprocess.run(
+        ["runuser", "-u", "sgeadmin", "--", "/usr/share/gridengine/scripts/init_cluster",
+         str(SGE_ROOT), "default", str(run / "spooldb"), "sgeadmin"],
+        check=True, capture_output=True, cwd="/",
+    )
+    # SGE_ND: stay in the foreground, so the PID is ours to stop.
+    qmaster = subprocess.Popen(
+        host_command("login", f"{SGE_ENV} SGE_ND=1 /usr/sbin/sge_qmaster"),
+        stdout=open(run / "qmaster.out", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    _wait_until(lambda: sge_command("qconf -sh", check=False).returncode == 0, 30,
+                "sge_qmaster")
+    config = run / "config"
+    (config / "exec_host").write_text(SGE_EXEC_HOST_TEXT)
+    (config / "pe").write_text(SGE_PE_TEXT)
+    (config / "queue_editor").write_text(SGE_QUEUE_EDITOR_TEXT)
+    os.chmod(config / "queue_editor", 0o755)
+    scheduler = sge_command("qconf -ssconf").stdout.splitlines()
+    edited = []
+    for line in scheduler:
+        key = line.split(None, 1)[0] if line.strip() else ""
+        edited.append(f"{key} {SGE_SCHEDULER_EDITS[key]}" if key in SGE_SCHEDULER_EDITS else line)
+    (config / "scheduler").write_text("\n".join(edited) + "\n")
+    global_config = sge_command("qconf -sconf global").stdout.splitlines()
+    (config / "global").write_text("\n".join(
+        f"execd_spool_dir {run}/execd" if line.startswith("execd_spool_dir") else line
+        for line in global_config if not line.startswith("#")) + "\n")
+    sge_command(
+        f"qconf -as login && qconf -ah compute && qconf -Ae {config}/exec_host"
+        f" && qconf -Ap {config}/pe && EDITOR={config}/queue_editor qconf -aq all.q"
+        f" && qconf -Msconf {config}/scheduler && cd {config} && qconf -Mconf global"
+    )
+    execd = subprocess.Popen(
+        host_command("compute", f"{SGE_ENV} SGE_ND=1 /usr/sbin/sge_execd"),
+        stdout=open(run / "execd.out", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    return {"sge_qmaster": qmaster.pid, "sge_execd": execd.pid}
+
+
+def _wait_for_sge() -> None:
+    def queue_up() -> bool:
+        # "all.q@compute BIP 0/0/2 0.44 lx-amd64" with no state letters once execd reports.
+        result = sge_command("qstat -f -q all.q", check=False)
+        for line in result.stdout.splitlines():
+            fields = line.split()
+            if fields and fields[0] == "all.q@compute":
+                return len(fields) == 5 and fields[3] != "-NA-"
+        return False
+
+    _wait_until(queue_up, 60, "Grid Engine queue all.q@compute up")
+
+
 def _write_known_hosts() -> None:
     public = (LAB_DIR / "ssh_host_ed25519_key.pub").read_text().split()
-    KNOWN_HOSTS.write_text(f"{LOGIN_IP} {public[0]} {public[1]}\n")
+    KNOWN_HOSTS.write_text(f"{LOGIN_IP} {public[0]} {public[1]}\n"
+                           f"[{LOGIN_IP}]:{TORQUE_PORT} {public[0]} {public[1]}\n")
 
 
 def _port_open(host: str, ip: str, port: int) -> bool:
@@ -355,7 +525,7 @@ def _write_state(state: dict) -> None:
 def main(argv: list[str]) -> int:
     command = argv[1] if len(argv) > 1 else "status"
     if command == "up":
-        state = up()
+        state = up(tuple(argv[2:]) or SCHEDULERS)
         print(f"lab up: {state['pids']}")
     elif command == "down":
         down()

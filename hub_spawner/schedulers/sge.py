@@ -1,0 +1,215 @@
+"""Grid Engine (SGE, Son of Grid Engine, Univa/Altair): job script, commands and parsers.
+
+Requirements:
+- pure: no I/O; tested on recorded real output of Debian's gridengine 8.1.9
+  (``tests/fixtures/sge/``);
+- every value in a command line is quoted with ``shlex.quote``; ``#$`` directives only receive
+  values validated by ``hub_spawner.resources`` or admin settings checked by the spawner;
+- an answer we cannot read is ``JobState.UNKNOWN``; a job is ``DONE`` only when ``qstat`` ran
+  and does not list it;
+- a job in an error state (``Eqw``, ``E``) never runs by itself: it is ``JobState.ERROR``, and
+  ``error_reason_command`` fetches the reason ``qstat -j`` gives, so the spawn fails at once and
+  the job is deleted.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import xml.etree.ElementTree as ElementTree
+from typing import Any
+
+from ..resources import Resources, format_walltime
+from . import CommandOutput, JobState, JobStatus, SubmitRejected
+
+NAME = "sge"
+DISPLAY_NAME = "Grid Engine"
+QUEUE_LABEL = "Queue"
+
+#: Default job script (Jinja2), as for Slurm; see ``template_variables`` for the extra names.
+#: ``-r n``: never rerun (a rerun would print a second ready line for a server nobody reaches).
+JOB_SCRIPT_TEMPLATE = """\
+#!/bin/bash
+#$ -N {{ job_name }}
+#$ -o {{ output_path }}
+#$ -j y
+#$ -S /bin/bash
+#$ -r n
+#$ -cwd
+{% if resources.partition %}#$ -q {{ resources.partition }}
+{% endif %}{% if slots > 1 %}#$ -pe {{ parallel_environment }} {{ slots }}
+{% endif %}{% if memory_request %}#$ -l {{ memory_request }}
+{% endif %}{% if gpu_request %}#$ -l {{ gpu_request }}
+{% endif %}{% if time_limit %}#$ -l h_rt={{ time_limit }}
+{% endif %}{% if resources.account %}#$ -A {{ resources.account }}
+{% endif %}{% for directive in extra_directives %}#$ {{ directive }}
+{% endfor %}
+{{ launch }}
+"""
+
+# qstat(1) state letters; a state string combines them ("hqw", "Eqw", "dr", "Rr").
+_ERROR_LETTER = "E"
+_DELETING_LETTER = "d"
+_HELD_LETTER = "h"
+_SUSPENDED_LETTERS = set("sST")
+_RUNNING_LETTERS = set("rt")  # running, transferring (being started on its node)
+
+_JOB_ID = re.compile(r"^[0-9]+$")
+
+
+def template_variables(resources: Resources, settings: dict[str, Any]) -> dict[str, Any]:
+    """``time_limit`` (``h_rt``), ``slots`` and ``parallel_environment`` (more than one core
+    needs a parallel environment), ``memory_request`` and ``gpu_request``.
+
+    Grid Engine's memory limits (``h_vmem``, ``mem_free``...) count per slot, so the memory is
+    divided over the slots. Raises ``ValueError`` when cores are asked for and no parallel
+    environment is configured.
+    """
+    slots = max(resources.cpus, 1)
+    parallel_environment = settings.get("parallel_environment", "")
+    if slots > 1 and not parallel_environment:
+        raise ValueError(
+            "This cluster takes one core per Grid Engine job (no parallel environment is "
+            "configured): ask for 1 core."
+        )
+    memory_resource = settings.get("memory_resource") or "h_vmem"
+    gpu_resource = settings.get("gpu_resource") or "gpu"
+    memory_per_slot = -(-resources.memory_mb // slots) if resources.memory_mb else 0
+    return {
+        "time_limit": format_time_limit(resources.walltime_seconds),
+        "slots": slots,
+        "parallel_environment": parallel_environment,
+        "memory_request": f"{memory_resource}={memory_per_slot}M" if memory_per_slot else "",
+        "gpu_request": f"{gpu_resource}={resources.gpus}" if resources.gpus else "",
+    }
+
+
+def format_time_limit(seconds: int) -> str:
+    """``h_rt`` as ``HH:MM:SS`` (hours unbounded); ``""`` for 0 (the queue's limit)."""
+    return format_walltime(seconds) if seconds > 0 else ""
+
+
+def submit_command(script_path: str, output_path: str) -> str:
+    """Command line that submits the script; ``-terse`` prints only the job id."""
+    return f"qsub -terse {shlex.quote(script_path)}"
+
+
+def parse_submit_output(output: CommandOutput) -> str:
+    """Job id from ``qsub -terse``; raises ``SubmitRejected`` with Grid Engine's message."""
+    if output.exit_status != 0:
+        raise SubmitRejected(_error_text(output) or f"qsub exited with {output.exit_status}")
+    lines = output.stdout.strip().splitlines()
+    job_id = lines[-1].strip() if lines else ""
+    if not _JOB_ID.match(job_id):
+        raise SubmitRejected(f"qsub printed no job id (output: {output.stdout.strip()!r})")
+    return job_id
+
+
+def status_command(job_id: str) -> str:
+    """Command line that lists the user's jobs as XML; ``parse_status_output`` finds ours."""
+    quote_job_id(job_id)
+    return "qstat -xml"
+
+
+def parse_status_output(output: CommandOutput, job_id: str) -> JobStatus:
+    """Read ``qstat -xml``.
+
+    Guarantees: ``DONE`` only when qstat succeeded and does not list the job (Grid Engine
+    forgets a job as soon as it ends); ``UNKNOWN`` when qstat failed or printed no XML.
+    """
+    if output.exit_status != 0:
+        return JobStatus(JobState.UNKNOWN, reason=_error_text(output))
+    try:
+        root = ElementTree.fromstring(output.stdout)
+    except ElementTree.ParseError as error:
+        return JobStatus(JobState.UNKNOWN, reason=f"unreadable qstat -xml output ({error})")
+    for job in root.iter("job_list"):
+        if (job.findtext("JB_job_number") or "").strip() != job_id:
+            continue
+        state_name = (job.findtext("state") or "").strip()
+        queue = (job.findtext("queue_name") or "").strip()
+        node = queue.split("@", 1)[1] if "@" in queue else ""
+        return _status_from_letters(state_name, node)
+    return JobStatus(JobState.DONE, reason="Grid Engine no longer lists the job")
+
+
+def _status_from_letters(state_name: str, node: str) -> JobStatus:
+    letters = set(state_name)
+    if _ERROR_LETTER in letters:
+        return JobStatus(JobState.ERROR, state_name=state_name, node=node)
+    if _DELETING_LETTER in letters:
+        return JobStatus(JobState.ENDING, state_name=state_name, node=node)
+    if _HELD_LETTER in letters:
+        return JobStatus(
+            JobState.PENDING,
+            state_name=state_name,
+            reason="the job is held (by you, an administrator or a dependency); "
+            "it starts once released (qrls)",
+            node=node,
+        )
+    if letters & _SUSPENDED_LETTERS:
+        return JobStatus(JobState.PENDING, state_name=state_name, reason="suspended", node=node)
+    if letters & _RUNNING_LETTERS:
+        return JobStatus(JobState.RUNNING, state_name=state_name, node=node)
+    if "q" in letters or "w" in letters:
+        return JobStatus(JobState.PENDING, state_name=state_name, node=node)
+    return JobStatus(JobState.UNKNOWN, state_name=state_name, reason=f"state {state_name!r}")
+
+
+def error_reason_command(job_id: str) -> str:
+    """Command line that prints the job's details, with its ``error reason`` lines."""
+    return f"qstat -j {quote_job_id(job_id)}"
+
+
+def parse_error_reason(output: CommandOutput) -> str:
+    """The ``error reason`` text(s) of ``qstat -j``, without timestamp and pid prefixes."""
+    reasons = []
+    for line in output.stdout.splitlines():
+        if not line.startswith("error reason"):
+            continue
+        text = line.split(":", 1)[1].strip() if ":" in line else ""
+        # "11/22/2026 02:07:09 [1001:31565]: error: can't chdir to ..."
+        text = re.sub(r"^\S+ \S+ \[[0-9:]+\]: ", "", text)
+        text = re.sub(r"^error: ", "", text)
+        if text and text not in reasons:
+            reasons.append(text)
+    if reasons:
+        return "; ".join(reasons)
+    return _error_text(output) if output.exit_status else "Grid Engine gave no reason"
+
+
+def explain_end(status: JobStatus) -> str:
+    """Why the job ended and what to do, in a few words; never empty."""
+    if status.state is JobState.ERROR:
+        return (
+            f"Grid Engine put it in error state {status.state_name}: "
+            f"{status.reason or 'no reason given'}"
+        )
+    return status.reason or "Grid Engine no longer lists it"
+
+
+def cancel_command(job_id: str) -> str:
+    """Command line that deletes the job (harmless if it has already ended)."""
+    return f"qdel {quote_job_id(job_id)}"
+
+
+def cancel_by_name_command(job_name: str, cluster_username: str) -> str:
+    """Command line that deletes the user's jobs with this (unique) name."""
+    return f"qdel -u {shlex.quote(cluster_username)} {shlex.quote(job_name)}"
+
+
+def quote_job_id(job_id: str) -> str:
+    """The job id, checked to be a Grid Engine job number; raises ``ValueError`` otherwise."""
+    if not _JOB_ID.match(job_id or ""):
+        raise ValueError(f"not a Grid Engine job id: {job_id!r}")
+    return job_id
+
+
+def _error_text(output: CommandOutput) -> str:
+    """Grid Engine's own message, without the trailing ``Exiting.``."""
+    lines = []
+    for line in (output.stderr or output.stdout).splitlines():
+        line = line.strip()
+        if line and line != "Exiting.":
+            lines.append(line)
+    return "; ".join(lines)

@@ -1,0 +1,276 @@
+"""Torque and PBS (Torque, OpenPBS, PBS Professional): job script, commands and parsers.
+
+Requirements:
+- pure: no I/O; tested on recorded output of the lab's Torque commands (Slurm's
+  ``slurm-wlm-torque`` wrappers) and on fixtures of real Torque and PBS Pro output built from
+  their published formats (``tests/fixtures/torque/README.md`` names each source);
+- ``qstat -f`` text from Torque and PBS Pro, and Torque's ``qstat -x`` XML, are all read;
+- every value in a command line is quoted with ``shlex.quote``; ``#PBS`` directives only receive
+  values validated by ``hub_spawner.resources``;
+- an answer we cannot read is ``JobState.UNKNOWN``; a job is ``DONE`` only when qstat says it
+  finished or that it does not know the job id.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import xml.etree.ElementTree as ElementTree
+from typing import Any
+
+from ..resources import Resources, format_walltime
+from . import CommandOutput, JobState, JobStatus, SubmitRejected
+
+NAME = "torque"
+DISPLAY_NAME = "Torque/PBS"
+QUEUE_LABEL = "Queue"
+
+#: Default job script (Jinja2), as for Slurm; see ``template_variables`` for the extra names.
+#: ``-o``/``-j oe`` are also given to qsub on the command line (``submit_command``): some
+#: qsub front ends (Slurm's Torque wrappers) ignore them in the script.
+JOB_SCRIPT_TEMPLATE = """\
+#!/bin/bash
+#PBS -N {{ job_name }}
+#PBS -o {{ output_path }}
+#PBS -j oe
+#PBS -r n
+#PBS -l {{ nodes }}
+{% if resources.partition %}#PBS -q {{ resources.partition }}
+{% endif %}{% if memory %}#PBS -l mem={{ memory }}
+{% endif %}{% if time_limit %}#PBS -l walltime={{ time_limit }}
+{% endif %}{% if resources.account %}#PBS -A {{ resources.account }}
+{% endif %}{% for directive in extra_directives %}#PBS {{ directive }}
+{% endfor %}
+{{ launch }}
+"""
+
+# qstat(1B) job states, Torque and PBS Pro.
+_PENDING_STATES = {
+    "Q": "",
+    "H": "the job is held (by you, an administrator or a dependency); it starts once "
+    "released (qrls)",
+    "W": "waiting for its requested start time",
+    "T": "being moved to its execution queue",
+    "M": "moved to another server",
+    "S": "suspended",
+    "U": "suspended while its node is busy with interactive use",
+}
+_RUNNING_STATES = {"R", "B"}  # B: an array job whose subjobs have begun (PBS Pro)
+_ENDING_STATES = {"E"}  # exiting after having run
+_DONE_STATES = {"C", "F", "X"}  # completed (Torque), finished (PBS Pro), expired subjob
+
+# Torque's negative exit codes (Torque 6 admin guide, "Job exit status").
+_EXIT_EXPLANATIONS = {
+    "-10": "it went over its memory limit; start a new server with more memory",
+    "-11": "it reached its walltime limit; start a new server, with a longer walltime if you "
+    "need more time",
+    "-12": "it went over its CPU time limit",
+}
+
+# Exit codes of qstat for "unknown job id" (PBSE_UNKJOBID 15001 % 256) and, on PBS Pro,
+# "job has finished, use -x" (PBSE_HISTJOBID 15139 % 256).
+_GONE_EXIT_CODES = {153, 35}
+_GONE_MESSAGES = ("Unknown Job Id", "Job has finished")
+
+_JOB_ID = re.compile(r"^[0-9]+(\[[0-9]*\])?(\.[A-Za-z0-9_-]+)*$")
+_ATTRIBUTE = re.compile(r"^\s+([A-Za-z_][A-Za-z0-9_.]*) = (.*)$")
+
+
+def template_variables(resources: Resources, settings: dict[str, Any]) -> dict[str, Any]:
+    """``nodes`` (``nodes=1:ppn=N[:gpus=G]``), ``memory`` (``512mb``) and ``time_limit``."""
+    nodes = f"nodes=1:ppn={max(resources.cpus, 1)}"
+    if resources.gpus:
+        nodes += f":gpus={resources.gpus}"
+    return {
+        "nodes": nodes,
+        "memory": f"{resources.memory_mb}mb" if resources.memory_mb else "",
+        "time_limit": format_time_limit(resources.walltime_seconds),
+    }
+
+
+def format_time_limit(seconds: int) -> str:
+    """``walltime`` as ``HH:MM:SS`` (hours unbounded); ``""`` for 0 (the queue's limit)."""
+    return format_walltime(seconds) if seconds > 0 else ""
+
+
+def submit_command(script_path: str, output_path: str) -> str:
+    """Command line that submits the script, joining stderr into ``output_path``."""
+    return f"qsub -o {shlex.quote(output_path)} -j oe {shlex.quote(script_path)}"
+
+
+def parse_submit_output(output: CommandOutput) -> str:
+    """Job id printed by qsub (``123.server`` or ``123``); raises ``SubmitRejected`` with the
+    scheduler's message."""
+    lines = [line.strip() for line in output.stdout.splitlines() if line.strip()]
+    if output.exit_status != 0 or not lines:
+        raise SubmitRejected(_error_text(output) or f"qsub exited with {output.exit_status}")
+    if not _JOB_ID.match(lines[-1]):
+        raise SubmitRejected(f"qsub printed no job id (output: {output.stdout.strip()!r})")
+    return lines[-1]
+
+
+def status_command(job_id: str) -> str:
+    """Command line that prints the job's full status (``qstat -f``)."""
+    return f"qstat -f {quote_job_id(job_id)}"
+
+
+def parse_status_output(output: CommandOutput, job_id: str) -> JobStatus:
+    """Read ``qstat -f`` text (Torque, PBS Pro) or ``qstat -x`` XML (Torque).
+
+    Guarantees: ``DONE`` for a finished state or a "no such job" answer (exit 153/35 or the
+    message); other failures and unreadable output are ``UNKNOWN``.
+    """
+    if output.exit_status != 0:
+        text = f"{output.stdout}\n{output.stderr}"
+        if output.exit_status in _GONE_EXIT_CODES or any(m in text for m in _GONE_MESSAGES):
+            return JobStatus(JobState.DONE, reason="the scheduler no longer knows the job")
+        return JobStatus(JobState.UNKNOWN, reason=_error_text(output))
+    stripped = output.stdout.lstrip()
+    if not stripped:
+        return JobStatus(JobState.UNKNOWN, reason="qstat printed nothing")
+    try:
+        attributes = (
+            _xml_attributes(stripped, job_id)
+            if stripped.startswith("<")
+            else _text_attributes(stripped, job_id)
+        )
+    except ValueError as error:
+        return JobStatus(JobState.UNKNOWN, reason=str(error))
+    if attributes is None:
+        return JobStatus(JobState.DONE, reason="qstat does not list the job")
+    return _status_from_attributes(attributes)
+
+
+def _text_attributes(text: str, job_id: str) -> dict[str, str] | None:
+    """``key = value`` attributes of the job's ``qstat -f`` block; long values that qstat
+    wrapped onto indented continuation lines are joined back."""
+    jobs: dict[str, dict[str, str]] = {}
+    current: dict[str, str] | None = None
+    last_key = ""
+    for line in text.splitlines():
+        if line.startswith("Job Id:"):
+            current = jobs.setdefault(line.split(":", 1)[1].strip(), {})
+            last_key = ""
+            continue
+        if current is None or not line.strip():
+            continue
+        match = _ATTRIBUTE.match(line)
+        if match:
+            last_key = match.group(1)
+            current[last_key] = match.group(2).strip()
+        elif last_key and line[:1] in ("\t", " "):
+            current[last_key] += line.strip()
+    if not jobs:
+        raise ValueError(f"unreadable qstat -f output: {text[:200]!r}")
+    return _find_job(jobs, job_id)
+
+
+def _xml_attributes(text: str, job_id: str) -> dict[str, str] | None:
+    """Attributes of the job in Torque's ``qstat -x`` (``<Data><Job>...``); nested elements
+    (``Resource_List``) become dotted keys."""
+    try:
+        root = ElementTree.fromstring(text)
+    except ElementTree.ParseError as error:
+        raise ValueError(f"unreadable qstat -x output ({error})") from None
+    jobs = {}
+    for job in root.iter("Job"):
+        attributes: dict[str, str] = {}
+        for element in job:
+            if len(element):
+                for child in element:
+                    attributes[f"{element.tag}.{child.tag}"] = (child.text or "").strip()
+            else:
+                attributes[element.tag] = (element.text or "").strip()
+        jobs[attributes.get("Job_Id", "")] = attributes
+    return _find_job(jobs, job_id)
+
+
+def _find_job(jobs: dict[str, dict[str, str]], job_id: str) -> dict[str, str] | None:
+    """The job by its full id, or by its sequence number (qstat may add the server name)."""
+    if job_id in jobs:
+        return jobs[job_id]
+    number = job_id.split(".", 1)[0]
+    for listed_id, attributes in jobs.items():
+        if listed_id.split(".", 1)[0] == number:
+            return attributes
+    return None
+
+
+def _status_from_attributes(attributes: dict[str, str]) -> JobStatus:
+    state_name = attributes.get("job_state", "").strip()
+    exec_host = attributes.get("exec_host", "")
+    # Torque "node01/0-3+node02/0-3", PBS Pro "node01/0*4": the first node runs the script.
+    node = exec_host.split("+", 1)[0].split("/", 1)[0].strip()
+    comment = attributes.get("comment", "")
+    if state_name in _RUNNING_STATES:
+        return JobStatus(JobState.RUNNING, state_name=state_name, node=node)
+    if state_name in _PENDING_STATES:
+        reason = "; ".join(part for part in (_PENDING_STATES[state_name], comment) if part)
+        return JobStatus(JobState.PENDING, state_name=state_name, reason=reason, node=node)
+    if state_name in _ENDING_STATES:
+        return JobStatus(JobState.ENDING, state_name=state_name, node=node)
+    if state_name in _DONE_STATES:
+        exit_status = attributes.get("exit_status", attributes.get("Exit_status", ""))
+        return JobStatus(
+            JobState.DONE, state_name=state_name, reason=_exit_reason(exit_status), node=node
+        )
+    return JobStatus(JobState.UNKNOWN, state_name=state_name, reason=f"state {state_name!r}")
+
+
+def _exit_reason(exit_status: str) -> str:
+    exit_status = exit_status.strip()
+    if not exit_status:
+        return ""
+    if exit_status in _EXIT_EXPLANATIONS:
+        return _EXIT_EXPLANATIONS[exit_status]
+    if exit_status.lstrip("-").isdigit() and int(exit_status) > 256:
+        return (
+            f"it was killed by signal {int(exit_status) - 256} (a limit such as walltime or "
+            "memory, or qdel)"
+        )
+    return f"it ended with exit status {exit_status}"
+
+
+def explain_end(status: JobStatus) -> str:
+    """Why the job ended and what to do, in a few words; never empty."""
+    if status.reason:
+        suffix = f" (job state {status.state_name})" if status.state_name else ""
+        return status.reason + suffix
+    return "the scheduler no longer lists it"
+
+
+def cancel_command(job_id: str) -> str:
+    """Command line that deletes the job (harmless if it has already ended)."""
+    return f"qdel {quote_job_id(job_id)}"
+
+
+def cancel_by_name_command(job_name: str, cluster_username: str) -> str:
+    """Command line that deletes the user's jobs with this (unique) name.
+
+    Torque and PBS have no qdel-by-name: ``qselect`` finds the ids. Sites that run Slurm's
+    Torque wrappers have no qselect; there the name goes straight to scancel.
+    """
+    name, user = shlex.quote(job_name), shlex.quote(cluster_username)
+    return (
+        "if command -v qselect >/dev/null 2>&1; then "
+        f"qselect -u {user} -N {name} | xargs -r qdel; "
+        f"else scancel --name={name} --user={user}; fi"
+    )
+
+
+def quote_job_id(job_id: str) -> str:
+    """The job id, checked to be a Torque/PBS job id (``123``, ``123.server.example.org``,
+    ``123[].server``); raises ``ValueError`` otherwise."""
+    if not _JOB_ID.match(job_id or ""):
+        raise ValueError(f"not a Torque/PBS job id: {job_id!r}")
+    return shlex.quote(job_id)
+
+
+def _error_text(output: CommandOutput) -> str:
+    """The scheduler's own message: for the lab's wrappers, the sbatch lines inside theirs."""
+    text = output.stderr.strip() or output.stdout.strip()
+    inner = re.findall(r"sbatch: error: (.+)", text)
+    if inner:
+        return "; ".join(line.strip().rstrip("'").strip() for line in inner)
+    lines = [re.sub(r"^qsub: ", "", line.strip()) for line in text.splitlines() if line.strip()]
+    return "; ".join(lines)
