@@ -73,7 +73,7 @@ _GONE_EXIT_CODES = {153, 35}
 _GONE_MESSAGES = ("Unknown Job Id", "Job has finished")
 
 _JOB_ID = re.compile(r"^[0-9]+(\[[0-9]*\])?(\.[A-Za-z0-9_-]+)*$")
-_ATTRIBUTE = re.compile(r"^\s+([A-Za-z_][A-Za-z0-9_.]*) = (.*)$")
+_ATTRIBUTE = re.compile(r"^[ \t]+([A-Za-z_][A-Za-z0-9_.]*) = (.*)$")
 
 
 def template_variables(resources: Resources, settings: dict[str, Any]) -> dict[str, Any]:
@@ -157,11 +157,13 @@ def _text_attributes(text: str, job_id: str) -> dict[str, str] | None:
         match = _ATTRIBUTE.match(line)
         if match:
             last_key = match.group(1)
-            current[last_key] = match.group(2).strip()
-        elif last_key and line[:1] in ("\t", " "):
-            current[last_key] += line.strip()
+            current[last_key] = match.group(2)
+        elif last_key and line.startswith("\t"):
+            # qstat breaks at a fixed width, even inside a word or after a space: join exactly.
+            current[last_key] += line[1:]
     if not jobs:
         raise ValueError(f"unreadable qstat -f output: {text[:200]!r}")
+    jobs = {job: {k: v.strip() for k, v in attrs.items()} for job, attrs in jobs.items()}
     return _find_job(jobs, job_id)
 
 

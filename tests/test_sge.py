@@ -1,0 +1,142 @@
+"""hub_spawner/schedulers/sge.py on recorded real Grid Engine output (tests/fixtures/sge)."""
+
+import shlex
+import subprocess
+
+import pytest
+
+from hub_spawner.jobscript import render_job_script
+from hub_spawner.resources import Resources
+from hub_spawner.schedulers import CommandOutput, JobState, SubmitRejected, sge
+from tests.fixture_output import recorded
+
+
+def test_submit_output_gives_the_job_id():
+    assert sge.parse_submit_output(recorded("sge", "qsub_ok")) == "1"
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("qsub_unknown_queue", 'job requests unknown queue "nosuch"'),
+        ("qsub_unknown_resource", 'unknown resource "gpu"'),
+    ],
+)
+def test_rejected_submission_carries_grid_engines_message(name, message):
+    with pytest.raises(SubmitRejected) as raised:
+        sge.parse_submit_output(recorded("sge", name))
+    assert message in str(raised.value)
+    assert "Exiting" not in str(raised.value)
+
+
+def test_submit_output_without_job_id_is_rejected():
+    with pytest.raises(SubmitRejected, match="no job id"):
+        sge.parse_submit_output(CommandOutput(0, "Your job 3 has been submitted\n", ""))
+
+
+@pytest.mark.parametrize(
+    ("job_id", "state", "state_name", "node"),
+    [
+        ("1", JobState.RUNNING, "r", "compute"),
+        ("4", JobState.PENDING, "qw", ""),
+        ("5", JobState.PENDING, "hqw", ""),
+        ("6", JobState.ERROR, "Eqw", ""),
+        ("7", JobState.DONE, "", ""),  # not listed: finished and forgotten
+    ],
+)
+def test_status_finds_the_job_in_the_listing(job_id, state, state_name, node):
+    status = sge.parse_status_output(recorded("sge", "qstat_xml_mixed"), job_id)
+    assert (status.state, status.state_name, status.node) == (state, state_name, node)
+
+
+def test_held_job_says_so():
+    status = sge.parse_status_output(recorded("sge", "qstat_xml_mixed"), "5")
+    assert "held" in status.reason and "qrls" in status.reason
+
+
+def test_deleting_job_is_ending_not_done():
+    status = sge.parse_status_output(recorded("sge", "qstat_xml_deleting"), "1")
+    assert status.state is JobState.ENDING and status.state_name == "dr"
+
+
+def test_empty_listing_means_done():
+    assert sge.parse_status_output(recorded("sge", "qstat_xml_none"), "1").state is JobState.DONE
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        CommandOutput(1, "", "error: commlib error: got select error (Connection refused)\n"),
+        CommandOutput(0, "<?xml version='1.0'?><job_info", ""),
+        CommandOutput(0, "", ""),
+        CommandOutput(0, "<job_info><job_list><JB_job_number>1</JB_job_number>"
+                         "<state>zz</state></job_list></job_info>", ""),
+    ],
+)
+def test_failures_and_surprises_are_unknown_never_done(output):
+    assert sge.parse_status_output(output, "1").state is JobState.UNKNOWN
+
+
+def test_error_reason_comes_from_qstat_j():
+    reason = sge.parse_error_reason(recorded("sge", "qstat_j_error"))
+    assert reason == "can't chdir to /nonexistent-dir: No such file or directory"
+
+
+def test_error_state_explanation_names_state_and_reason():
+    status = sge.parse_status_output(recorded("sge", "qstat_xml_mixed"), "6")
+    status = type(status)(status.state, status.state_name, "can't chdir to /x", status.node)
+    text = sge.explain_end(status)
+    assert "Eqw" in text and "can't chdir to /x" in text
+
+
+def test_commands_quote_and_validate():
+    assert sge.status_command("12") == "qstat -xml"
+    assert sge.cancel_command("12") == "qdel 12"
+    assert sge.error_reason_command("12") == "qstat -j 12"
+    for bad in ["12; rm -rf ~", "$(id)", "", "12.server"]:
+        with pytest.raises(ValueError):
+            sge.cancel_command(bad)
+    command = sge.cancel_by_name_command("job'; touch /tmp/x", "alice")
+    assert shlex.split(command) == ["qdel", "-u", "alice", "job'; touch /tmp/x"]
+    assert shlex.split(sge.submit_command("/h/a b.sh", "/h/o")) == ["qsub", "-terse", "/h/a b.sh"]
+
+
+def render(resources: Resources, settings: dict | None = None) -> str:
+    settings = {"parallel_environment": "smp", "memory_resource": "h_vmem",
+                "gpu_resource": "gpu"} if settings is None else settings
+    return render_job_script(
+        sge.JOB_SCRIPT_TEMPLATE, job_name="jupyterhub-alice-x", output_path="/home/a/o.out",
+        resources=resources, extra_directives=["-l arch=lx-amd64"], launch="echo launch",
+        **sge.template_variables(resources, settings),
+    )
+
+
+def test_job_script_maps_every_resource():
+    script = render(Resources(partition="all.q", cpus=4, memory_mb=8192, walltime_seconds=90000,
+                              account="proj1", gpus=2))
+    lines = script.splitlines()
+    for directive in [
+        "#$ -N jupyterhub-alice-x", "#$ -o /home/a/o.out", "#$ -j y", "#$ -S /bin/bash",
+        "#$ -r n", "#$ -q all.q", "#$ -pe smp 4", "#$ -l h_vmem=2048M", "#$ -l gpu=2",
+        "#$ -l h_rt=25:00:00", "#$ -A proj1", "#$ -l arch=lx-amd64",
+    ]:
+        assert directive in lines
+    assert lines[-1] == "echo launch"
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def test_job_script_leaves_out_unset_resources():
+    script = render(Resources(cpus=1))
+    for absent in ["-q ", "-pe ", "h_vmem", "gpu=", "h_rt", "-A "]:
+        assert absent not in script
+
+
+def test_memory_is_per_slot_and_rounded_up():
+    variables = sge.template_variables(Resources(cpus=3, memory_mb=1000), {
+        "parallel_environment": "smp", "memory_resource": "mem_free"})
+    assert variables["memory_request"] == "mem_free=334M"
+
+
+def test_several_cores_without_parallel_environment_is_refused():
+    with pytest.raises(ValueError, match="one core"):
+        sge.template_variables(Resources(cpus=2), {"parallel_environment": ""})

@@ -1,0 +1,151 @@
+"""hub_spawner/schedulers/torque.py on the lab's recorded Torque-wrapper output and on real
+Torque 6 / PBS Pro output written after their documented formats (tests/fixtures/torque/README.md
+says which is which)."""
+
+import shlex
+import subprocess
+
+import pytest
+
+from hub_spawner.jobscript import render_job_script
+from hub_spawner.resources import Resources
+from hub_spawner.schedulers import CommandOutput, JobState, SubmitRejected, torque
+from tests.fixture_output import recorded
+
+
+@pytest.mark.parametrize(
+    ("name", "job_id"),
+    [("qsub_ok", "194"), ("torque6_qsub_ok", "1234.torque-server.example.org")],
+)
+def test_submit_output_gives_the_job_id(name, job_id):
+    assert torque.parse_submit_output(recorded("torque", name)) == job_id
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("qsub_unknown_queue", "invalid partition specified: nosuch"),
+        ("torque6_qsub_rejected", "submit error (Unknown queue MSG=requested queue not found)"),
+    ],
+)
+def test_rejected_submission_carries_the_schedulers_message(name, message):
+    with pytest.raises(SubmitRejected) as raised:
+        torque.parse_submit_output(recorded("torque", name))
+    assert message in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "job_id", "state", "state_name", "node"),
+    [
+        ("qstat_f_running", "194", JobState.RUNNING, "R", "compute"),
+        ("qstat_f_pending", "195", JobState.PENDING, "Q", ""),
+        ("qstat_f_cancelled", "194", JobState.DONE, "C", "compute"),
+        ("qstat_f_unknown", "99999", JobState.DONE, "", ""),
+        ("torque6_qstat_f_running", "1234.torque-server.example.org", JobState.RUNNING, "R",
+         "node017"),
+        ("torque6_qstat_f_held", "1235.torque-server.example.org", JobState.PENDING, "H", ""),
+        ("torque6_qstat_f_walltime_exceeded", "1236.torque-server.example.org", JobState.DONE,
+         "C", "node003"),
+        ("torque6_qstat_f_unknown", "1299.torque-server.example.org", JobState.DONE, "", ""),
+        ("torque6_qstat_x_running", "1234.torque-server.example.org", JobState.RUNNING, "R",
+         "node017"),
+        ("torque6_qstat_x_queued", "1237.torque-server.example.org", JobState.PENDING, "Q", ""),
+        ("pbspro_qstat_f_running", "5678.pbs-server", JobState.RUNNING, "R", "cn042"),
+        ("pbspro_qstat_f_queued", "5679.pbs-server", JobState.PENDING, "Q", ""),
+        ("pbspro_qstat_xf_finished", "5680.pbs-server", JobState.DONE, "F", "cn007"),
+        ("pbspro_qstat_f_finished", "5680.pbs-server", JobState.DONE, "", ""),
+        ("pbspro_qstat_f_unknown", "5699.pbs-server", JobState.DONE, "", ""),
+    ],
+)
+def test_status_output_maps_to_state(name, job_id, state, state_name, node):
+    status = torque.parse_status_output(recorded("torque", name), job_id)
+    assert (status.state, status.state_name, status.node) == (state, state_name, node)
+
+
+def test_job_found_by_number_when_qstat_adds_the_server_name():
+    status = torque.parse_status_output(recorded("torque", "torque6_qstat_f_running"), "1234")
+    assert status.state is JobState.RUNNING
+
+
+def test_held_job_says_so():
+    status = torque.parse_status_output(
+        recorded("torque", "torque6_qstat_f_held"), "1235.torque-server.example.org")
+    assert "held" in status.reason and "qrls" in status.reason
+
+
+def test_pending_reason_includes_the_wrapped_pbs_comment():
+    status = torque.parse_status_output(recorded("torque", "pbspro_qstat_f_queued"),
+                                        "5679.pbs-server")
+    assert "Not Running: Insufficient amount of resource: ncpus (R: 128 A: 36 T: 36)" in (
+        status.reason)
+
+
+def test_walltime_end_tells_what_to_do():
+    status = torque.parse_status_output(
+        recorded("torque", "torque6_qstat_f_walltime_exceeded"), "1236.torque-server.example.org")
+    text = torque.explain_end(status)
+    assert "walltime" in text and "longer" in text
+
+
+def test_signal_exit_is_explained():
+    status = torque.parse_status_output(recorded("torque", "pbspro_qstat_xf_finished"),
+                                        "5680.pbs-server")
+    assert "signal 15" in torque.explain_end(status)
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        CommandOutput(1, "", "qstat: cannot connect to server torque-server (errno=111)\n"),
+        CommandOutput(0, "", ""),
+        CommandOutput(0, "garbage\n", ""),
+        CommandOutput(0, "<Data><Job>", ""),
+        CommandOutput(0, "Job Id: 5\n    job_state = Z\n", ""),
+    ],
+)
+def test_failures_and_surprises_are_unknown_never_done(output):
+    assert torque.parse_status_output(output, "5").state is JobState.UNKNOWN
+
+
+def test_commands_quote_and_validate():
+    assert torque.status_command("12.server") == "qstat -f 12.server"
+    assert torque.cancel_command("12") == "qdel 12"
+    assert shlex.split(torque.cancel_command("12[].server")) == ["qdel", "12[].server"]
+    for bad in ["12; rm -rf ~", "$(id)", "", "12 13", "12.server;x"]:
+        with pytest.raises(ValueError):
+            torque.status_command(bad)
+    assert shlex.split(torque.submit_command("/h/a b.sh", "/h/o u")) == [
+        "qsub", "-o", "/h/o u", "-j", "oe", "/h/a b.sh"]
+    hostile = "x'; touch /tmp/pwned; '"
+    command = torque.cancel_by_name_command(hostile, "alice")
+    assert shlex.quote(hostile) in command
+    subprocess.run(["bash", "-n", "-c", command], check=True)
+
+
+def render(resources: Resources) -> str:
+    return render_job_script(
+        torque.JOB_SCRIPT_TEMPLATE, job_name="jupyterhub-alice-x", output_path="/home/a/o.out",
+        resources=resources, extra_directives=["-l feature=skylake"], launch="echo launch",
+        **torque.template_variables(resources, {}),
+    )
+
+
+def test_job_script_maps_every_resource():
+    script = render(Resources(partition="batch", cpus=4, memory_mb=8192, walltime_seconds=90000,
+                              account="proj1", gpus=1))
+    lines = script.splitlines()
+    for directive in [
+        "#PBS -N jupyterhub-alice-x", "#PBS -o /home/a/o.out", "#PBS -j oe", "#PBS -r n",
+        "#PBS -l nodes=1:ppn=4:gpus=1", "#PBS -q batch", "#PBS -l mem=8192mb",
+        "#PBS -l walltime=25:00:00", "#PBS -A proj1", "#PBS -l feature=skylake",
+    ]:
+        assert directive in lines
+    assert lines[-1] == "echo launch"
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def test_job_script_leaves_out_unset_resources():
+    script = render(Resources(cpus=1))
+    assert "#PBS -l nodes=1:ppn=1" in script.splitlines()
+    for absent in ["-q ", "mem=", "walltime=", "-A ", "gpus="]:
+        assert absent not in script
