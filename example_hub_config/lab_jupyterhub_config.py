@@ -1,9 +1,10 @@
 """JupyterHub config for the local demo cluster (``make demo``) and the integration tests.
 
 The three-host lab (tests/lab/lab.py) must be up. Everything cluster-specific for a real site is
-in the ``SlurmSSHSpawner`` block; compare ``slurm_jupyterhub_config.py`` for a real cluster.
-Environment: HUB_STATE_DIR (database, cookie secret), HUB_PORT (default 8000),
-HUB_SPAWNER_LAB_DIR, LAB_PREFIX.
+in the spawner block; compare ``slurm_jupyterhub_config.py``, ``sge_jupyterhub_config.py`` and
+``torque_jupyterhub_config.py`` for real clusters.
+Environment: HUB_SCHEDULER (slurm, sge or torque; default slurm), HUB_STATE_DIR (database,
+cookie secret), HUB_PORT (default 8000), HUB_SPAWNER_LAB_DIR, LAB_PREFIX.
 """
 
 import os
@@ -14,6 +15,7 @@ lab_dir = os.environ.get("HUB_SPAWNER_LAB_DIR", "/run/hub-spawner-lab")
 lab_prefix = os.environ.get("LAB_PREFIX", "/opt/hub-spawner-lab")
 state_dir = os.environ.get("HUB_STATE_DIR", os.getcwd())
 port = int(os.environ.get("HUB_PORT", "8000"))
+scheduler = os.environ.get("HUB_SCHEDULER", "slurm")
 
 # --- the hub and the proxy ---------------------------------------------------------------------
 c.JupyterHub.ip = "127.0.0.1"
@@ -40,19 +42,26 @@ c.SharedPasswordAuthenticator.admin_password = os.environ.get(
 )
 
 # --- the spawner -------------------------------------------------------------------------------
-c.JupyterHub.spawner_class = "slurm-ssh"
-c.SlurmSSHSpawner.login_host = "10.77.1.2"
-c.SlurmSSHSpawner.known_hosts_path = f"{lab_dir}/known_hosts"
-c.SlurmSSHSpawner.ssh_key_path_template = f"{lab_dir}/keys/{{username}}"
+# Settings on SSHBatchSpawner apply to all three scheduler spawners.
+c.JupyterHub.spawner_class = f"{scheduler}-ssh"
+c.SSHBatchSpawner.login_host = "10.77.1.2"
+# The lab's Torque/PBS commands are on a second sshd of the login host (see tests/lab/lab.py).
+c.SSHBatchSpawner.login_port = 2222 if scheduler == "torque" else 22
+c.SSHBatchSpawner.known_hosts_path = f"{lab_dir}/known_hosts"
+c.SSHBatchSpawner.ssh_key_path_template = f"{lab_dir}/keys/{{username}}"
 # Compute nodes reach the hub API through a reverse tunnel on the login node's cluster-side name.
-c.SlurmSSHSpawner.hub_api_tunnel_host = "login"
-c.SlurmSSHSpawner.job_python = f"{lab_prefix}/venv/bin/python"
-c.SlurmSSHSpawner.cmd = [f"{lab_prefix}/venv/bin/jupyterhub-singleuser"]
-c.SlurmSSHSpawner.default_url = "/lab"
-c.SlurmSSHSpawner.partitions = ["debug"]
-c.SlurmSSHSpawner.default_partition = "debug"
-c.SlurmSSHSpawner.max_cpus = 2
-c.SlurmSSHSpawner.max_memory = "900M"
-c.SlurmSSHSpawner.default_walltime = "01:00:00"
-c.SlurmSSHSpawner.start_timeout = 120
-c.SlurmSSHSpawner.http_timeout = 60
+c.SSHBatchSpawner.hub_api_tunnel_host = "login"
+c.SSHBatchSpawner.job_python = f"{lab_prefix}/venv/bin/python"
+c.SSHBatchSpawner.cmd = [f"{lab_prefix}/venv/bin/jupyterhub-singleuser"]
+c.SSHBatchSpawner.default_url = "/lab"
+# Slurm partition "debug" (also what the Torque wrappers' queues map to); Grid Engine "all.q".
+queue = "all.q" if scheduler == "sge" else "debug"
+c.SSHBatchSpawner.partitions = [queue]
+c.SSHBatchSpawner.default_partition = queue
+c.SSHBatchSpawner.max_cpus = 2
+c.SSHBatchSpawner.max_memory = "900M"
+c.SSHBatchSpawner.default_walltime = "01:00:00"
+c.SSHBatchSpawner.start_timeout = 120
+c.SSHBatchSpawner.http_timeout = 60
+# Grid Engine: the lab's parallel environment for several cores on one host.
+c.SGESSHSpawner.parallel_environment = "smp"

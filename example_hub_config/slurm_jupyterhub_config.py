@@ -35,6 +35,9 @@ c.SlurmSSHSpawner.max_cpus = 16
 c.SlurmSSHSpawner.max_memory = "128G"
 c.SlurmSSHSpawner.default_walltime = "04:00:00"
 c.SlurmSSHSpawner.max_walltime = "1-00:00:00"
+c.SlurmSSHSpawner.max_gpus = 2  # 0 hides the GPU field; N GPUs become --gres=gpu:N
+c.SlurmSSHSpawner.gpu_gres = "gpu"
+c.SlurmSSHSpawner.qos = ""  # EDIT: e.g. "interactive" for a QOS with a short queue wait
 
 # Queue waits count against start_timeout: allow for a busy cluster.
 c.SlurmSSHSpawner.start_timeout = 600

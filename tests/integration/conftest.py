@@ -1,4 +1,5 @@
-"""Fixtures shared by the integration tests: one lab and one real hub (+ CHP) per session."""
+"""Fixtures shared by the integration tests: one lab per session, and one real hub (+ CHP) per
+scheduler (slurm-ssh, sge-ssh, torque-ssh), each started on first use."""
 
 from __future__ import annotations
 
@@ -7,17 +8,19 @@ import os
 import secrets
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
+import websocket
 
 from tests.lab import lab as lab_module
 
 REPO = Path(__file__).resolve().parents[2]
-HUB_PORT = 18000
-HUB_URL = f"http://127.0.0.1:{HUB_PORT}"
+HUB_PORTS = {"slurm": 18000, "sge": 18200, "torque": 18400}
+SCHEDULERS = tuple(HUB_PORTS)
 
 
 def pytest_collection_modifyitems(items):
@@ -68,19 +71,25 @@ class Hub:
         server_path = f"/users/{user}/servers/{server}" if server else f"/users/{user}/server"
         started = time.monotonic()
         response = self.api("POST", server_path, json=options or {"cpus": 1}, timeout=timeout)
-        events: list[dict] = []
         if response.status_code in (201, 202):
-            progress = self.api("GET", f"{server_path}/progress", stream=True, timeout=timeout)
-            for line in progress.iter_lines(decode_unicode=True):
-                if line and line.startswith("data:"):
-                    event = json.loads(line[5:])
-                    events.append(event)
-                    if event.get("ready") or event.get("failed"):
-                        break
+            events = self.progress(user, server, timeout)
         else:
-            events.append({"failed": True, "status": response.status_code,
-                           "message": response.json().get("message", response.text)})
+            events = [{"failed": True, "status": response.status_code,
+                       "message": response.json().get("message", response.text)}]
         return events, time.monotonic() - started
+
+    def progress(self, user: str, server: str = "", timeout: float = 150) -> list[dict]:
+        """Follow a spawn's progress stream until it is ready or has failed."""
+        server_path = f"/users/{user}/servers/{server}" if server else f"/users/{user}/server"
+        events: list[dict] = []
+        progress = self.api("GET", f"{server_path}/progress", stream=True, timeout=timeout)
+        for line in progress.iter_lines(decode_unicode=True):
+            if line and line.startswith("data:"):
+                event = json.loads(line[5:])
+                events.append(event)
+                if event.get("ready") or event.get("failed"):
+                    break
+        return events
 
     def stop(self, user: str, server: str = "") -> None:
         server_path = f"/users/{user}/servers/{server}" if server else f"/users/{user}/server"
@@ -135,21 +144,83 @@ def stop_hub(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session")
-def hub(lab, tmp_path_factory):
-    """A real JupyterHub with the real configurable-http-proxy and the slurm-ssh spawner."""
-    hub, process = start_hub(tmp_path_factory.mktemp("hub"), HUB_PORT, secrets.token_hex(24))
-    for user in lab_module.USERS:
-        hub.api("POST", f"/users/{user}")
-    yield hub
-    stop_hub(process)  # cleanup_servers: the hub stops what is left
+def hub_for(lab, tmp_path_factory):
+    """``hub_for(scheduler)``: the session's real JupyterHub for that scheduler's spawner."""
+    hubs: dict[str, tuple[Hub, subprocess.Popen]] = {}
+
+    def get(scheduler: str) -> Hub:
+        if scheduler not in hubs:
+            hub, process = start_hub(tmp_path_factory.mktemp(f"hub-{scheduler}"),
+                                     HUB_PORTS[scheduler], secrets.token_hex(24),
+                                     {"HUB_SCHEDULER": scheduler})
+            for user in lab_module.USERS:
+                hub.api("POST", f"/users/{user}")
+            hubs[scheduler] = (hub, process)
+        return hubs[scheduler][0]
+
+    yield get
+    for _, process in hubs.values():
+        stop_hub(process)  # cleanup_servers: each hub stops what is left
 
 
-def active_jobs(user: str) -> list[str]:
-    """The user's jobs that Slurm still lists as pending/running/completing."""
+@pytest.fixture(scope="session")
+def hub(hub_for):
+    """The real JupyterHub with the slurm-ssh spawner."""
+    return hub_for("slurm")
+
+
+def active_jobs(user: str, scheduler: str = "slurm") -> list[str]:
+    """The user's jobs that the scheduler's own listing still shows as not finished.
+
+    Slurm: ``squeue``; Grid Engine: ``qstat -u``; Torque/PBS: the wrappers' ``qstat`` (jobs
+    in state C are finished).
+    """
+    if scheduler == "sge":
+        result = lab_module.sge_command(f"qstat -u {user}")
+        return [line for line in result.stdout.splitlines()[2:] if line.strip()]
+    if scheduler == "torque":
+        qstat = str(lab_module.TORQUE_WRAPPERS / "qstat")
+        result = lab_module.in_namespace("login", [qstat, "-u", user])
+        return [line for line in result.stdout.splitlines()
+                if line[:1].isdigit() and line.split()[-2] != "C"]
     result = lab_module.in_namespace(
         "login", ["squeue", "--noheader", f"--user={user}", "--format=%i %T %j"]
     )
     return [line for line in result.stdout.splitlines() if line.strip()]
+
+
+def run_in_kernel(hub, user: str, code: str) -> str:
+    """Start a kernel through the proxy, run ``code`` over the websocket, return its stdout."""
+    kernel = hub.api_server("POST", user, "/api/kernels", json={}).json()
+    ws_url = hub.url.replace("http", "ws") + f"/user/{user}/api/kernels/{kernel['id']}/channels"
+    connection = websocket.create_connection(
+        ws_url, header=[f"Authorization: token {hub.token}"], timeout=60
+    )
+    msg_id = uuid.uuid4().hex
+    connection.send(json.dumps({
+        "header": {"msg_id": msg_id, "username": "test", "session": uuid.uuid4().hex,
+                   "msg_type": "execute_request", "version": "5.3"},
+        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+        "content": {"code": code, "silent": False, "store_history": False,
+                    "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
+    }))
+    output = []
+    try:
+        while True:
+            message = json.loads(connection.recv())
+            if message.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            if message["msg_type"] == "stream":
+                output.append(message["content"]["text"])
+            elif message["msg_type"] == "error":
+                raise AssertionError(f"kernel error: {message['content']}")
+            elif message["msg_type"] == "status":
+                if message["content"]["execution_state"] == "idle":
+                    break
+    finally:
+        connection.close()
+    hub.api_server("DELETE", user, f"/api/kernels/{kernel['id']}")
+    return "".join(output)
 
 
 def user_processes(user: str, pattern: str) -> list[str]:

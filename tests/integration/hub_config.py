@@ -5,7 +5,10 @@ Scenarios are named servers of alice whose command is swapped in ``pre_spawn_hoo
 - ``never-ready``: the server never listens; ``start_timeout`` is 15 s;
 - ``login-down``: the spawner points at a login-node port where nothing listens;
 - ``unknown-host-key``: the spawner's known_hosts file is empty;
-- ``short-walltime``: polled every 3 s (the test asks for a one-minute walltime).
+- ``short-walltime``: polled every 3 s (the test asks for a one-minute walltime);
+- ``error-state`` (Grid Engine): the job's working directory does not exist, so Grid Engine puts
+  it in error state ``Eqw``;
+- ``held``: the job is submitted on hold (``-h``).
 """
 
 import os
@@ -22,8 +25,9 @@ c.JupyterHub.load_roles = [
     }
 ]
 c.JupyterHub.allow_named_servers = True
-c.SlurmSSHSpawner.partitions = []  # let any well-formed partition name reach Slurm
-c.SlurmSSHSpawner.max_memory = "100G"  # so the test can ask Slurm for more than the node has
+c.SSHBatchSpawner.partitions = []  # let any well-formed queue name reach the scheduler
+c.SSHBatchSpawner.max_memory = "100G"  # so a test can ask for more than the node has
+c.SSHBatchSpawner.max_gpus = 2  # so a test can ask for GPUs the lab does not have
 
 
 def scenario(spawner):
@@ -38,6 +42,10 @@ def scenario(spawner):
         spawner.known_hosts_path = "/dev/null"
     elif spawner.name == "short-walltime":
         spawner.poll_interval = 3
+    elif spawner.name == "error-state":
+        spawner.job_extra_directives = ["-wd /nonexistent-dir"]
+    elif spawner.name == "held":
+        spawner.job_extra_directives = ["-h"]
 
 
 c.Spawner.pre_spawn_hook = scenario

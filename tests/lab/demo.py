@@ -19,13 +19,15 @@ from tests.lab import lab
 
 REPO = Path(__file__).resolve().parents[2]
 HUB_PORT = 8000
+SCHEDULER_NAMES = {"slurm": "Slurm", "sge": "Grid Engine",
+                   "torque": "Torque/PBS (Slurm's Torque wrappers)"}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--scheduler", default="slurm", choices=["slurm"],
-                        help="the demo cluster's scheduler (only Slurm so far)")
-    parser.parse_args()
+    parser.add_argument("--scheduler", default="slurm", choices=list(lab.SCHEDULERS),
+                        help="the demo cluster's scheduler (default: slurm)")
+    scheduler = parser.parse_args().scheduler
     for port in (HUB_PORT, HUB_PORT + 1, HUB_PORT + 81):
         if _port_in_use(port):
             print(f"demo: port {port} on 127.0.0.1 is in use; stop what holds it first",
@@ -41,21 +43,22 @@ def main() -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
 
-    print("demo: bringing up the lab (login + compute hosts, sshd, Slurm)...", flush=True)
-    lab.up()
+    print(f"demo: bringing up the lab (login + compute hosts, sshd, {SCHEDULER_NAMES[scheduler]})"
+          "...", flush=True)
+    lab.up(("slurm", "torque") if scheduler == "torque" else (scheduler,))
     hub = None
     try:
         state_dir = lab.LAB_DIR / "demo-hub"
         state_dir.mkdir(exist_ok=True)
         env = dict(os.environ, PYTHONPATH=str(REPO), HUB_STATE_DIR=str(state_dir),
-                   HUB_PORT=str(HUB_PORT))
+                   HUB_PORT=str(HUB_PORT), HUB_SCHEDULER=scheduler)
         hub = subprocess.Popen(
             [str(lab.LAB_PREFIX / "venv/bin/jupyterhub"), "-f",
              str(REPO / "example_hub_config" / "lab_jupyterhub_config.py")],
             cwd=state_dir, env=env, start_new_session=True,
         )
         _wait_for_hub(hub)
-        print(_banner(), flush=True)
+        print(_banner(scheduler), flush=True)
         while not stopping and hub.poll() is None:
             time.sleep(0.5)
     finally:
@@ -68,14 +71,14 @@ def main() -> int:
     return 0
 
 
-def _banner() -> str:
+def _banner(scheduler: str) -> str:
     return f"""
 ==========================================================================
- JupyterHub with hub_spawner (slurm-ssh) is running: http://127.0.0.1:{HUB_PORT}/
+ JupyterHub with hub_spawner ({scheduler}-ssh) is running: http://127.0.0.1:{HUB_PORT}/
 
  Log in as   bob    password: lab-demo-password
         or   alice  password: lab-demo-admin-password-for-alice-only  (hub admin)
- Click Start: the server runs as a Slurm job on the 'compute' host, which
+ Click Start: the server runs as a {SCHEDULER_NAMES[scheduler]} job on the 'compute' host, which
  the hub can reach only through an SSH tunnel via the 'login' host.
 
  Ctrl-C stops the hub, cancels the jobs and tears the lab down.

@@ -1,0 +1,49 @@
+"""JupyterHub config for a real Grid Engine (SGE, Son of Grid Engine, Univa/Altair) cluster reached over SSH. Copy, then edit the marked lines.
+
+Cluster-side requirements (login node):
+- sshd accepts the hub's per-user keys (each user's ~/.ssh/authorized_keys holds the public key
+  of /etc/hub_spawner/keys/<cluster user>);
+- sshd_config has ``AllowTcpForwarding yes`` and ``GatewayPorts clientspecified`` (the reverse
+  tunnel that lets compute nodes call the hub API listens on the login node's cluster-side
+  address), unless you set ``hub_connect_url`` to an address compute nodes can reach directly;
+- compute nodes can reach the login node on that address, and the login node can reach compute
+  nodes on any port (the tunnel to each server goes login -> node:port);
+- ``qsub``/``qstat``/``qdel`` work in a non-interactive SSH session (SGE_ROOT and SGE_CELL set
+  system-wide, e.g. in /etc/environment or by the packaged wrappers);
+- jupyterhub (same major version as the hub) and jupyterlab are installed where jobs can run
+  them; ``python3`` is on the job's PATH (after ``job_prologue``).
+"""
+
+c = get_config()  # noqa: F821 - provided by JupyterHub
+
+c.JupyterHub.spawner_class = "sge-ssh"
+# Keep jobs running across hub restarts; the spawner re-opens their tunnels on the same ports.
+c.JupyterHub.cleanup_servers = False
+
+c.SGESSHSpawner.login_host = "login.cluster.example.org"  # EDIT
+c.SGESSHSpawner.known_hosts_path = "/etc/hub_spawner/known_hosts"  # ssh-keyscan, then verify
+c.SGESSHSpawner.ssh_key_path_template = "/etc/hub_spawner/keys/{username}"
+c.SGESSHSpawner.cluster_username = "{username}"  # or e.g. "hpc_{username}", or a callable
+# The login node's name as compute nodes see it (often its internal interface).  # EDIT
+c.SGESSHSpawner.hub_api_tunnel_host = "login-ib0.cluster.example.org"
+
+c.SGESSHSpawner.job_prologue = "module load jupyter"  # EDIT: whatever puts it on PATH
+c.SGESSHSpawner.cmd = ["jupyterhub-singleuser"]
+c.SGESSHSpawner.default_url = "/lab"
+
+c.SGESSHSpawner.partitions = ["interactive.q", "gpu.q"]  # EDIT: queues users may choose
+c.SGESSHSpawner.default_partition = "interactive.q"
+c.SGESSHSpawner.max_cpus = 16
+c.SGESSHSpawner.max_memory = "128G"
+c.SGESSHSpawner.default_walltime = "04:00:00"
+c.SGESSHSpawner.max_walltime = "1-00:00:00"
+# More than one core: -pe <parallel_environment> N (a PE with allocation_rule $pe_slots).  # EDIT
+c.SGESSHSpawner.parallel_environment = "smp"
+# Memory is requested per slot: the user's total is divided by the cores.  # EDIT
+c.SGESSHSpawner.memory_resource = "h_vmem"
+c.SGESSHSpawner.max_gpus = 2  # 0 hides the GPU field; N GPUs become -l gpu=N
+c.SGESSHSpawner.gpu_resource = "gpu"  # EDIT: your consumable GPU complex
+
+# Queue waits count against start_timeout: allow for a busy cluster.
+c.SGESSHSpawner.start_timeout = 600
+c.SGESSHSpawner.http_timeout = 120

@@ -1,0 +1,44 @@
+"""JupyterHub config for a real Torque or PBS (OpenPBS, PBS Pro) cluster reached over SSH. Copy, then edit the marked lines.
+
+Cluster-side requirements (login node):
+- sshd accepts the hub's per-user keys (each user's ~/.ssh/authorized_keys holds the public key
+  of /etc/hub_spawner/keys/<cluster user>);
+- sshd_config has ``AllowTcpForwarding yes`` and ``GatewayPorts clientspecified`` (the reverse
+  tunnel that lets compute nodes call the hub API listens on the login node's cluster-side
+  address), unless you set ``hub_connect_url`` to an address compute nodes can reach directly;
+- compute nodes can reach the login node on that address, and the login node can reach compute
+  nodes on any port (the tunnel to each server goes login -> node:port);
+- jupyterhub (same major version as the hub) and jupyterlab are installed where jobs can run
+  them; ``python3`` is on the job's PATH (after ``job_prologue``).
+"""
+
+c = get_config()  # noqa: F821 - provided by JupyterHub
+
+c.JupyterHub.spawner_class = "torque-ssh"
+# Keep jobs running across hub restarts; the spawner re-opens their tunnels on the same ports.
+c.JupyterHub.cleanup_servers = False
+
+c.TorqueSSHSpawner.login_host = "login.cluster.example.org"  # EDIT
+c.TorqueSSHSpawner.known_hosts_path = "/etc/hub_spawner/known_hosts"  # ssh-keyscan, then verify
+c.TorqueSSHSpawner.ssh_key_path_template = "/etc/hub_spawner/keys/{username}"
+c.TorqueSSHSpawner.cluster_username = "{username}"  # or e.g. "hpc_{username}", or a callable
+# The login node's name as compute nodes see it (often its internal interface).  # EDIT
+c.TorqueSSHSpawner.hub_api_tunnel_host = "login-ib0.cluster.example.org"
+
+c.TorqueSSHSpawner.job_prologue = "module load jupyter"  # EDIT: whatever puts it on PATH
+c.TorqueSSHSpawner.cmd = ["jupyterhub-singleuser"]
+c.TorqueSSHSpawner.default_url = "/lab"
+
+c.TorqueSSHSpawner.partitions = ["batch", "gpu"]  # EDIT: queues users may choose
+c.TorqueSSHSpawner.default_partition = "batch"
+c.TorqueSSHSpawner.max_cpus = 16
+c.TorqueSSHSpawner.max_memory = "128G"
+c.TorqueSSHSpawner.default_walltime = "04:00:00"
+c.TorqueSSHSpawner.max_walltime = "1-00:00:00"
+c.TorqueSSHSpawner.max_gpus = 2  # 0 hides the GPU field; N GPUs become nodes=1:ppn=C:gpus=N
+# PBS Pro uses select statements instead of nodes=...: replace the resource lines, e.g.
+# c.TorqueSSHSpawner.job_script_template = open("/etc/hub_spawner/pbspro.sh.j2").read()
+
+# Queue waits count against start_timeout: allow for a busy cluster.
+c.TorqueSSHSpawner.start_timeout = 600
+c.TorqueSSHSpawner.http_timeout = 120
