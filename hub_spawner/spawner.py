@@ -441,6 +441,11 @@ class SSHBatchSpawner(Spawner):
         reported = None
         while True:
             status = await self._job_status()
+            if status.state is JobState.ERROR:
+                raise JobEndedEarly(
+                    f"Job {self.job_id} cannot run: {self.scheduler.explain_end(status)}. "
+                    "It is being deleted; fix the cause (or ask an administrator) and start again."
+                )
             if status.ended:
                 tail = jobscript.last_lines(await self._job_output())
                 raise JobEndedEarly(

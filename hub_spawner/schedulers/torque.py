@@ -213,9 +213,8 @@ def _status_from_attributes(attributes: dict[str, str]) -> JobStatus:
         return JobStatus(JobState.ENDING, state_name=state_name, node=node)
     if state_name in _DONE_STATES:
         exit_status = attributes.get("exit_status", attributes.get("Exit_status", ""))
-        return JobStatus(
-            JobState.DONE, state_name=state_name, reason=_exit_reason(exit_status), node=node
-        )
+        reason = _exit_reason(exit_status) or "it has finished (its output file has the details)"
+        return JobStatus(JobState.DONE, state_name=state_name, reason=reason, node=node)
     return JobStatus(JobState.UNKNOWN, state_name=state_name, reason=f"state {state_name!r}")
 
 

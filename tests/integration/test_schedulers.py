@@ -149,7 +149,8 @@ def test_grid_engine_error_state_fails_at_once_with_the_reason_and_deletes_the_j
     events, seconds = hub.spawn("alice", "error-state")
     assert events[-1].get("failed"), events
     message = events[-1]["message"]
-    assert "Grid Engine put it in error state Eqw" in message, message
+    assert "cannot run: Grid Engine put it in error state Eqw" in message, message
+    assert "being deleted" in message, message
     assert "can't chdir to /nonexistent-dir: No such file or directory" in message, message
     assert seconds < 20
     assert wait_for(lambda: not active_jobs("alice", "sge"), 20), active_jobs("alice", "sge")

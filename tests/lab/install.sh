@@ -9,7 +9,12 @@ REPO=$(cd "$(dirname "$0")/../.." && pwd)
 VENV=$LAB_PREFIX/venv
 STAMP=$LAB_PREFIX/.installed
 
-APT_PACKAGES=(openssh-server openssh-client munge slurm-wlm python3-venv iproute2 util-linux chromium procps)
+# Grid Engine's packages conflict with slurm-wlm-torque, so the Torque/PBS wrappers are unpacked
+# from that package below instead of installed; they need Slurm's Perl bindings.
+APT_PACKAGES=(openssh-server openssh-client munge slurm-wlm python3-venv iproute2 util-linux chromium
+              procps gridengine-master gridengine-exec gridengine-client libslurm-perl
+              libslurmdb-perl libswitch-perl)
+TORQUE_WRAPPERS=$LAB_PREFIX/torque-wrappers
 
 if [ "$(id -u)" != 0 ]; then
     echo "install.sh: run as root (the lab creates network namespaces and users)" >&2
@@ -30,6 +35,11 @@ if [ ${#missing[@]} -gt 0 ]; then
         created_policy=yes
     fi
     export DEBIAN_FRONTEND=noninteractive
+    # Grid Engine's postinst asks where the cluster is: the lab's login host, cell "default".
+    for pkg in gridengine-common gridengine-master gridengine-exec gridengine-client; do
+        printf '%s shared/gridengineconfig boolean true\n%s shared/gridenginecell string default\n%s shared/gridenginemaster string login\n' \
+            "$pkg" "$pkg" "$pkg"
+    done | debconf-set-selections
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     [ "$created_policy" = yes ] && rm -f /usr/sbin/policy-rc.d
@@ -37,6 +47,25 @@ fi
 
 mkdir -p "$LAB_PREFIX"
 chmod 755 "$LAB_PREFIX"
+
+# Torque/PBS command syntax: Slurm's own qsub/qstat/qdel wrappers, beside links to the Slurm
+# commands they call. The lab's second sshd puts this directory first on PATH.
+if [ ! -x "$TORQUE_WRAPPERS/qsub" ]; then
+    work=$(mktemp -d)
+    if ! (cd "$work" && apt-get download -q slurm-wlm-torque >/dev/null 2>&1); then
+        apt-get update -qq
+        (cd "$work" && apt-get download -q slurm-wlm-torque >/dev/null)
+    fi
+    (cd "$work" && dpkg-deb -x slurm-wlm-torque_*.deb root)
+    mkdir -p "$TORQUE_WRAPPERS"
+    for command in qsub qstat qdel qhold qrls pbsnodes; do
+        install -m 755 "$work/root/usr/bin/$command" "$TORQUE_WRAPPERS/$command"
+    done
+    for command in sbatch squeue scancel scontrol salloc srun sinfo; do
+        ln -sf "/usr/bin/$command" "$TORQUE_WRAPPERS/$command"
+    done
+    rm -rf "$work"
+fi
 
 # One world-readable venv from Debian's Python: the hub side and the jobs (which run as lab users,
 # who cannot read /root) use it. The hub side also gets this package, editable.
