@@ -83,3 +83,28 @@ def test_alice_clicks_start_and_her_notebook_runs_as_her_on_the_compute_host(
     assert len(job) == 1 and "RUNNING" in job[0], job
     hub.stop("alice")
     assert wait_for(lambda: not active_jobs("alice"), 20), active_jobs("alice")
+
+
+def test_grid_engine_form_says_queue_and_a_rejection_shows_on_the_spawn_page(hub_for):
+    """bob on the sge-ssh hub: the form speaks Grid Engine; asking for a GPU the lab does not
+    have is refused by Grid Engine itself, and its words reach the page."""
+    hub = hub_for("sge")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium",
+                                             args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{hub.url}/hub/login")
+            page.fill("#username_input", "bob")
+            page.fill("#password_input", PASSWORDS["bob"])
+            page.click("#login_submit")
+            page.wait_for_url("**/hub/spawn**")
+            assert page.locator("label[for=hub-spawner-partition]").inner_text() == "Queue"
+            page.fill("[name=gpus]", "1")
+            page.click("form input[type=submit], form button[type=submit]")
+            page.get_by_text('unknown resource "gpu"').first.wait_for(timeout=60_000)
+            body = page.inner_text("body")
+            assert "Grid Engine rejected the job: Unable to run job: unknown resource" in body
+        finally:
+            browser.close()
+    assert active_jobs("bob", "sge") == []
