@@ -276,6 +276,7 @@ class SSHBatchSpawner(Spawner):
         self.output_path = ""
         self.secrets_path = ""
         self._submission_sent = False
+        self._end_reported = ""
 
     def get_state(self) -> dict[str, Any]:
         state = super().get_state()
@@ -450,7 +451,7 @@ class SSHBatchSpawner(Spawner):
                 tail = jobscript.last_lines(await self._job_output())
                 raise JobEndedEarly(
                     f"Job {self.job_id} ended before the server was ready: "
-                    f"{self.scheduler.explain_end(status)}."
+                    f"{await self._explain_end(status)}."
                     + (f" Last output of the job:\n{tail}" if tail else " It printed nothing.")
                 )
             if status.state is JobState.PENDING and reported != ("pending", status.reason):
@@ -501,12 +502,14 @@ class SSHBatchSpawner(Spawner):
             return 0
         status = await self._job_status()
         if status.ended:
-            self.log.warning(
-                "%s: job %s has ended: %s",
-                self._log_name,
-                self.job_id,
-                self.scheduler.explain_end(status),
-            )
+            if self._end_reported != self.job_id:  # JupyterHub polls again while stopping
+                self._end_reported = self.job_id
+                self.log.warning(
+                    "%s: job %s has ended: %s",
+                    self._log_name,
+                    self.job_id,
+                    await self._explain_end(status),
+                )
             return 1
         if status.state is JobState.UNKNOWN:
             self.log.warning(
@@ -598,6 +601,29 @@ class SSHBatchSpawner(Spawner):
         except ClusterUnreachable as error:
             return JobStatus(JobState.UNKNOWN, reason=str(error))
         return status
+
+    async def _explain_end(self, status: JobStatus) -> str:
+        """Why the job ended, for people. Schedulers that forget ended jobs at once (Grid
+        Engine) are asked their accounting; if that has nothing, the status has to do."""
+        scheduler = self.scheduler
+        if status.state is JobState.DONE and hasattr(scheduler, "end_reason_command"):
+            try:
+                connection = await self._connection()
+                for _ in range(4):  # accounting is flushed a moment after the job ends
+                    output = await connection.run(
+                        scheduler.end_reason_command(self.job_id), timeout=self.command_timeout
+                    )
+                    reason = scheduler.parse_end_reason(output)
+                    if reason:
+                        return reason
+                    await asyncio.sleep(1)
+            except ClusterUnreachable as error:
+                self.log.warning("%s: cannot ask why the job ended: %s", self._log_name, error)
+            return (
+                f"{scheduler.explain_end(status)}; its accounting has no record yet "
+                f"(`{scheduler.end_reason_command(self.job_id)}` on the login node will say why)"
+            )
+        return scheduler.explain_end(status)
 
     async def _job_output(self) -> str:
         try:

@@ -140,3 +140,25 @@ def test_memory_is_per_slot_and_rounded_up():
 def test_several_cores_without_parallel_environment_is_refused():
     with pytest.raises(ValueError, match="one core"):
         sge.template_variables(Resources(cpus=2), {"parallel_environment": ""})
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("qacct_walltime", "reached its walltime limit"),
+        ("qacct_deleted", "it was killed"),
+        ("qacct_error_deleted", "failure 28: changing into working directory"),
+        ("qacct_exit3", "the server exited with status 3"),
+        ("qacct_unknown", ""),
+    ],
+)
+def test_end_reason_comes_from_accounting(name, words):
+    reason = sge.parse_end_reason(recorded("sge", name))
+    assert (words in reason) if words else reason == ""
+
+
+def test_end_reason_uses_the_last_record_when_job_numbers_wrapped():
+    first = recorded("sge", "qacct_walltime").stdout
+    second = recorded("sge", "qacct_exit3").stdout
+    reason = sge.parse_end_reason(CommandOutput(0, first + second, ""))
+    assert reason == "the server exited with status 3"

@@ -9,7 +9,9 @@ Requirements:
   and does not list it;
 - a job in an error state (``Eqw``, ``E``) never runs by itself: it is ``JobState.ERROR``, and
   ``error_reason_command`` fetches the reason ``qstat -j`` gives, so the spawn fails at once and
-  the job is deleted.
+  the job is deleted;
+- Grid Engine forgets a job the moment it ends, so why it ended comes from accounting
+  (``end_reason_command``: ``qacct -j``), asked only when someone needs to be told.
 """
 
 from __future__ import annotations
@@ -176,6 +178,41 @@ def parse_error_reason(output: CommandOutput) -> str:
     if reasons:
         return "; ".join(reasons)
     return _error_text(output) if output.exit_status else "Grid Engine gave no reason"
+
+
+# qacct's "failed" codes (sge_status(5), Grid Engine 8.1 "failed" field) worth a sentence.
+_FAILED_EXPLANATIONS = {
+    "37": "it reached its walltime limit (or another hard limit: h_rt, h_cpu, h_vmem); start "
+    "a new server, with a longer walltime or more memory if you need it",
+    "100": "it was killed (deleted, or over a limit)",
+}
+
+
+def end_reason_command(job_id: str) -> str:
+    """Command line that prints the job's accounting records (``qacct -j``)."""
+    return f"qacct -j {quote_job_id(job_id)}"
+
+
+def parse_end_reason(output: CommandOutput) -> str:
+    """Why the job ended, from its last accounting record; ``""`` when there is none (accounting
+    off, or not written yet). Job numbers wrap around, so the last record is this job's."""
+    if output.exit_status != 0:
+        return ""
+    failed = exit_status = ""
+    for line in output.stdout.splitlines():
+        if line.startswith("=" * 10):
+            failed = exit_status = ""
+        key, _, value = line.partition(" ")
+        if key == "failed":
+            failed = value.strip()
+        elif key == "exit_status":
+            exit_status = value.split()[0] if value.split() else ""
+    code, _, text = (part.strip() for part in failed.partition(":"))
+    if not code:
+        return ""
+    if code == "0":
+        return f"the server exited with status {exit_status or '?'}"
+    return _FAILED_EXPLANATIONS.get(code) or f"Grid Engine reports failure {code}: {text}"
 
 
 def explain_end(status: JobStatus) -> str:

@@ -173,3 +173,25 @@ def test_grid_engine_held_job_says_so_then_starts_once_released(hub_for, lab):
     finally:
         hub.stop("alice", "held")
     assert wait_for(lambda: not active_jobs("alice", "sge"), 30), active_jobs("alice", "sge")
+
+
+def test_walltime_end_stops_the_server_and_says_why_on_grid_engine_and_torque(hub_for):
+    """Both at once (Slurm's own walltime test is in test_slurm_spawn.py). Grid Engine's reason
+    comes from its accounting (qacct); the lab's Torque wrappers report only "finished" (state
+    C, no exit status): real Torque's exit_status -11 is covered by the parser tests."""
+    hubs = {scheduler: hub_for(scheduler) for scheduler in ("sge", "torque")}
+    for scheduler, hub in hubs.items():
+        events, _ = hub.spawn("alice", "short-walltime", options={"walltime": "1"})
+        assert events[-1].get("ready"), (scheduler, events)
+
+    def stopped(hub) -> bool:
+        servers = hub.api("GET", "/users/alice").json()["servers"]
+        return "short-walltime" not in servers or not servers["short-walltime"]["ready"]
+
+    for scheduler, hub in hubs.items():
+        assert wait_for(lambda hub=hub: stopped(hub), timeout=180, interval=2), scheduler
+        assert wait_for(lambda s=scheduler: not active_jobs("alice", s), 30), scheduler
+    assert "has ended: it reached its walltime limit (or another hard limit" in (
+        hubs["sge"].log())
+    assert "has ended: it has finished (its output file has the details) (job state C)" in (
+        hubs["torque"].log())

@@ -402,6 +402,7 @@ def _start_sge() -> dict[str, int]:
         (run / sub).mkdir(parents=True)
     subprocess.run(["chown", "-R", "sgeadmin:sgeadmin", str(run)], check=True)
     common = SGE_ROOT / "default" / "common"
+    (common / "accounting").unlink(missing_ok=True)  # a fresh cell restarts job numbers at 1
     (common / "bootstrap").write_text(SGE_BOOTSTRAP_TEXT.format(run=LAB_DIR))
     (common / "act_qmaster").write_text("login\n")
     subprocess.run(
@@ -427,10 +428,16 @@ def _start_sge() -> dict[str, int]:
         key = line.split(None, 1)[0] if line.strip() else ""
         edited.append(f"{key} {SGE_SCHEDULER_EDITS[key]}" if key in SGE_SCHEDULER_EDITS else line)
     (config / "scheduler").write_text("\n".join(edited) + "\n")
-    global_config = sge_command("qconf -sconf global").stdout.splitlines()
-    (config / "global").write_text("\n".join(
-        f"execd_spool_dir {run}/execd" if line.startswith("execd_spool_dir") else line
-        for line in global_config if not line.startswith("#")) + "\n")
+    # Spool under LAB_DIR; accounting (qacct) flushed every second instead of every 15 s.
+    global_config = []
+    for line in sge_command("qconf -sconf global").stdout.splitlines():
+        if line.startswith("execd_spool_dir"):
+            line = f"execd_spool_dir {run}/execd"
+        elif line.startswith("reporting_params"):
+            line = line.replace("flush_time=00:00:15", "flush_time=00:00:01")
+        if not line.startswith("#"):
+            global_config.append(line)
+    (config / "global").write_text("\n".join(global_config) + "\n")
     sge_command(
         f"qconf -as login && qconf -ah compute && qconf -Ae {config}/exec_host"
         f" && qconf -Ap {config}/pe && EDITOR={config}/queue_editor qconf -aq all.q"
