@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pwd
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,10 +22,9 @@ CHROMIUM_ARGS = [
 PASSWORDS = {"bob": "lab-demo-password", "alice": "lab-demo-admin-password-for-alice-only"}
 
 
-@pytest.fixture(params=["bob"])
-def on_the_spawn_form(request, hub):
-    """A browser page, logged in as the user named by the parameter, showing the spawn form."""
-    user = request.param
+@contextmanager
+def logged_in(hub, user: str):
+    """A chromium page, logged in to ``hub`` as ``user``, showing the spawn form."""
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium",
                                              args=CHROMIUM_ARGS)
@@ -38,6 +38,13 @@ def on_the_spawn_form(request, hub):
             yield page
         finally:
             browser.close()
+
+
+@pytest.fixture(params=["bob"])
+def on_the_spawn_form(request, hub):
+    """A browser page on the Slurm hub, logged in as the user named by the parameter."""
+    with logged_in(hub, request.param) as page:
+        yield page
 
 
 def test_a_bad_form_value_is_shown_on_the_form_and_starts_nothing(on_the_spawn_form):
@@ -89,22 +96,11 @@ def test_grid_engine_form_says_queue_and_a_rejection_shows_on_the_spawn_page(hub
     """bob on the sge-ssh hub: the form speaks Grid Engine; asking for a GPU the lab does not
     have is refused by Grid Engine itself, and its words reach the page."""
     hub = hub_for("sge")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium",
-                                             args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            page.goto(f"{hub.url}/hub/login")
-            page.fill("#username_input", "bob")
-            page.fill("#password_input", PASSWORDS["bob"])
-            page.click("#login_submit")
-            page.wait_for_url("**/hub/spawn**")
-            assert page.locator("label[for=hub-spawner-partition]").inner_text() == "Queue"
-            page.fill("[name=gpus]", "1")
-            page.click("form input[type=submit], form button[type=submit]")
-            page.get_by_text('unknown resource "gpu"').first.wait_for(timeout=60_000)
-            body = page.inner_text("body")
-            assert "Grid Engine rejected the job: Unable to run job: unknown resource" in body
-        finally:
-            browser.close()
+    with logged_in(hub, "bob") as page:
+        assert page.locator("label[for=hub-spawner-partition]").inner_text() == "Queue"
+        page.fill("[name=gpus]", "1")
+        page.click("form input[type=submit], form button[type=submit]")
+        page.get_by_text('unknown resource "gpu"').first.wait_for(timeout=60_000)
+        body = page.inner_text("body")
+        assert "Grid Engine rejected the job: Unable to run job: unknown resource" in body
     assert active_jobs("bob", "sge") == []

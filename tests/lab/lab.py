@@ -433,8 +433,8 @@ def _start_sge() -> dict[str, int]:
     for line in sge_command("qconf -sconf global").stdout.splitlines():
         if line.startswith("execd_spool_dir"):
             line = f"execd_spool_dir {run}/execd"
-        elif line.startswith("reporting_params"):
-            line = line.replace("flush_time=00:00:15", "flush_time=00:00:01")
+        # reporting_params spans continuation lines
+        line = line.replace("flush_time=00:00:15", "flush_time=00:00:01")
         if not line.startswith("#"):
             global_config.append(line)
     (config / "global").write_text("\n".join(global_config) + "\n")
