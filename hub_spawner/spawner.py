@@ -595,9 +595,19 @@ class SSHBatchSpawner(Spawner):
             status = scheduler.parse_status_output(output, self.job_id)
             if status.state is JobState.ERROR and not status.reason:
                 detail = await connection.run(
-                    scheduler.error_reason_command(self.job_id), timeout=self.command_timeout
+                    scheduler.detail_command(self.job_id), timeout=self.command_timeout
                 )
                 status = dataclasses.replace(status, reason=scheduler.parse_error_reason(detail))
+            elif (
+                status.state is JobState.PENDING
+                and not status.reason
+                and hasattr(scheduler, "parse_pending_reason")
+            ):
+                detail = await connection.run(
+                    scheduler.detail_command(self.job_id), timeout=self.command_timeout
+                )
+                reason = scheduler.parse_pending_reason(detail)
+                status = dataclasses.replace(status, reason=reason)
         except ClusterUnreachable as error:
             return JobStatus(JobState.UNKNOWN, reason=str(error))
         return status

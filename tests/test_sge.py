@@ -92,7 +92,7 @@ def test_error_state_explanation_names_state_and_reason():
 def test_commands_quote_and_validate():
     assert sge.status_command("12") == "qstat -xml"
     assert sge.cancel_command("12") == "qdel 12"
-    assert sge.error_reason_command("12") == "qstat -j 12"
+    assert sge.detail_command("12") == "qstat -j 12"
     for bad in ["12; rm -rf ~", "$(id)", "", "12.server"]:
         with pytest.raises(ValueError):
             sge.cancel_command(bad)
@@ -162,3 +162,17 @@ def test_end_reason_uses_the_last_record_when_job_numbers_wrapped():
     second = recorded("sge", "qacct_exit3").stdout
     reason = sge.parse_end_reason(CommandOutput(0, first + second, ""))
     assert reason == "the server exited with status 3"
+
+
+def test_pending_reason_is_the_scheduling_info():
+    reason = sge.parse_pending_reason(recorded("sge", "qstat_j_pending"))
+    assert reason == 'cannot run in PE "smp" because it only offers 0 slots'
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["scheduling info:            (Collecting of scheduler job information is turned off)",
+     "scheduling info:            There are no messages available"],
+)
+def test_no_pending_reason_when_the_scheduler_keeps_none(line):
+    assert sge.parse_pending_reason(CommandOutput(0, f"job_number: 4\n{line}\n", "")) == ""

@@ -17,7 +17,8 @@ Every module provides:
   ``cancel_by_name_command(job_name, cluster_username)``, ``quote_job_id(job_id)``.
 
 A scheduler whose jobs can stop in an error state (``JobState.ERROR``) also provides
-``error_reason_command(job_id)`` and ``parse_error_reason(output)``; one that forgets ended
+``detail_command(job_id)`` and ``parse_error_reason(output)``, and, if its status listing has no
+pending reason, ``parse_pending_reason(output)`` of the same details; one that forgets ended
 jobs at once provides ``end_reason_command(job_id)`` and ``parse_end_reason(output)`` (its
 accounting), which the spawner asks only when it has to tell someone why a job ended.
 """

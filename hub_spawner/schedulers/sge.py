@@ -8,8 +8,8 @@ Requirements:
 - an answer we cannot read is ``JobState.UNKNOWN``; a job is ``DONE`` only when ``qstat`` ran
   and does not list it;
 - a job in an error state (``Eqw``, ``E``) never runs by itself: it is ``JobState.ERROR``, and
-  ``error_reason_command`` fetches the reason ``qstat -j`` gives, so the spawn fails at once and
-  the job is deleted;
+  ``detail_command`` (``qstat -j``) gives the reason, so the spawn fails at once and the job is
+  deleted; for a waiting job it gives the scheduler's "scheduling info";
 - Grid Engine forgets a job the moment it ends, so why it ended comes from accounting
   (``end_reason_command``: ``qacct -j``), asked only when someone needs to be told.
 """
@@ -158,9 +158,28 @@ def _status_from_letters(state_name: str, node: str) -> JobStatus:
     return JobStatus(JobState.UNKNOWN, state_name=state_name, reason=f"state {state_name!r}")
 
 
-def error_reason_command(job_id: str) -> str:
-    """Command line that prints the job's details, with its ``error reason`` lines."""
+def detail_command(job_id: str) -> str:
+    """Command line that prints the job's details: ``error reason`` and ``scheduling info``."""
     return f"qstat -j {quote_job_id(job_id)}"
+
+
+def parse_pending_reason(output: CommandOutput) -> str:
+    """Why the job waits: the ``scheduling info`` of ``qstat -j`` (``""`` when the scheduler
+    does not collect it, ``schedd_job_info false``)."""
+    lines: list[str] = []
+    collecting = False
+    for line in output.stdout.splitlines():
+        if line.startswith("scheduling info:"):
+            collecting = True
+            line = line.split(":", 1)[1]
+        elif collecting and not line.startswith((" ", "\t")):
+            break
+        if collecting and line.strip():
+            lines.append(line.strip())
+    text = "; ".join(lines)
+    if not text or "turned off" in text or "no messages available" in text:
+        return ""
+    return text
 
 
 def parse_error_reason(output: CommandOutput) -> str:

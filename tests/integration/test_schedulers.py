@@ -195,3 +195,26 @@ def test_walltime_end_stops_the_server_and_says_why_on_grid_engine_and_torque(hu
         hubs["sge"].log())
     assert "has ended: it has finished (its output file has the details) (job state C)" in (
         hubs["torque"].log())
+
+
+def test_grid_engine_waiting_job_shows_the_schedulers_reason_then_starts(hub_for, lab):
+    """bob's job takes both slots; alice's spawn waits with Grid Engine's scheduling info."""
+    hub = hub_for("sge")
+    blocker = lab.sge_command(
+        "su bob -c 'echo sleep 300 | qsub -terse -pe smp 2 -o /dev/null -j y'").stdout.strip()
+    try:
+        assert wait_for(lambda: any(" r " in job for job in active_jobs("bob", "sge")), 20)
+        response = hub.api("POST", "/users/alice/server", json={"cpus": 1})
+        assert response.status_code == 202, response.text
+        assert wait_for(lambda: any(" qw " in job for job in active_jobs("alice", "sge")), 20)
+        time.sleep(3)  # let a status check read the reason
+        lab.sge_command(f"qdel {blocker}")
+        events = hub.progress("alice")
+        messages = [event.get("message", "") for event in events]
+        assert any("is waiting in the queue: " in m and "all.q@compute" in m
+                   for m in messages), messages
+        assert events[-1].get("ready"), messages
+        hub.stop("alice")
+        assert wait_for(lambda: not active_jobs("alice", "sge"), 30)
+    finally:
+        lab.sge_command(f"qdel {blocker}", check=False)
