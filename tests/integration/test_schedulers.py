@@ -209,6 +209,7 @@ def occupy_the_grid_engine_node(lab) -> str:
             time.sleep(3)
             if any(" r " in job for job in active_jobs("bob", "sge")):
                 return blocker
+        print(f"bob's blocking job {blocker} did not stay running; submitting another")
         lab.sge_command(f"qdel {blocker}", check=False)
     raise AssertionError("bob's blocking job did not stay running")
 
