@@ -585,7 +585,8 @@ class SSHBatchSpawner(Spawner):
 
     async def _job_status(self) -> JobStatus:
         """The job's status; any failure to ask is ``UNKNOWN`` with the reason. A job in an
-        error state comes with the scheduler's reason for it."""
+        error state, or waiting, comes with the scheduler's reason when its status listing has
+        none and the scheduler can tell (Grid Engine's ``qstat -j``)."""
         scheduler = self.scheduler
         try:
             connection = await self._connection()
@@ -593,21 +594,15 @@ class SSHBatchSpawner(Spawner):
                 scheduler.status_command(self.job_id), timeout=self.command_timeout
             )
             status = scheduler.parse_status_output(output, self.job_id)
-            if status.state is JobState.ERROR and not status.reason:
+            parse_reason = {
+                JobState.ERROR: getattr(scheduler, "parse_error_reason", None),
+                JobState.PENDING: getattr(scheduler, "parse_pending_reason", None),
+            }.get(status.state)
+            if parse_reason and not status.reason:
                 detail = await connection.run(
                     scheduler.detail_command(self.job_id), timeout=self.command_timeout
                 )
-                status = dataclasses.replace(status, reason=scheduler.parse_error_reason(detail))
-            elif (
-                status.state is JobState.PENDING
-                and not status.reason
-                and hasattr(scheduler, "parse_pending_reason")
-            ):
-                detail = await connection.run(
-                    scheduler.detail_command(self.job_id), timeout=self.command_timeout
-                )
-                reason = scheduler.parse_pending_reason(detail)
-                status = dataclasses.replace(status, reason=reason)
+                status = dataclasses.replace(status, reason=parse_reason(detail))
         except ClusterUnreachable as error:
             return JobStatus(JobState.UNKNOWN, reason=str(error))
         return status
