@@ -3,7 +3,7 @@ LAB_PREFIX ?= /opt/hub-spawner-lab
 PYTHON := $(LAB_PREFIX)/venv/bin/python
 SCHEDULER ?= slurm
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test fresh-check lint bench
 
 install:
 	LAB_PREFIX=$(LAB_PREFIX) tests/lab/install.sh
@@ -13,6 +13,11 @@ demo: install
 
 test: install
 	LAB_PREFIX=$(LAB_PREFIX) tests/run.sh
+
+# make test with a brand-new /run and empty munge state (see tests/fresh_check.sh); run it before a
+# change that touches the lab or the installer.
+fresh-check:
+	LAB_PREFIX=$(LAB_PREFIX) tests/fresh_check.sh
 
 lint: install
 	$(LAB_PREFIX)/venv/bin/ruff check hub_spawner tests bench

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
 import posixpath
 import re
 import secrets
 import shlex
+import socket
 from collections.abc import AsyncIterator
 from types import ModuleType
 from typing import Any, ClassVar
@@ -306,10 +308,6 @@ class SSHBatchSpawner(Spawner):
             self.output_path = state.get("output_path", "")
             self.secrets_path = state.get("secrets_path", "")
 
-    def clear_state(self) -> None:
-        super().clear_state()
-        self._reset_job()
-
     # --- the form ----------------------------------------------------------------------------
 
     def resource_limits(self) -> Limits:
@@ -496,20 +494,36 @@ class SSHBatchSpawner(Spawner):
     async def poll(self) -> int | None:
         """``None`` while the job runs (or its state is unknown), ``1`` once it has ended.
 
-        An SSH or scheduler error never means "gone". A dead tunnel is re-opened on its old port.
+        Never raises: JupyterHub treats a raising poll as "not running" and forgets the server
+        while its job runs on. Only the scheduler saying the job ended makes it ``1``; an SSH or
+        scheduler error, a tunnel that cannot be re-opened, or any exception we did not foresee
+        is logged and the answer stays ``None`` (asked again at the next poll).
         """
         if not self.job_id:
             return 0
+        try:
+            return await self._poll_job()
+        except Exception:
+            self.log.error(
+                "%s: polling job %s failed unexpectedly; treating it as still running and "
+                "asking again in %s s (the job is not cancelled).",
+                self._log_name,
+                self.job_id,
+                self.poll_interval,
+                exc_info=True,
+            )
+            return None
+
+    async def _poll_job(self) -> int | None:
         status = await self._job_status()
         if status.ended:
             if self._end_reported != self.job_id:  # JupyterHub polls again while stopping
                 self._end_reported = self.job_id
-                self.log.warning(
-                    "%s: job %s has ended: %s",
-                    self._log_name,
-                    self.job_id,
-                    await self._explain_end(status),
-                )
+                try:
+                    why = await self._explain_end(status)
+                except Exception as error:
+                    why = f"(cannot say why: {error})"
+                self.log.warning("%s: job %s has ended: %s", self._log_name, self.job_id, why)
             return 1
         if status.state is JobState.UNKNOWN:
             self.log.warning(
@@ -583,24 +597,25 @@ class SSHBatchSpawner(Spawner):
     async def _connection(self) -> LoginConnection:
         return await default_pool.get(await self._ssh_target())
 
-    async def _job_status(self) -> JobStatus:
+    async def _job_status(self, job_id: str = "") -> JobStatus:
         """The job's status; any failure to ask is ``UNKNOWN`` with the reason. A job in an
         error state, or waiting, comes with the scheduler's reason when its status listing has
         none and the scheduler can tell (Grid Engine's ``qstat -j``)."""
         scheduler = self.scheduler
+        job_id = job_id or self.job_id
         try:
             connection = await self._connection()
             output = await connection.run(
-                scheduler.status_command(self.job_id), timeout=self.command_timeout
+                scheduler.status_command(job_id), timeout=self.command_timeout
             )
-            status = scheduler.parse_status_output(output, self.job_id)
+            status = scheduler.parse_status_output(output, job_id)
             parse_reason = {
                 JobState.ERROR: getattr(scheduler, "parse_error_reason", None),
                 JobState.PENDING: getattr(scheduler, "parse_pending_reason", None),
             }.get(status.state)
             if parse_reason and not status.reason:
                 detail = await connection.run(
-                    scheduler.detail_command(self.job_id), timeout=self.command_timeout
+                    scheduler.detail_command(job_id), timeout=self.command_timeout
                 )
                 status = dataclasses.replace(status, reason=parse_reason(detail))
         except ClusterUnreachable as error:
@@ -683,64 +698,185 @@ class SSHBatchSpawner(Spawner):
         )
 
     async def _reopen_tunnels(self) -> None:
-        """After a hub restart or a lost connection: the same ports again, so routes stay valid."""
+        """After a hub restart or a lost connection, re-open what is missing. Never raises.
+
+        The hub API reverse forward must come back on its old login-node port (the server's
+        ``JUPYTERHUB_API_URL`` names it): if it cannot, that is logged and retried at the next
+        poll. The hub-side tunnel comes back on its old port (the proxy's route stays valid); if
+        another process holds that port, it moves to a free one and the route and the stored
+        state follow.
+        """
         try:
             connection = await self._connection()
-            if self.api_tunnel_port and not default_tunnels.is_alive(self._api_tunnel_name):
+        except ClusterUnreachable as error:
+            self.log.warning("%s: cannot re-open tunnels yet: %s", self._log_name, error)
+            return
+        if self.api_tunnel_port and not default_tunnels.is_alive(self._api_tunnel_name):
+            try:
                 await self._open_hub_api_path(connection)
+            except Exception as error:
+                self.log.error(
+                    "%s: cannot re-open the hub API tunnel of job %s on login port %d: %s. The "
+                    "server cannot reach the hub until this succeeds; retrying at the next poll "
+                    "(every %s s).",
+                    self._log_name,
+                    self.job_id,
+                    self.api_tunnel_port,
+                    error,
+                    self.poll_interval,
+                )
+            else:
                 self.log.info(
                     "%s: re-opened the hub API tunnel on login port %d",
                     self._log_name,
                     self.api_tunnel_port,
                 )
-            if not default_tunnels.is_alive(self._tunnel_name):
-                await default_tunnels.open_local(
-                    self._tunnel_name,
-                    connection,
-                    self.tunnel_bind_ip,
-                    self.job_host,
-                    self.remote_port,
-                    bind_port=self.tunnel_port,
-                )
-                self.log.info(
-                    "%s: re-opened the tunnel: hub port %d -> %s:%d",
+        if not default_tunnels.is_alive(self._tunnel_name):
+            await self._reopen_local_tunnel(connection)
+
+    async def _reopen_local_tunnel(self, connection: LoginConnection) -> None:
+        old_port = self.tunnel_port
+        destination = f"{self.job_host}:{self.remote_port}"
+        try:
+            await default_tunnels.open_local(
+                self._tunnel_name,
+                connection,
+                self.tunnel_bind_ip,
+                self.job_host,
+                self.remote_port,
+                bind_port=old_port,
+            )
+        except Exception as error:
+            if not _port_taken(self.tunnel_bind_ip, old_port):
+                self.log.error(
+                    "%s: cannot re-open the tunnel of job %s (hub port %d -> %s): %s; "
+                    "retrying at the next poll (every %s s).",
                     self._log_name,
-                    self.tunnel_port,
-                    self.job_host,
-                    self.remote_port,
+                    self.job_id,
+                    old_port,
+                    destination,
+                    error,
+                    self.poll_interval,
                 )
-        except ClusterUnreachable as error:
-            self.log.warning("%s: cannot re-open tunnels yet: %s", self._log_name, error)
+                return
+        else:
+            self.log.info(
+                "%s: re-opened the tunnel: hub port %d -> %s", self._log_name, old_port, destination
+            )
+            return
+        try:
+            new_port = await default_tunnels.open_local(
+                self._tunnel_name,
+                connection,
+                self.tunnel_bind_ip,
+                self.job_host,
+                self.remote_port,
+            )
+        except Exception as error:
+            self.log.error(
+                "%s: hub port %d of job %s is taken by another process and no other port could "
+                "be opened: %s; retrying at the next poll (every %s s).",
+                self._log_name,
+                old_port,
+                self.job_id,
+                error,
+                self.poll_interval,
+            )
+            return
+        self.tunnel_port = new_port
+        await self._move_route(new_port)
+        self.log.warning(
+            "%s: hub port %d is taken by another process; the tunnel of job %s moved to hub port "
+            "%d -> %s (route and stored state updated)",
+            self._log_name,
+            old_port,
+            self.job_id,
+            new_port,
+            destination,
+        )
+
+    async def _move_route(self, port: int) -> None:
+        """Point the server's stored address and the proxy's route at a new tunnel port."""
+        if self.server is not None:
+            self.server.port = port  # written through to the database row
+        if self.orm_spawner is not None:
+            self.orm_spawner.state = self.get_state()
+        db = getattr(self.user, "db", None)
+        if db is not None:
+            db.commit()
+        proxy = getattr(self.user, "settings", {}).get("proxy")
+        if proxy is None or self.server is None or self.pending not in (None, "spawn"):
+            return  # at hub start-up, JupyterHub's route check uses the stored address
+        try:
+            await proxy.add_user(self.user, self.name)
+        except Exception as error:
+            self.log.warning(
+                "%s: could not update the proxy's route yet (%s); JupyterHub's route check "
+                "will use the stored address",
+                self._log_name,
+                error,
+            )
 
     async def _release(self, why: str, wait: bool = True) -> None:
         """Cancel the job (by id, or by its unique name if the id never came back), close the
         tunnels and delete the secrets file.
 
-        If the login node cannot be reached, the cancel is handed to ``pending_cancels``, which
-        retries it in the background until it gets through: JupyterHub forgets the job id after
-        ``stop()`` whatever happens, so the job must not depend on this spawner's state.
+        If the cancel cannot be sent (login node down, or anything else), it is handed to
+        ``pending_cancels``, which retries it in the background until it gets through: JupyterHub
+        forgets the job id after ``stop()`` whatever happens, so the job must not depend on this
+        spawner's state.
         """
         default_tunnels.close(self._tunnel_name)
         default_tunnels.close(self._api_tunnel_name)
-        if not (self.job_id or self._submission_sent or self.secrets_path):
+        cleanup = self._cleanup_plan()
+        if cleanup is None:
             return
-        target = await self._ssh_target()
+        if cleanup.job_id or cleanup.by_name:
+            self.log.info("%s: cancelling %s (%s)", self._log_name, cleanup.label, why)
+        self.job_id = ""
+        self._submission_sent = False
+        self.secrets_path = ""
+        if await self._send_cancel(cleanup) and cleanup.job_id and wait:
+            await self._wait_until_gone(cleanup.job_id)
+
+    def _cleanup_plan(self) -> _Cleanup | None:
+        """What cancelling this spawner's job and deleting its secrets file takes, as a
+        snapshot that outlives the spawner's state; None if there is nothing to clean up."""
+        if not (self.job_id or self._submission_sent or self.secrets_path):
+            return None
+        return _Cleanup(
+            job_id=self.job_id,
+            job_name=self.job_name,
+            by_name=not self.job_id and self._submission_sent,
+            secrets_path=self.secrets_path,
+            label=f"job {self.job_id or self.job_name} of {self._log_name}",
+        )
+
+    async def _send_cancel(self, cleanup: _Cleanup) -> bool:
+        """Run the cleanup now, or hand it to the background retrier; True if it ran now."""
+        label = cleanup.label
+        try:
+            target = await self._ssh_target()
+        except Exception as error:
+            self.log.error(
+                "%s: cannot cancel %s: %s Cancel it on the cluster by hand.",
+                self._log_name,
+                label,
+                error,
+            )
+            return False
         commands = []
-        if self.job_id:
-            commands.append(self.scheduler.cancel_command(self.job_id))
-        elif self._submission_sent:
-            commands.append(self.scheduler.cancel_by_name_command(self.job_name, target.username))
-        if self.secrets_path:
-            commands.append(f"rm -f -- {shlex.quote(self.secrets_path)}")
-        label = f"job {self.job_id or self.job_name} of {self._log_name}"
-        if self.job_id or self._submission_sent:
-            self.log.info("%s: cancelling %s (%s)", self._log_name, label, why)
+        if cleanup.job_id:
+            commands.append(self.scheduler.cancel_command(cleanup.job_id))
+        elif cleanup.by_name:
+            by_name = self.scheduler.cancel_by_name_command(cleanup.job_name, target.username)
+            commands.append(by_name)
+        if cleanup.secrets_path:
+            commands.append(f"rm -f -- {shlex.quote(cleanup.secrets_path)}")
         try:
             connection = await default_pool.get(target)
             await connection.run("; ".join(commands), timeout=self.command_timeout)
-            if self.job_id and wait:
-                await self._wait_until_gone()
-        except ClusterUnreachable as error:
+        except Exception as error:
             self.log.error(
                 "%s: could not cancel %s: %s Retrying every %g s in the background.",
                 self._log_name,
@@ -751,23 +887,68 @@ class SSHBatchSpawner(Spawner):
             pending_cancels.add(
                 target, "; ".join(commands), label, self.cancel_retry_interval, self.log
             )
-        self.job_id = ""
-        self._submission_sent = False
-        self.secrets_path = ""
+            return False
+        return True
 
-    async def _wait_until_gone(self) -> None:
+    def clear_state(self) -> None:
+        """JupyterHub forgets this server. A job still known here (the hub dropped the server
+        without a ``stop()`` that cancelled it) is cancelled in the background first, so no job
+        outlives the hub's memory of it."""
+        cleanup = self._cleanup_plan()
+        if cleanup is not None and (cleanup.job_id or cleanup.by_name):
+            self.log.warning(
+                "%s: the hub forgets the server while %s still exists; cancelling it",
+                self._log_name,
+                cleanup.label,
+            )
+            default_tunnels.close(self._tunnel_name)
+            default_tunnels.close(self._api_tunnel_name)
+            task = asyncio.ensure_future(self._send_cancel(cleanup))
+            _background_tasks.add(task)
+            task.add_done_callback(_background_tasks.discard)
+        super().clear_state()
+        self._reset_job()
+
+    async def _wait_until_gone(self, job_id: str) -> None:
         deadline = asyncio.get_running_loop().time() + self.stop_wait
         while asyncio.get_running_loop().time() < deadline:
-            status = await self._job_status()
+            status = await self._job_status(job_id)
             if status.state is JobState.DONE:
                 return
             await asyncio.sleep(0.5)
         self.log.warning(
             "%s: job %s still listed %.0f s after cancelling",
             self._log_name,
-            self.job_id,
+            job_id,
             self.stop_wait,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cleanup:
+    """A snapshot of what to cancel and delete for one server."""
+
+    job_id: str
+    job_name: str
+    by_name: bool
+    secrets_path: str
+    label: str
+
+
+#: Cleanups started from synchronous hooks (``clear_state``), kept until done.
+_background_tasks: set[asyncio.Future] = set()
+
+
+def _port_taken(ip: str, port: int) -> bool:
+    """Whether another process listens on ``ip:port`` here (a bind test; False if free)."""
+    probe = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
+    try:
+        probe.bind((ip or "0.0.0.0", port))
+    except OSError as error:
+        return error.errno == errno.EADDRINUSE
+    finally:
+        probe.close()
+    return False
 
 
 class PendingCancels:

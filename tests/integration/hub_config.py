@@ -9,6 +9,12 @@ Scenarios are named servers of alice whose command is swapped in ``pre_spawn_hoo
 - ``error-state`` (Grid Engine): the job's working directory does not exist, so Grid Engine puts
   it in error state ``Eqw``;
 - ``held``: the job is submitted on hold (``-h``).
+
+``HUB_FAULT`` injects a failure into this hub process (a deliberate fault, not a stand-in for a
+real part; every part around it is real):
+- ``reopen-raises-once``: the first tunnel the hub opens raises ``RuntimeError``;
+- ``stop-raises-once``: the first ``stop()`` raises ``RuntimeError`` before it does anything.
+``HUB_POLL_INTERVAL`` sets ``Spawner.poll_interval`` (seconds).
 """
 
 import os
@@ -20,7 +26,8 @@ c.JupyterHub.services = [{"name": "lab-tests", "api_token": os.environ["HUB_TEST
 c.JupyterHub.load_roles = [
     {
         "name": "lab-tests",
-        "scopes": ["admin:users", "admin:servers", "access:servers", "tokens", "read:users"],
+        "scopes": ["admin:users", "admin:servers", "admin:server_state", "access:servers", "tokens",
+                   "read:users"],
         "services": ["lab-tests"],
     }
 ]
@@ -56,3 +63,29 @@ c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 0}
 # The hub-restart test keeps servers running across a restart, as production configs do.
 if os.environ.get("HUB_KEEP_SERVERS") == "1":
     c.JupyterHub.cleanup_servers = False
+
+if os.environ.get("HUB_POLL_INTERVAL"):
+    c.Spawner.poll_interval = int(os.environ["HUB_POLL_INTERVAL"])
+
+
+def _raise_once(cls, method_name: str, message: str) -> None:
+    original = getattr(cls, method_name)
+    fired = []
+
+    async def faulty(self, *args, **kwargs):
+        if not fired:
+            fired.append(True)
+            raise RuntimeError(message)
+        return await original(self, *args, **kwargs)
+
+    setattr(cls, method_name, faulty)
+
+
+if os.environ.get("HUB_FAULT") == "reopen-raises-once":
+    from hub_spawner.tunnel import Tunnels
+
+    _raise_once(Tunnels, "open_local", "lab fault: injected into the tunnel re-open path")
+elif os.environ.get("HUB_FAULT") == "stop-raises-once":
+    from hub_spawner.spawner import SSHBatchSpawner
+
+    _raise_once(SSHBatchSpawner, "stop", "lab fault: injected into stop()")

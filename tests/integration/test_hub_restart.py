@@ -1,44 +1,202 @@
-"""A hub restart (cleanup_servers = False) keeps the job, and the spawner re-opens both tunnels
-on their old ports, so the proxy's route and the server's hub API URL stay valid."""
+"""A hub restart (cleanup_servers = False) keeps the job, and the spawner re-opens both tunnels.
+
+Normally on their old ports, so the proxy's route and the server's hub API URL stay valid. When
+something is in the way (another login-node user on the reverse-forward port, another process
+on the hub-side port, an exception nobody foresaw), the hub still knows the server and its job:
+it recovers within a poll interval, or cancels the job and says why; never a running job the
+hub has forgotten.
+"""
 
 from __future__ import annotations
 
 import re
 import secrets
+import socket
+import subprocess
+import time
 
 from .conftest import active_jobs, start_hub, stop_hub, wait_for
 
 PORT = 28000
+POLL_INTERVAL = 5
+#: A login-node user holding a TCP port (prints "bound" once listening, accepts and hangs up).
+SQUATTER = """
+import socket, sys, time
+sock = socket.socket()
+deadline = time.monotonic() + 20
+while True:
+    try:
+        sock.bind((sys.argv[1], int(sys.argv[2])))
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.2)
+sock.listen()
+print("bound", flush=True)
+while True:
+    conn, _ = sock.accept()
+    conn.close()
+"""
 
 
-def test_server_survives_a_hub_restart_through_reopened_tunnels(lab, tmp_path):
+def _spawn_and_stop_hub(tmp_path, env: dict) -> tuple[str, dict, list[str]]:
+    """Start a hub, spawn alice's ``restart`` server, stop the hub; returns the hub token, the
+    spawner's stored state and the job listing."""
     token = secrets.token_hex(24)
-    env = {"HUB_KEEP_SERVERS": "1"}
     hub, process = start_hub(tmp_path, PORT, token, env)
     try:
         hub.api("POST", "/users/alice")
         events, _ = hub.spawn("alice", "restart")
         assert events[-1].get("ready"), events
-        tunnel_port = re.findall(r"Tunnel open: hub port (\d+)", hub.log())[-1]
+        state = hub.api("GET", "/users/alice").json()["servers"]["restart"]["state"]
         job = active_jobs("alice")
         assert len(job) == 1, job
     finally:
         stop_hub(process)
-    # The hub (and its proxy) are gone; the job is not.
-    assert active_jobs("alice") == job
+    assert active_jobs("alice") == job  # the hub (and its proxy) are gone; the job is not
+    return token, state, job
 
+
+def _restart_log(hub) -> str:
+    return hub.log().split("Running JupyterHub version")[-1]
+
+
+def _reachable(hub) -> bool:
+    try:
+        return hub.get("/user/alice/restart/api/status").status_code == 200
+    except Exception:
+        return False
+
+
+def _stop_and_check_gone(hub) -> None:
+    hub.stop("alice", "restart")
+    assert wait_for(lambda: not active_jobs("alice"), 20), active_jobs("alice")
+
+
+def _fresh_token_works(hub) -> bool:
+    """A token the server has never seen: accepting it means asking the hub API (through the
+    reverse tunnel); a cached answer cannot pass this."""
+    token = hub.api("POST", "/users/alice/tokens", json={"expires_in": 600}).json()["token"]
+    response = hub.get("/user/alice/restart/api/kernels", token=token)
+    return response.status_code == 200
+
+
+def test_server_survives_a_hub_restart_through_reopened_tunnels(lab, tmp_path):
+    env = {"HUB_KEEP_SERVERS": "1"}
+    token, state, _ = _spawn_and_stop_hub(tmp_path, env)
     hub, process = start_hub(tmp_path, PORT, token, env)
     try:
-        status = hub.get("/user/alice/restart/api/status")
-        assert status.status_code == 200, status.text
-        log = hub.log().split("Running JupyterHub version")[-1]
-        reopened = rf"alice:restart: re-opened the tunnel: hub port {tunnel_port} -> compute:"
-        assert re.search(reopened, log)
+        assert _reachable(hub)
+        log = _restart_log(hub)
+        reopened = rf"alice:restart: re-opened the tunnel: hub port {state['tunnel_port']} -> "
+        assert re.search(reopened, log), log[-3000:]
         assert "alice:restart: re-opened the hub API tunnel" in log
-        # The server still talks to the hub through the re-opened reverse tunnel.
-        run = hub.api_server("POST", "alice", "/api/kernels", server="restart", json={})
-        assert run.status_code == 201
+        assert _fresh_token_works(hub)
+        _stop_and_check_gone(hub)
+    finally:
+        stop_hub(process)
+
+
+def test_taken_reverse_port_keeps_the_server_known_and_recovers_once_freed(lab, tmp_path):
+    env = {"HUB_KEEP_SERVERS": "1", "HUB_POLL_INTERVAL": str(POLL_INTERVAL)}
+    token, state, job = _spawn_and_stop_hub(tmp_path, env)
+    api_port = state["api_tunnel_port"]
+    # bob, an ordinary login-node user, takes the freed port while the hub is down.
+    squatter = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{lab.NAMESPACES['login']}", "runuser", "-u", "bob", "--",
+         "/usr/bin/python3", "-c", SQUATTER, lab.LOGIN_CLUSTER_IP, str(api_port)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert squatter.stdout.readline().strip() == "bound"
+        hub, process = start_hub(tmp_path, PORT, token, env)
+        try:
+            message = (f"alice:restart: cannot re-open the hub API tunnel of job "
+                       f"{state['job_id']} on login port {api_port}")
+            assert wait_for(lambda: message in _restart_log(hub), 20), _restart_log(hub)[-3000:]
+            assert "The server cannot reach the hub until this succeeds" in _restart_log(hub)
+            # Still known, still running, and the same job.
+            time.sleep(POLL_INTERVAL + 1)
+            model = hub.api("GET", "/users/alice").json()["servers"]
+            assert model.get("restart", {}).get("ready"), model
+            assert active_jobs("alice") == job
+            lab.stop_pid(squatter.pid)
+            assert wait_for(lambda: "re-opened the hub API tunnel" in _restart_log(hub),
+                            2 * POLL_INTERVAL + 5), _restart_log(hub)[-3000:]
+            assert _reachable(hub)
+            assert _fresh_token_works(hub)
+            _stop_and_check_gone(hub)
+        finally:
+            stop_hub(process)
+    finally:
+        lab.stop_pid(squatter.pid)
+
+
+def test_taken_hub_port_moves_the_tunnel_and_the_route(lab, tmp_path):
+    env = {"HUB_KEEP_SERVERS": "1", "HUB_POLL_INTERVAL": str(POLL_INTERVAL)}
+    token, state, job = _spawn_and_stop_hub(tmp_path, env)
+    old_port = state["tunnel_port"]
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind(("127.0.0.1", old_port))
+    squatter.listen()
+    try:
+        hub, process = start_hub(tmp_path, PORT, token, env)
+        try:
+            assert wait_for(lambda: _reachable(hub), POLL_INTERVAL + 5), _restart_log(hub)[-3000:]
+            moved = re.search(rf"alice:restart: hub port {old_port} is taken by another process; "
+                              rf"the tunnel of job {state['job_id']} moved to hub port (\d+)",
+                              _restart_log(hub))
+            assert moved, _restart_log(hub)[-3000:]
+            new_port = int(moved.group(1))
+            assert new_port != old_port
+            stored = hub.api("GET", "/users/alice").json()["servers"]["restart"]
+            assert stored["state"]["tunnel_port"] == new_port
+            assert stored["url"] == "/user/alice/restart/"
+            assert active_jobs("alice") == job
+            assert _fresh_token_works(hub)
+            _stop_and_check_gone(hub)
+        finally:
+            stop_hub(process)
+    finally:
+        squatter.close()
+
+
+def test_unexpected_error_in_reopen_is_retried_at_the_next_poll(lab, tmp_path):
+    env = {"HUB_KEEP_SERVERS": "1", "HUB_POLL_INTERVAL": str(POLL_INTERVAL)}
+    token, state, job = _spawn_and_stop_hub(tmp_path, env)
+    env = dict(env, HUB_FAULT="reopen-raises-once")
+    hub, process = start_hub(tmp_path, PORT, token, env)
+    try:
+        assert wait_for(lambda: _reachable(hub), 2 * POLL_INTERVAL + 5), _restart_log(hub)[-3000:]
+        log = _restart_log(hub)
+        assert (f"alice:restart: cannot re-open the tunnel of job {state['job_id']} "
+                f"(hub port {state['tunnel_port']} -> ") in log, log[-3000:]
+        assert "lab fault: injected into the tunnel re-open path" in log
+        assert f"re-opened the tunnel: hub port {state['tunnel_port']} -> " in log
+        assert "Failed to poll spawner" not in log
+        assert active_jobs("alice") == job
+        _stop_and_check_gone(hub)
+    finally:
+        stop_hub(process)
+
+
+def test_hub_that_drops_a_server_after_a_failed_stop_still_cancels_its_job(lab, tmp_path):
+    """stop() raising (any reason) makes JupyterHub clear the spawner's state; the job must
+    still be cancelled."""
+    env = {"HUB_KEEP_SERVERS": "1", "HUB_FAULT": "stop-raises-once"}
+    token = secrets.token_hex(24)
+    hub, process = start_hub(tmp_path, PORT, token, env)
+    try:
+        hub.api("POST", "/users/alice")
+        events, _ = hub.spawn("alice", "restart")
+        assert events[-1].get("ready"), events
+        assert len(active_jobs("alice")) == 1
         hub.stop("alice", "restart")
-        assert wait_for(lambda: not active_jobs("alice"), 20), active_jobs("alice")
+        assert wait_for(lambda: not active_jobs("alice"), 30), active_jobs("alice")
+        log = _restart_log(hub)
+        assert "lab fault: injected into stop()" in log
+        assert "alice:restart: the hub forgets the server while job " in log
     finally:
         stop_hub(process)

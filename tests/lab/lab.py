@@ -168,9 +168,8 @@ def up(schedulers: tuple[str, ...] = SCHEDULERS) -> dict:
     unknown = set(schedulers) - set(SCHEDULERS)
     if unknown:
         raise ValueError(f"unknown scheduler(s) {sorted(unknown)}; known: {SCHEDULERS}")
-    LAB_DIR.mkdir(parents=True, exist_ok=True)
-    os.chmod(LAB_DIR, 0o755)
     state: dict = {"pids": {}, "schedulers": list(schedulers)}
+    _runtime_dirs()
     try:
         _network()
         _users_and_keys()
@@ -257,6 +256,27 @@ def host_command(host: str, command: str, binds: dict[str, str] | None = None) -
             "--propagation", "private", "sh", "-c", setup + command]
 
 
+#: Directories the lab's daemons need, with owner and mode. Under /run (a tmpfs, empty after
+#: every boot) nothing survives, and package scripts create nothing when service starts are
+#: blocked (policy-rc.d), so the lab makes them all, every time.
+RUNTIME_DIRS = (
+    (LAB_DIR, "root", 0o755),
+    (Path("/run/sshd"), "root", 0o755),  # sshd's privilege-separation directory
+    (Path("/run/munge"), "munge", 0o755),  # munged's socket and pid file
+    (Path("/var/lib/munge"), "munge", 0o700),  # munged's seed
+    (Path("/var/log/munge"), "munge", 0o700),
+)
+
+
+def _runtime_dirs() -> None:
+    """Create every runtime directory the lab relies on (Slurm's and Grid Engine's live under
+    ``LAB_DIR``, made when they start)."""
+    for path, owner, mode in RUNTIME_DIRS:
+        path.mkdir(parents=True, exist_ok=True)
+        shutil.chown(path, owner, owner)
+        os.chmod(path, mode)
+
+
 def _network() -> None:
     # Safety first: nothing in 10.77/16 may ever leave through the default route.
     _ip("route", "replace", "unreachable", SAFETY_ROUTE)
@@ -307,8 +327,6 @@ def _users_and_keys() -> None:
 
 
 def _start_munged() -> int:
-    Path("/run/munge").mkdir(exist_ok=True)
-    shutil.chown("/run/munge", "munge", "munge")
     process = subprocess.Popen(
         ["runuser", "-u", "munge", "--", "/usr/sbin/munged", "--foreground", "--force"],
         stdout=subprocess.DEVNULL, stderr=open(LAB_DIR / "munged.log", "w"),
@@ -354,7 +372,6 @@ def _configure_sshd() -> None:
 def _start_sshd(port: int = 22) -> int:
     """The login host's sshd; on ``TORQUE_PORT`` its sessions see the Torque/PBS wrappers in
     /usr/local/bin (first on PATH), so ``qsub`` there is Torque's, not Grid Engine's."""
-    Path("/run/sshd").mkdir(exist_ok=True)
     config = LAB_DIR / f"sshd_config-{port}"
     binds = {str(TORQUE_WRAPPERS): "/usr/local/bin"} if port == TORQUE_PORT else None
     process = subprocess.Popen(
