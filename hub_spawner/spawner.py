@@ -903,9 +903,13 @@ class SSHBatchSpawner(Spawner):
             )
             default_tunnels.close(self._tunnel_name)
             default_tunnels.close(self._api_tunnel_name)
-            task = asyncio.ensure_future(self._send_cancel(cleanup))
-            _background_tasks.add(task)
-            task.add_done_callback(_background_tasks.discard)
+            try:
+                task = asyncio.get_running_loop().create_task(self._send_cancel(cleanup))
+            except RuntimeError:  # no event loop (not inside a hub): nothing can send it
+                self.log.error("%s: cannot cancel %s: no event loop", self._log_name, cleanup.label)
+            else:
+                _background_tasks.add(task)
+                task.add_done_callback(_background_tasks.discard)
         super().clear_state()
         self._reset_job()
 
