@@ -266,6 +266,8 @@ class SSHBatchSpawner(Spawner):
         super().__init__(**kwargs)
         self._progress_events: list[dict[str, Any]] = []
         self._progress_changed = asyncio.Event()
+        self._reopen_lock = asyncio.Lock()
+        self._tunnel_retry: asyncio.Future | None = None
         self._reset_job()
 
     def _reset_job(self) -> None:
@@ -535,6 +537,8 @@ class SSHBatchSpawner(Spawner):
             return None
         if status.state is JobState.RUNNING and self.job_host and self.tunnel_port:
             await self._reopen_tunnels()
+            if not self._tunnels_open():
+                self._retry_tunnels_soon()
         return None
 
     async def stop(self, now: bool = False) -> None:
@@ -697,28 +701,72 @@ class SSHBatchSpawner(Spawner):
             **self._template_variables(resources),
         )
 
-    async def _reopen_tunnels(self) -> None:
+    def _tunnels_open(self) -> bool:
+        return default_tunnels.is_alive(self._tunnel_name) and (
+            not self.api_tunnel_port or default_tunnels.is_alive(self._api_tunnel_name)
+        )
+
+    def _retry_tunnels_soon(self) -> None:
+        """Start (once) a background retry of what ``poll()`` could not re-open.
+
+        JupyterHub polls again only after it has seen the server answer (at hub start-up it waits
+        up to ``http_timeout`` for that, then stops the server), so waiting for the next poll
+        would turn a passing fault into a cancelled job. The retry starts after 1 s and backs off
+        to ``poll_interval``; it logs only its success (each poll logs the failure) and ends when
+        both tunnels are open or the job is no longer this spawner's.
+        """
+        if self._tunnel_retry is None or self._tunnel_retry.done():
+            self._tunnel_retry = asyncio.ensure_future(self._retry_tunnels(self.job_id))
+
+    async def _retry_tunnels(self, job_id: str) -> None:
+        delay = 1.0
+        while True:
+            await asyncio.sleep(delay)
+            if self.job_id != job_id or self._tunnels_open():
+                return
+            try:
+                await self._reopen_tunnels(quiet=True)
+            except Exception:  # never expected: _reopen_tunnels logs its failures itself
+                self.log.exception("%s: retrying the tunnels failed", self._log_name)
+            delay = min(2 * delay, max(float(self.poll_interval), 1.0))
+
+    def _stop_tunnel_retry(self) -> None:
+        if self._tunnel_retry is not None and not self._tunnel_retry.done():
+            self._tunnel_retry.cancel()
+        self._tunnel_retry = None
+
+    async def _reopen_tunnels(self, quiet: bool = False) -> None:
         """After a hub restart or a lost connection, re-open what is missing. Never raises.
 
         The hub API reverse forward must come back on its old login-node port (the server's
-        ``JUPYTERHUB_API_URL`` names it): if it cannot, that is logged and retried at the next
-        poll. The hub-side tunnel comes back on its old port (the proxy's route stays valid); if
-        another process holds that port, it moves to a free one and the route and the stored
-        state follow.
+        ``JUPYTERHUB_API_URL`` names it): if it cannot, that is logged and retried. The hub-side
+        tunnel comes back on its old port (the proxy's route stays valid); if another process
+        holds that port, it moves to a free one and the route and the stored state follow.
+        ``quiet`` (the background retry) logs failures at debug level only.
         """
+        async with self._reopen_lock:
+            await self._reopen_missing_tunnels(logging.DEBUG if quiet else logging.ERROR)
+
+    async def _reopen_missing_tunnels(self, failure_level: int) -> None:
         try:
             connection = await self._connection()
         except ClusterUnreachable as error:
-            self.log.warning("%s: cannot re-open tunnels yet: %s", self._log_name, error)
+            self.log.log(
+                min(failure_level, logging.WARNING),
+                "%s: cannot re-open tunnels yet: %s",
+                self._log_name,
+                error,
+            )
             return
         if self.api_tunnel_port and not default_tunnels.is_alive(self._api_tunnel_name):
             try:
                 await self._open_hub_api_path(connection)
             except Exception as error:
-                self.log.error(
+                self.log.log(
+                    failure_level,
                     "%s: cannot re-open the hub API tunnel of job %s on login port %d: %s. The "
-                    "server cannot reach the hub until this succeeds; retrying at the next poll "
-                    "(every %s s).",
+                    "server cannot reach the hub until this succeeds; retrying in the background "
+                    "and at every poll (every %s s).",
                     self._log_name,
                     self.job_id,
                     self.api_tunnel_port,
@@ -732,9 +780,9 @@ class SSHBatchSpawner(Spawner):
                     self.api_tunnel_port,
                 )
         if not default_tunnels.is_alive(self._tunnel_name):
-            await self._reopen_local_tunnel(connection)
+            await self._reopen_local_tunnel(connection, failure_level)
 
-    async def _reopen_local_tunnel(self, connection: LoginConnection) -> None:
+    async def _reopen_local_tunnel(self, connection: LoginConnection, failure_level: int) -> None:
         old_port = self.tunnel_port
         destination = f"{self.job_host}:{self.remote_port}"
         try:
@@ -748,9 +796,10 @@ class SSHBatchSpawner(Spawner):
             )
         except Exception as error:
             if not _port_taken(self.tunnel_bind_ip, old_port):
-                self.log.error(
+                self.log.log(
+                    failure_level,
                     "%s: cannot re-open the tunnel of job %s (hub port %d -> %s): %s; "
-                    "retrying at the next poll (every %s s).",
+                    "retrying in the background and at every poll (every %s s).",
                     self._log_name,
                     self.job_id,
                     old_port,
@@ -773,9 +822,10 @@ class SSHBatchSpawner(Spawner):
                 self.remote_port,
             )
         except Exception as error:
-            self.log.error(
+            self.log.log(
+                failure_level,
                 "%s: hub port %d of job %s is taken by another process and no other port could "
-                "be opened: %s; retrying at the next poll (every %s s).",
+                "be opened: %s; retrying in the background and at every poll (every %s s).",
                 self._log_name,
                 old_port,
                 self.job_id,
@@ -826,6 +876,7 @@ class SSHBatchSpawner(Spawner):
         forgets the job id after ``stop()`` whatever happens, so the job must not depend on this
         spawner's state.
         """
+        self._stop_tunnel_retry()
         default_tunnels.close(self._tunnel_name)
         default_tunnels.close(self._api_tunnel_name)
         cleanup = self._cleanup_plan()
@@ -901,6 +952,7 @@ class SSHBatchSpawner(Spawner):
                 self._log_name,
                 cleanup.label,
             )
+            self._stop_tunnel_retry()
             default_tunnels.close(self._tunnel_name)
             default_tunnels.close(self._api_tunnel_name)
             try:

@@ -17,6 +17,7 @@ real part; every part around it is real):
 ``HUB_POLL_INTERVAL`` sets ``Spawner.poll_interval`` (seconds).
 """
 
+import logging
 import os
 
 c = get_config()  # noqa: F821
@@ -75,6 +76,8 @@ def _raise_once(cls, method_name: str, message: str) -> None:
     async def faulty(self, *args, **kwargs):
         if not fired:
             fired.append(True)
+            # Logged here because JupyterHub drops what stop() raises without a log line.
+            logging.getLogger("JupyterHub").warning("%s (raised now)", message)
             raise RuntimeError(message)
         return await original(self, *args, **kwargs)
 
