@@ -67,10 +67,14 @@ def render_options_form(limits: Limits, queue_label: str = "Partition") -> str:
 def options_from_form(formdata: dict[str, list[str]], limits: Limits) -> dict[str, object]:
     """Validated, normalised ``user_options`` from the submitted form.
 
-    Empty fields mean "the default". Raises ``ValueError`` on a bad value.
+    Empty fields mean "the default"; fields whose name starts with ``_`` are the page's own
+    (``_xsrf``, when a client posts it in the body) and are not options. Raises ``ValueError``
+    on a bad value.
     """
     options = {
-        name: values[0].strip() for name, values in formdata.items() if values and values[0].strip()
+        name: values[0].strip()
+        for name, values in formdata.items()
+        if not name.startswith("_") and values and values[0].strip()
     }
     return resources_from_options(options, limits).to_user_options()
 

@@ -76,6 +76,10 @@ def test_form_parses_first_values_and_ignores_empty_fields():
                        "walltime": "02:00:00", "account": ""}
 
 
+def test_form_ignores_the_pages_own_xsrf_field():
+    assert options_from_form({"_xsrf": ["token"], "cpus": ["2"]}, LIMITS)["cpus"] == 2
+
+
 def test_form_rejects_bad_value():
     with pytest.raises(ValueError, match="Cores"):
         options_from_form({"cpus": ["-1"]}, LIMITS)
