@@ -57,16 +57,22 @@ def _spawn_and_stop_hub(tmp_path, env: dict) -> tuple[str, dict, list[str]]:
     token = secrets.token_hex(24)
     hub, process = start_hub(tmp_path, PORT, token, env)
     try:
-        hub.api("POST", "/users/alice")
-        events, _ = hub.spawn("alice", "restart")
-        assert events[-1].get("ready"), events
+        job = _spawn_restart_server(hub)
         state = hub.api("GET", "/users/alice").json()["servers"]["restart"]["state"]
-        job = active_jobs("alice")
-        assert len(job) == 1, job
     finally:
         stop_hub(process)
     assert active_jobs("alice") == job  # the hub (and its proxy) are gone; the job is not
     return token, state, job
+
+
+def _spawn_restart_server(hub) -> list[str]:
+    """Spawn alice's ``restart`` server; returns its one job's listing."""
+    hub.api("POST", "/users/alice")
+    events, _ = hub.spawn("alice", "restart")
+    assert events[-1].get("ready"), events
+    job = active_jobs("alice")
+    assert len(job) == 1, job
+    return job
 
 
 def _restart_log(hub) -> str:
@@ -202,10 +208,7 @@ def test_hub_that_drops_a_server_after_a_failed_stop_still_cancels_its_job(lab, 
     token = secrets.token_hex(24)
     hub, process = start_hub(tmp_path, PORT, token, env)
     try:
-        hub.api("POST", "/users/alice")
-        events, _ = hub.spawn("alice", "restart")
-        assert events[-1].get("ready"), events
-        assert len(active_jobs("alice")) == 1
+        _spawn_restart_server(hub)
         hub.stop("alice", "restart")
         assert wait_for(lambda: not active_jobs("alice"), 30), active_jobs("alice")
         log = _restart_log(hub)
