@@ -1,0 +1,132 @@
+"""What the spawner uses to talk to the tunnel service (and to start it when it is not running).
+
+Requirements:
+- one request is one JSON line on the service's Unix socket; a service that is not running is
+  started (``python -m hub_spawner.tunnels --dir DIR``, in its own session, so that it outlives
+  the hub) and asked again, as JupyterHub does with configurable-http-proxy;
+- every failure is a ``TunnelError`` whose message says what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from ..errors import SpawnError
+from .forwards import Forward, Login
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 15.0
+REQUEST_TIMEOUT = 60.0
+
+
+#: What connecting to a service that is not (or no longer) running raises.
+_NOT_RUNNING = (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, BrokenPipeError)
+
+
+class TunnelError(SpawnError):
+    """The tunnel service could not do what was asked (or could not be reached)."""
+
+
+class TunnelClient:
+    """Requests to the tunnel service that keeps its state in ``directory``."""
+
+    def __init__(self, directory: str | Path, python: str = sys.executable) -> None:
+        self.directory = Path(directory).resolve()
+        self.python = python
+        self._start_lock = asyncio.Lock()
+
+    async def ensure(self, forward: Forward) -> int:
+        """Make sure ``forward`` is up; returns its port (the same one for the same spec)."""
+        reply = await self.request({"op": "ensure", "forward": forward.to_json()})
+        return int(reply["port"])
+
+    async def ensure_local(
+        self, name: str, login: Login, listen_host: str, dest_host: str, dest_port: int,
+        listen_port: int = 0,
+    ) -> int:
+        return await self.ensure(
+            Forward(name, "local", login, listen_host, dest_host, dest_port, listen_port)
+        )
+
+    async def ensure_reverse(
+        self, name: str, login: Login, listen_host: str, dest_host: str, dest_port: int,
+        listen_port: int = 0,
+    ) -> int:
+        return await self.ensure(
+            Forward(name, "reverse", login, listen_host, dest_host, dest_port, listen_port)
+        )
+
+    async def close(self, name: str) -> None:
+        await self.request({"op": "close", "name": name})
+
+    async def forwards(self) -> dict[str, dict]:
+        return (await self.request({"op": "list"}))["forwards"]
+
+    async def health(self) -> dict:
+        return await self.request({"op": "health"}, start=False)
+
+    async def request(self, request: dict, start: bool = True) -> dict:
+        try:
+            reply = await self._send(request)
+        except _NOT_RUNNING:
+            if not start:
+                raise TunnelError(
+                    f"the tunnel service for {self.directory} is not running"
+                ) from None
+            await self._start_service()
+            reply = await self._send(request)
+        if not reply.get("ok"):
+            raise TunnelError(reply.get("error") or "the tunnel service refused the request")
+        return reply
+
+    async def _send(self, request: dict) -> dict:
+        reader, writer = await asyncio.open_unix_connection(str(self.directory / "ctl"))
+        try:
+            writer.write(json.dumps(request).encode() + b"\n")
+            await writer.drain()
+            line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise TunnelError(
+                f"the tunnel service did not answer within {REQUEST_TIMEOUT:.0f} s"
+            ) from None
+        finally:
+            writer.close()
+        if not line:
+            raise TunnelError("the tunnel service closed the connection without an answer")
+        return json.loads(line)
+
+    async def _start_service(self) -> None:
+        async with self._start_lock:
+            try:
+                await self._send({"op": "health"})
+                return  # another request started it meanwhile
+            except _NOT_RUNNING:
+                pass
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            log_path = self.directory / "service.log"
+            log.info("starting the tunnel service (%s); its log: %s", self.directory, log_path)
+            with open(log_path, "ab") as log_file:
+                process = subprocess.Popen(
+                    [self.python, "-m", "hub_spawner.tunnels", "--dir", str(self.directory)],
+                    stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                    start_new_session=True,  # outlives the hub, like a proxy it started
+                )
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + START_TIMEOUT
+            while loop.time() < deadline:
+                await asyncio.sleep(0.1)
+                try:
+                    await self._send({"op": "health"})
+                    return
+                except _NOT_RUNNING:
+                    if process.poll() not in (None, 0):
+                        break
+            raise TunnelError(
+                f"the tunnel service did not start (exit status {process.poll()}); see {log_path}"
+            )

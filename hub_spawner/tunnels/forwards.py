@@ -1,0 +1,212 @@
+"""Forwards as data, and the OpenSSH command lines that make them. Pure: no I/O but the table file.
+
+Requirements:
+- a forward is named (``alice/restart``, ``alice/restart/hub-api``) and fully described by its
+  spec: asking again with the same spec is a no-op that returns the same port;
+- every value that reaches an ``ssh`` command line is validated here; no secret is ever on one
+  (a key is named by its path, which the service reads, never its contents);
+- host keys stay strict: only the configured known_hosts file is used, unknown keys are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+CIPHERS = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com"
+_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:-]{0,252}$")
+_USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")
+_NAME = re.compile(r"^[A-Za-z0-9_.@/:+-]{1,200}$")
+KINDS = ("local", "reverse")
+
+
+@dataclasses.dataclass(frozen=True)
+class Login:
+    """Where and as whom a master connects."""
+
+    host: str
+    port: int
+    username: str
+    key_path: str
+    known_hosts_path: str
+
+    def __post_init__(self) -> None:
+        _check(_HOST.match(self.host), f"login host {self.host!r}")
+        _check(0 < self.port < 65536, f"login port {self.port!r}")
+        _check(_USER.match(self.username), f"cluster username {self.username!r}")
+        _check(os.path.isabs(self.key_path), f"key path {self.key_path!r} (must be absolute)")
+        _check(
+            os.path.isabs(self.known_hosts_path),
+            f"known_hosts path {self.known_hosts_path!r} (must be absolute)",
+        )
+
+    @property
+    def key(self) -> str:
+        """A short stable id of this master (its control socket's file name)."""
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def describe(self) -> str:
+        return f"{self.username}@{self.host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward:
+    """One forward. ``local``: listen on the service's host at ``listen_host:listen_port`` and
+    connect to ``dest_host:dest_port`` as seen from the login node. ``reverse``: the login node
+    listens on ``listen_host:listen_port`` and connects to ``dest_host:dest_port`` here.
+    ``listen_port`` 0 means "any free port" (chosen once, then kept)."""
+
+    name: str
+    kind: str
+    login: Login
+    listen_host: str
+    dest_host: str
+    dest_port: int
+    listen_port: int = 0
+
+    def __post_init__(self) -> None:
+        _check(_NAME.match(self.name), f"forward name {self.name!r}")
+        _check(self.kind in KINDS, f"forward kind {self.kind!r}")
+        _check(_HOST.match(self.listen_host), f"listen host {self.listen_host!r}")
+        _check(_HOST.match(self.dest_host), f"destination host {self.dest_host!r}")
+        _check(0 < self.dest_port < 65536, f"destination port {self.dest_port!r}")
+        _check(0 <= self.listen_port < 65536, f"listen port {self.listen_port!r}")
+
+    def same_route(self, other: Forward) -> bool:
+        """Whether ``other`` asks for what this forward already does (the port may differ only
+        if ``other`` leaves it to us)."""
+        return dataclasses.replace(other, listen_port=0) == dataclasses.replace(
+            self, listen_port=0
+        ) and other.listen_port in (0, self.listen_port)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Forward:
+        return cls(**dict(data, login=Login(**data["login"])))
+
+
+def forward_spec(forward: Forward, port: int) -> str:
+    """The ``-L``/``-R`` argument for ``forward`` listening on ``port``."""
+    listen = f"[{forward.listen_host}]" if ":" in forward.listen_host else forward.listen_host
+    dest = f"[{forward.dest_host}]" if ":" in forward.dest_host else forward.dest_host
+    return f"{listen}:{port}:{dest}:{forward.dest_port}"
+
+
+def master_command(login: Login, control_path: str) -> list[str]:
+    """Start a master in the foreground. It runs one long remote ``sleep``: OpenSSH's sshd
+    before 10.1 sets TCP_NODELAY only when a session starts, and without it forwarded traffic
+    sees ~44 ms delayed-ACK stalls (shared/notes/tunnel-perf.md)."""
+    return [
+        "ssh",
+        *_common_options(),
+        "-M",
+        "-S",
+        control_path,
+        "-o",
+        "ControlMaster=yes",
+        "-o",
+        "ControlPersist=no",
+        "-i",
+        login.key_path,
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        f"UserKnownHostsFile={login.known_hosts_path}",
+        "-o",
+        "GlobalKnownHostsFile=/dev/null",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        f"Ciphers={CIPHERS}",
+        "-o",
+        "Compression=no",
+        "-o",
+        "ServerAliveInterval=2",
+        "-o",
+        "ServerAliveCountMax=3",
+        "-o",
+        "ConnectTimeout=15",
+        "-o",
+        "ExitOnForwardFailure=no",
+        "-T",
+        "-n",
+        "-p",
+        str(login.port),
+        "--",
+        f"{login.username}@{login.host}",
+        "exec sleep 2147483647",
+    ]
+
+
+def control_command(login: Login, control_path: str, operation: str, *args: str) -> list[str]:
+    """``ssh -O operation`` on an existing master (``ControlMaster=no``: never become one)."""
+    return [
+        "ssh",
+        *_common_options(),
+        "-S",
+        control_path,
+        "-o",
+        "ControlMaster=no",
+        "-O",
+        operation,
+        *args,
+        "-p",
+        str(login.port),
+        "--",
+        f"{login.username}@{login.host}",
+    ]
+
+
+def _common_options() -> list[str]:
+    # -F /dev/null: the service user's ~/.ssh/config must not change what we connect to or how.
+    return ["-F", "/dev/null", "-o", "LogLevel=ERROR"]
+
+
+# --- the table on disk ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Entry:
+    """A forward and the port it holds (0 until it first succeeded)."""
+
+    forward: Forward
+    port: int = 0
+
+    def to_json(self) -> dict:
+        return {"forward": self.forward.to_json(), "port": self.port}
+
+
+def load_table(path: Path) -> dict[str, Entry]:
+    """The saved table; empty if there is none. A damaged file is an error (never silently
+    forget forwards whose servers still run)."""
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    return {
+        item["forward"]["name"]: Entry(Forward.from_json(item["forward"]), int(item["port"]))
+        for item in data["forwards"]
+    }
+
+
+def save_table(path: Path, table: dict[str, Entry]) -> None:
+    """Write atomically, mode 0600."""
+    text = json.dumps({"version": 1, "forwards": [e.to_json() for e in table.values()]}, indent=1)
+    temporary = path.with_suffix(".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
+
+
+def _check(ok: object, what: str) -> None:
+    if not ok:
+        raise ValueError(f"invalid {what}")

@@ -1,0 +1,417 @@
+"""The tunnel service process: OpenSSH masters, the forward table, the control socket.
+
+Requirements:
+- ``ensure`` is idempotent: the same spec returns the same port, without touching the master;
+- the table is on disk (0600) before ``ensure`` answers, so a restart of this process restores
+  every forward on its old port: masters that outlived it are adopted (their forwards and open
+  connections never went away), dead ones are started again and their forwards re-added;
+- a master that dies (SSH drop, login node restart) is re-made and its forwards re-added within
+  about a second of being noticed; a forward that cannot come back (its port taken) is retried
+  every second and reported by ``list``;
+- one service per directory (a lock file); the control socket is in a 0700 directory, mode 0600.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from .forwards import (
+    Entry,
+    Forward,
+    Login,
+    control_command,
+    forward_spec,
+    load_table,
+    master_command,
+    save_table,
+)
+
+log = logging.getLogger("hub_spawner.tunnels")
+
+SUPERVISE_INTERVAL = 1.0
+MASTER_START_TIMEOUT = 20.0
+#: Where a reverse forward with no port asked for looks for one on the login node.
+REVERSE_PORT_RANGE = (32768, 60999)
+_MASTER_PID = re.compile(r"pid=(\d+)")
+
+
+class ForwardFailed(Exception):
+    """A forward could not be made; the message says why."""
+
+
+class Master:
+    """One OpenSSH ControlMaster process (ours, or adopted from an earlier service)."""
+
+    def __init__(self, login: Login, directory: Path) -> None:
+        self.login = login
+        self.control_path = str(directory / "m" / login.key)
+        self.log_path = directory / "m" / f"{login.key}.log"
+        self.process: asyncio.subprocess.Process | None = None
+        self.pid = 0
+
+    def alive(self) -> bool:
+        if self.process is not None:
+            return self.process.returncode is None
+        if not self.pid:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    async def control(
+        self, operation: str, *args: str, timeout: float = 20
+    ) -> tuple[int, str, str]:
+        """Run ``ssh -O operation ARGS`` against this master: (exit status, stdout, stderr)."""
+        process = await asyncio.create_subprocess_exec(
+            *control_command(self.login, self.control_path, operation, *args),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            out, err = await asyncio.wait_for(process.communicate(), timeout)
+        except asyncio.TimeoutError:
+            process.kill()
+            await process.wait()
+            return 255, "", f"ssh -O {operation} did not answer in {timeout:.0f} s"
+        return process.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
+
+    async def adopt(self) -> bool:
+        """Take over a master an earlier service left running; False if there is none."""
+        if not os.path.exists(self.control_path):
+            return False
+        code, _, err = await self.control("check", timeout=5)
+        match = _MASTER_PID.search(err)
+        if code != 0 or not match:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.control_path)  # stale: its master is gone
+            return False
+        self.process, self.pid = None, int(match.group(1))
+        log.info("master %s: adopted (pid %d)", self.login.describe(), self.pid)
+        return True
+
+    async def start(self) -> None:
+        """Start the master and wait until it is connected; ``ForwardFailed`` says why not."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.control_path)
+        with open(self.log_path, "ab") as log_file:
+            start_offset = log_file.tell()
+            self.process = await asyncio.create_subprocess_exec(
+                *master_command(self.login, self.control_path),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+                start_new_session=True,  # a terminal's Ctrl-C to the service is not for it
+            )
+        self.pid = self.process.pid
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + MASTER_START_TIMEOUT
+        while loop.time() < deadline and self.process.returncode is None:
+            await asyncio.sleep(0.1)
+            if self.process.returncode is None and os.path.exists(self.control_path):
+                code, _, _ = await self.control("check", timeout=5)
+                if code == 0:
+                    log.info("master %s: connected (pid %d)", self.login.describe(), self.pid)
+                    return
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+        with open(self.log_path, "rb") as log_file:
+            log_file.seek(start_offset)
+            said = log_file.read().decode(errors="replace").strip()
+        raise ForwardFailed(
+            f"cannot connect to {self.login.describe()}: {said or 'no answer in time'}"
+        )
+
+    async def stop(self) -> None:
+        if self.alive():
+            await self.control("exit", timeout=5)
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.process.wait(), 5)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.control_path)
+
+
+class TunnelService:
+    """The forward table, kept true."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.table_path = directory / "forwards.json"
+        self.table: dict[str, Entry] = load_table(self.table_path)
+        self.masters: dict[str, Master] = {}
+        self.problems: dict[str, str] = {}  # name -> why it is not up right now
+        self.lock = asyncio.Lock()
+
+    # --- the API ---------------------------------------------------------------------------
+
+    async def ensure(self, forward: Forward) -> int:
+        async with self.lock:
+            entry = self.table.get(forward.name)
+            master = self.masters.get(forward.login.key)
+            if (
+                entry is not None
+                and entry.forward.same_route(forward)
+                and forward.name not in self.problems
+                and master is not None
+                and master.alive()
+            ):
+                return entry.port
+            if entry is not None and not entry.forward.same_route(forward):
+                await self._close(forward.name)
+                entry = None
+            port = entry.port if entry is not None else forward.listen_port
+            try:
+                master = await self._master(forward.login)
+                port = await self._add(master, forward, port)
+            except ForwardFailed as error:
+                if entry is not None:  # a known forward stays in the table and is retried
+                    self.problems[forward.name] = str(error)
+                raise
+            self.table[forward.name] = Entry(forward, port)
+            self.problems.pop(forward.name, None)
+            save_table(self.table_path, self.table)
+            return port
+
+    async def close(self, name: str) -> None:
+        async with self.lock:
+            await self._close(name)
+
+    def listing(self) -> dict:
+        def master_pid(entry: Entry) -> int:
+            master = self.masters.get(entry.forward.login.key)
+            return master.pid if master is not None and master.alive() else 0
+
+        return {
+            name: {
+                "master_pid": master_pid(entry),
+                "kind": entry.forward.kind,
+                "port": entry.port,
+                "login": entry.forward.login.describe(),
+                "destination": f"{entry.forward.dest_host}:{entry.forward.dest_port}",
+                "up": name not in self.problems,
+                "problem": self.problems.get(name, ""),
+            }
+            for name, entry in sorted(self.table.items())
+        }
+
+    async def stop_everything(self) -> None:
+        """Cancel every forward and end every master (teardown of a demo or a test)."""
+        async with self.lock:
+            for name in list(self.table):
+                await self._close(name)
+            for master in list(self.masters.values()):
+                await master.stop()
+            self.masters.clear()
+
+    # --- keeping it true -------------------------------------------------------------------
+
+    async def restore(self) -> None:
+        """At start-up: adopt or re-make every master, re-add every forward."""
+        async with self.lock:
+            for entry in list(self.table.values()):
+                await self._readd(entry)
+
+    async def supervise(self) -> None:
+        while True:
+            await asyncio.sleep(SUPERVISE_INTERVAL)
+            async with self.lock:
+                for key, master in list(self.masters.items()):
+                    if not master.alive():
+                        log.warning(
+                            "master %s: gone (pid %d); re-making it and its forwards",
+                            master.login.describe(),
+                            master.pid,
+                        )
+                        del self.masters[key]
+                        for entry in self.table.values():
+                            if entry.forward.login.key == key:
+                                self.problems[entry.forward.name] = "its SSH connection dropped"
+                for entry in list(self.table.values()):
+                    if entry.forward.name in self.problems:
+                        await self._readd(entry)
+
+    async def _readd(self, entry: Entry) -> None:
+        name = entry.forward.name
+        try:
+            master = await self._master(entry.forward.login)
+            await self._add(master, entry.forward, entry.port)
+        except ForwardFailed as error:
+            if self.problems.get(name) != str(error):
+                log.warning("forward %s: cannot restore it on port %d: %s", name, entry.port, error)
+            self.problems[name] = str(error)
+        else:
+            self.problems.pop(name, None)
+            log.info("forward %s: up on port %d", name, entry.port)
+
+    async def _master(self, login: Login) -> Master:
+        master = self.masters.get(login.key)
+        if master is not None and master.alive():
+            return master
+        master = Master(login, self.directory)
+        if not await master.adopt():
+            await master.start()
+        self.masters[login.key] = master
+        return master
+
+    async def _add(self, master: Master, forward: Forward, port: int) -> int:
+        """Add ``forward`` on ``port`` (0: choose one) to ``master``; returns the port."""
+        flag = "-L" if forward.kind == "local" else "-R"
+        candidates = [port] if port else _port_candidates(forward)
+        error = ""
+        for candidate in candidates:
+            code, _, err = await master.control("forward", flag, forward_spec(forward, candidate))
+            if code == 0:
+                return candidate
+            error = err.strip() or f"ssh -O forward exited {code}"
+        where = "here" if forward.kind == "local" else "on the login node"
+        raise ForwardFailed(
+            f"cannot listen on {forward.listen_host}:{port or 'any port'} {where}: {error}"
+        )
+
+    async def _close(self, name: str) -> None:
+        entry = self.table.pop(name, None)
+        self.problems.pop(name, None)
+        if entry is None:
+            return
+        save_table(self.table_path, self.table)
+        master = self.masters.get(entry.forward.login.key)
+        if master is None or not master.alive():
+            return
+        flag = "-L" if entry.forward.kind == "local" else "-R"
+        await master.control("cancel", flag, forward_spec(entry.forward, entry.port))
+        if not any(e.forward.login.key == entry.forward.login.key for e in self.table.values()):
+            await master.stop()
+            del self.masters[entry.forward.login.key]
+
+
+def _port_candidates(forward: Forward) -> list[int]:
+    """Ports to try: for a local forward, free ones found by binding here (OpenSSH refuses
+    ``-L`` with port 0); for a reverse one, random ports in the login node's usual range."""
+    if forward.kind == "local":
+        ports = []
+        for _ in range(5):
+            family = socket.AF_INET6 if ":" in forward.listen_host else socket.AF_INET
+            with socket.socket(family) as probe:
+                probe.bind((forward.listen_host, 0))
+                ports.append(probe.getsockname()[1])
+        return ports
+    return random.sample(range(*REVERSE_PORT_RANGE), 8)
+
+
+# --- the control socket --------------------------------------------------------------------------
+
+
+async def handle_client(
+    service: TunnelService, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """JSON lines: ``{"op": "ensure", "forward": {...}}`` -> ``{"ok": true, "port": N}``;
+    ``close`` (``name``), ``list``, ``health``, ``stop-everything``."""
+    try:
+        while line := await reader.readline():
+            try:
+                request = json.loads(line)
+                reply = await _dispatch(service, request)
+            except (ValueError, KeyError, TypeError, ForwardFailed) as error:
+                reply = {"ok": False, "error": str(error)}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+    except (ConnectionError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        writer.close()
+
+
+async def _dispatch(service: TunnelService, request: dict) -> dict:
+    op = request.get("op")
+    if op == "ensure":
+        return {"ok": True, "port": await service.ensure(Forward.from_json(request["forward"]))}
+    if op == "close":
+        await service.close(str(request["name"]))
+        return {"ok": True}
+    if op == "list":
+        return {"ok": True, "forwards": service.listing()}
+    if op == "health":
+        return {"ok": True, "pid": os.getpid(), "forwards": len(service.table),
+                "down": sorted(service.problems)}
+    if op == "stop-everything":
+        await service.stop_everything()
+        return {"ok": True}
+    raise ValueError(f"unknown op {op!r}")
+
+
+async def serve(directory: Path) -> None:
+    service = TunnelService(directory)
+    await service.restore()
+    control_path = directory / "ctl"
+    with contextlib.suppress(FileNotFoundError):
+        control_path.unlink()
+    old_umask = os.umask(0o177)
+    try:
+        server = await asyncio.start_unix_server(
+            lambda r, w: handle_client(service, r, w), path=str(control_path)
+        )
+    finally:
+        os.umask(old_umask)
+    log.info("tunnel service %d: listening on %s (%d forwards)", os.getpid(), control_path,
+             len(service.table))
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    supervisor = asyncio.ensure_future(service.supervise())
+    async with server:
+        await stopping.wait()
+    supervisor.cancel()
+    # Masters and forwards are left running on purpose: a new service adopts them.
+    log.info("tunnel service %d: stopping; forwards stay up for the next service", os.getpid())
+
+
+def prepare_directory(directory: Path) -> None:
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    (directory / "m").mkdir(mode=0o700, exist_ok=True)
+    # A socket path holds at most 107 bytes; OpenSSH adds ".<16 random chars>" while it binds.
+    longest = len(str(directory / "m" / ("x" * 12))) + 17
+    if longest > 107:
+        raise SystemExit(f"tunnel service: {directory} is too long for Unix socket paths")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m hub_spawner.tunnels", description="hub_spawner's tunnel service"
+    )
+    parser.add_argument("--dir", required=True, type=Path,
+                        help="state directory: control socket, forward table, master sockets")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="[%(levelname)1.1s %(asctime)s tunnels] %(message)s")
+    directory = args.dir.resolve()
+    prepare_directory(directory)
+    lock = open(directory / "lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"tunnel service: already running for {directory}", file=sys.stderr)
+        return 0
+    asyncio.run(serve(directory))
+    return 0

@@ -1,0 +1,180 @@
+"""The tunnel service (hub_spawner.tunnels) on the real lab: OpenSSH masters to the login host's
+real sshd, forwards to the compute host and back, restarts and SSH drops. No hub involved."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hub_spawner.tunnels.client import TunnelClient, TunnelError
+from hub_spawner.tunnels.forwards import Login
+
+from .conftest import wait_for
+
+ECHO_PORT = 18950
+#: An echo server (one thread per connection) on the compute host.
+ECHO = """
+import socket, sys, threading
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind((sys.argv[1], int(sys.argv[2])))
+server.listen()
+print("listening", flush=True)
+def serve(conn):
+    while data := conn.recv(65536):
+        conn.sendall(data)
+while True:
+    threading.Thread(target=serve, args=(server.accept()[0],), daemon=True).start()
+"""
+
+
+def _login(lab, user: str = "alice", known_hosts: str | None = None) -> Login:
+    return Login(lab.LOGIN_IP, 22, user, str(lab.KEY_DIR / user),
+                 known_hosts or str(lab.KNOWN_HOSTS))
+
+
+def _run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def _echo(port: int, data: bytes = b"ping", conn: socket.socket | None = None) -> bytes:
+    own = conn is None
+    conn = conn or socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        conn.sendall(data)
+        return conn.recv(65536)
+    finally:
+        if own:
+            conn.close()
+
+
+def _echo_works(port: int) -> bool:
+    try:
+        return _echo(port) == b"ping"
+    except OSError:
+        return False
+
+
+def _service_pid(client: TunnelClient) -> int:
+    return _run(client.health())["pid"]
+
+
+@pytest.fixture
+def echo_server(lab):
+    process = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{lab.NAMESPACES['compute']}", sys.executable, "-c", ECHO,
+         lab.COMPUTE_IP, str(ECHO_PORT)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert process.stdout.readline().strip() == "listening"
+    yield
+    lab.stop_pid(process.pid)
+
+
+@pytest.fixture
+def client(lab, tmp_path_factory):
+    """A client on a fresh service directory; the service it starts is stopped at the end,
+    with everything it holds."""
+    directory = tmp_path_factory.mktemp("tun", numbered=True)
+    tunnels = TunnelClient(directory)
+    yield tunnels
+    try:
+        pid = _service_pid(tunnels)
+    except TunnelError:
+        return
+    _run(tunnels.request({"op": "stop-everything"}, start=False))
+    lab.stop_pid(pid)
+
+
+def test_local_forward_reaches_compute_and_is_idempotent(lab, client, echo_server):
+    login = _login(lab)
+    port = _run(client.ensure_local("alice/a", login, "127.0.0.1", lab.COMPUTE_IP, ECHO_PORT))
+    assert _echo(port) == b"ping"
+    again = _run(client.ensure_local("alice/a", login, "127.0.0.1", lab.COMPUTE_IP, ECHO_PORT))
+    assert again == port
+    listing = _run(client.forwards())
+    assert listing["alice/a"]["port"] == port and listing["alice/a"]["up"]
+    assert oct(os.stat(client.directory / "forwards.json").st_mode & 0o777) == "0o600"
+    assert oct(os.stat(client.directory / "ctl").st_mode & 0o777) == "0o600"
+    _run(client.close("alice/a"))
+    assert not _echo_works(port)
+    assert "alice/a" not in _run(client.forwards())
+
+
+def test_reverse_forward_lets_the_compute_host_reach_the_hub_side(lab, client):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    login = _login(lab)
+    port = _run(client.ensure_reverse("alice/a/hub-api", login, lab.LOGIN_CLUSTER_IP,
+                                      "127.0.0.1", server.getsockname()[1]))
+    probe = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{lab.NAMESPACES['compute']}", sys.executable, "-c",
+         "import socket,sys; s=socket.create_connection((sys.argv[1], int(sys.argv[2])), 10);"
+         "s.sendall(b'hello'); print(s.recv(10).decode())",
+         lab.LOGIN_CLUSTER_IP, str(port)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    conn, _ = server.accept()
+    assert conn.recv(10) == b"hello"
+    conn.sendall(b"back")
+    assert probe.communicate(timeout=10)[0].strip() == "back"
+    conn.close()
+    server.close()
+
+
+def test_service_killed_keeps_connections_and_comes_back_on_the_same_ports(lab, client,
+                                                                          echo_server):
+    login = _login(lab)
+    port = _run(client.ensure_local("alice/a", login, "127.0.0.1", lab.COMPUTE_IP, ECHO_PORT))
+    open_connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+    assert _echo(port, b"before", open_connection) == b"before"
+    os.kill(_service_pid(client), signal.SIGKILL)
+    # The forward is the master's, not the service's: the open connection does not notice.
+    assert _echo(port, b"during", open_connection) == b"during"
+    started = time.monotonic()
+    listing = _run(client.forwards())  # starts a new service, which adopts the master
+    assert listing["alice/a"]["port"] == port and listing["alice/a"]["up"], listing
+    assert time.monotonic() - started < 5
+    assert _echo(port, b"after", open_connection) == b"after"
+    assert _echo_works(port)
+    open_connection.close()
+
+
+def test_ssh_drop_is_repaired_within_seconds(lab, client, echo_server):
+    login = _login(lab)
+    port = _run(client.ensure_local("alice/a", login, "127.0.0.1", lab.COMPUTE_IP, ECHO_PORT))
+    assert _echo_works(port)
+    master = _run(client.forwards())["alice/a"]["master_pid"]
+    assert master
+    # alice's sshd session process on the login host: killing it drops the SSH connection.
+    sessions = lab.in_namespace("login", ["pgrep", "-u", "alice", "-x", "sshd"], check=False)
+    pids = sessions.stdout.split()
+    assert pids, "no sshd session of alice on the login host"
+    for pid in pids:
+        os.kill(int(pid), signal.SIGKILL)
+    started = time.monotonic()
+
+    def repaired() -> bool:
+        entry = _run(client.forwards())["alice/a"]
+        return entry["master_pid"] not in (0, master) and entry["up"] and _echo_works(port)
+
+    assert wait_for(repaired, 5, 0.2), _run(client.forwards())
+    assert time.monotonic() - started < 5
+    assert _run(client.forwards())["alice/a"]["port"] == port
+
+
+def test_unknown_host_key_is_refused_with_a_clear_error(lab, client, tmp_path):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    with pytest.raises(TunnelError, match="[Hh]ost key verification failed"):
+        _run(client.ensure_local("alice/a", _login(lab, known_hosts=str(empty)), "127.0.0.1",
+                                 lab.COMPUTE_IP, ECHO_PORT))
+    assert "alice/a" not in _run(client.forwards())
