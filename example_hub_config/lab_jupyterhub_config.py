@@ -48,6 +48,8 @@ c.SSHBatchSpawner.login_host = "10.77.1.2"
 # The lab's Torque/PBS commands are on a second sshd of the login host (see tests/lab/lab.py).
 c.SSHBatchSpawner.login_port = 2222 if scheduler == "torque" else 22
 c.SSHBatchSpawner.known_hosts_path = f"{lab_dir}/known_hosts"
+# The tunnel service (started by the spawner, outlives the hub) keeps its state beside the hub's.
+c.SSHBatchSpawner.tunnel_service_dir = f"{state_dir}/tunnels"
 c.SSHBatchSpawner.ssh_key_path_template = f"{lab_dir}/keys/{{username}}"
 # Compute nodes reach the hub API through a reverse tunnel on the login node's cluster-side name.
 c.SSHBatchSpawner.hub_api_tunnel_host = "login"

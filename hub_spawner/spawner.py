@@ -14,11 +14,13 @@ import asyncio
 import dataclasses
 import errno
 import logging
+import os
 import posixpath
 import re
 import secrets
 import shlex
 import socket
+import sys
 from collections.abc import AsyncIterator
 from types import ModuleType
 from typing import Any, ClassVar
@@ -48,7 +50,8 @@ from .resources import (
 )
 from .schedulers import JobState, JobStatus, SubmitRejected, sge, slurm, torque
 from .ssh import LoginConnection, SSHTarget, default_pool
-from .tunnel import default_tunnels
+from .tunnels.client import TunnelClient, TunnelError
+from .tunnels.forwards import Login
 
 STATE_VERSION = 1
 
@@ -123,10 +126,27 @@ class SSHBatchSpawner(Spawner):
         config=True,
         help="""Address on the hub host where the tunnel to each server listens.
 
-        The proxy routes to ``http://<tunnel_bind_ip>:<tunnel port>``. Keep the default when the
-        proxy runs on the hub host; in Kubernetes, with the proxy in another pod, use the hub
-        pod's IP.
+        The tunnel service listens there and the proxy routes to
+        ``http://<tunnel_bind_ip>:<tunnel port>``. Keep the default when the proxy runs on the
+        same host; in Kubernetes, with the proxy in another pod, use the tunnel service pod's IP.
         """,
+    )
+    tunnel_service_dir = Unicode(
+        "tunnels",
+        config=True,
+        help="""The tunnel service's directory: its control socket, forward table and SSH
+        control sockets (made 0700). Relative paths are relative to the hub's working directory.
+
+        The spawner starts the service (``python -m hub_spawner.tunnels --dir DIR``) when it is
+        not running and never stops it: forwards and open connections outlive hub restarts. Run
+        it yourself (systemd, a sidecar) with the same directory to manage it separately. Unix
+        socket paths are short: keep the absolute path under ~80 characters.
+        """,
+    )
+    tunnel_service_python = Unicode(
+        sys.executable,
+        config=True,
+        help="The Python that runs the tunnel service when the spawner starts it.",
     )
     hub_api_tunnel_host = Unicode(
         "",
@@ -268,6 +288,7 @@ class SSHBatchSpawner(Spawner):
         self._progress_changed = asyncio.Event()
         self._reopen_lock = asyncio.Lock()
         self._tunnel_retry: asyncio.Future | None = None
+        self._tunnels_down: set[str] = set()
         self._reset_job()
 
     def _reset_job(self) -> None:
@@ -401,7 +422,7 @@ class SSHBatchSpawner(Spawner):
                 )
         await connection.make_private_dir(remote_dir)
 
-        api_url = await self._open_hub_api_path(connection)
+        api_url = await self._open_hub_api_path()
         await connection.write_private_file(
             self.secrets_path, jobscript.render_env_file(self._job_env(api_url))
         )
@@ -426,12 +447,8 @@ class SSHBatchSpawner(Spawner):
         ready = await self._wait_for_ready_line()
         self.job_host, self.remote_port = ready.host, ready.port
         self._emit(80, f"Server listening on {ready.host}:{ready.port}; opening the tunnel")
-        self.tunnel_port = await default_tunnels.open_local(
-            self._tunnel_name,
-            await self._connection(),
-            self.tunnel_bind_ip,
-            ready.host,
-            ready.port,
+        self.tunnel_port = await self._tunnels.ensure_local(
+            self._tunnel_name, await self._login(), self.tunnel_bind_ip, ready.host, ready.port
         )
         self._emit(90, f"Tunnel open: hub port {self.tunnel_port} -> {ready.host}:{ready.port}")
         return f"http://{self._tunnel_connect_ip}:{self.tunnel_port}"
@@ -536,8 +553,7 @@ class SSHBatchSpawner(Spawner):
             )
             return None
         if status.state is JobState.RUNNING and self.job_host and self.tunnel_port:
-            await self._reopen_tunnels()
-            if not self._tunnels_open():
+            if not await self._reopen_tunnels():
                 self._retry_tunnels_soon()
         return None
 
@@ -601,6 +617,24 @@ class SSHBatchSpawner(Spawner):
     async def _connection(self) -> LoginConnection:
         return await default_pool.get(await self._ssh_target())
 
+    @property
+    def _tunnels(self) -> TunnelClient:
+        return tunnel_client(self.tunnel_service_dir, self.tunnel_service_python)
+
+    async def _login(self) -> Login:
+        """The tunnel service's view of our SSH target."""
+        target = await self._ssh_target()
+        try:
+            return Login(
+                target.host,
+                target.port,
+                target.username,
+                os.path.abspath(target.key_path),
+                os.path.abspath(target.known_hosts_path),
+            )
+        except ValueError as error:
+            raise TunnelError(f"Cannot ask for a tunnel: {error}") from None
+
     async def _job_status(self, job_id: str = "") -> JobStatus:
         """The job's status; any failure to ask is ``UNKNOWN`` with the reason. A job in an
         error state, or waiting, comes with the scheduler's reason when its status listing has
@@ -657,16 +691,16 @@ class SSHBatchSpawner(Spawner):
             self.log.warning("%s: cannot read job output: %s", self._log_name, error)
             return ""
 
-    async def _open_hub_api_path(self, connection: LoginConnection) -> str:
+    async def _open_hub_api_path(self) -> str:
         """The hub API URL as compute nodes will use it: ``hub_connect_url`` if set, else a
         reverse tunnel through the login node."""
         hub_api = urlparse(self.hub.api_url)
         if self.hub_connect_url:
             return url_path_join(self.hub_connect_url, hub_api.path)
         listen_host = self.hub_api_tunnel_host or "127.0.0.1"
-        self.api_tunnel_port = await default_tunnels.open_reverse(
+        self.api_tunnel_port = await self._tunnels.ensure_reverse(
             self._api_tunnel_name,
-            connection,
+            await self._login(),
             listen_host,
             hub_api.hostname or "127.0.0.1",
             hub_api.port or 80,
@@ -701,11 +735,6 @@ class SSHBatchSpawner(Spawner):
             **self._template_variables(resources),
         )
 
-    def _tunnels_open(self) -> bool:
-        return default_tunnels.is_alive(self._tunnel_name) and (
-            not self.api_tunnel_port or default_tunnels.is_alive(self._api_tunnel_name)
-        )
-
     def _retry_tunnels_soon(self) -> None:
         """Start (once) a background retry of what ``poll()`` could not re-open.
 
@@ -713,7 +742,7 @@ class SSHBatchSpawner(Spawner):
         up to ``http_timeout`` for that, then stops the server), so waiting for the next poll
         would turn a passing fault into a cancelled job. The retry starts after 1 s and backs off
         to ``poll_interval``; it logs only its success (each poll logs the failure) and ends when
-        both tunnels are open or the job is no longer this spawner's.
+        both tunnels are up or the job is no longer this spawner's.
         """
         if self._tunnel_retry is None or self._tunnel_retry.done():
             self._tunnel_retry = asyncio.ensure_future(self._retry_tunnels(self.job_id))
@@ -722,10 +751,11 @@ class SSHBatchSpawner(Spawner):
         delay = 1.0
         while True:
             await asyncio.sleep(delay)
-            if self.job_id != job_id or self._tunnels_open():
+            if self.job_id != job_id:
                 return
             try:
-                await self._reopen_tunnels(quiet=True)
+                if await self._reopen_tunnels(quiet=True):
+                    return
             except Exception:  # never expected: _reopen_tunnels logs its failures itself
                 self.log.exception("%s: retrying the tunnels failed", self._log_name)
             delay = min(2 * delay, max(float(self.poll_interval), 1.0))
@@ -735,67 +765,68 @@ class SSHBatchSpawner(Spawner):
             self._tunnel_retry.cancel()
         self._tunnel_retry = None
 
-    async def _reopen_tunnels(self, quiet: bool = False) -> None:
-        """After a hub restart or a lost connection, re-open what is missing. Never raises.
+    async def _reopen_tunnels(self, quiet: bool = False) -> bool:
+        """Make sure both forwards are up in the tunnel service; True if they are. Never raises.
 
-        The hub API reverse forward must come back on its old login-node port (the server's
-        ``JUPYTERHUB_API_URL`` names it): if it cannot, that is logged and retried. The hub-side
-        tunnel comes back on its old port (the proxy's route stays valid); if another process
-        holds that port, it moves to a free one and the route and the stored state follow.
-        ``quiet`` (the background retry) logs failures at debug level only.
+        Normally the service kept them (across hub restarts and SSH drops) and this is one
+        idempotent request each. If they are gone (the service lost its table), they are asked
+        for again on their old ports: the hub API reverse forward must come back on its old
+        login-node port (the server's ``JUPYTERHUB_API_URL`` names it), so it is only retried;
+        the hub-side tunnel moves to a free port if another process holds the old one, and the
+        route and the stored state follow. ``quiet`` (the background retry) logs failures at
+        debug level only.
         """
         async with self._reopen_lock:
-            await self._reopen_missing_tunnels(logging.DEBUG if quiet else logging.ERROR)
+            level = logging.DEBUG if quiet else logging.ERROR
+            api_up = await self._ensure_api_tunnel(level)
+            return await self._ensure_local_tunnel(level) and api_up
 
-    async def _reopen_missing_tunnels(self, failure_level: int) -> None:
+    async def _ensure_api_tunnel(self, failure_level: int) -> bool:
+        if not self.api_tunnel_port or self.hub_connect_url:
+            return True
+        name = self._api_tunnel_name
         try:
-            connection = await self._connection()
-        except ClusterUnreachable as error:
+            await self._open_hub_api_path()
+        except Exception as error:
+            self._tunnels_down.add(name)
             self.log.log(
-                min(failure_level, logging.WARNING),
-                "%s: cannot re-open tunnels yet: %s",
+                failure_level,
+                "%s: cannot re-open the hub API tunnel of job %s on login port %d: %s. The "
+                "server cannot reach the hub until this succeeds; retrying in the background "
+                "and at every poll (every %s s).",
                 self._log_name,
+                self.job_id,
+                self.api_tunnel_port,
                 error,
+                self.poll_interval,
             )
-            return
-        if self.api_tunnel_port and not default_tunnels.is_alive(self._api_tunnel_name):
-            try:
-                await self._open_hub_api_path(connection)
-            except Exception as error:
-                self.log.log(
-                    failure_level,
-                    "%s: cannot re-open the hub API tunnel of job %s on login port %d: %s. The "
-                    "server cannot reach the hub until this succeeds; retrying in the background "
-                    "and at every poll (every %s s).",
-                    self._log_name,
-                    self.job_id,
-                    self.api_tunnel_port,
-                    error,
-                    self.poll_interval,
-                )
-            else:
-                self.log.info(
-                    "%s: re-opened the hub API tunnel on login port %d",
-                    self._log_name,
-                    self.api_tunnel_port,
-                )
-        if not default_tunnels.is_alive(self._tunnel_name):
-            await self._reopen_local_tunnel(connection, failure_level)
+            return False
+        if name in self._tunnels_down:
+            self._tunnels_down.discard(name)
+            self.log.info(
+                "%s: re-opened the hub API tunnel on login port %d",
+                self._log_name,
+                self.api_tunnel_port,
+            )
+        return True
 
-    async def _reopen_local_tunnel(self, connection: LoginConnection, failure_level: int) -> None:
-        old_port = self.tunnel_port
+    async def _ensure_local_tunnel(self, failure_level: int) -> bool:
+        name, old_port = self._tunnel_name, self.tunnel_port
         destination = f"{self.job_host}:{self.remote_port}"
         try:
-            await default_tunnels.open_local(
-                self._tunnel_name,
-                connection,
+            await self._tunnels.ensure_local(
+                name,
+                await self._login(),
                 self.tunnel_bind_ip,
                 self.job_host,
                 self.remote_port,
-                bind_port=old_port,
+                listen_port=old_port,
             )
         except Exception as error:
-            if not _port_taken(self.tunnel_bind_ip, old_port):
+            if await self._service_holds(name, old_port) or not _port_taken(
+                self.tunnel_bind_ip, old_port
+            ):
+                self._tunnels_down.add(name)
                 self.log.log(
                     failure_level,
                     "%s: cannot re-open the tunnel of job %s (hub port %d -> %s): %s; "
@@ -807,21 +838,37 @@ class SSHBatchSpawner(Spawner):
                     error,
                     self.poll_interval,
                 )
-                return
-        else:
+                return False
+            return await self._move_local_tunnel(failure_level)
+        if name in self._tunnels_down:
+            self._tunnels_down.discard(name)
             self.log.info(
                 "%s: re-opened the tunnel: hub port %d -> %s", self._log_name, old_port, destination
             )
-            return
+        return True
+
+    async def _service_holds(self, name: str, port: int) -> bool:
+        """Whether the tunnel service has ``name`` up on ``port`` (then nobody else holds it)."""
         try:
-            new_port = await default_tunnels.open_local(
+            entry = (await self._tunnels.forwards()).get(name, {})
+        except Exception:
+            return False
+        return entry.get("port") == port and bool(entry.get("up"))
+
+    async def _move_local_tunnel(self, failure_level: int) -> bool:
+        old_port = self.tunnel_port
+        destination = f"{self.job_host}:{self.remote_port}"
+        try:
+            await self._tunnels.close(self._tunnel_name)
+            new_port = await self._tunnels.ensure_local(
                 self._tunnel_name,
-                connection,
+                await self._login(),
                 self.tunnel_bind_ip,
                 self.job_host,
                 self.remote_port,
             )
         except Exception as error:
+            self._tunnels_down.add(self._tunnel_name)
             self.log.log(
                 failure_level,
                 "%s: hub port %d of job %s is taken by another process and no other port could "
@@ -832,7 +879,8 @@ class SSHBatchSpawner(Spawner):
                 error,
                 self.poll_interval,
             )
-            return
+            return False
+        self._tunnels_down.discard(self._tunnel_name)
         self.tunnel_port = new_port
         await self._move_route(new_port)
         self.log.warning(
@@ -844,6 +892,15 @@ class SSHBatchSpawner(Spawner):
             new_port,
             destination,
         )
+        return True
+
+    async def _close_tunnels(self) -> None:
+        """Ask the tunnel service to drop both forwards; a failure is logged, never raised."""
+        for name in (self._tunnel_name, self._api_tunnel_name):
+            try:
+                await self._tunnels.close(name)
+            except Exception as error:
+                self.log.warning("%s: could not close tunnel %s: %s", self._log_name, name, error)
 
     async def _move_route(self, port: int) -> None:
         """Point the server's stored address and the proxy's route at a new tunnel port."""
@@ -877,8 +934,7 @@ class SSHBatchSpawner(Spawner):
         spawner's state.
         """
         self._stop_tunnel_retry()
-        default_tunnels.close(self._tunnel_name)
-        default_tunnels.close(self._api_tunnel_name)
+        await self._close_tunnels()
         cleanup = self._cleanup_plan()
         if cleanup is None:
             return
@@ -953,10 +1009,13 @@ class SSHBatchSpawner(Spawner):
                 cleanup.label,
             )
             self._stop_tunnel_retry()
-            default_tunnels.close(self._tunnel_name)
-            default_tunnels.close(self._api_tunnel_name)
+
+            async def close_and_cancel() -> None:
+                await self._close_tunnels()
+                await self._send_cancel(cleanup)
+
             try:
-                task = asyncio.get_running_loop().create_task(self._send_cancel(cleanup))
+                task = asyncio.get_running_loop().create_task(close_and_cancel())
             except RuntimeError:  # no event loop (not inside a hub): nothing can send it
                 self.log.error("%s: cannot cancel %s: no event loop", self._log_name, cleanup.label)
             else:
@@ -1005,6 +1064,17 @@ def _port_taken(ip: str, port: int) -> bool:
     finally:
         probe.close()
     return False
+
+
+_tunnel_clients: dict[tuple[str, str], TunnelClient] = {}
+
+
+def tunnel_client(directory: str, python: str) -> TunnelClient:
+    """The one client per tunnel service directory (shared by all spawners of this hub)."""
+    key = (os.path.abspath(directory), python)
+    if key not in _tunnel_clients:
+        _tunnel_clients[key] = TunnelClient(key[0], python)
+    return _tunnel_clients[key]
 
 
 class PendingCancels:

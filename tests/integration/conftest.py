@@ -30,10 +30,13 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(scope="session")
-def lab():
-    """The three-host lab (tests/lab/lab.py), up for the whole session."""
+def lab(tmp_path_factory):
+    """The three-host lab (tests/lab/lab.py), up for the whole session. The tunnel services
+    the test hubs started (they outlive hubs by design) are stopped before it goes down."""
     lab_module.up()
     yield lab_module
+    for control in Path(tmp_path_factory.getbasetemp()).glob("*/tunnels/ctl"):
+        lab_module.stop_tunnel_service(control.parent)
     lab_module.down()
 
 

@@ -12,7 +12,7 @@ Scenarios are named servers of alice whose command is swapped in ``pre_spawn_hoo
 
 ``HUB_FAULT`` injects a failure into this hub process (a deliberate fault, not a stand-in for a
 real part; every part around it is real):
-- ``reopen-raises-once``: the first tunnel the hub opens raises ``RuntimeError``;
+- ``reopen-raises-once``: the first hub-side tunnel the hub asks for raises ``RuntimeError``;
 - ``stop-raises-once``: the first ``stop()`` raises ``RuntimeError`` before it does anything.
 ``HUB_POLL_INTERVAL`` sets ``Spawner.poll_interval`` (seconds).
 """
@@ -85,9 +85,9 @@ def _raise_once(cls, method_name: str, message: str) -> None:
 
 
 if os.environ.get("HUB_FAULT") == "reopen-raises-once":
-    from hub_spawner.tunnel import Tunnels
+    from hub_spawner.tunnels.client import TunnelClient
 
-    _raise_once(Tunnels, "open_local", "lab fault: injected into the tunnel re-open path")
+    _raise_once(TunnelClient, "ensure_local", "lab fault: injected into the tunnel re-open path")
 elif os.environ.get("HUB_FAULT") == "stop-raises-once":
     from hub_spawner.spawner import SSHBatchSpawner
 

@@ -1,21 +1,27 @@
-"""A hub restart (cleanup_servers = False) keeps the job, and the spawner re-opens both tunnels.
+"""A hub restart (cleanup_servers = False) keeps the job, and the tunnel service keeps both
+forwards on their ports, so the proxy's route and the server's hub API URL stay valid.
 
-Normally on their old ports, so the proxy's route and the server's hub API URL stay valid. When
-something is in the way (another login-node user on the reverse-forward port, another process
-on the hub-side port, an exception nobody foresaw), the hub still knows the server and its job:
-it recovers within a poll interval, or cancels the job and says why; never a running job the
-hub has forgotten.
+When the tunnel service went down too (the hub host rebooted) and something is in the way when
+it comes back (another login-node user on the reverse-forward port, another process on the
+hub-side port), or an exception nobody foresaw hits the spawner, the hub still knows the server
+and its job: it recovers within a poll interval, or cancels the job and says why; never a
+running job the hub has forgotten.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 import secrets
+import signal
 import socket
 import subprocess
 import time
 
 import pytest
+
+from hub_spawner.tunnels.client import TunnelClient
 
 from .conftest import active_jobs, start_hub, stop_hub, wait_for
 
@@ -44,9 +50,11 @@ while True:
 
 
 @pytest.fixture(autouse=True)
-def _no_job_left(lab):
-    """Whatever a test leaves (it failed half-way), alice's jobs go before the next one."""
+def _no_job_left(lab, tmp_path):
+    """Whatever a test leaves (it failed half-way), alice's jobs and the test's tunnel service
+    go before the next test."""
     yield
+    lab.stop_tunnel_service(tmp_path / "tunnels")
     lab.in_namespace("login", ["scancel", "--user=alice"], check=False)
     assert wait_for(lambda: not active_jobs("alice"), 30), active_jobs("alice")
 
@@ -75,6 +83,19 @@ def _spawn_restart_server(hub) -> list[str]:
     return job
 
 
+def _tunnel_service(tmp_path) -> TunnelClient:
+    return TunnelClient(tmp_path / "tunnels")
+
+
+def _kill_tunnel_service(tmp_path) -> None:
+    """As if the hub host rebooted: SIGKILL the tunnel service and its SSH masters, so every
+    forward is gone; its table on disk stays."""
+    client = _tunnel_service(tmp_path)
+    masters = {entry["master_pid"] for entry in asyncio.run(client.forwards()).values()}
+    for pid in {asyncio.run(client.health())["pid"], *masters} - {0}:
+        os.kill(pid, signal.SIGKILL)
+
+
 def _restart_log(hub) -> str:
     return hub.log().split("Running JupyterHub version")[-1]
 
@@ -91,6 +112,11 @@ def _stop_and_check_gone(hub) -> None:
     assert wait_for(lambda: not active_jobs("alice"), 20), active_jobs("alice")
 
 
+def _port_in_use(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
 def _fresh_token_works(hub) -> bool:
     """A token the server has never seen: accepting it means asking the hub API (through the
     reverse tunnel); a cached answer cannot pass this."""
@@ -99,16 +125,19 @@ def _fresh_token_works(hub) -> bool:
     return response.status_code == 200
 
 
-def test_server_survives_a_hub_restart_through_reopened_tunnels(lab, tmp_path):
+def test_server_survives_a_hub_restart_on_the_tunnel_services_forwards(lab, tmp_path):
     env = {"HUB_KEEP_SERVERS": "1"}
     token, state, _ = _spawn_and_stop_hub(tmp_path, env)
+    service_pid = asyncio.run(_tunnel_service(tmp_path).health())["pid"]
     hub, process = start_hub(tmp_path, PORT, token, env)
     try:
         assert _reachable(hub)
-        log = _restart_log(hub)
-        reopened = rf"alice:restart: re-opened the tunnel: hub port {state['tunnel_port']} -> "
-        assert re.search(reopened, log), log[-3000:]
-        assert "alice:restart: re-opened the hub API tunnel" in log
+        stored = hub.api("GET", "/users/alice").json()["servers"]["restart"]["state"]
+        assert stored["tunnel_port"] == state["tunnel_port"]
+        assert stored["api_tunnel_port"] == state["api_tunnel_port"]
+        # The same service held the forwards all along: nothing had to be re-opened.
+        assert asyncio.run(_tunnel_service(tmp_path).health())["pid"] == service_pid
+        assert "cannot re-open" not in _restart_log(hub)
         assert _fresh_token_works(hub)
         _stop_and_check_gone(hub)
     finally:
@@ -119,6 +148,7 @@ def test_taken_reverse_port_keeps_the_server_known_and_recovers_once_freed(lab, 
     env = {"HUB_KEEP_SERVERS": "1", "HUB_POLL_INTERVAL": str(POLL_INTERVAL)}
     token, state, job = _spawn_and_stop_hub(tmp_path, env)
     api_port = state["api_tunnel_port"]
+    _kill_tunnel_service(tmp_path)
     # bob, an ordinary login-node user, takes the freed port while the hub is down.
     squatter = subprocess.Popen(
         ["nsenter", f"--net=/run/netns/{lab.NAMESPACES['login']}", "runuser", "-u", "bob", "--",
@@ -154,6 +184,8 @@ def test_taken_hub_port_moves_the_tunnel_and_the_route(lab, tmp_path):
     env = {"HUB_KEEP_SERVERS": "1", "HUB_POLL_INTERVAL": str(POLL_INTERVAL)}
     token, state, job = _spawn_and_stop_hub(tmp_path, env)
     old_port = state["tunnel_port"]
+    _kill_tunnel_service(tmp_path)
+    assert wait_for(lambda: not _port_in_use(old_port), 10)
     squatter = socket.socket()
     squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     squatter.bind(("127.0.0.1", old_port))
@@ -193,7 +225,9 @@ def test_unexpected_error_in_reopen_is_retried_within_a_poll_interval(lab, tmp_p
         assert (f"alice:restart: cannot re-open the tunnel of job {state['job_id']} "
                 f"(hub port {state['tunnel_port']} -> ") in log, log[-3000:]
         assert "lab fault: injected into the tunnel re-open path" in log
-        assert f"re-opened the tunnel: hub port {state['tunnel_port']} -> " in log
+        reopened = f"re-opened the tunnel: hub port {state['tunnel_port']} -> "
+        assert wait_for(lambda: reopened in _restart_log(hub), POLL_INTERVAL), log[-3000:]
+        log = _restart_log(hub)
         assert "Failed to poll spawner" not in log
         assert active_jobs("alice") == job
         _stop_and_check_gone(hub)

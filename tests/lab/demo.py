@@ -65,6 +65,7 @@ def main() -> int:
         print("\ndemo: stopping the hub (its servers' jobs are cancelled)...", flush=True)
         if hub is not None and hub.poll() is None:
             lab.stop_pid(hub.pid, timeout=60)
+        lab.stop_tunnel_service(lab.LAB_DIR / "demo-hub" / "tunnels")
         print("demo: cancelling leftover jobs and tearing the lab down...", flush=True)
         lab.down()
         print("demo: stopped; nothing left running.", flush=True)

@@ -510,6 +510,23 @@ def _namespace_pids(namespace: str) -> list[int]:
     return [int(pid) for pid in result.stdout.split() if pid.isdigit()]
 
 
+def stop_tunnel_service(directory: Path) -> bool:
+    """Stop the tunnel service of ``directory`` and everything it holds (its forwards, its SSH
+    masters); False if none was running. Hubs never stop it: demos and tests do."""
+    import asyncio
+
+    from hub_spawner.tunnels.client import TunnelClient, TunnelError
+
+    client = TunnelClient(directory)
+    try:
+        pid = asyncio.run(client.health())["pid"]
+        asyncio.run(client.request({"op": "stop-everything"}, start=False))
+    except TunnelError:
+        return False
+    stop_pid(pid)
+    return True
+
+
 def stop_pid(pid: int, timeout: float = 15) -> None:
     """SIGTERM, wait up to ``timeout`` (reaping our own children), then SIGKILL."""
     try:
