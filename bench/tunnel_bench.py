@@ -1,10 +1,13 @@
-"""Tunnel benchmark: hub_spawner's asyncssh tunnel vs OpenSSH ``ssh -L``, same lab, same run.
+"""Tunnel benchmark: hub_spawner's tunnel service vs OpenSSH ``ssh -L``, same lab, same run.
 
     make bench        (or: python -m bench.tunnel_bench [--reps 5] [--bulk-mb 200])
 
-Both tunnels go hub -> login sshd -> compute:PORT in the lab (tests/lab/lab.py), each in its own
-process; the load comes from this process. Paths are measured interleaved, ``--reps`` times;
-medians are reported with ratios ours/OpenSSH. Brings the lab up (and down) if it is not up.
+Both tunnels go hub -> login sshd -> compute:PORT in the lab (tests/lab/lab.py); the load comes
+from this process. Ours is a forward the tunnel service (hub_spawner.tunnels) holds, asked for as
+the spawner asks; its bytes move in the service's OpenSSH master, whose CPU is what is counted
+(the service process's own CPU is reported beside it). Paths are measured interleaved,
+``--reps`` times; medians are reported with ratios ours/OpenSSH. Brings the lab up (and down)
+if it is not up.
 """
 
 from __future__ import annotations
@@ -16,11 +19,15 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 from tornado import websocket
 
+from hub_spawner.tunnels.client import TunnelClient
+from hub_spawner.tunnels.forwards import Login
 from tests.lab import lab
 
 TARGET_PORT = 18888
@@ -92,6 +99,7 @@ def main() -> int:
     python = str(lab.LAB_PREFIX / "venv/bin/python")
     key, known_hosts = str(lab.KEY_DIR / "alice"), str(lab.KNOWN_HOSTS)
     processes = []
+    service_dir = Path(tempfile.mkdtemp(prefix="bench-tun-"))
     try:
         target = subprocess.Popen(lab.host_command(
             "compute", f"{python} {os.path.dirname(__file__)}/target_server.py {TARGET_PORT}"))
@@ -105,13 +113,15 @@ def main() -> int:
             "-L", f"127.0.0.1:{SSH_L_PORT}:compute:{TARGET_PORT}",
             f"alice@{lab.LOGIN_IP}", "sleep 3600"], stdin=subprocess.DEVNULL)
         processes.append(openssh)
-        ours = subprocess.Popen(
-            [python, "-m", "bench.tunnel_process", lab.LOGIN_IP, "22", "alice", key, known_hosts,
-             "compute", str(TARGET_PORT)], stdout=subprocess.PIPE, text=True)
-        processes.append(ours)
-        our_port = int(ours.stdout.readline())
+        client = TunnelClient(service_dir, python)
+        login = Login(lab.LOGIN_IP, 22, "alice", key, known_hosts)
+        our_port = asyncio.run(
+            client.ensure_local("bench", login, "127.0.0.1", "compute", TARGET_PORT))
+        master_pid = asyncio.run(client.forwards())["bench"]["master_pid"]
+        service_pid = asyncio.run(client.health())["pid"]
+        service_cpu_before = cpu_seconds(service_pid)
         wait_for_port(SSH_L_PORT)
-        paths = {"OpenSSH ssh -L": (SSH_L_PORT, openssh.pid), "hub_spawner": (our_port, ours.pid)}
+        paths = {"OpenSSH ssh -L": (SSH_L_PORT, openssh.pid), "hub_spawner": (our_port, master_pid)}
         for port, pid in paths.values():  # warm-up
             measure(port, pid, 20, 200)
         results: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
@@ -119,7 +129,10 @@ def main() -> int:
             for name, (port, pid) in paths.items():
                 results[name].append(measure(port, pid, args.bulk_mb, args.round_trips))
         report(results, args)
+        print(f"\ntunnel service process (control only) CPU during the run: "
+              f"{cpu_seconds(service_pid) - service_cpu_before:.2f} s")
     finally:
+        lab.stop_tunnel_service(service_dir)
         for process in reversed(processes):
             process.terminate()
             process.wait(timeout=10)
