@@ -15,8 +15,15 @@ Cluster-side requirements (login node):
 c = get_config()  # noqa: F821 - provided by JupyterHub
 
 c.JupyterHub.spawner_class = "torque-ssh"
-# Keep jobs running across hub restarts; the spawner re-opens their tunnels on the same ports.
+# A hub restart (config change, upgrade) must drop no user connection: jobs keep running, the
+# tunnel service (started by the spawner, or your own unit: see README) keeps their forwards,
+# and the proxy runs as its own service. (cleanup_proxy = False alone is not enough: a hub that
+# finds the proxy it started last time still running stops it.)
 c.JupyterHub.cleanup_servers = False
+c.ConfigurableHTTPProxy.should_start = False
+c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:8001"
+# The proxy's unit sets the same CONFIGPROXY_AUTH_TOKEN (the hub reads it from its environment).
+c.SSHBatchSpawner.tunnel_service_dir = "/srv/jupyterhub/tunnels"
 
 c.TorqueSSHSpawner.login_host = "login.cluster.example.org"  # EDIT
 c.TorqueSSHSpawner.known_hosts_path = "/etc/hub_spawner/known_hosts"  # ssh-keyscan, then verify

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,7 @@ class TunnelClient:
                     [self.python, "-m", "hub_spawner.tunnels", "--dir", str(self.directory)],
                     stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                     start_new_session=True,  # outlives the hub, like a proxy it started
+                    env=_service_environment(),
                 )
             loop = asyncio.get_running_loop()
             deadline = loop.time() + START_TIMEOUT
@@ -130,3 +132,9 @@ class TunnelClient:
             raise TunnelError(
                 f"the tunnel service did not start (exit status {process.poll()}); see {log_path}"
             )
+
+
+def _service_environment() -> dict[str, str]:
+    """Only what the service needs: the hub's environment holds secrets (proxy token, ...)."""
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV")
+    return {name: os.environ[name] for name in keep if name in os.environ}

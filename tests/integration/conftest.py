@@ -194,11 +194,31 @@ def active_jobs(user: str, scheduler: str = "slurm") -> list[str]:
 
 def run_in_kernel(hub, user: str, code: str) -> str:
     """Start a kernel through the proxy, run ``code`` over the websocket, return its stdout."""
-    kernel = hub.api_server("POST", user, "/api/kernels", json={}).json()
-    ws_url = hub.url.replace("http", "ws") + f"/user/{user}/api/kernels/{kernel['id']}/channels"
-    connection = websocket.create_connection(
+    kernel_id, connection = open_kernel(hub, user)
+    try:
+        return execute(connection, code)
+    finally:
+        connection.close()
+        hub.api_server("DELETE", user, f"/api/kernels/{kernel_id}")
+
+
+def open_kernel(hub, user: str, server: str = "") -> tuple[str, websocket.WebSocket]:
+    """A new kernel on the user's server and its channels websocket, both through the proxy."""
+    kernel = hub.api_server("POST", user, "/api/kernels", server=server, json={}).json()
+    return kernel["id"], connect_kernel(hub, user, kernel["id"], server)
+
+
+def connect_kernel(hub, user: str, kernel_id: str, server: str = "") -> websocket.WebSocket:
+    """A (new) channels websocket to an existing kernel, through the proxy."""
+    prefix = f"/user/{user}/{server + '/' if server else ''}"
+    ws_url = hub.url.replace("http", "ws") + f"{prefix}api/kernels/{kernel_id}/channels"
+    return websocket.create_connection(
         ws_url, header=[f"Authorization: token {hub.token}"], timeout=60
     )
+
+
+def execute(connection: websocket.WebSocket, code: str) -> str:
+    """Run ``code`` in the kernel behind ``connection``; return its stdout."""
     msg_id = uuid.uuid4().hex
     connection.send(json.dumps({
         "header": {"msg_id": msg_id, "username": "test", "session": uuid.uuid4().hex,
@@ -208,21 +228,17 @@ def run_in_kernel(hub, user: str, code: str) -> str:
                     "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
     }))
     output = []
-    try:
-        while True:
-            message = json.loads(connection.recv())
-            if message.get("parent_header", {}).get("msg_id") != msg_id:
-                continue
-            if message["msg_type"] == "stream":
-                output.append(message["content"]["text"])
-            elif message["msg_type"] == "error":
-                raise AssertionError(f"kernel error: {message['content']}")
-            elif message["msg_type"] == "status":
-                if message["content"]["execution_state"] == "idle":
-                    break
-    finally:
-        connection.close()
-    hub.api_server("DELETE", user, f"/api/kernels/{kernel['id']}")
+    while True:
+        message = json.loads(connection.recv())
+        if message.get("parent_header", {}).get("msg_id") != msg_id:
+            continue
+        if message["msg_type"] == "stream":
+            output.append(message["content"]["text"])
+        elif message["msg_type"] == "error":
+            raise AssertionError(f"kernel error: {message['content']}")
+        elif message["msg_type"] == "status":
+            if message["content"]["execution_state"] == "idle":
+                break
     return "".join(output)
 
 

@@ -14,7 +14,8 @@ Scenarios are named servers of alice whose command is swapped in ``pre_spawn_hoo
 real part; every part around it is real):
 - ``reopen-raises-once``: the first hub-side tunnel the hub asks for raises ``RuntimeError``;
 - ``stop-raises-once``: the first ``stop()`` raises ``RuntimeError`` before it does anything.
-``HUB_POLL_INTERVAL`` sets ``Spawner.poll_interval`` (seconds).
+``HUB_POLL_INTERVAL`` sets ``Spawner.poll_interval`` (seconds). ``CONFIGPROXY_AUTH_TOKEN`` set:
+the proxy runs as its own process (the test starts it) and the hub does not start or stop it.
 """
 
 import logging
@@ -64,6 +65,11 @@ c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 0}
 # The hub-restart test keeps servers running across a restart, as production configs do.
 if os.environ.get("HUB_KEEP_SERVERS") == "1":
     c.JupyterHub.cleanup_servers = False
+
+# The proxy as its own process (z2jh's shape): the test starts configurable-http-proxy itself.
+if os.environ.get("CONFIGPROXY_AUTH_TOKEN"):
+    c.ConfigurableHTTPProxy.should_start = False
+    c.ConfigurableHTTPProxy.auth_token = os.environ["CONFIGPROXY_AUTH_TOKEN"]
 
 if os.environ.get("HUB_POLL_INTERVAL"):
     c.Spawner.poll_interval = int(os.environ["HUB_POLL_INTERVAL"])

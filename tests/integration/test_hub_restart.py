@@ -23,7 +23,16 @@ import pytest
 
 from hub_spawner.tunnels.client import TunnelClient
 
-from .conftest import active_jobs, start_hub, stop_hub, wait_for
+from .conftest import (
+    REPO,
+    active_jobs,
+    connect_kernel,
+    execute,
+    open_kernel,
+    start_hub,
+    stop_hub,
+    wait_for,
+)
 
 PORT = 28000
 POLL_INTERVAL = 5
@@ -139,6 +148,83 @@ def test_server_survives_a_hub_restart_on_the_tunnel_services_forwards(lab, tmp_
         assert asyncio.run(_tunnel_service(tmp_path).health())["pid"] == service_pid
         assert "cannot re-open" not in _restart_log(hub)
         assert _fresh_token_works(hub)
+        _stop_and_check_gone(hub)
+    finally:
+        stop_hub(process)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["TERM", "KILL"])
+def test_open_kernel_websocket_survives_a_hub_restart(lab, tmp_path, signum):
+    """Proxy as its own process, cleanup_servers = False: a kernel websocket opened before the
+    hub goes down keeps running code while it is down and after it is back (same connection,
+    same variables); a new request through the proxy works as soon as the hub answers."""
+    proxy_token = secrets.token_hex(24)
+    env = {"HUB_KEEP_SERVERS": "1", "CONFIGPROXY_AUTH_TOKEN": proxy_token}
+    proxy = subprocess.Popen(
+        [str(lab.LAB_PREFIX / "node_modules/.bin/configurable-http-proxy"), "--ip", "127.0.0.1",
+         "--port", str(PORT), "--api-ip", "127.0.0.1", "--api-port", str(PORT + 1),
+         "--error-target", f"http://127.0.0.1:{PORT + 81}/hub/error"],
+        env=dict(os.environ, CONFIGPROXY_AUTH_TOKEN=proxy_token), cwd=REPO,
+        stdout=open(tmp_path / "proxy.log", "a"), stderr=subprocess.STDOUT,
+    )
+    try:
+        assert wait_for(lambda: _port_in_use(PORT + 1), 20)
+        token = secrets.token_hex(24)
+        hub, process = start_hub(tmp_path, PORT, token, env)
+        try:
+            _spawn_restart_server(hub)
+            kernel_id, kernel = open_kernel(hub, "alice", "restart")
+            assert execute(kernel, "x = 41; print('set')").strip() == "set"
+        finally:
+            if signum == signal.SIGKILL:
+                process.kill()
+                process.wait()
+            else:
+                stop_hub(process)
+        assert wait_for(lambda: not _port_in_use(PORT + 81), 10)  # the hub API is down
+        assert execute(kernel, "x += 1; print(x)").strip() == "42"
+        hub, process = start_hub(tmp_path, PORT, token, env)
+        try:
+            assert _reachable(hub)
+            assert execute(kernel, "print(x)").strip() == "42"
+            kernel.close()
+            hub.api_server("DELETE", "alice", f"/api/kernels/{kernel_id}", server="restart")
+            _stop_and_check_gone(hub)
+        finally:
+            stop_hub(process)
+    finally:
+        lab.stop_pid(proxy.pid)
+
+
+def test_tunnel_service_killed_under_a_running_hub_is_invisible(lab, tmp_path):
+    """SIGKILL the tunnel service: its masters outlive it and the next one (started on the
+    hub's next request) adopts them; the server is never marked stopped and a new websocket
+    works."""
+    env = {"HUB_KEEP_SERVERS": "1", "HUB_POLL_INTERVAL": str(POLL_INTERVAL)}
+    token = secrets.token_hex(24)
+    hub, process = start_hub(tmp_path, PORT, token, env)
+    try:
+        job = _spawn_restart_server(hub)
+        kernel_id, kernel = open_kernel(hub, "alice", "restart")
+        assert execute(kernel, "y = 7; print(y)").strip() == "7"
+        service = _tunnel_service(tmp_path)
+        before = asyncio.run(service.forwards())
+        old_pid = asyncio.run(service.health())["pid"]
+        os.kill(old_pid, signal.SIGKILL)
+        assert execute(kernel, "print(y * 6)").strip() == "42"  # same connection
+        kernel.close()
+        time.sleep(POLL_INTERVAL + 1)  # a poll asks the service (and starts a new one)
+        assert asyncio.run(service.health())["pid"] != old_pid
+        after = asyncio.run(service.forwards())
+        assert {n: e["port"] for n, e in after.items()} == {n: e["port"] for n, e in before.items()}
+        assert all(entry["up"] for entry in after.values()), after
+        assert hub.api("GET", "/users/alice").json()["servers"]["restart"]["ready"]
+        assert active_jobs("alice") == job
+        again = connect_kernel(hub, "alice", kernel_id, "restart")  # a reconnecting browser
+        assert execute(again, "print(y)").strip() == "7"
+        again.close()
+        hub.api_server("DELETE", "alice", f"/api/kernels/{kernel_id}", server="restart")
+        assert "Failed to poll" not in _restart_log(hub)
         _stop_and_check_gone(hub)
     finally:
         stop_hub(process)
