@@ -43,7 +43,7 @@ hub_spawner_port=$({{ python }} -c \
     echo "hub_spawner: could not choose a free port on $(hostname) (is {{ python }} on PATH?)" >&2
     exit 1
 }
-export JUPYTERHUB_SERVICE_URL="http://{{ listen_ip }}:${hub_spawner_port}/"
+export JUPYTERHUB_SERVICE_URL="{{ scheme }}://{{ listen_ip }}:${hub_spawner_port}/"
 {{ command }} &
 hub_spawner_server=$!
 trap 'kill -TERM "$hub_spawner_server" 2>/dev/null' TERM INT HUP
@@ -83,6 +83,7 @@ def render_launch(
     python: str = "python3",
     listen_ip: str = "0.0.0.0",
     ready_timeout_seconds: int = 600,
+    tls: bool = False,
 ) -> str:
     """The launcher part of the job script; every argument is quoted for bash.
 
@@ -96,6 +97,7 @@ def render_launch(
         prologue=prologue,
         python=shlex.quote(python),
         listen_ip=_checked_ip(listen_ip),
+        scheme="https" if tls else "http",
         command=shlex.join(command),
         ready_timeout_tenths=int(ready_timeout_seconds * 10),
         ready_marker=READY_MARKER,

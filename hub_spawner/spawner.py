@@ -143,6 +143,25 @@ class SSHBatchSpawner(Spawner):
         socket paths are short: keep the absolute path under ~80 characters.
         """,
     )
+    tunnel_service_address = Unicode(
+        "",
+        config=True,
+        help="""``host:port`` of a tunnel service that runs elsewhere (``python -m
+        hub_spawner.tunnels --dir DIR --listen HOST:PORT``, e.g. its own pod), controlled over
+        TCP with ``tunnel_service_token``. Empty: the service on ``tunnel_service_dir``'s Unix
+        socket, started by the spawner when it is not running.""",
+    )
+    tunnel_service_token = Unicode(
+        config=True,
+        help="""The token a TCP tunnel service requires (its ``HUB_SPAWNER_TUNNEL_TOKEN``).
+        Defaults to this process's ``HUB_SPAWNER_TUNNEL_TOKEN``. Anyone holding it can open
+        tunnels as any cluster user whose key the service can read: keep it secret.""",
+    )
+
+    @default("tunnel_service_token")
+    def _tunnel_service_token_default(self) -> str:
+        return os.environ.get("HUB_SPAWNER_TUNNEL_TOKEN", "")
+
     tunnel_service_python = Unicode(
         sys.executable,
         config=True,
@@ -300,6 +319,7 @@ class SSHBatchSpawner(Spawner):
         self.api_tunnel_port = 0
         self.output_path = ""
         self.secrets_path = ""
+        self.certs_dir = ""
         self._submission_sent = False
         self._end_reported = ""
 
@@ -316,6 +336,7 @@ class SSHBatchSpawner(Spawner):
                 api_tunnel_port=self.api_tunnel_port,
                 output_path=self.output_path,
                 secrets_path=self.secrets_path,
+                certs_dir=self.certs_dir,
             )
         return state
 
@@ -330,6 +351,7 @@ class SSHBatchSpawner(Spawner):
             self.api_tunnel_port = int(state.get("api_tunnel_port", 0))
             self.output_path = state.get("output_path", "")
             self.secrets_path = state.get("secrets_path", "")
+            self.certs_dir = state.get("certs_dir", "")
 
     # --- the form ----------------------------------------------------------------------------
 
@@ -386,7 +408,9 @@ class SSHBatchSpawner(Spawner):
             self._template_variables(resources)
         except ValueError as error:
             raise BadOptions(str(error)) from None
+        certs_dir = self.certs_dir  # move_certs ran just before start()
         self._reset_job()
+        self.certs_dir = certs_dir
         try:
             return await self._start_job(resources)
         except BaseException:
@@ -451,7 +475,8 @@ class SSHBatchSpawner(Spawner):
             self._tunnel_name, await self._login(), self.tunnel_bind_ip, ready.host, ready.port
         )
         self._emit(90, f"Tunnel open: hub port {self.tunnel_port} -> {ready.host}:{ready.port}")
-        return f"http://{self._tunnel_connect_ip}:{self.tunnel_port}"
+        scheme = "https" if self.internal_ssl else "http"
+        return f"{scheme}://{self._tunnel_connect_ip}:{self.tunnel_port}"
 
     async def _wait_for_ready_line(self) -> jobscript.ReadyLine:
         """Poll until the job prints its ready line; fail at once if the job ends first."""
@@ -557,6 +582,31 @@ class SSHBatchSpawner(Spawner):
                 self._retry_tunnels_soon()
         return None
 
+    async def move_certs(self, paths: dict[str, str]) -> dict[str, str]:
+        """With ``internal_ssl``: copy the server's key, certificate and CA bundle to the cluster
+        (mode 0600 in a 0700 directory under ``remote_state_dir``, over SFTP) and return their
+        paths there; the server then serves TLS and verifies the hub's certificate on every hub
+        API call (so a process that takes the reverse forward's port learns nothing). The
+        directory is removed with the job."""
+        connection = await self._connection()
+        base = posixpath.join(await connection.home(), self.remote_state_dir)
+        directory = posixpath.join(
+            base, f"certs-{_slug(self.user.name)}-{_slug(self.name) or 'default'}"
+        )
+        if not _REMOTE_PATH.match(directory):
+            raise SpawnError(
+                f"The path {directory!r} on the cluster has characters we do not use; set "
+                "remote_state_dir to a plain absolute path."
+            )
+        await connection.make_private_dir(directory)
+        self.certs_dir = directory
+        remote = {}
+        for kind in ("keyfile", "certfile", "cafile"):
+            remote[kind] = posixpath.join(directory, kind + ".pem")
+            with open(paths[kind]) as local:
+                await connection.write_private_file(remote[kind], local.read())
+        return remote
+
     async def stop(self, now: bool = False) -> None:
         """Cancel the job, close the tunnels, delete the secrets file. Idempotent."""
         await self._release("the server was stopped", wait=not now)
@@ -619,7 +669,12 @@ class SSHBatchSpawner(Spawner):
 
     @property
     def _tunnels(self) -> TunnelClient:
-        return tunnel_client(self.tunnel_service_dir, self.tunnel_service_python)
+        return tunnel_client(
+            self.tunnel_service_dir,
+            self.tunnel_service_python,
+            self.tunnel_service_address,
+            self.tunnel_service_token,
+        )
 
     async def _login(self) -> Login:
         """The tunnel service's view of our SSH target."""
@@ -706,7 +761,7 @@ class SSHBatchSpawner(Spawner):
             hub_api.port or 80,
             listen_port=self.api_tunnel_port,
         )
-        return f"http://{listen_host}:{self.api_tunnel_port}{hub_api.path}"
+        return f"{hub_api.scheme}://{listen_host}:{self.api_tunnel_port}{hub_api.path}"
 
     def _job_env(self, api_url: str) -> dict[str, str]:
         env = self.get_env()
@@ -724,6 +779,7 @@ class SSHBatchSpawner(Spawner):
             prologue=self.job_prologue,
             python=self.job_python,
             ready_timeout_seconds=int(self.start_timeout),
+            tls=self.internal_ssl,
         )
         return jobscript.render_job_script(
             self.job_script_template or self.scheduler.JOB_SCRIPT_TEMPLATE,
@@ -943,19 +999,21 @@ class SSHBatchSpawner(Spawner):
         self.job_id = ""
         self._submission_sent = False
         self.secrets_path = ""
+        self.certs_dir = ""
         if await self._send_cancel(cleanup) and cleanup.job_id and wait:
             await self._wait_until_gone(cleanup.job_id)
 
     def _cleanup_plan(self) -> _Cleanup | None:
         """What cancelling this spawner's job and deleting its secrets file takes, as a
         snapshot that outlives the spawner's state; None if there is nothing to clean up."""
-        if not (self.job_id or self._submission_sent or self.secrets_path):
+        if not (self.job_id or self._submission_sent or self.secrets_path or self.certs_dir):
             return None
         return _Cleanup(
             job_id=self.job_id,
             job_name=self.job_name,
             by_name=not self.job_id and self._submission_sent,
             secrets_path=self.secrets_path,
+            certs_dir=self.certs_dir,
             label=f"job {self.job_id or self.job_name} of {self._log_name}",
         )
 
@@ -980,6 +1038,8 @@ class SSHBatchSpawner(Spawner):
             commands.append(by_name)
         if cleanup.secrets_path:
             commands.append(f"rm -f -- {shlex.quote(cleanup.secrets_path)}")
+        if cleanup.certs_dir:
+            commands.append(f"rm -rf -- {shlex.quote(cleanup.certs_dir)}")
         try:
             connection = await default_pool.get(target)
             await connection.run("; ".join(commands), timeout=self.command_timeout)
@@ -1047,6 +1107,7 @@ class _Cleanup:
     job_name: str
     by_name: bool
     secrets_path: str
+    certs_dir: str
     label: str
 
 
@@ -1066,14 +1127,14 @@ def _port_taken(ip: str, port: int) -> bool:
     return False
 
 
-_tunnel_clients: dict[tuple[str, str], TunnelClient] = {}
+_tunnel_clients: dict[tuple[str, str, str, str], TunnelClient] = {}
 
 
-def tunnel_client(directory: str, python: str) -> TunnelClient:
-    """The one client per tunnel service directory (shared by all spawners of this hub)."""
-    key = (os.path.abspath(directory), python)
+def tunnel_client(directory: str, python: str, address: str = "", token: str = "") -> TunnelClient:
+    """The one client per tunnel service (shared by all spawners of this hub)."""
+    key = (os.path.abspath(directory), python, address, token)
     if key not in _tunnel_clients:
-        _tunnel_clients[key] = TunnelClient(key[0], python)
+        _tunnel_clients[key] = TunnelClient(key[0], python, address, token)
     return _tunnel_clients[key]
 
 

@@ -35,11 +35,21 @@ class TunnelError(SpawnError):
 
 
 class TunnelClient:
-    """Requests to the tunnel service that keeps its state in ``directory``."""
+    """Requests to the tunnel service that keeps its state in ``directory`` (over its Unix
+    socket; started when not running), or, with ``address`` (``host:port``), to one that runs
+    elsewhere (over TCP with ``token``; never started from here)."""
 
-    def __init__(self, directory: str | Path, python: str = sys.executable) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        python: str = sys.executable,
+        address: str = "",
+        token: str = "",
+    ) -> None:
         self.directory = Path(directory).resolve()
         self.python = python
+        self.address = address
+        self.token = token
         self._start_lock = asyncio.Lock()
 
     async def ensure(self, forward: Forward) -> int:
@@ -75,7 +85,13 @@ class TunnelClient:
     async def request(self, request: dict, start: bool = True) -> dict:
         try:
             reply = await self._send(request)
-        except _NOT_RUNNING:
+        except OSError as error:
+            if self.address:
+                raise TunnelError(
+                    f"the tunnel service at {self.address} cannot be reached: {error}"
+                ) from None
+            if not isinstance(error, _NOT_RUNNING):
+                raise TunnelError(f"the tunnel service's socket failed: {error}") from None
             if not start:
                 raise TunnelError(
                     f"the tunnel service for {self.directory} is not running"
@@ -87,7 +103,12 @@ class TunnelClient:
         return reply
 
     async def _send(self, request: dict) -> dict:
-        reader, writer = await asyncio.open_unix_connection(str(self.directory / "ctl"))
+        if self.address:
+            host, _, port = self.address.rpartition(":")
+            reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+            request = dict(request, token=self.token)
+        else:
+            reader, writer = await asyncio.open_unix_connection(str(self.directory / "ctl"))
         try:
             writer.write(json.dumps(request).encode() + b"\n")
             await writer.drain()

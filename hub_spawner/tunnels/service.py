@@ -8,7 +8,9 @@ Requirements:
 - a master that dies (SSH drop, login node restart) is re-made and its forwards re-added within
   about a second of being noticed; a forward that cannot come back (its port taken) is retried
   every second and reported by ``list``;
-- one service per directory (a lock file); the control socket is in a 0700 directory, mode 0600.
+- one service per directory (a lock file); the control socket is in a 0700 directory, mode 0600;
+  control over TCP (``--listen``, for a hub in another pod) needs the token in
+  ``HUB_SPAWNER_TUNNEL_TOKEN``, compared in constant time on every request.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import hmac
 import json
 import logging
 import os
@@ -322,15 +325,24 @@ def _port_candidates(forward: Forward) -> list[int]:
 
 
 async def handle_client(
-    service: TunnelService, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    service: TunnelService,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    token: str | None = None,
 ) -> None:
     """JSON lines: ``{"op": "ensure", "forward": {...}}`` -> ``{"ok": true, "port": N}``;
-    ``close`` (``name``), ``list``, ``health``, ``stop-everything``."""
+    ``close`` (``name``), ``list``, ``health``, ``stop-everything``. With ``token`` (TCP), every
+    request must carry it as ``"token"``."""
     try:
         while line := await reader.readline():
             try:
                 request = json.loads(line)
-                reply = await _dispatch(service, request)
+                if token is not None and not hmac.compare_digest(
+                    str(request.get("token", "")).encode(), token.encode()
+                ):
+                    reply = {"ok": False, "error": "the tunnel service refused the token"}
+                else:
+                    reply = await _dispatch(service, request)
             except (ValueError, KeyError, TypeError, ForwardFailed) as error:
                 reply = {"ok": False, "error": str(error)}
             writer.write(json.dumps(reply).encode() + b"\n")
@@ -359,7 +371,7 @@ async def _dispatch(service: TunnelService, request: dict) -> dict:
     raise ValueError(f"unknown op {op!r}")
 
 
-async def serve(directory: Path) -> None:
+async def serve(directory: Path, listen: tuple[str, int] | None = None, token: str = "") -> None:
     service = TunnelService(directory)
     await service.restore()
     control_path = directory / "ctl"
@@ -372,6 +384,13 @@ async def serve(directory: Path) -> None:
         )
     finally:
         os.umask(old_umask)
+    servers = [server]
+    if listen is not None:
+        servers.append(await asyncio.start_server(
+            lambda r, w: handle_client(service, r, w, token), host=listen[0], port=listen[1]
+        ))
+        log.info("tunnel service %d: control also on TCP %s:%d (token required)", os.getpid(),
+                 *listen)
     log.info("tunnel service %d: listening on %s (%d forwards)", os.getpid(), control_path,
              len(service.table))
     stopping = asyncio.Event()
@@ -379,8 +398,9 @@ async def serve(directory: Path) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     supervisor = asyncio.ensure_future(service.supervise())
-    async with server:
-        await stopping.wait()
+    await stopping.wait()
+    for each in servers:
+        each.close()
     supervisor.cancel()
     # Masters and forwards are left running on purpose: a new service adopts them.
     log.info("tunnel service %d: stopping; forwards stay up for the next service", os.getpid())
@@ -402,7 +422,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dir", required=True, type=Path,
                         help="state directory: control socket, forward table, master sockets")
+    parser.add_argument("--listen", default="", metavar="HOST:PORT",
+                        help="also take control requests over TCP (token required, from "
+                        "HUB_SPAWNER_TUNNEL_TOKEN)")
     args = parser.parse_args(argv)
+    listen, token = None, os.environ.get("HUB_SPAWNER_TUNNEL_TOKEN", "")
+    if args.listen:
+        host, _, port = args.listen.rpartition(":")
+        if not host or not port.isdigit():
+            parser.error(f"--listen wants HOST:PORT, not {args.listen!r}")
+        if len(token) < 16:
+            parser.error("--listen needs a token of 16 or more characters in "
+                         "HUB_SPAWNER_TUNNEL_TOKEN: anyone who can reach the port could "
+                         "otherwise open tunnels as any cluster user")
+        listen = (host.strip("[]"), int(port))
     logging.basicConfig(level=logging.INFO,
                         format="[%(levelname)1.1s %(asctime)s tunnels] %(message)s")
     directory = args.dir.resolve()
@@ -413,5 +446,5 @@ def main(argv: list[str] | None = None) -> int:
     except BlockingIOError:
         print(f"tunnel service: already running for {directory}", file=sys.stderr)
         return 0
-    asyncio.run(serve(directory))
+    asyncio.run(serve(directory, listen, token))
     return 0

@@ -136,7 +136,7 @@ def start_hub(state_dir: Path, port: int, token: str, extra_env: dict | None = N
         except requests.ConnectionError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
+            lab_module.stop_pid(process.pid, timeout=30)  # TERM: the hub stops its proxy too
             raise RuntimeError(f"the test hub did not start:\n{hub.log()[-3000:]}")
         time.sleep(0.3)
     return hub, process

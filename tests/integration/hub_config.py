@@ -14,6 +14,7 @@ Scenarios are named servers of alice whose command is swapped in ``pre_spawn_hoo
 real part; every part around it is real):
 - ``reopen-raises-once``: the first hub-side tunnel the hub asks for raises ``RuntimeError``;
 - ``stop-raises-once``: the first ``stop()`` raises ``RuntimeError`` before it does anything.
+``HUB_INTERNAL_SSL=1`` turns on JupyterHub's internal_ssl.
 ``HUB_POLL_INTERVAL`` sets ``Spawner.poll_interval`` (seconds). ``CONFIGPROXY_AUTH_TOKEN`` set:
 the proxy runs as its own process (the test starts it) and the hub does not start or stop it.
 """
@@ -70,6 +71,14 @@ if os.environ.get("HUB_KEEP_SERVERS") == "1":
 if os.environ.get("CONFIGPROXY_AUTH_TOKEN"):
     c.ConfigurableHTTPProxy.should_start = False
     c.ConfigurableHTTPProxy.auth_token = os.environ["CONFIGPROXY_AUTH_TOKEN"]
+
+# internal_ssl: the hub API (and every internal hop) is TLS; compute nodes reach the hub by the
+# login node's cluster-side name, so the hub's certificate must name it.
+if os.environ.get("HUB_INTERNAL_SSL") == "1":
+    c.JupyterHub.internal_ssl = True
+    c.JupyterHub.trusted_alt_names = ["DNS:login"]
+    c.JupyterHub.internal_certs_location = os.path.join(os.environ["HUB_STATE_DIR"], "certs")
+    c.ConfigurableHTTPProxy.api_url = f"https://127.0.0.1:{int(os.environ['HUB_PORT']) + 1}"
 
 if os.environ.get("HUB_POLL_INTERVAL"):
     c.Spawner.poll_interval = int(os.environ["HUB_POLL_INTERVAL"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -178,3 +179,41 @@ def test_unknown_host_key_is_refused_with_a_clear_error(lab, client, tmp_path):
         _run(client.ensure_local("alice/a", _login(lab, known_hosts=str(empty)), "127.0.0.1",
                                  lab.COMPUTE_IP, ECHO_PORT))
     assert "alice/a" not in _run(client.forwards())
+
+
+def test_tcp_control_needs_the_token(lab, echo_server, tmp_path_factory):
+    """A service in another pod: control over TCP (loopback here), every request with the token;
+    a wrong token is refused, and so is a TCP listener without a token."""
+    directory = tmp_path_factory.mktemp("tun", numbered=True)
+    address = "127.0.0.1:18960"
+    command = [sys.executable, "-m", "hub_spawner.tunnels", "--dir", str(directory),
+               "--listen", address]
+    refused = subprocess.run(command, env=dict(os.environ, HUB_SPAWNER_TUNNEL_TOKEN=""),
+                             capture_output=True, text=True, timeout=30)
+    assert refused.returncode != 0 and "token" in refused.stderr
+    token = secrets.token_hex(16)
+    service = subprocess.Popen(command, env=dict(os.environ, HUB_SPAWNER_TUNNEL_TOKEN=token),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = TunnelClient(directory, address=address, token=token)
+    try:
+        assert wait_for(lambda: _healthy(client), 10)
+        port = _run(client.ensure_local("alice/a", _login(lab), "127.0.0.1", lab.COMPUTE_IP,
+                                        ECHO_PORT))
+        assert _echo(port) == b"ping"
+        intruder = TunnelClient(directory, address=address, token="x" * 32)
+        with pytest.raises(TunnelError, match="refused the token"):
+            _run(intruder.ensure_local("alice/b", _login(lab), "127.0.0.1", lab.COMPUTE_IP,
+                                       ECHO_PORT))
+        assert "alice/b" not in _run(client.forwards())
+    finally:
+        _run(client.request({"op": "stop-everything"}))
+        lab.stop_pid(service.pid)
+    with pytest.raises(TunnelError, match="cannot be reached"):
+        _run(client.health())
+
+
+def _healthy(client: TunnelClient) -> bool:
+    try:
+        return bool(_run(client.health()))
+    except TunnelError:
+        return False

@@ -1,0 +1,119 @@
+"""internal_ssl on the lab: the server serves TLS through the tunnel service and calls the hub
+API over TLS it verifies, through the reverse forward. A login-node user who takes that forward's
+port while it is down receives a TLS handshake, never a token; the server keeps running and
+reaches the hub again once the forward is back."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import subprocess
+
+from hub_spawner.tunnels.client import TunnelClient
+
+from .conftest import active_jobs, execute, open_kernel, start_hub, stop_hub, wait_for
+
+PORT = 28200
+#: bob on the login node: takes a port and prints, in hex, the first bytes each caller sends.
+RECORDER = """
+import socket, sys, time
+sock = socket.socket()
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+deadline = time.monotonic() + 20
+while True:
+    try:
+        sock.bind((sys.argv[1], int(sys.argv[2])))
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.05)
+sock.listen()
+print("bound", flush=True)
+while True:
+    conn, _ = sock.accept()
+    conn.settimeout(10)
+    try:
+        print(conn.recv(65536).hex(), flush=True)
+    except OSError:
+        print("", flush=True)
+    conn.close()
+"""
+
+
+def _fresh_token_status(hub, server: str) -> int:
+    """A token the server has never seen, so it must ask the hub API; the HTTP status."""
+    token = hub.api("POST", "/users/alice/tokens", json={"expires_in": 600}).json()["token"]
+    try:
+        return hub.get(f"/user/alice/{server}/api/kernels", token=token).status_code
+    except Exception:
+        return 0
+
+
+def test_tls_hub_api_and_a_squatter_on_the_reverse_port_learns_nothing(lab, tmp_path):
+    env = {"HUB_INTERNAL_SSL": "1", "HUB_POLL_INTERVAL": "5"}
+    hub, process = start_hub(tmp_path, PORT, secrets.token_hex(24), env)
+    squatter = None
+    try:
+        hub.api("POST", "/users/alice")
+        events, _ = hub.spawn("alice", "tls")
+        assert events[-1].get("ready"), events
+        job = active_jobs("alice")
+        model = hub.api("GET", "/users/alice").json()["servers"]["tls"]
+        api_port = model["state"]["api_tunnel_port"]
+        kernel_id, kernel = open_kernel(hub, "alice", "tls")  # proxy -> tunnel -> TLS server
+        seen = execute(kernel, "import os; print(os.environ['JUPYTERHUB_API_URL'], "
+                               "os.environ['JUPYTERHUB_SERVICE_URL'])").split()
+        kernel.close()
+        hub.api_server("DELETE", "alice", f"/api/kernels/{kernel_id}", server="tls")
+        assert seen[0] == f"https://login:{api_port}/hub/api", seen
+        assert seen[1].startswith("https://"), seen
+        assert _fresh_token_status(hub, "tls") == 200  # asked the hub over TLS
+
+        # The reverse forward goes down (its SSH connection dies while the service is paused),
+        # and bob takes the port before the service can re-make it.
+        service = TunnelClient(tmp_path / "tunnels")
+        forwards = asyncio.run(service.forwards())
+        service_pid = asyncio.run(service.health())["pid"]
+        os.kill(service_pid, signal.SIGSTOP)
+        try:
+            os.kill(forwards["alice/tls/hub-api"]["master_pid"], signal.SIGKILL)
+            squatter = subprocess.Popen(
+                ["nsenter", f"--net=/run/netns/{lab.NAMESPACES['login']}", "runuser", "-u",
+                 "bob", "--", "/usr/bin/python3", "-c", RECORDER, lab.LOGIN_CLUSTER_IP,
+                 str(api_port)],
+                stdout=subprocess.PIPE, text=True,
+            )
+            assert squatter.stdout.readline().strip() == "bound"
+        finally:
+            os.kill(service_pid, signal.SIGCONT)
+
+        def state() -> dict:
+            return asyncio.run(service.forwards())
+
+        assert wait_for(lambda: state()["alice/tls"]["up"]
+                        and not state()["alice/tls/hub-api"]["up"], 15), state()
+        token = hub.api("POST", "/users/alice/tokens", json={"expires_in": 600}).json()["token"]
+        status = hub.get("/user/alice/tls/api/kernels", token=token).status_code
+        assert status != 200
+        captured = bytes.fromhex(squatter.stdout.readline().strip())
+        assert captured[:1] == b"\x16", captured[:64]  # a TLS handshake record
+        assert token.encode() not in captured and b"uthorization" not in captured
+
+        lab.stop_pid(squatter.pid)
+        assert wait_for(lambda: state()["alice/tls/hub-api"]["up"], 10), state()
+        assert wait_for(lambda: _fresh_token_status(hub, "tls") == 200, 20)
+        assert hub.api("GET", "/users/alice").json()["servers"]["tls"]["ready"]
+        assert active_jobs("alice") == job
+
+        hub.stop("alice", "tls")
+        assert wait_for(lambda: not active_jobs("alice"), 20), active_jobs("alice")
+        left = lab.in_namespace("login", ["ls", "-a", "/home/alice/.hub-spawner"], check=False)
+        assert "certs-" not in left.stdout, left.stdout
+    finally:
+        if squatter is not None:
+            lab.stop_pid(squatter.pid)
+        stop_hub(process)
+        lab.stop_tunnel_service(tmp_path / "tunnels")
