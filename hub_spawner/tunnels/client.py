@@ -74,7 +74,14 @@ class TunnelClient:
         )
 
     async def close(self, name: str) -> None:
-        await self.request({"op": "close", "name": name})
+        """Drop ``name``. A local service that is not running and has no table holds nothing:
+        it is not started just for this."""
+        start = bool(self.address) or (self.directory / "forwards.json").exists()
+        try:
+            await self.request({"op": "close", "name": name}, start=start)
+        except TunnelError:
+            if start:
+                raise
 
     async def forwards(self) -> dict[str, dict]:
         return (await self.request({"op": "list"}))["forwards"]
