@@ -242,6 +242,48 @@ def execute(connection: websocket.WebSocket, code: str) -> str:
     return "".join(output)
 
 
+#: A login-node user holding a TCP port: prints "bound" once listening, then, for each caller,
+#: the first bytes it sent (hex), and hangs up. SO_REUSEADDR as sshd does: TIME_WAIT is no bar.
+_SQUATTER = """
+import socket, sys, time
+sock = socket.socket()
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+deadline = time.monotonic() + 20
+while True:
+    try:
+        sock.bind((sys.argv[1], int(sys.argv[2])))
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.05)
+sock.listen()
+print("bound", flush=True)
+while True:
+    conn, _ = sock.accept()
+    conn.settimeout(10)
+    try:
+        print(conn.recv(65536).hex(), flush=True)
+    except OSError:
+        print("", flush=True)
+    conn.close()
+"""
+
+
+def squat_on_login(user: str, ip: str, port: int) -> subprocess.Popen:
+    """``user`` takes ``ip:port`` on the login host (waits up to 20 s for it to be free);
+    returns once it listens. Read what callers sent from its stdout, one hex line each."""
+    process = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{lab_module.NAMESPACES['login']}", "runuser", "-u", user,
+         "--", "/usr/bin/python3", "-c", _SQUATTER, ip, str(port)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    if process.stdout.readline().strip() != "bound":
+        lab_module.stop_pid(process.pid)
+        raise AssertionError(f"{user} could not take {ip}:{port} on the login host")
+    return process
+
+
 def user_processes(user: str, pattern: str) -> list[str]:
     result = subprocess.run(["pgrep", "-a", "-u", user, "-f", pattern], capture_output=True,
                             text=True)

@@ -29,6 +29,7 @@ from .conftest import (
     connect_kernel,
     execute,
     open_kernel,
+    squat_on_login,
     start_hub,
     stop_hub,
     wait_for,
@@ -36,26 +37,6 @@ from .conftest import (
 
 PORT = 28000
 POLL_INTERVAL = 5
-#: A login-node user holding a TCP port (prints "bound" once listening, accepts and hangs up).
-SQUATTER = """
-import socket, sys, time
-sock = socket.socket()
-sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as sshd does: TIME_WAIT is no bar
-deadline = time.monotonic() + 20
-while True:
-    try:
-        sock.bind((sys.argv[1], int(sys.argv[2])))
-        break
-    except OSError:
-        if time.monotonic() > deadline:
-            raise
-        time.sleep(0.2)
-sock.listen()
-print("bound", flush=True)
-while True:
-    conn, _ = sock.accept()
-    conn.close()
-"""
 
 
 @pytest.fixture(autouse=True)
@@ -236,13 +217,8 @@ def test_taken_reverse_port_keeps_the_server_known_and_recovers_once_freed(lab, 
     api_port = state["api_tunnel_port"]
     _kill_tunnel_service(tmp_path)
     # bob, an ordinary login-node user, takes the freed port while the hub is down.
-    squatter = subprocess.Popen(
-        ["nsenter", f"--net=/run/netns/{lab.NAMESPACES['login']}", "runuser", "-u", "bob", "--",
-         "/usr/bin/python3", "-c", SQUATTER, lab.LOGIN_CLUSTER_IP, str(api_port)],
-        stdout=subprocess.PIPE, text=True,
-    )
+    squatter = squat_on_login("bob", lab.LOGIN_CLUSTER_IP, api_port)
     try:
-        assert squatter.stdout.readline().strip() == "bound"
         hub, process = start_hub(tmp_path, PORT, token, env)
         try:
             message = (f"alice:restart: cannot re-open the hub API tunnel of job "

@@ -9,38 +9,20 @@ import asyncio
 import os
 import secrets
 import signal
-import subprocess
 
 from hub_spawner.tunnels.client import TunnelClient
 
-from .conftest import active_jobs, execute, open_kernel, start_hub, stop_hub, wait_for
+from .conftest import (
+    active_jobs,
+    execute,
+    open_kernel,
+    squat_on_login,
+    start_hub,
+    stop_hub,
+    wait_for,
+)
 
 PORT = 28200
-#: bob on the login node: takes a port and prints, in hex, the first bytes each caller sends.
-RECORDER = """
-import socket, sys, time
-sock = socket.socket()
-sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-deadline = time.monotonic() + 20
-while True:
-    try:
-        sock.bind((sys.argv[1], int(sys.argv[2])))
-        break
-    except OSError:
-        if time.monotonic() > deadline:
-            raise
-        time.sleep(0.05)
-sock.listen()
-print("bound", flush=True)
-while True:
-    conn, _ = sock.accept()
-    conn.settimeout(10)
-    try:
-        print(conn.recv(65536).hex(), flush=True)
-    except OSError:
-        print("", flush=True)
-    conn.close()
-"""
 
 
 def _fresh_token_status(hub, server: str) -> int:
@@ -80,13 +62,7 @@ def test_tls_hub_api_and_a_squatter_on_the_reverse_port_learns_nothing(lab, tmp_
         os.kill(service_pid, signal.SIGSTOP)
         try:
             os.kill(forwards["alice/tls/hub-api"]["master_pid"], signal.SIGKILL)
-            squatter = subprocess.Popen(
-                ["nsenter", f"--net=/run/netns/{lab.NAMESPACES['login']}", "runuser", "-u",
-                 "bob", "--", "/usr/bin/python3", "-c", RECORDER, lab.LOGIN_CLUSTER_IP,
-                 str(api_port)],
-                stdout=subprocess.PIPE, text=True,
-            )
-            assert squatter.stdout.readline().strip() == "bound"
+            squatter = squat_on_login("bob", lab.LOGIN_CLUSTER_IP, api_port)
         finally:
             os.kill(service_pid, signal.SIGCONT)
 
