@@ -131,6 +131,18 @@ class SSHBatchSpawner(Spawner):
         same host; in Kubernetes, with the proxy in another pod, use the tunnel service pod's IP.
         """,
     )
+    tunnel_connect_host = Unicode(
+        "",
+        config=True,
+        help="""Host the proxy connects to for the tunnel to each server: ``start()`` returns
+        ``http://<tunnel_connect_host>:<tunnel port>``.
+
+        Empty: ``tunnel_bind_ip``, or ``127.0.0.1`` when that is ``0.0.0.0`` or empty. Set it
+        when the tunnel service listens on all addresses of another host or pod, e.g. the
+        Kubernetes Service name of the tunnel service's pods (a headless Service, so every
+        port reaches the pod).
+        """,
+    )
     tunnel_service_dir = Unicode(
         "tunnels",
         config=True,
@@ -636,6 +648,8 @@ class SSHBatchSpawner(Spawner):
 
     @property
     def _tunnel_connect_ip(self) -> str:
+        if self.tunnel_connect_host:
+            return self.tunnel_connect_host
         return "127.0.0.1" if self.tunnel_bind_ip in ("0.0.0.0", "") else self.tunnel_bind_ip
 
     def _emit(self, progress: int, message: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -16,6 +17,8 @@ from hub_spawner.tunnels.forwards import (
     master_command,
     save_table,
 )
+from hub_spawner.tunnels.service import _port_candidates
+from hub_spawner.tunnels.service import main as service_main
 
 LOGIN = Login("login.example.org", 22, "alice", "/srv/keys/alice", "/srv/known_hosts")
 
@@ -89,3 +92,29 @@ def test_table_round_trip_is_private(tmp_path):
     loaded = load_table(path)
     assert loaded["alice/x"].forward == _forward() and loaded["alice/x"].port == 5000
     assert load_table(tmp_path / "absent.json") == {}
+
+
+def test_local_forward_ports_come_from_the_configured_range():
+    """``--forward-ports``: a NetworkPolicy opens one range, so every local port is in it."""
+    ports = _port_candidates(_forward(), (20000, 20999))
+    assert 1 <= len(ports) <= 5 and len(set(ports)) == len(ports)
+    assert all(20000 <= port <= 20999 for port in ports)
+    reverse = _port_candidates(_forward(kind="reverse"), (20000, 20999))
+    assert all(32768 <= port < 60999 for port in reverse)  # the range is for local ones only
+
+
+def test_a_taken_port_in_the_range_is_not_offered():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert _port_candidates(_forward(), (port, port)) == []
+
+
+@pytest.mark.parametrize("value", ["80-90", "20000", "2000-1000", "a-b", "20000-70000"])
+def test_bad_forward_ports_are_refused_before_anything_starts(value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        service_main(["--dir", str(tmp_path / "t"), "--forward-ports", value])
+    assert exit_info.value.code == 2
+    assert "--forward-ports wants LOW-HIGH within 1024-65535" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()

@@ -157,8 +157,9 @@ class Master:
 class TunnelService:
     """The forward table, kept true."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, forward_ports: tuple[int, int] | None = None) -> None:
         self.directory = directory
+        self.forward_ports = forward_ports  # (low, high) for local forwards; None: any
         self.table_path = directory / "forwards.json"
         self.table: dict[str, Entry] = load_table(self.table_path)
         self.masters: dict[str, Master] = {}
@@ -279,8 +280,9 @@ class TunnelService:
     async def _add(self, master: Master, forward: Forward, port: int) -> int:
         """Add ``forward`` on ``port`` (0: choose one) to ``master``; returns the port."""
         flag = "-L" if forward.kind == "local" else "-R"
-        candidates = [port] if port else _port_candidates(forward)
-        error = ""
+        candidates = [port] if port else _port_candidates(forward, self.forward_ports)
+        error = "no free port" + (f" in {self.forward_ports[0]}-{self.forward_ports[1]}"
+                                  if self.forward_ports and forward.kind == "local" else "")
         for candidate in candidates:
             code, _, err = await master.control("forward", flag, forward_spec(forward, candidate))
             if code == 0:
@@ -307,18 +309,29 @@ class TunnelService:
             del self.masters[entry.forward.login.key]
 
 
-def _port_candidates(forward: Forward) -> list[int]:
+def _port_candidates(forward: Forward, forward_ports: tuple[int, int] | None) -> list[int]:
     """Ports to try: for a local forward, free ones found by binding here (OpenSSH refuses
-    ``-L`` with port 0); for a reverse one, random ports in the login node's usual range."""
-    if forward.kind == "local":
-        ports = []
-        for _ in range(5):
-            family = socket.AF_INET6 if ":" in forward.listen_host else socket.AF_INET
-            with socket.socket(family) as probe:
-                probe.bind((forward.listen_host, 0))
-                ports.append(probe.getsockname()[1])
-        return ports
-    return random.sample(range(*REVERSE_PORT_RANGE), 8)
+    ``-L`` with port 0), from ``forward_ports`` when given; for a reverse one, random ports in
+    the login node's usual range."""
+    if forward.kind != "local":
+        return random.sample(range(*REVERSE_PORT_RANGE), 8)
+    family = socket.AF_INET6 if ":" in forward.listen_host else socket.AF_INET
+    if forward_ports is None:
+        tries = [0] * 5
+    else:
+        low, high = forward_ports
+        tries = random.sample(range(low, high + 1), min(32, high - low + 1))
+    ports = []
+    for port in tries:
+        with socket.socket(family) as probe:
+            try:
+                probe.bind((forward.listen_host, port))
+            except OSError:
+                continue
+            ports.append(probe.getsockname()[1])
+        if len(ports) == 5:
+            break
+    return ports
 
 
 # --- the control socket --------------------------------------------------------------------------
@@ -371,8 +384,13 @@ async def _dispatch(service: TunnelService, request: dict) -> dict:
     raise ValueError(f"unknown op {op!r}")
 
 
-async def serve(directory: Path, listen: tuple[str, int] | None = None, token: str = "") -> None:
-    service = TunnelService(directory)
+async def serve(
+    directory: Path,
+    listen: tuple[str, int] | None = None,
+    token: str = "",
+    forward_ports: tuple[int, int] | None = None,
+) -> None:
+    service = TunnelService(directory, forward_ports)
     await service.restore()
     control_path = directory / "ctl"
     with contextlib.suppress(FileNotFoundError):
@@ -416,7 +434,8 @@ def prepare_directory(directory: Path) -> None:
         raise SystemExit(f"tunnel service: {directory} is too long for Unix socket paths")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The service's command line (also rendered into docs/configuration.md)."""
     parser = argparse.ArgumentParser(
         prog="python -m hub_spawner.tunnels", description="hub_spawner's tunnel service"
     )
@@ -425,7 +444,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", default="", metavar="HOST:PORT",
                         help="also take control requests over TCP (token required, from "
                         "HUB_SPAWNER_TUNNEL_TOKEN)")
+    parser.add_argument("--forward-ports", default="", metavar="LOW-HIGH",
+                        help="take the local port of each forward from this range (e.g. "
+                        "20000-20999, for a firewall or NetworkPolicy); default: any free port")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    forward_ports = None
+    if args.forward_ports:
+        low, _, high = args.forward_ports.partition("-")
+        if not (low.isdigit() and high.isdigit() and 1024 <= int(low) <= int(high) <= 65535):
+            parser.error(f"--forward-ports wants LOW-HIGH within 1024-65535, not "
+                         f"{args.forward_ports!r}")
+        forward_ports = (int(low), int(high))
     listen, token = None, os.environ.get("HUB_SPAWNER_TUNNEL_TOKEN", "")
     if args.listen:
         host, _, port = args.listen.rpartition(":")
@@ -446,5 +480,5 @@ def main(argv: list[str] | None = None) -> int:
     except BlockingIOError:
         print(f"tunnel service: already running for {directory}", file=sys.stderr)
         return 0
-    asyncio.run(serve(directory, listen, token))
+    asyncio.run(serve(directory, listen, token, forward_ports))
     return 0
