@@ -14,7 +14,9 @@ Every module provides:
   ``SubmitRejected`` with the scheduler's own words);
 - ``status_command(job_id)`` and ``parse_status_output(output, job_id)`` (``JobStatus``);
 - ``explain_end(status)``, ``cancel_command(job_id)``,
-  ``cancel_by_name_command(job_name, cluster_username)``, ``quote_job_id(job_id)``.
+  ``cancel_by_name_command(job_name, cluster_username)``, ``quote_job_id(job_id)``;
+- ``check_command()``: prints the scheduler's version on its first line, then asks the
+  controller something (fails when the controller is down); ``parse_check_output`` reads it.
 
 A scheduler whose jobs can stop in an error state (``JobState.ERROR``) also provides
 ``detail_command(job_id)`` and ``parse_error_reason(output)``, and, if its status listing has no
@@ -70,3 +72,23 @@ class CommandOutput:
 
 class SubmitRejected(Exception):
     """The scheduler refused the job; the message is the scheduler's own words."""
+
+
+class SchedulerUnavailable(Exception):
+    """The scheduler's commands did not answer; the message says what they said."""
+
+
+def parse_check_output(output: CommandOutput) -> str:
+    """The version line of a ``check_command()``; ``SchedulerUnavailable`` when it failed."""
+    if output.exit_status == 127:
+        raise SchedulerUnavailable(
+            "a scheduler command is not on the PATH of a non-interactive login: "
+            + (output.stderr.strip().splitlines() or ["command not found"])[-1]
+        )
+    if output.exit_status != 0:
+        lines = (output.stderr.strip() or output.stdout.strip()).splitlines()
+        raise SchedulerUnavailable(
+            " / ".join(line.strip() for line in lines[-3:]) or f"exit status {output.exit_status}"
+        )
+    lines = [line.strip() for line in output.stdout.splitlines() if line.strip()]
+    return lines[0] if lines else "(no version printed)"

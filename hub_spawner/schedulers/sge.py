@@ -244,6 +244,12 @@ def explain_end(status: JobStatus) -> str:
     return status.reason or "Grid Engine no longer lists it"
 
 
+def check_command() -> str:
+    """For ``python -m hub_spawner check``: ``qstat -help``'s first line (``SGE 8.1.9``),
+    then ``qstat -u``, which needs sge_qmaster."""
+    return "qstat -help | head -n 1 && qstat -u \"$(id -un)\" >/dev/null"
+
+
 def cancel_command(job_id: str) -> str:
     """Command line that deletes the job (harmless if it has already ended)."""
     return f"qdel {quote_job_id(job_id)}"

@@ -184,6 +184,12 @@ def explain_end(status: JobStatus) -> str:
     return status.reason or "Slurm no longer lists it"
 
 
+def check_command() -> str:
+    """For ``python -m hub_spawner check``: ``sinfo --version`` (answers without a
+    controller), then ``squeue``, which needs slurmctld."""
+    return "sinfo --version && squeue --noheader --user=\"$(id -un)\" --format=%i >/dev/null"
+
+
 def cancel_command(job_id: str) -> str:
     """Command line that cancels the job (harmless if it has already ended)."""
     return f"scancel {quote_job_id(job_id)}"

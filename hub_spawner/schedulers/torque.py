@@ -240,6 +240,14 @@ def explain_end(status: JobStatus) -> str:
     return "the scheduler no longer lists it"
 
 
+def check_command() -> str:
+    """For ``python -m hub_spawner check``: ``qstat --version`` (Torque: ``Version: 6.1.3``,
+    PBS Pro: ``pbs_version = ...``; Slurm's Torque wrappers have none), then ``qstat -u``,
+    which needs the server (pbs_server, or slurmctld behind the wrappers)."""
+    return ("{ qstat --version 2>/dev/null || echo 'qstat (no --version)'; } "
+            "&& qstat -u \"$(id -un)\" >/dev/null")
+
+
 def cancel_command(job_id: str) -> str:
     """Command line that deletes the job (harmless if it has already ended)."""
     return f"qdel {quote_job_id(job_id)}"

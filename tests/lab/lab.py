@@ -392,14 +392,37 @@ def _start_slurm() -> dict[str, int]:
     SLURM_CONF.parent.mkdir(exist_ok=True)
     SLURM_CONF.write_text(SLURM_CONF_TEXT.format(login_ip=LOGIN_CLUSTER_IP, compute_ip=COMPUTE_IP,
                                                  run=LAB_DIR))
-    ctld = subprocess.Popen(host_command("login", "/usr/sbin/slurmctld -D -c -i"),
-                            stdout=subprocess.DEVNULL, stderr=open(run / "log/ctld.err", "w"),
-                            start_new_session=True)
-    _wait_until(lambda: _port_open("login", LOGIN_CLUSTER_IP, 6817), 20, "slurmctld")
+    ctld = _start_slurmctld(clear=True)
     slurmd = subprocess.Popen(host_command("compute", "/usr/sbin/slurmd -D"),
                               stdout=subprocess.DEVNULL, stderr=open(run / "log/slurmd.err", "w"),
                               start_new_session=True)
-    return {"slurmctld": ctld.pid, "slurmd": slurmd.pid}
+    return {"slurmctld": ctld, "slurmd": slurmd.pid}
+
+
+def _start_slurmctld(clear: bool) -> int:
+    """Slurm's controller on the login host; ``clear``: forget the saved jobs (``-c``)."""
+    log = open(LAB_DIR / "slurm/log/ctld.err", "w" if clear else "a")
+    ctld = subprocess.Popen(
+        host_command("login", f"/usr/sbin/slurmctld -D {'-c ' if clear else ''}-i"),
+        stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+    )
+    _wait_until(lambda: _port_open("login", LOGIN_CLUSTER_IP, 6817), 20, "slurmctld")
+    return ctld.pid
+
+
+def stop_slurmctld() -> None:
+    """Stop Slurm's controller: the scheduler is down (running jobs live on)."""
+    state = json.loads(STATE_FILE.read_text())
+    stop_pid(state["pids"]["slurmctld"])
+
+
+def start_slurmctld() -> None:
+    """Start Slurm's controller again, with its saved state (jobs, the node)."""
+    state = json.loads(STATE_FILE.read_text())
+    state["pids"]["slurmctld"] = _start_slurmctld(clear=False)
+    _write_state(state)
+    _wait_until(lambda: in_namespace("login", ["sinfo", "-h"], check=False).returncode == 0,
+                30, "slurmctld answering")
 
 
 def _wait_for_slurm() -> None:

@@ -1,0 +1,50 @@
+"""``python -m hub_spawner check -f jupyterhub_config.py --user alice [--submit]``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from .check import run_check
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hub_spawner")
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser(
+        "check", help="check the set-up for one user, step by step, with advice for failures",
+        description="Load the hub's config and check, for one user, each step a spawn takes: "
+        "config, key, login node, host key, login, scheduler; with --submit also a test job, "
+        "its tunnel and its server. Run it as the hub's user, from the hub's working directory "
+        "(relative paths in the config resolve there). Exit status 0 only if all pass.",
+    )
+    check.add_argument("-f", "--config", default="jupyterhub_config.py",
+                       help="the hub's config file (default: %(default)s)")
+    check.add_argument("--user", required=True, help="the hub user to check, e.g. alice")
+    check.add_argument("--submit", action="store_true",
+                       help="also submit a short test job with the configured template, wait "
+                       "for its server and ask it for /api/status through its tunnel; the job "
+                       "and its forwards are removed afterwards, also on Ctrl-C")
+    check.add_argument("--hub-ip", default="127.0.0.1",
+                       help="address for the check's stand-in hub API, which the tunnel "
+                       "service's reverse forward connects to (default: %(default)s; with a "
+                       "tunnel service in another pod, this pod's IP)")
+    check.add_argument("-v", "--verbose", action="store_true", help="also print the spawner's log")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="[%(levelname)1.1s %(asctime)s %(name)s] %(message)s")
+    if not args.verbose:
+        logging.getLogger("asyncssh").setLevel(logging.ERROR)
+        logging.getLogger("hub_spawner").setLevel(logging.CRITICAL)  # the checklist says it
+    try:
+        passed = asyncio.run(run_check(args.config, args.user, args.submit, args.hub_ip))
+    except KeyboardInterrupt:
+        print("interrupted: the test job and its forwards were cleaned up", file=sys.stderr)
+        return 130
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,564 @@
+"""``python -m hub_spawner check``: is this site set up right, for this user?
+
+Loads the hub's ``jupyterhub_config.py``, builds the spawner the hub would build for the user
+(outside any hub), and walks the path a spawn takes, printing one line per step and, for a
+failure, what to do. Later steps that need a failed one are skipped. With ``--submit`` it also
+submits a short test job through the configured template and scheduler, waits for its ready
+line, opens its tunnel through the tunnel service and asks the server for ``/api/status``; the
+server checks our token against a small stand-in for the hub API that this command serves
+(reached by the job through the same reverse tunnel the hub's API would be). Whatever happens,
+Ctrl-C included, the job is cancelled and the forwards are closed before the command returns.
+
+Exit status: 0 when every step passed, 1 otherwise, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import pwd
+import secrets
+import signal
+import stat
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, TextIO
+from urllib.parse import quote
+
+import asyncssh
+from jinja2 import TemplateError
+from tornado import web
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+from traitlets import TraitError
+from traitlets.config import Config, PyFileConfigLoader
+from traitlets.utils.importstring import import_item
+
+from .errors import SpawnError
+from .resources import resources_from_options
+from .schedulers import SchedulerUnavailable, parse_check_output
+from .spawner import SSHBatchSpawner
+from .ssh import SSHTarget, default_pool
+
+#: The named server the check's job and forwards use: never one of the user's real servers.
+CHECK_SERVER = "hub-spawner-check"
+
+
+# --- the checklist -------------------------------------------------------------------------------
+
+
+@dataclass
+class Checklist:
+    """Results, printed as they come: ``ok``, ``FAIL`` (with advice) or ``skip``."""
+
+    out: TextIO
+    failed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    passed: int = 0
+
+    def ok(self, name: str, detail: str) -> None:
+        self.passed += 1
+        self._line("ok", name, detail)
+
+    def fail(self, name: str, detail: str, advice: str = "") -> None:
+        self.failed.append(name)
+        self._line("FAIL", name, detail)
+        if advice:
+            print(f"{'':17}-> {advice}", file=self.out, flush=True)
+
+    def skip(self, name: str, why: str) -> None:
+        self.skipped.append(name)
+        self._line("skip", name, why)
+
+    def note(self, text: str) -> None:
+        print(f"{'':17}{text}", file=self.out, flush=True)
+
+    def _line(self, status: str, name: str, detail: str) -> None:
+        detail = detail.strip().replace("\n", "\n" + " " * 17)
+        print(f"{status:<5} {name:<10} {detail}", file=self.out, flush=True)
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+
+async def run_check(
+    config_file: str,
+    username: str,
+    submit: bool = False,
+    hub_ip: str = "127.0.0.1",
+    out: TextIO = sys.stdout,
+) -> bool:
+    """Run every check for ``username``; True if all passed."""
+    checks = Checklist(out)
+    print(f"hub_spawner check: {username}, config {config_file}", file=out, flush=True)
+    token = secrets.token_hex(32)
+    spawner = _load_spawner(checks, config_file, username, token)
+    target = await _config_target(checks, spawner) if spawner is not None else None
+    steps = [  # name, check, the steps it needs
+        ("key", _check_key, ()),
+        ("reachable", _check_reachable, ()),
+        ("host key", _check_host_key, ("reachable",)),
+        ("login", _check_login, ("key", "reachable", "host key")),
+        ("scheduler", _check_scheduler, ("login",)),
+    ]
+    for name, step, needs in steps:
+        missing = [need for need in needs if need in checks.failed or need in checks.skipped]
+        if target is None or missing:
+            checks.skip(name, f"needs {', '.join(missing) or 'config'}")
+            continue
+        await step(checks, spawner, target)
+    if submit:
+        if checks.failed:
+            for name in ("job", "tunnel", "server", "cleanup"):
+                checks.skip(name, "needs every step above")
+        else:
+            await _check_submit(checks, spawner, token, hub_ip)
+    total = checks.passed + len(checks.failed)
+    if checks.failed:
+        print(f"\n{len(checks.failed)} of {total} checks failed: {', '.join(checks.failed)}",
+              file=out, flush=True)
+    else:
+        print(f"\nall {total} checks passed", file=out, flush=True)
+    default_pool.close_all()
+    return not checks.failed
+
+
+def _load_spawner(
+    checks: Checklist, config_file: str, username: str, token: str
+) -> SSHBatchSpawner | None:
+    """The spawner the hub would build for ``username`` (with the check's server name)."""
+    path = Path(config_file)
+    if not path.is_file():
+        checks.fail("config", f"{config_file} does not exist",
+                    "pass the hub's config file with -f, as in `jupyterhub -f FILE`")
+        return None
+    try:
+        config = PyFileConfigLoader(path.name, path=str(path.parent.resolve())).load_config()
+    except Exception as error:  # a config file can raise anything
+        checks.fail("config", f"{config_file} does not load: {type(error).__name__}: {error}",
+                    "fix the file; it is Python, run by JupyterHub at start-up")
+        return None
+    spawner_class, problem = _spawner_class(config)
+    if spawner_class is None:
+        checks.fail("config", problem, "set c.JupyterHub.spawner_class = \"slurm-ssh\" "
+                    "(or \"sge-ssh\", \"torque-ssh\")")
+        return None
+    unknown = _unknown_options(config, spawner_class)
+    if unknown:
+        checks.fail("config", f"unknown option(s): {', '.join(unknown)}",
+                    "check the spelling against docs/configuration.md")
+        return None
+    from jupyterhub.objects import Hub, Server
+
+    user = SimpleNamespace(name=username, escaped_name=quote(username, safe=""),
+                           url=f"/user/{quote(username, safe='')}/")
+    # JupyterHub's Spawner.name reads the database row, which we have not got: the same class
+    # (same name, so the same config sections apply) with the check's server name.
+    checking_class = type(spawner_class.__name__, (spawner_class,),
+                          {"name": property(lambda self: CHECK_SERVER)})
+    try:
+        spawner = checking_class(
+            config=config, user=user, hub=Hub(ip="127.0.0.1", port=1, base_url="/hub/"),
+            api_token=token,
+            oauth_client_id=f"jupyterhub-user-{username}-check",
+            oauth_access_scopes=[f"access:servers!user={username}"],
+            oauth_client_allowed_scopes=[],
+        )
+    except TraitError as error:
+        checks.fail("config", f"a value is invalid: {error}", "see docs/configuration.md")
+        return None
+    spawner._server = Server(base_url=f"{user.url}{CHECK_SERVER}/")  # no database row here
+    spawner.log = logging.getLogger("hub_spawner.check.spawner")
+    try:
+        resources = resources_from_options({}, spawner.resource_limits())
+        spawner.job_name, spawner.output_path = "check", "/tmp/check.out"
+        spawner.secrets_path = "/tmp/check.env"
+        spawner._job_script(resources)
+    except ValueError as error:
+        checks.fail("config", f"the default resources are refused: {error}",
+                    "make the default_* settings fit the max_* and partitions settings")
+        return None
+    except TemplateError as error:
+        checks.fail("config", f"job_script_template does not render: {error}",
+                    "fix the Jinja2 template (variables: docs/configuration.md)")
+        return None
+    finally:
+        spawner._reset_job()
+    spawner._class_label = f"{spawner_class.__name__} ({config.JupyterHub.spawner_class})"
+    return spawner
+
+
+def _spawner_class(config: Config) -> tuple[type[SSHBatchSpawner] | None, str]:
+    value = config.JupyterHub.get("spawner_class")
+    if value is None:
+        return None, "c.JupyterHub.spawner_class is not set (JupyterHub's default is not ours)"
+    if isinstance(value, str):
+        found = [ep for ep in entry_points(group="jupyterhub.spawners") if ep.name == value]
+        try:
+            value = found[0].load() if found else import_item(value)
+        except Exception as error:
+            return None, f"spawner_class {value!r} cannot be loaded: {error}"
+    if not (isinstance(value, type) and issubclass(value, SSHBatchSpawner)):
+        return None, f"spawner_class is {value!r}, not one of hub_spawner's spawners"
+    return value, ""
+
+
+def _unknown_options(config: Config, spawner_class: type) -> list[str]:
+    """``c.Class.name`` settings of the spawner's classes that are no option of them."""
+    known = set(spawner_class.class_trait_names(config=True))
+    unknown = []
+    for klass in spawner_class.mro():
+        for name in config.get(klass.__name__, {}) if klass.__name__ in config else ():
+            if name not in known and not name[0].isupper():
+                unknown.append(f"c.{klass.__name__}.{name}")
+    return sorted(unknown)
+
+
+async def _config_target(checks: Checklist, spawner: SSHBatchSpawner) -> SSHTarget | None:
+    try:
+        target = await spawner._ssh_target()
+    except SpawnError as error:
+        checks.fail("config", str(error))
+        return None
+    checks.ok("config", f"{spawner._class_label}: {spawner.user.name} is cluster user "
+              f"{target.username} on {target.host}:{target.port}")
+    return target
+
+
+# --- SSH -----------------------------------------------------------------------------------------
+
+
+async def _check_key(checks: Checklist, spawner: SSHBatchSpawner, target: SSHTarget) -> None:
+    path = target.key_path
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        checks.fail("key", f"no key file at {path}",
+                    f"create one (ssh-keygen -t ed25519 -N '' -f {path}) and put its .pub in "
+                    f"{target.username}'s ~/.ssh/authorized_keys on the cluster")
+        return
+    except OSError as error:
+        checks.fail("key", f"cannot read {path}: {error.strerror}",
+                    "the hub's user must be able to read it")
+        return
+    mode = stat.S_IMODE(info.st_mode)
+    if not stat.S_ISREG(info.st_mode):
+        checks.fail("key", f"{path} is not a regular file")
+        return
+    if mode & 0o077:
+        checks.fail("key", f"{path} is readable by group or others (mode {mode:04o})",
+                    f"chmod 600 {path} (OpenSSH, which the tunnel service runs, refuses it too)")
+        return
+    if info.st_uid != os.geteuid():
+        checks.fail("key", f"{path} belongs to {_owner(info.st_uid)}, not to the hub's user "
+                    f"{_owner(os.geteuid())}",
+                    f"chown {_owner(os.geteuid())} {path}")
+        return
+    try:
+        key = asyncssh.read_private_key(path)
+    except (OSError, asyncssh.KeyImportError) as error:
+        checks.fail("key", f"{path} is not a usable private key: {error}",
+                    "the hub needs an unencrypted OpenSSH private key")
+        return
+    checks.ok("key", f"{path}: {key.get_algorithm()} {key.get_fingerprint()}, mode "
+              f"{mode:04o}, owner {_owner(info.st_uid)}")
+
+
+async def _check_reachable(checks: Checklist, spawner: SSHBatchSpawner,
+                           target: SSHTarget) -> None:
+    where = f"{target.host}:{target.port}"
+    started = time.monotonic()
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(target.host, target.port), target.connect_timeout)
+    except asyncio.TimeoutError:
+        checks.fail("reachable", f"{where} did not answer within {target.connect_timeout:.0f} s",
+                    "a firewall may drop the packets; check the route from this host "
+                    f"(nc -vz {target.host} {target.port})")
+        return
+    except OSError as error:
+        checks.fail("reachable", f"cannot connect to {where}: {error.strerror or error}",
+                    "check login_host and login_port, and that sshd runs there")
+        return
+    try:
+        banner = await asyncio.wait_for(reader.readline(), target.connect_timeout)
+    except (asyncio.TimeoutError, OSError):
+        banner = b""
+    finally:
+        writer.close()
+    milliseconds = (time.monotonic() - started) * 1000
+    if not banner.startswith(b"SSH-"):
+        checks.fail("reachable", f"{where} accepts connections but is not an SSH server "
+                    f"(it sent {banner[:40]!r})", "check login_port")
+        return
+    checks.ok("reachable", f"{where} answers in {milliseconds:.0f} ms "
+              f"({banner.decode(errors='replace').strip()})")
+
+
+async def _check_host_key(checks: Checklist, spawner: SSHBatchSpawner,
+                          target: SSHTarget) -> None:
+    where = f"{target.host}:{target.port}"
+    add = (f"verify the fingerprint with the cluster's admins (ssh-keygen -lf "
+           f"/etc/ssh/ssh_host_ed25519_key.pub on the login node), then add the line from "
+           f"`ssh-keyscan -p {target.port} {target.host}` to {target.known_hosts_path}")
+    try:
+        known = asyncssh.read_known_hosts(target.known_hosts_path)
+        trusted = known.match(target.host, "", target.port)[0]
+    except FileNotFoundError:
+        trusted, known = [], None
+    except (OSError, ValueError) as error:
+        checks.fail("host key", f"cannot read {target.known_hosts_path}: {error}", add)
+        return
+    algorithms = [alg.decode() for key in trusted for alg in key.sig_algorithms]
+    try:
+        server_key = await asyncio.wait_for(asyncssh.get_server_host_key(
+            target.host, target.port, server_host_key_algs=algorithms or (),
+        ), target.connect_timeout + 5)
+    except (asyncssh.Error, OSError, asyncio.TimeoutError) as error:
+        checks.fail("host key", f"{where} did not show its host key: {error}")
+        return
+    shown = f"{server_key.get_algorithm()} {server_key.get_fingerprint()}"
+    if known is None:
+        checks.fail("host key", f"{target.known_hosts_path} does not exist; {where} shows "
+                    f"{shown}", add)
+    elif not trusted:
+        checks.fail("host key", f"{where} is not in {target.known_hosts_path}; it shows "
+                    f"{shown}", add)
+    elif not any(key.public_data == server_key.public_data for key in trusted):
+        listed = ", ".join(f"{key.get_algorithm()} {key.get_fingerprint()}" for key in trusted)
+        checks.fail("host key", f"{where} shows {shown}, but {target.known_hosts_path} has "
+                    f"{listed} for it",
+                    "if the login node was reinstalled, verify the new key with its admins and "
+                    "replace the line; otherwise someone may be in the middle: do not connect")
+    else:
+        checks.ok("host key", f"{shown} matches {target.known_hosts_path}")
+
+
+async def _check_login(checks: Checklist, spawner: SSHBatchSpawner, target: SSHTarget) -> None:
+    try:
+        connection = await spawner._connection()
+        output = await connection.run("hostname; id -un", timeout=spawner.command_timeout)
+    except SpawnError as error:
+        checks.fail("login", str(error))
+        return
+    words = output.stdout.split()
+    if output.exit_status != 0 or len(words) < 2:
+        checks.fail("login", f"logged in, but `hostname; id -un` failed: "
+                    f"{(output.stderr or output.stdout).strip()[:200]}",
+                    "check the user's shell start-up files on the login node")
+        return
+    checks.ok("login", f"logged in as {words[1]} on {words[0]}")
+
+
+async def _check_scheduler(checks: Checklist, spawner: SSHBatchSpawner,
+                           target: SSHTarget) -> None:
+    scheduler = spawner.scheduler
+    try:
+        connection = await spawner._connection()
+        output = await connection.run(scheduler.check_command(), timeout=spawner.command_timeout)
+        version = parse_check_output(output)
+    except SpawnError as error:
+        checks.fail("scheduler", str(error))
+        return
+    except SchedulerUnavailable as error:
+        checks.fail("scheduler", f"{scheduler.DISPLAY_NAME} does not answer: {error}",
+                    "check that its controller runs and that its commands are on the PATH of "
+                    "a non-interactive SSH login (job_prologue does not apply there)")
+        return
+    checks.ok("scheduler", f"{scheduler.DISPLAY_NAME} {version}; it answers for "
+              f"{target.username}")
+
+
+def _owner(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+# --- a test job ----------------------------------------------------------------------------------
+
+
+async def _check_submit(checks: Checklist, spawner: SSHBatchSpawner, token: str,
+                        hub_ip: str) -> None:
+    """Submit, wait for ready, open the tunnel, ask the server; then clean everything up."""
+    from jupyterhub.objects import Hub
+
+    hub_api = _HubStandIn(spawner.user.name, token)
+    server = HTTPServer(hub_api.application())
+    sockets = bind_sockets(0, address=hub_ip)
+    server.add_sockets(sockets)
+    spawner.hub = Hub(ip=hub_ip, port=sockets[0].getsockname()[1], base_url="/hub/")
+    tunnels = spawner._tunnels
+    service_was_running = await _service_running(tunnels)
+    started_at = time.monotonic()
+    watch = _Watch()
+    watcher = asyncio.ensure_future(_print_progress(checks, spawner, watch))
+    try:
+        try:
+            url = await asyncio.wait_for(spawner.start(), spawner.start_timeout)
+        except asyncio.TimeoutError:
+            checks.fail("job", f"not ready within start_timeout ({spawner.start_timeout:.0f} s)",
+                        "a busy queue or a slow server start; raise start_timeout, or look at "
+                        "the job's output file on the cluster")
+            return
+        except SpawnError as error:
+            checks.fail("job", str(error))
+            return
+        finally:
+            watcher.cancel()
+            watch.update(spawner)
+            for event in spawner._progress_events[watch.printed:]:
+                checks.note(f"... {event['message']}")
+        checks.ok("job", f"job {spawner.job_id} ready on {spawner.job_host}:"
+                  f"{spawner.remote_port} after {time.monotonic() - started_at:.1f} s")
+        checks.ok("tunnel", f"{url} -> {spawner.job_host}:{spawner.remote_port} "
+                  "through the tunnel service")
+        await _check_server(checks, url + spawner.server.base_url, token, hub_api)
+    finally:
+        watcher.cancel()
+        await asyncio.shield(
+            _clean_up(checks, spawner, watch, tunnels, service_was_running))
+        server.stop()
+
+
+@dataclass
+class _Watch:
+    """What the spawn has shown so far (``start()`` clears the job id when it fails)."""
+
+    printed: int = 0
+    job_id: str = ""
+    output_path: str = ""
+
+    def update(self, spawner: SSHBatchSpawner) -> None:
+        self.job_id = spawner.job_id or self.job_id
+        self.output_path = spawner.output_path or self.output_path
+
+
+async def _print_progress(checks: Checklist, spawner: SSHBatchSpawner, watch: _Watch) -> None:
+    async for event in spawner.progress():
+        watch.update(spawner)
+        checks.note(f"... {event['message']}")
+        watch.printed += 1
+
+
+async def _check_server(checks: Checklist, base: str, token: str, hub_api: _HubStandIn) -> None:
+    started = time.monotonic()
+    try:
+        response = await AsyncHTTPClient().fetch(
+            base + "api/status", headers={"Authorization": f"token {token}"},
+            request_timeout=30, validate_cert=False)
+        status = json.loads(response.body)
+    except HTTPClientError as error:
+        checks.fail("server", f"GET {base}api/status answered {error.code}",
+                    "see the job's output; the server could not check our token with the "
+                    "hub API" if error.code == 403 else "see the job's output file")
+        return
+    except (OSError, ValueError) as error:
+        checks.fail("server", f"GET {base}api/status failed: {error}")
+        return
+    milliseconds = (time.monotonic() - started) * 1000
+    checks.ok("server", f"/api/status answered in {milliseconds:.0f} ms (started "
+              f"{status.get('started', '?')}); the server checked our token with the hub "
+              f"API through the reverse tunnel ({hub_api.token_checks} request(s))")
+
+
+async def _clean_up(checks: Checklist, spawner: SSHBatchSpawner, watch: _Watch, tunnels,
+                    service_was_running: bool) -> None:
+    """Cancel the job and close the forwards; say so, or say what is left."""
+    watch.update(spawner)
+    job_id, output_path = watch.job_id, watch.output_path
+    left = []
+    try:
+        await spawner.stop()
+    except Exception as error:  # stop() logs and hands cancels on; say what we saw
+        left.append(f"stop failed: {error}")
+    if job_id:
+        status = await spawner._job_status(job_id)
+        if not status.ended:
+            left.append(f"job {job_id} is still {status.state_name or status.state.value}")
+    try:
+        forwards = await tunnels.forwards()
+        prefix = f"{spawner.user.name}/{CHECK_SERVER}"
+        left += [f"forward {name}" for name in forwards if name.startswith(prefix)]
+        if not service_was_running and not forwards:
+            health = await tunnels.health()
+            os.kill(int(health["pid"]), signal.SIGTERM)  # we started it: nothing else uses it
+    except SpawnError as error:
+        left.append(f"the tunnel service: {error}")
+    if left:
+        checks.fail("cleanup", "; ".join(left),
+                    f"cancel the job by hand on the cluster (job name jupyterhub-"
+                    f"{spawner.user.name}-{CHECK_SERVER}-*)")
+    else:
+        what = f"job {job_id} no longer runs" if job_id else "no job was left"
+        kept = f"; its output stays in {output_path}" if job_id and output_path else ""
+        checks.ok("cleanup", f"{what}, its forwards closed, its secrets file deleted{kept}")
+
+
+async def _service_running(tunnels) -> bool:
+    try:
+        await tunnels.health()
+        return True
+    except SpawnError:
+        return False
+
+
+class _HubStandIn:
+    """The part of the hub API a starting server calls, for one user and one token."""
+
+    def __init__(self, username: str, token: str) -> None:
+        self.username, self.token, self.token_checks = username, token, 0
+
+    def application(self) -> web.Application:
+        stand_in = self
+
+        class Handler(web.RequestHandler):
+            def check_xsrf_cookie(self) -> None:  # an API: token auth only
+                pass
+
+            def prepare(self) -> None:
+                self.set_header("X-JupyterHub-Version", _jupyterhub_version())
+
+            def get(self, path: str) -> None:
+                if path in ("", "/"):
+                    self.finish({"version": _jupyterhub_version()})
+                elif path == "/user" and stand_in.authorized(self.request.headers):
+                    stand_in.token_checks += 1
+                    self.finish(stand_in.model())
+                elif path == "/user":
+                    raise web.HTTPError(403)
+                else:
+                    raise web.HTTPError(404)
+
+            def post(self, path: str) -> None:
+                if path == f"/users/{quote(stand_in.username, safe='')}/activity":
+                    self.set_status(204)
+                    self.finish()
+                else:
+                    raise web.HTTPError(404)
+
+        return web.Application([(r"/hub/api(.*)", Handler)])
+
+    def authorized(self, headers: Any) -> bool:
+        given = headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        return scheme.lower() in ("token", "bearer") and secrets.compare_digest(
+            value.encode(), self.token.encode())
+
+    def model(self) -> dict[str, Any]:
+        return {"kind": "user", "name": self.username, "admin": False, "groups": [],
+                "scopes": [f"access:servers!user={self.username}"], "session_id": None}
+
+
+def _jupyterhub_version() -> str:
+    import jupyterhub
+
+    return jupyterhub.__version__
