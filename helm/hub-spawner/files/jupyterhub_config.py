@@ -1,0 +1,155 @@
+"""JupyterHub configuration of the hub-spawner Helm chart (static: the chart never templates it).
+
+It reads two things, so that the same file also runs outside Kubernetes:
+
+- ``values.json`` beside this file (or the file named by ``HUB_SPAWNER_CHART_VALUES``): the
+  chart values it needs, ``{"cluster": {...}, "spawner": {...}, "hub": {"baseUrl", "config",
+  "extraConfig"}}``, written by the chart into the hub's ConfigMap;
+- environment variables, set by the hub Deployment, for every address and secret:
+
+  - HUB_SPAWNER_HUB_BIND_URL -> JupyterHub.hub_bind_url (pod: ``http://:8081``)
+  - HUB_SPAWNER_HUB_CONNECT_IP -> JupyterHub.hub_connect_ip (``<fullname>-hub``)
+  - HUB_SPAWNER_PROXY_API_URL -> ConfigurableHTTPProxy.api_url
+    (``http://<fullname>-proxy-api:8001``)
+  - CONFIGPROXY_AUTH_TOKEN: the proxy's API token, read by JupyterHub itself; required
+  - JPY_COOKIE_SECRET: the cookie secret (hex), read by JupyterHub itself
+  - HUB_SPAWNER_DB_URL -> JupyterHub.db_url (SQLite on the PVC, or hub.db.url)
+  - HUB_SPAWNER_TUNNEL_ADDRESS -> SSHBatchSpawner.tunnel_service_address
+    (``<fullname>-tunnels:8765``)
+  - HUB_SPAWNER_TUNNEL_TOKEN -> SSHBatchSpawner.tunnel_service_token
+  - HUB_SPAWNER_TUNNEL_CONNECT_HOST -> SSHBatchSpawner.tunnel_connect_host
+    (``<fullname>-tunnels``, the headless Service: the proxy's way to each forward)
+  - HUB_SPAWNER_TUNNEL_BIND_IP -> SSHBatchSpawner.tunnel_bind_ip (default here: ``0.0.0.0``)
+  - HUB_SPAWNER_SSH_KEY_PATH_TEMPLATE -> SSHBatchSpawner.ssh_key_path_template
+    (``/etc/hub_spawner/keys/{username}``)
+  - HUB_SPAWNER_KNOWN_HOSTS_PATH -> SSHBatchSpawner.known_hosts_path
+    (``/etc/hub_spawner/known_hosts``)
+
+  An unset variable leaves the setting at JupyterHub's or the spawner's default, except
+  HUB_SPAWNER_TUNNEL_BIND_IP, whose default here is 0.0.0.0.
+
+Order: the chart's settings, then ``hub.config`` ({Class: {trait: value}}, applied onto ``c``),
+then each ``hub.extraConfig`` snippet in sorted name order (with ``c`` and ``chart_values`` in
+scope): later wins. A spawner value not in values.json is not set: the spawner's default stays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+c = get_config()  # noqa: F821 - provided by JupyterHub (traitlets' PyFileConfigLoader)
+
+# cluster.scheduler -> (entry point, spawner class)
+SCHEDULERS = {
+    "slurm": ("slurm-ssh", "SlurmSSHSpawner"),
+    "sge": ("sge-ssh", "SGESSHSpawner"),
+    "torque": ("torque-ssh", "TorqueSSHSpawner"),
+}
+# cluster.* -> SSHBatchSpawner trait (cluster.scheduler and cluster.knownHosts are handled apart)
+CLUSTER_TRAITS = {
+    "loginHost": "login_host",
+    "loginPort": "login_port",
+    "username": "cluster_username",
+    "hubApiTunnelHost": "hub_api_tunnel_host",
+}
+
+
+def load_values() -> dict:
+    path = os.environ.get("HUB_SPAWNER_CHART_VALUES") or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "values.json"
+    )
+    with open(path) as f:
+        return json.load(f)
+
+
+def trait_name(key: str) -> str:
+    """``defaultCpus`` -> ``default_cpus``: spawner.* keys are the traits in camelCase."""
+    return re.sub(r"(?<!^)([A-Z])", r"_\1", key).lower()
+
+
+def spawner_class(name: str) -> type:
+    from hub_spawner import spawner
+
+    return getattr(spawner, name)
+
+
+def set_traits(section: str, cls: type, settings: dict, where: str) -> None:
+    """Set ``c.<section>.<trait> = value`` for each camelCase key of ``settings``."""
+    known = cls.class_trait_names(config=True)
+    for key, value in settings.items():
+        name = trait_name(key)
+        if name not in known:
+            raise ValueError(f"{where}.{key}: {cls.__name__} has no setting {name!r}")
+        c[section][name] = value
+
+
+chart_values = load_values()
+cluster = chart_values.get("cluster", {})
+spawner_values = dict(chart_values.get("spawner", {}))
+hub_values = chart_values.get("hub", {})
+
+# --- the spawner -------------------------------------------------------------------------------
+scheduler = cluster.get("scheduler", "slurm")
+if scheduler not in SCHEDULERS:
+    raise ValueError(f"cluster.scheduler: {scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+entry_point, class_name = SCHEDULERS[scheduler]
+c.JupyterHub.spawner_class = entry_point
+
+for key, trait in CLUSTER_TRAITS.items():
+    if key in cluster:
+        c.SSHBatchSpawner[trait] = cluster[key]
+
+# Scheduler-specific settings (spawner.slurm, spawner.sge) go to that scheduler's class.
+for other in SCHEDULERS:
+    block = spawner_values.pop(other, None)
+    if block is None:
+        continue
+    if other != scheduler:
+        raise ValueError(f"spawner.{other} is set, but cluster.scheduler is {scheduler!r}")
+    set_traits(class_name, spawner_class(class_name), block, f"spawner.{other}")
+set_traits("SSHBatchSpawner", spawner_class("SSHBatchSpawner"), spawner_values, "spawner")
+
+# --- addresses and secrets (environment) -------------------------------------------------------
+ENV_SETTINGS = [
+    ("HUB_SPAWNER_HUB_BIND_URL", "JupyterHub", "hub_bind_url"),
+    ("HUB_SPAWNER_HUB_CONNECT_IP", "JupyterHub", "hub_connect_ip"),
+    ("HUB_SPAWNER_DB_URL", "JupyterHub", "db_url"),
+    ("HUB_SPAWNER_PROXY_API_URL", "ConfigurableHTTPProxy", "api_url"),
+    ("HUB_SPAWNER_TUNNEL_ADDRESS", "SSHBatchSpawner", "tunnel_service_address"),
+    ("HUB_SPAWNER_TUNNEL_TOKEN", "SSHBatchSpawner", "tunnel_service_token"),
+    ("HUB_SPAWNER_TUNNEL_CONNECT_HOST", "SSHBatchSpawner", "tunnel_connect_host"),
+    ("HUB_SPAWNER_SSH_KEY_PATH_TEMPLATE", "SSHBatchSpawner", "ssh_key_path_template"),
+    ("HUB_SPAWNER_KNOWN_HOSTS_PATH", "SSHBatchSpawner", "known_hosts_path"),
+]
+for variable, section, trait in ENV_SETTINGS:
+    if os.environ.get(variable):
+        c[section][trait] = os.environ[variable]
+# The tunnel service listens on all of its pod's addresses; the proxy connects to
+# tunnel_connect_host (the tunnel service's headless Service name).
+c.SSHBatchSpawner.tunnel_bind_ip = os.environ.get("HUB_SPAWNER_TUNNEL_BIND_IP", "0.0.0.0")
+
+# The proxy is its own Deployment and the servers are batch jobs: neither is the hub's to start
+# or stop, so a hub restart drops no user connection.
+c.ConfigurableHTTPProxy.should_start = False
+c.JupyterHub.cleanup_servers = False
+if not os.environ.get("CONFIGPROXY_AUTH_TOKEN"):
+    raise ValueError(
+        "CONFIGPROXY_AUTH_TOKEN is not set: the proxy runs as its own service "
+        "(should_start = False) and the hub needs its API token"
+    )
+base_url = hub_values.get("baseUrl", "/")
+if base_url.strip("/"):
+    c.JupyterHub.base_url = base_url
+
+# --- hub.config, then hub.extraConfig ----------------------------------------------------------
+for section, traits in sorted(hub_values.get("config", {}).items()):
+    if not isinstance(traits, dict):
+        raise ValueError(f"hub.config.{section} must be a mapping of trait names to values")
+    for trait, value in traits.items():
+        c[section][trait] = value
+
+extra_namespace = {"c": c, "chart_values": chart_values, "__name__": "hub_extra_config"}
+for name, source in sorted(hub_values.get("extraConfig", {}).items()):
+    exec(compile(source, f"<hub.extraConfig.{name}>", "exec"), extra_namespace)

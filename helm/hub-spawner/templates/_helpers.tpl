@@ -1,0 +1,280 @@
+{{/*
+Names. The fullname is cut to 42 characters so that "<fullname>-proxy-public" stays a valid
+Service name (63).
+*/}}
+{{- define "hub-spawner.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 42 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "hub-spawner.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 42 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 42 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 42 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "hub-spawner.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels, z2jh style (component, app, release) plus app.kubernetes.io/*.
+Call with (dict "root" $ "component" "hub").
+*/}}
+{{- define "hub-spawner.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "hub-spawner.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+component: {{ .component }}
+{{- end }}
+
+{{/*
+Pod template labels: without chart and app version, so that a chart upgrade alone restarts no
+pod (a restart of the proxy or the tunnel service drops every open connection).
+*/}}
+{{- define "hub-spawner.podLabels" -}}
+{{ include "hub-spawner.selectorLabels" . }}
+app.kubernetes.io/component: {{ .component }}
+app: {{ include "hub-spawner.name" .root }}
+release: {{ .root.Release.Name }}
+{{- end }}
+
+{{- define "hub-spawner.labels" -}}
+{{ include "hub-spawner.selectorLabels" . }}
+app.kubernetes.io/component: {{ .component }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+helm.sh/chart: {{ include "hub-spawner.chart" .root }}
+app: {{ include "hub-spawner.name" .root }}
+release: {{ .root.Release.Name }}
+{{- end }}
+
+{{- define "hub-spawner.hubName" -}}{{ include "hub-spawner.fullname" . }}-hub{{- end }}
+{{- define "hub-spawner.proxyName" -}}{{ include "hub-spawner.fullname" . }}-proxy{{- end }}
+{{- define "hub-spawner.tunnelsName" -}}{{ include "hub-spawner.fullname" . }}-tunnels{{- end }}
+{{- define "hub-spawner.secretName" -}}{{ include "hub-spawner.fullname" . }}-secret{{- end }}
+{{- define "hub-spawner.knownHostsName" -}}
+{{ include "hub-spawner.fullname" . }}-known-hosts
+{{- end }}
+{{- define "hub-spawner.keysSecretName" -}}
+{{ .Values.identity.keysSecret | default (printf "%s-ssh-keys" (include "hub-spawner.fullname" .)) }}
+{{- end }}
+
+{{- define "hub-spawner.hubImage" -}}
+{{ .Values.hub.image.name }}:{{ .Values.hub.image.tag }}
+{{- end }}
+
+{{/* The hub's base URL with one leading and one trailing slash. */}}
+{{- define "hub-spawner.baseUrl" -}}
+{{- $trimmed := trimAll "/" .Values.hub.baseUrl }}
+{{- if $trimmed }}/{{ $trimmed }}/{{ else }}/{{ end }}
+{{- end }}
+
+{{/*
+The Secret's values as JSON: for each key, the value the user gave in values, else the one the
+Secret already holds (lookup: kept across `helm upgrade`), else a new random one. A user value
+wins over the stored one, so a secret can be rotated by setting it. `helm template` and
+--dry-run=client cannot look up, so they show new random values.
+
+Computed once per render and cached, so that the Secret and the pods' checksum annotations agree.
+*/}}
+{{- define "hub-spawner.secretValues" -}}
+{{- if not (hasKey .Release "hubSpawnerSecretCache") }}
+{{- $existing := dict }}
+{{- $secret := lookup "v1" "Secret" .Release.Namespace (include "hub-spawner.secretName" .) }}
+{{- if $secret }}
+{{- $existing = $secret.data | default dict }}
+{{- end }}
+{{- $values := dict }}
+{{- range $key, $given := dict "hub.cookie-secret" .Values.hub.cookieSecret "proxy.auth-token" .Values.proxy.secretToken "tunnels.token" .Values.tunnels.token }}
+{{- if $given }}
+{{- $_ := set $values $key $given }}
+{{- else if hasKey $existing $key }}
+{{- $_ := set $values $key (index $existing $key | b64dec) }}
+{{- else }}
+{{- /* 64 hex characters: 32 random bytes */}}
+{{- $_ := set $values $key (randAlphaNum 64 | sha256sum) }}
+{{- end }}
+{{- end }}
+{{- $_ := set .Release "hubSpawnerSecretCache" $values }}
+{{- end }}
+{{- toJson (get .Release "hubSpawnerSecretCache") }}
+{{- end }}
+
+{{/*
+Copies the keys from the Secret volume (staging, read-only) into the in-memory emptyDir the
+containers read: mode 0600, in a 0700 directory, owned by the pod's uid (1000). A key removed from
+the Secret is removed here too. Used by the initContainer (once) and the keys-sync sidecar
+(every identity.resyncSeconds).
+*/}}
+{{- define "hub-spawner.keysCopyScript" -}}
+set -eu
+umask 077
+src=/etc/hub_spawner/keys-staging
+dst=/keys-rw/keys
+mkdir -p "$dst"
+chmod 0700 "$dst"
+for key in "$src"/*; do
+  [ -f "$key" ] || continue
+  name=$(basename "$key")
+  if ! cmp -s "$key" "$dst/$name"; then
+    cp "$key" "$dst/.$name.tmp"
+    chmod 0600 "$dst/.$name.tmp"
+    mv -f "$dst/.$name.tmp" "$dst/$name"
+  fi
+done
+for key in "$dst"/*; do
+  [ -e "$key" ] || continue
+  [ -e "$src/$(basename "$key")" ] || rm -f "$key"
+done
+{{- end }}
+
+{{/*
+The keys and known_hosts plumbing shared by the hub and tunnels pods.
+*/}}
+{{- define "hub-spawner.securityContext" -}}
+runAsNonRoot: true
+runAsUser: 1000
+runAsGroup: 1000
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "hub-spawner.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 1000
+runAsGroup: 1000
+fsGroup: 1000
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/*
+Why the copy: OpenSSH (the tunnel service runs `ssh -i /etc/hub_spawner/keys/<user>`) refuses a
+private key that its group or others can read, and a Secret volume in a pod with fsGroup is
+always group-readable (fsGroup adds g+r to defaultMode). So the Secret (defaultMode 0400) is
+mounted only at a staging path, in the keys containers (uid 1000 reads it through that very
+group bit: the pods' fsGroup is 1000), and copied into a Memory emptyDir.
+The emptyDir's own root is created by the kubelet (root, 0777), so the keys live in its
+subdirectory "keys", which the copy creates 0700 and owned by uid 1000, and which the main
+container mounts (subPath) read-only at /etc/hub_spawner/keys.
+*/}}
+{{- define "hub-spawner.keysInitContainer" -}}
+- name: keys-init
+  image: {{ include "hub-spawner.hubImage" . }}
+  imagePullPolicy: {{ .Values.hub.image.pullPolicy }}
+  command: [sh, -c]
+  args:
+    - |
+      {{- include "hub-spawner.keysCopyScript" . | nindent 6 }}
+  securityContext:
+    {{- include "hub-spawner.securityContext" . | nindent 4 }}
+  volumeMounts:
+    - name: keys-staging
+      mountPath: /etc/hub_spawner/keys-staging
+      readOnly: true
+    - name: keys
+      mountPath: /keys-rw
+{{- end }}
+
+{{- define "hub-spawner.keysSyncContainer" -}}
+{{- if gt (int .Values.identity.resyncSeconds) 0 -}}
+- name: keys-sync
+  image: {{ include "hub-spawner.hubImage" . }}
+  imagePullPolicy: {{ .Values.hub.image.pullPolicy }}
+  command: [sh, -c]
+  args:
+    - |
+      copy() {
+        {{- include "hub-spawner.keysCopyScript" . | nindent 8 }}
+      }
+      trap 'exit 0' TERM INT
+      while :; do
+        (copy) || echo "keys-sync: copy failed" >&2
+        sleep {{ int .Values.identity.resyncSeconds }} & wait $!
+      done
+  securityContext:
+    {{- include "hub-spawner.securityContext" . | nindent 4 }}
+  resources:
+    requests:
+      cpu: 5m
+      memory: 8Mi
+    limits:
+      memory: 32Mi
+  volumeMounts:
+    - name: keys-staging
+      mountPath: /etc/hub_spawner/keys-staging
+      readOnly: true
+    - name: keys
+      mountPath: /keys-rw
+{{- end }}
+{{- end }}
+
+{{- define "hub-spawner.identityVolumes" -}}
+- name: keys-staging
+  secret:
+    secretName: {{ include "hub-spawner.keysSecretName" . }}
+    defaultMode: 0400
+- name: keys
+  emptyDir:
+    medium: Memory
+    sizeLimit: 16Mi
+- name: known-hosts
+  configMap:
+    name: {{ include "hub-spawner.knownHostsName" . }}
+- name: tmp
+  emptyDir: {}
+{{- end }}
+
+{{- define "hub-spawner.identityVolumeMounts" -}}
+- name: keys
+  mountPath: /etc/hub_spawner/keys
+  subPath: keys
+  readOnly: true
+- name: known-hosts
+  mountPath: /etc/hub_spawner/known_hosts
+  subPath: known_hosts
+  readOnly: true
+- name: tmp
+  mountPath: /tmp
+{{- end }}
+
+{{- define "hub-spawner.scheduling" -}}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{- define "hub-spawner.imagePullSecrets" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+The values files/jupyterhub_config.py reads (values.json in the hub's ConfigMap).
+*/}}
+{{- define "hub-spawner.hubValuesJson" -}}
+{{- $cluster := omit .Values.cluster "knownHosts" }}
+{{- $hub := dict "baseUrl" (include "hub-spawner.baseUrl" .) "config" .Values.hub.config "extraConfig" .Values.hub.extraConfig }}
+{{- toPrettyJson (dict "cluster" $cluster "spawner" .Values.spawner "hub" $hub) }}
+{{- end }}

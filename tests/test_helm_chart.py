@@ -1,0 +1,735 @@
+"""The Helm chart (helm/hub-spawner), offline: render, lint, schema, Kubernetes schemas, YAML lint,
+and the rendered hub configuration run through traitlets as ``jupyterhub -f`` would.
+
+No Kubernetes here: ``helm upgrade``'s ``lookup`` of the existing Secret is served by a local
+stand-in for the API (tests/helm_chart.py ``fake_api``, on 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests import helm_chart as chart
+
+# A missing SDK fails the whole module (never a skip).
+try:
+    import helm_python
+except ImportError as error:  # pragma: no cover
+    raise RuntimeError(
+        "helm-python-sdk is missing: pip install -r tests/lab/requirements.txt"
+    ) from error
+
+KUBE_VERSIONS = ["1.27.0", "1.37.0"]  # oldest and newest supported (Chart.yaml kubeVersion)
+FULLNAME = "hub-hub-spawner"  # release "hub", chart "hub-spawner"
+
+
+@pytest.fixture
+def values() -> dict:
+    return chart.load_values(chart.SLURM_VALUES)
+
+
+@pytest.fixture
+def manifests(values) -> list[dict]:
+    return chart.render(values)
+
+
+def with_changes(values: dict, changes: dict) -> dict:
+    """``values`` with ``changes`` merged in (dicts recursively; None deletes a key)."""
+    result = copy.deepcopy(values)
+
+    def merge(into: dict, update: dict) -> None:
+        for key, value in update.items():
+            if value is None:
+                into.pop(key, None)
+            elif isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = copy.deepcopy(value)
+
+    merge(result, changes)
+    return result
+
+
+# A variant that takes the other branches of the templates.
+VARIANT = {
+    "hub": {"db": {"type": "other", "url": "postgresql://hub:pw@db:5432/jupyterhub"},
+            "baseUrl": "/jupyter/"},
+    "proxy": {"service": {"type": "NodePort", "nodePort": 30080}},
+    "identity": {"resyncSeconds": 0},
+    "networkPolicy": {"enabled": False},
+    "tunnels": {"forwardPorts": {"low": 21000, "high": 21099}, "pvc": {"storageClassName": "ssd"}},
+}
+
+
+# --- render, lint, schema ----------------------------------------------------------------------
+
+
+def test_renders_every_object(manifests):
+    assert sorted((m["kind"], m["metadata"]["name"]) for m in manifests) == sorted([
+        ("ConfigMap", f"{FULLNAME}-hub"),
+        ("ConfigMap", f"{FULLNAME}-known-hosts"),
+        ("Deployment", f"{FULLNAME}-hub"),
+        ("Deployment", f"{FULLNAME}-proxy"),
+        ("Deployment", f"{FULLNAME}-tunnels"),
+        ("NetworkPolicy", f"{FULLNAME}-hub"),
+        ("NetworkPolicy", f"{FULLNAME}-proxy"),
+        ("NetworkPolicy", f"{FULLNAME}-tunnels"),
+        ("PersistentVolumeClaim", f"{FULLNAME}-hub-db"),
+        ("PersistentVolumeClaim", f"{FULLNAME}-tunnels-state"),
+        ("Secret", f"{FULLNAME}-secret"),
+        ("Service", f"{FULLNAME}-hub"),
+        ("Service", f"{FULLNAME}-proxy-api"),
+        ("Service", f"{FULLNAME}-proxy-public"),
+        ("Service", f"{FULLNAME}-tunnels"),
+    ])
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_lint_strict(values, kube_version):
+    report = chart.lint(values, kube_version=f"v{kube_version}")
+    assert report["errors"] == []
+    # strict: warnings count; only the informational "icon is recommended" may remain
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_chart_defaults_alone_name_the_required_values():
+    report = chart.lint({})
+    assert any("loginHost" in e and "knownHosts" in e for e in report["errors"]), report
+
+
+SCHEMA_REJECTIONS = [
+    ("wrong type", {"cluster": {"loginPort": "ssh"}}, "/cluster/loginPort", "want integer"),
+    ("unknown scheduler", {"cluster": {"scheduler": "lsf"}}, "/cluster/scheduler",
+     "'slurm', 'sge', 'torque'"),
+    ("missing login host", {"cluster": {"loginHost": None}}, "/cluster", "'loginHost'"),
+    ("empty login host", {"cluster": {"loginHost": ""}}, "/cluster/loginHost", "minLength"),
+    ("missing known_hosts", {"cluster": {"knownHosts": None}}, "/cluster", "'knownHosts'"),
+    ("unknown top-level key", {"clusters": {}}, "additional properties 'clusters'", ""),
+    ("unknown spawner key", {"spawner": {"maxCPUs": 4}}, "/spawner", "'maxCPUs'"),
+    ("port out of range", {"proxy": {"service": {"port": 70000}}}, "/proxy/service/port",
+     "want 65,535"),
+    ("forward port below 1024", {"tunnels": {"forwardPorts": {"low": 80}}},
+     "/tunnels/forwardPorts/low", "want 1,024"),
+    ("cookie secret not hex", {"hub": {"cookieSecret": "not-hex"}}, "/hub/cookieSecret", ""),
+    ("short tunnel token", {"tunnels": {"token": "short"}}, "/tunnels/token", ""),
+    ("external db without url", {"hub": {"db": {"type": "other"}}}, "/hub/db/url", "minLength"),
+    ("hub.config section not a mapping", {"hub": {"config": {"JupyterHub": 3}}},
+     "/hub/config/JupyterHub", "want object"),
+]
+
+
+@pytest.mark.parametrize("changes,where,what", [r[1:] for r in SCHEMA_REJECTIONS],
+                         ids=[r[0] for r in SCHEMA_REJECTIONS])
+def test_schema_rejects(values, changes, where, what):
+    bad = with_changes(values, changes)
+    with pytest.raises(helm_python.HelmValuesError) as rendering:
+        chart.render(bad)
+    message = str(rendering.value)
+    assert where in message and what in message, message
+    # helm lint (and so helm install) says the same
+    report = chart.lint(bad)
+    assert any(where in error and what in error for error in report["errors"]), report
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"tunnels": {"forwardPorts": {"low": 21000, "high": 20000}}},
+     "tunnels.forwardPorts: high (20000) must not be below low (21000)"),
+    ({"tunnels": {"controlPort": 20500}},
+     "tunnels.controlPort (20500) must lie outside tunnels.forwardPorts (20000-20999)"),
+])
+def test_template_checks(values, changes, message):
+    with pytest.raises(helm_python.HelmRenderError, match=re.escape(message)):
+        chart.render(with_changes(values, changes))
+
+
+# --- Kubernetes schemas, YAML lint -------------------------------------------------------------
+
+
+def kubernetes_validate() -> str:
+    path = Path(sys.executable).with_name("kubernetes-validate")
+    found = str(path) if path.exists() else shutil.which("kubernetes-validate")
+    if not found:
+        pytest.fail("kubernetes-validate is not installed: "
+                    "pip install -r tests/lab/requirements.txt")
+    return found
+
+
+@pytest.mark.parametrize("variant", [False, True], ids=["slurm", "variant"])
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_manifests_validate_against_kubernetes(values, tmp_path, kube_version, variant):
+    if variant:
+        values = with_changes(values, VARIANT)
+    count = len(chart.render(values))
+    rendered = tmp_path / "rendered.yaml"
+    rendered.write_text(chart.render_yaml(values))
+    result = subprocess.run(
+        [kubernetes_validate(), "--strict", "-k", kube_version, str(rendered)],
+        capture_output=True, text=True, timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    major_minor = kube_version.rsplit(".", 1)[0]
+    assert output.count("passed for resource") == count, output
+    assert output.count(f"against version {major_minor}") == count, output
+
+
+# yamllint's default rules, except: line-length (values.json, long image names and the hub's
+# Python are long lines by nature), and indentation's indent-sequences (toYaml writes lists
+# unindented under their key, the templates indent them).
+YAMLLINT_CONFIG = """
+extends: default
+rules:
+  line-length: disable
+  indentation:
+    spaces: consistent
+    indent-sequences: whatever
+"""
+
+
+@pytest.mark.parametrize("variant", [False, True], ids=["slurm", "variant"])
+def test_rendered_yaml_lints_clean(values, variant):
+    from yamllint import linter
+    from yamllint.config import YamlLintConfig
+
+    if variant:
+        values = with_changes(values, VARIANT)
+    text = chart.render_yaml(values)
+    problems = list(linter.run(text, YamlLintConfig(YAMLLINT_CONFIG)))
+    lines = text.splitlines()
+    assert problems == [], "\n".join(
+        f"{p.line}:{p.column} {p.level} {p.desc} ({p.rule}): {lines[p.line - 1]!r}"
+        for p in problems
+    )
+
+
+# --- the hub's configuration -------------------------------------------------------------------
+
+
+def test_hub_configuration(values, tmp_path):
+    values = with_changes(values, {"hub": {"extraConfig": {
+        # sorted order: "10-first" runs before "20-second", which sees what it set
+        "20-second": "c.JupyterHub.concurrent_spawn_limit += 1",
+        "10-first": "c.JupyterHub.concurrent_spawn_limit = 41\n"
+                    "c.SlurmSSHSpawner.qos = chart_values['cluster']['loginHost'][:5]",
+    }}})
+    manifests = chart.render(values)
+    secrets = chart.secret_data(manifests)
+    c = chart.load_hub_config(manifests, tmp_path)
+
+    assert c.JupyterHub.spawner_class == "slurm-ssh"
+    assert c.ConfigurableHTTPProxy.should_start is False
+    assert c.ConfigurableHTTPProxy.api_url == f"http://{FULLNAME}-proxy-api:8001"
+    assert c.JupyterHub.cleanup_servers is False
+    assert c.JupyterHub.hub_bind_url == "http://:8081"
+    assert c.JupyterHub.hub_connect_ip == f"{FULLNAME}-hub"
+    assert c.JupyterHub.db_url == "sqlite:////srv/jupyterhub/jupyterhub.sqlite"
+    assert "base_url" not in c.JupyterHub
+
+    spawner = c.SSHBatchSpawner
+    assert spawner.tunnel_service_address == f"{FULLNAME}-tunnels:8765"
+    assert spawner.tunnel_service_token == secrets["tunnels.token"]
+    assert spawner.tunnel_bind_ip == "0.0.0.0"
+    assert spawner.tunnel_connect_host == f"{FULLNAME}-tunnels"
+    assert spawner.ssh_key_path_template == "/etc/hub_spawner/keys/{username}"
+    assert spawner.known_hosts_path == "/etc/hub_spawner/known_hosts"
+    assert spawner.login_host == "login.cluster.example.org"
+    assert spawner.login_port == 22
+    assert spawner.hub_api_tunnel_host == "login-ib0.cluster.example.org"
+    assert spawner.job_prologue == "module load jupyter"
+    assert spawner.partitions == ["interactive", "gpu"]
+    assert spawner.default_partition == "interactive"
+    assert (spawner.max_cpus, spawner.max_memory, spawner.max_gpus) == (16, "128G", 2)
+    assert (spawner.default_walltime, spawner.max_walltime) == ("04:00:00", "1-00:00:00")
+    assert (spawner.start_timeout, spawner.default_url) == (600, "/lab")
+    assert c.SlurmSSHSpawner.gpu_gres == "gpu"
+    # not in the values: not set, so the spawner's defaults stay
+    for unset in ("cluster_username", "default_cpus", "default_memory", "default_account",
+                  "job_python", "http_timeout"):
+        assert unset not in spawner, unset
+
+    # hub.config, then hub.extraConfig in sorted order with c and chart_values in scope
+    assert c.JupyterHub.authenticator_class == "github"
+    assert c.JupyterHub.admin_users == ["alice"]
+    assert c.GitHubOAuthenticator.client_id == "your-client-id"
+    assert c.GitHubOAuthenticator.allowed_organizations == ["example-org"]
+    assert c.JupyterHub.concurrent_spawn_limit == 42
+    assert c.SlurmSSHSpawner.qos == "login"
+
+    # the traits take these values (types included), as the hub will
+    from jupyterhub.app import JupyterHub
+
+    from hub_spawner.spawner import SlurmSSHSpawner
+
+    live = SlurmSSHSpawner(config=c)
+    assert (live.tunnel_service_address, live.max_cpus, live.qos) == (
+        f"{FULLNAME}-tunnels:8765", 16, "login")
+    assert live.cmd == ["jupyterhub-singleuser"]  # the default
+    hub_config = copy.deepcopy(c)
+    hub_config.JupyterHub.authenticator_class = "dummy"  # oauthenticator: in the image only
+    app = JupyterHub(config=hub_config)
+    assert app.hub_connect_ip == f"{FULLNAME}-hub"
+    assert app.spawner_class is SlurmSSHSpawner
+
+
+def test_every_spawner_value_reaches_its_trait(values, tmp_path):
+    """Every key the schema allows under spawner.* names a real trait, with a type it takes."""
+    schema = json.loads((chart.CHART_DIR / "values.schema.json").read_text())
+    keys = schema["properties"]["spawner"]["properties"]
+    examples = {"string": "x", "integer": 3, "number": 2.5, "array": ["a"]}
+    special = {"defaultMemory": "4G", "maxMemory": "8G", "defaultWalltime": "01:00:00",
+               "maxWalltime": "2-00:00:00", "remoteStateDir": ".hs", "jobPython": "python3",
+               "cmd": ["jupyterhub-singleuser"], "defaultUrl": "/lab"}
+    spawner_values = {key: special.get(key, examples.get(spec.get("type")))
+                      for key, spec in keys.items() if key not in ("slurm", "sge")}
+    spawner_values["slurm"] = {"qos": "short", "gpuGres": "gpu"}
+    manifests = chart.render(with_changes(values, {"spawner": spawner_values}))
+    c = chart.load_hub_config(manifests, tmp_path)
+
+    from hub_spawner.spawner import SGESSHSpawner, SlurmSSHSpawner
+
+    live = SlurmSSHSpawner(config=c)
+    for key, value in spawner_values.items():
+        if key == "slurm":
+            continue
+        name = re.sub(r"(?<!^)([A-Z])", r"_\1", key).lower()
+        assert getattr(live, name) == value, key
+    assert (live.qos, live.gpu_gres) == ("short", "gpu")
+
+    sge = with_changes(values, {"cluster": {"scheduler": "sge"}, "spawner": {"slurm": None, "sge": {
+        "parallelEnvironment": "mpi", "memoryResource": "mem_free", "gpuResource": "gpus"}}})
+    c = chart.load_hub_config(chart.render(sge), tmp_path / "sge")
+    assert c.JupyterHub.spawner_class == "sge-ssh"
+    live = SGESSHSpawner(config=c)
+    assert (live.parallel_environment, live.memory_resource, live.gpu_resource) == (
+        "mpi", "mem_free", "gpus")
+
+    c = chart.load_hub_config(
+        chart.render(with_changes(values, {"cluster": {"scheduler": "torque"},
+                                           "spawner": {"slurm": None}})), tmp_path / "t")
+    assert c.JupyterHub.spawner_class == "torque-ssh"
+
+
+def test_hub_configuration_refuses_mismatched_or_missing(values, tmp_path):
+    manifests = chart.render(with_changes(values, {"spawner": {"sge": {"gpuResource": "gpu"}}}))
+    with pytest.raises(ValueError, match="spawner.sge is set, but cluster.scheduler is 'slurm'"):
+        chart.load_hub_config(manifests, tmp_path)
+    manifests = chart.render(values)
+    env = {**chart.hub_env(manifests), "CONFIGPROXY_AUTH_TOKEN": None}
+    with pytest.raises(ValueError, match="CONFIGPROXY_AUTH_TOKEN is not set"):
+        chart.load_hub_config(manifests, tmp_path / "2", env=env)
+
+
+def test_hub_configuration_runs_outside_kubernetes(values, tmp_path):
+    """The same file, values.json named by HUB_SPAWNER_CHART_VALUES and addresses from env."""
+    manifests = chart.render(values)
+    source, chart_values = chart.hub_config_files(manifests)
+    chart_values["cluster"]["loginHost"] = "10.77.0.2"
+    (tmp_path / "elsewhere.json").write_text(json.dumps(chart_values))
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "jupyterhub_config.py").write_text(source)
+
+    from traitlets.config.loader import PyFileConfigLoader
+
+    env = {"HUB_SPAWNER_CHART_VALUES": str(tmp_path / "elsewhere.json"),
+           "CONFIGPROXY_AUTH_TOKEN": "t" * 32, "HUB_SPAWNER_TUNNEL_ADDRESS": None,
+           "HUB_SPAWNER_PROXY_API_URL": "http://127.0.0.1:8001",
+           "HUB_SPAWNER_SSH_KEY_PATH_TEMPLATE": "/srv/lab/keys/{username}"}
+    with chart.environment(env):
+        c = PyFileConfigLoader("jupyterhub_config.py", path=str(tmp_path / "conf")).load_config()
+    assert c.SSHBatchSpawner.login_host == "10.77.0.2"
+    assert c.SSHBatchSpawner.ssh_key_path_template == "/srv/lab/keys/{username}"
+    assert c.ConfigurableHTTPProxy.api_url == "http://127.0.0.1:8001"
+    assert "tunnel_service_address" not in c.SSHBatchSpawner  # the spawner starts its own
+
+
+def test_base_url_reaches_config_probes_and_proxy(values, tmp_path):
+    manifests = chart.render(with_changes(values, {"hub": {"baseUrl": "/jupyter"}}))
+    c = chart.load_hub_config(manifests, tmp_path)
+    assert c.JupyterHub.base_url == "/jupyter/"
+    hub = chart.container(chart.hub_deployment(manifests), "hub")
+    assert hub["livenessProbe"]["httpGet"]["path"] == "/jupyter/hub/health"
+    assert hub["readinessProbe"]["httpGet"]["path"] == "/jupyter/hub/health"
+    assert (f"--error-target=http://{FULLNAME}-hub:8081/jupyter/hub/error"
+            in chart.command_line(chart.proxy_deployment(manifests), "chp"))
+
+
+# --- secrets -----------------------------------------------------------------------------------
+
+
+def test_generated_secrets(manifests):
+    secrets = chart.secret_data(manifests)
+    assert set(secrets) == {"hub.cookie-secret", "proxy.auth-token", "tunnels.token"}
+    for value in secrets.values():
+        assert re.fullmatch("[0-9a-f]{64}", value)  # 32 random bytes, hex
+    assert len(set(secrets.values())) == 3
+    # the pods' restart checksums are of the very values in the Secret (computed once)
+    proxy = chart.proxy_deployment(manifests)["spec"]["template"]["metadata"]["annotations"]
+    assert proxy["checksum/auth-token"] == hashlib.sha256(
+        secrets["proxy.auth-token"].encode()).hexdigest()[:16]
+    tunnels = chart.tunnels_deployment(manifests)["spec"]["template"]["metadata"]["annotations"]
+    assert tunnels["checksum/token"] == hashlib.sha256(
+        secrets["tunnels.token"].encode()).hexdigest()[:16]
+    env = chart.hub_env(manifests)
+    assert env["JPY_COOKIE_SECRET"] == secrets["hub.cookie-secret"]
+    assert env["CONFIGPROXY_AUTH_TOKEN"] == secrets["proxy.auth-token"]
+    assert env["HUB_SPAWNER_TUNNEL_TOKEN"] == secrets["tunnels.token"]
+    assert chart.tunnels_env(manifests)["HUB_SPAWNER_TUNNEL_TOKEN"] == secrets["tunnels.token"]
+    assert chart.container_env(manifests, chart.proxy_deployment(manifests), "chp")[
+        "CONFIGPROXY_AUTH_TOKEN"] == secrets["proxy.auth-token"]
+
+
+def test_user_provided_secrets_are_used(values):
+    given = {"hub": {"cookieSecret": "ab" * 32}, "proxy": {"secretToken": "p" * 40},
+             "tunnels": {"token": "t" * 48}}
+    manifests = chart.render(with_changes(values, given))
+    assert chart.secret_data(manifests) == {
+        "hub.cookie-secret": "ab" * 32, "proxy.auth-token": "p" * 40, "tunnels.token": "t" * 48}
+    env = chart.hub_env(manifests)
+    assert (env["JPY_COOKIE_SECRET"], env["CONFIGPROXY_AUTH_TOKEN"],
+            env["HUB_SPAWNER_TUNNEL_TOKEN"]) == ("ab" * 32, "p" * 40, "t" * 48)
+    assert chart.tunnels_env(manifests)["HUB_SPAWNER_TUNNEL_TOKEN"] == "t" * 48
+
+
+def test_upgrade_keeps_the_secrets(values):
+    first = chart.render(values)
+    stored = chart.find(first, "Secret", f"{FULLNAME}-secret")
+    upgraded = chart.render(values, existing=[stored])
+    assert chart.secret_data(upgraded) == chart.secret_data(first)
+    # and so the pods' checksums stay, and an upgrade restarts neither proxy nor tunnels
+    for deployment in (chart.proxy_deployment, chart.tunnels_deployment, chart.hub_deployment):
+        assert (deployment(upgraded)["spec"]["template"]["metadata"]["annotations"]
+                == deployment(first)["spec"]["template"]["metadata"]["annotations"])
+    # a value set by the user wins over the stored one (rotation)
+    rotated = chart.render(with_changes(values, {"tunnels": {"token": "r" * 40}}),
+                           existing=[stored])
+    data = chart.secret_data(rotated)
+    assert data["tunnels.token"] == "r" * 40
+    assert data["proxy.auth-token"] == chart.secret_data(first)["proxy.auth-token"]
+
+
+def test_external_database_url_is_a_secret(values, tmp_path):
+    url = "postgresql://hub:pw@db:5432/jupyterhub"
+    manifests = chart.render(with_changes(values, {"hub": {"db": {"type": "other", "url": url}}}))
+    assert chart.secret_data(manifests)["hub.db-url"] == url
+    assert url not in json.dumps(chart.find(manifests, "ConfigMap", f"{FULLNAME}-hub"))
+    assert chart.load_hub_config(manifests, tmp_path).JupyterHub.db_url == url
+    assert not [p for p in chart.find_all(manifests, "PersistentVolumeClaim")
+                if p["metadata"]["name"].endswith("-hub-db")]
+    volumes = chart.hub_deployment(manifests)["spec"]["template"]["spec"]["volumes"]
+    assert next(v for v in volumes if v["name"] == "hub-data") == {"name": "hub-data",
+                                                                    "emptyDir": {}}
+
+
+# --- the tunnel service and the network policies -----------------------------------------------
+
+
+def ingress_rules(policy: dict) -> list[tuple[list[dict], list[dict]]]:
+    return [(rule.get("from", []), rule.get("ports", [])) for rule in policy["spec"]["ingress"]]
+
+
+def pod_labels(deployment: dict) -> dict:
+    return deployment["spec"]["template"]["metadata"]["labels"]
+
+
+def selects(peer: dict, deployment: dict) -> bool:
+    wanted = peer["podSelector"]["matchLabels"]
+    return wanted.items() <= pod_labels(deployment).items()
+
+
+@pytest.mark.parametrize("low,high", [(20000, 20999), (21000, 21099)])
+def test_tunnel_service_and_its_network_policy(values, low, high):
+    manifests = chart.render(with_changes(values, {"tunnels": {"forwardPorts": {
+        "low": low, "high": high}}}))
+    tunnels = chart.tunnels_deployment(manifests)
+    hub, proxy = chart.hub_deployment(manifests), chart.proxy_deployment(manifests)
+    assert tunnels["spec"]["strategy"] == {"type": "Recreate"}
+    assert tunnels["spec"]["replicas"] == 1
+    assert chart.container(tunnels, "tunnels")["image"] == chart.container(hub, "hub")["image"]
+    assert chart.tunnels_command(manifests) == [
+        "python", "-m", "hub_spawner.tunnels", "--dir", "/srv/tunnels/state",
+        "--listen", "0.0.0.0:8765", "--forward-ports", f"{low}-{high}"]
+    tunnel_mounts = chart.container(tunnels, "tunnels")["volumeMounts"]
+    mounts = {m["mountPath"]: m["name"] for m in tunnel_mounts}
+    assert mounts["/srv/tunnels"] == "state"
+    volumes = {v["name"]: v for v in tunnels["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["state"]["persistentVolumeClaim"]["claimName"] == f"{FULLNAME}-tunnels-state"
+
+    service = chart.find(manifests, "Service", f"{FULLNAME}-tunnels")
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["ports"] == [
+        {"name": "control", "port": 8765, "targetPort": "control", "protocol": "TCP"}]
+    assert selects({"podSelector": {"matchLabels": service["spec"]["selector"]}}, tunnels)
+
+    policy = chart.find(manifests, "NetworkPolicy", f"{FULLNAME}-tunnels")
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert selects({"podSelector": policy["spec"]["podSelector"]}, tunnels)
+    (control_from, control_ports), (forward_from, forward_ports) = ingress_rules(policy)
+    assert len(control_from) == 1 and selects(control_from[0], hub)
+    assert not selects(control_from[0], proxy)
+    assert control_ports == [{"port": 8765, "protocol": "TCP"}]
+    assert len(forward_from) == 1 and selects(forward_from[0], proxy)
+    assert not selects(forward_from[0], hub)
+    assert forward_ports == [{"port": low, "endPort": high, "protocol": "TCP"}]
+
+    env = chart.hub_env(manifests)
+    assert env["HUB_SPAWNER_TUNNEL_ADDRESS"] == f"{service['metadata']['name']}:8765"
+    assert env["HUB_SPAWNER_TUNNEL_CONNECT_HOST"] == service["metadata"]["name"]
+
+
+def test_hub_and_proxy_network_policies(manifests):
+    hub, proxy = chart.hub_deployment(manifests), chart.proxy_deployment(manifests)
+    tunnels = chart.tunnels_deployment(manifests)
+
+    policy = chart.find(manifests, "NetworkPolicy", f"{FULLNAME}-hub")
+    assert selects({"podSelector": policy["spec"]["podSelector"]}, hub)
+    [(peers, ports)] = ingress_rules(policy)
+    assert ports == [{"port": 8081, "protocol": "TCP"}]
+    assert len(peers) == 2
+    assert selects(peers[0], proxy) and selects(peers[1], tunnels)
+
+    policy = chart.find(manifests, "NetworkPolicy", f"{FULLNAME}-proxy")
+    assert selects({"podSelector": policy["spec"]["podSelector"]}, proxy)
+    (public_from, public_ports), (api_from, api_ports) = ingress_rules(policy)
+    assert public_from == [] and public_ports == [{"port": 8000, "protocol": "TCP"}]
+    assert len(api_from) == 1 and selects(api_from[0], hub) and not selects(api_from[0], tunnels)
+    assert api_ports == [{"port": 8001, "protocol": "TCP"}]
+
+
+def test_network_policies_can_be_left_out(values):
+    manifests = chart.render(with_changes(values, {"networkPolicy": {"enabled": False}}))
+    assert chart.find_all(manifests, "NetworkPolicy") == []
+
+
+# --- keys and known_hosts ----------------------------------------------------------------------
+
+
+def test_keys_and_known_hosts_are_mounted_alike_in_hub_and_tunnels(values, manifests):
+    expected = {
+        "/etc/hub_spawner/keys": {"name": "keys", "subPath": "keys", "readOnly": True},
+        "/etc/hub_spawner/known_hosts": {"name": "known-hosts", "subPath": "known_hosts",
+                                         "readOnly": True},
+    }
+    for deployment, name in ((chart.hub_deployment(manifests), "hub"),
+                             (chart.tunnels_deployment(manifests), "tunnels")):
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["fsGroup"] == 1000
+        assert pod["securityContext"]["runAsUser"] == 1000
+        mounts = {m["mountPath"]: m for m in chart.container(deployment, name)["volumeMounts"]}
+        for path, mount in expected.items():
+            assert {k: mounts[path].get(k) for k in mount} == mount, (name, path)
+        assert "/etc/hub_spawner/keys-staging" not in mounts  # only the keys containers see it
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["keys"]["emptyDir"]["medium"] == "Memory"
+        assert volumes["keys-staging"]["secret"] == {"secretName": "hub-ssh-keys",
+                                                     "defaultMode": 0o400}
+        assert volumes["known-hosts"]["configMap"]["name"] == f"{FULLNAME}-known-hosts"
+
+        init = chart.container(deployment, "keys-init")
+        assert init["securityContext"]["runAsUser"] == 1000
+        script = init["args"][0]
+        assert 'chmod 0600 "$dst/.$name.tmp"' in script and 'chmod 0700 "$dst"' in script
+        init_mounts = {m["mountPath"]: m["name"] for m in init["volumeMounts"]}
+        assert init_mounts == {"/etc/hub_spawner/keys-staging": "keys-staging",
+                               "/keys-rw": "keys"}
+        assert chart.container(deployment, "keys-sync")["volumeMounts"] == init["volumeMounts"]
+
+    known_hosts = chart.find(manifests, "ConfigMap", f"{FULLNAME}-known-hosts")["data"]
+    assert known_hosts["known_hosts"] == values["cluster"]["knownHosts"]
+    # the key path the hub sends to the tunnel service is the one both pods mount
+    assert chart.hub_env(manifests)["HUB_SPAWNER_SSH_KEY_PATH_TEMPLATE"].startswith(
+        "/etc/hub_spawner/keys/")
+
+
+def test_keys_sync_can_be_off(values):
+    manifests = chart.render(with_changes(values, {"identity": {"resyncSeconds": 0}}))
+    for deployment in (chart.hub_deployment(manifests), chart.tunnels_deployment(manifests)):
+        names = [c["name"] for c in deployment["spec"]["template"]["spec"]["containers"]]
+        assert "keys-sync" not in names
+    default = chart.render(with_changes(values, {"identity": {"keysSecret": None}}))
+    volumes = chart.hub_deployment(default)["spec"]["template"]["spec"]["volumes"]
+    staging = next(v for v in volumes if v["name"] == "keys-staging")
+    assert staging["secret"]["secretName"] == f"{FULLNAME}-ssh-keys"
+
+
+def run_keys_script(script: str, staging: Path, emptydir: Path) -> None:
+    script = script.replace("/etc/hub_spawner/keys-staging", str(staging)).replace(
+        "/keys-rw", str(emptydir))
+    subprocess.run(["sh", "-c", script], check=True, timeout=30)
+
+
+def test_keys_copy_script_makes_private_copies(manifests, tmp_path):
+    """The initContainer's script, run here on a directory laid out as a Secret volume is
+    (files are symlinks into ..data) with group-readable files, as with fsGroup."""
+    script = chart.container(chart.tunnels_deployment(manifests), "keys-init")["args"][0]
+    staging, emptydir = tmp_path / "staging", tmp_path / "emptydir"
+    data = staging / "..2024_01_01"
+    data.mkdir(parents=True)
+    emptydir.mkdir()
+    for user in ("alice", "bob"):
+        (data / user).write_text(f"PRIVATE KEY OF {user}\n")
+        (data / user).chmod(0o440)
+    (staging / "..data").symlink_to(data.name)
+    for user in ("alice", "bob"):
+        (staging / user).symlink_to(f"..data/{user}")
+
+    run_keys_script(script, staging, emptydir)
+    keys = emptydir / "keys"
+    assert stat.S_IMODE(keys.stat().st_mode) == 0o700
+    assert sorted(p.name for p in keys.iterdir()) == ["alice", "bob"]
+    for user in ("alice", "bob"):
+        assert not (keys / user).is_symlink()
+        assert stat.S_IMODE((keys / user).stat().st_mode) == 0o600
+        assert (keys / user).read_text() == f"PRIVATE KEY OF {user}\n"
+        assert (keys / user).stat().st_uid == os.getuid()
+
+    # the sidecar's later runs: a removed key goes, a changed one is replaced
+    (staging / "bob").unlink()
+    (data / "alice").chmod(0o640)
+    (data / "alice").write_text("NEW KEY\n")
+    run_keys_script(script, staging, emptydir)
+    assert sorted(p.name for p in keys.iterdir()) == ["alice"]
+    assert (keys / "alice").read_text() == "NEW KEY\n"
+    assert stat.S_IMODE((keys / "alice").stat().st_mode) == 0o600
+
+
+# --- hub and proxy Deployments and Services ----------------------------------------------------
+
+
+def test_hub_deployment(manifests):
+    hub = chart.hub_deployment(manifests)
+    assert hub["spec"]["replicas"] == 1 and hub["spec"]["strategy"] == {"type": "Recreate"}
+    assert chart.hub_command(manifests) == [
+        "jupyterhub", "-f", "/usr/local/etc/jupyterhub/jupyterhub_config.py"]
+    container = chart.container(hub, "hub")
+    assert container["image"] == "ghcr.io/hub-spawner/hub-spawner:0.1.0"
+    security = container["securityContext"]
+    assert security["runAsNonRoot"] and security["runAsUser"] == 1000
+    assert security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/hub/health", "port": "http"}
+    assert container["ports"] == [{"name": "http", "containerPort": 8081, "protocol": "TCP"}]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts["/usr/local/etc/jupyterhub"] == "config"
+    assert mounts["/srv/jupyterhub"] == "hub-data"
+    assert mounts["/tmp"] == "tmp"
+    volumes = {v["name"]: v for v in hub["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == f"{FULLNAME}-hub"
+    assert volumes["hub-data"]["persistentVolumeClaim"]["claimName"] == f"{FULLNAME}-hub-db"
+    assert hub["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+
+    pvc = chart.find(manifests, "PersistentVolumeClaim", f"{FULLNAME}-hub-db")
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    assert "storageClassName" not in pvc["spec"]
+    service = chart.find(manifests, "Service", f"{FULLNAME}-hub")
+    assert service["spec"]["ports"] == [
+        {"name": "hub", "port": 8081, "targetPort": "http", "protocol": "TCP"}]
+    assert selects({"podSelector": {"matchLabels": service["spec"]["selector"]}}, hub)
+
+    env = chart.hub_env(manifests)
+    assert env["HUB_SPAWNER_HUB_CONNECT_IP"] == service["metadata"]["name"]
+    assert env["HUB_SPAWNER_HUB_BIND_URL"] == "http://:8081"
+    assert env["OAUTH_CLIENT_SECRET"] is None  # hub.extraEnv, from the user's own Secret
+
+
+def test_hub_restarts_for_config_alone(values):
+    """A hub.config change restarts the hub, but neither the proxy nor the tunnel service."""
+    stored = chart.find(chart.render(values), "Secret", f"{FULLNAME}-secret")
+    before = chart.render(values, existing=[stored])
+    after = chart.render(with_changes(values, {"hub": {"config": {"JupyterHub": {
+        "admin_users": ["alice", "bob"]}}}}), existing=[stored])
+
+    def annotations(manifests, deployment):
+        return deployment(manifests)["spec"]["template"]["metadata"]["annotations"]
+
+    assert annotations(before, chart.hub_deployment) != annotations(after, chart.hub_deployment)
+    for deployment in (chart.proxy_deployment, chart.tunnels_deployment):
+        assert annotations(before, deployment) == annotations(after, deployment)
+        assert deployment(before) == deployment(after)
+        # nor would a new chart version alone: the pod templates do not name it
+        labels = pod_labels(deployment(before))
+        assert "helm.sh/chart" not in labels and "app.kubernetes.io/version" not in labels
+
+
+def test_pvc_storage_class(values):
+    manifests = chart.render(with_changes(values, VARIANT))
+    pvc = chart.find(manifests, "PersistentVolumeClaim", f"{FULLNAME}-tunnels-state")
+    assert pvc["spec"]["storageClassName"] == "ssd"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+def test_proxy(manifests):
+    proxy = chart.proxy_deployment(manifests)
+    assert proxy["spec"]["replicas"] == 1 and proxy["spec"]["strategy"] == {"type": "Recreate"}
+    chp = chart.container(proxy, "chp")
+    assert chp["image"].startswith("quay.io/jupyterhub/configurable-http-proxy:")
+    assert chart.command_line(proxy, "chp") == [
+        "configurable-http-proxy", "--ip=", "--api-ip=", "--port=8000", "--api-port=8001",
+        f"--default-target=http://{FULLNAME}-hub:8081",
+        f"--error-target=http://{FULLNAME}-hub:8081/hub/error",
+    ]
+    assert chp["env"] == [{"name": "CONFIGPROXY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {
+        "name": f"{FULLNAME}-secret", "key": "proxy.auth-token"}}}]
+    public = chart.find(manifests, "Service", f"{FULLNAME}-proxy-public")
+    assert public["spec"]["type"] == "LoadBalancer"
+    assert public["spec"]["ports"] == [
+        {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+    assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in chp["ports"]
+    api = chart.find(manifests, "Service", f"{FULLNAME}-proxy-api")
+    assert api["spec"]["type"] == "ClusterIP"
+    assert api["spec"]["ports"] == [
+        {"name": "api", "port": 8001, "targetPort": "api", "protocol": "TCP"}]
+    for service in (public, api):
+        assert selects({"podSelector": {"matchLabels": service["spec"]["selector"]}}, proxy)
+
+
+def test_proxy_service_type_from_values(values):
+    manifests = chart.render(with_changes(values, VARIANT))
+    public = chart.find(manifests, "Service", f"{FULLNAME}-proxy-public")
+    assert public["spec"]["type"] == "NodePort"
+    assert public["spec"]["ports"][0]["nodePort"] == 30080
+
+
+def test_notes(values):
+    text = chart.notes(values)
+    assert "kubectl -n jhub create secret generic hub-ssh-keys" in text
+    assert "GatewayPorts clientspecified" in text
+    assert f"service/{FULLNAME}-proxy-public" in text
+
+
+# --- the image and the docs agree with the chart -----------------------------------------------
+
+
+def test_image_and_versions_agree():
+    chart_meta = yaml.safe_load((chart.CHART_DIR / "Chart.yaml").read_text())
+    defaults = yaml.safe_load((chart.CHART_DIR / "values.yaml").read_text())
+    pyproject = (chart.REPO / "pyproject.toml").read_text()
+    version = re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1)
+    assert chart_meta["appVersion"] == defaults["hub"]["image"]["tag"] == version
+
+    dockerfile = (chart.REPO / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim$", dockerfile, re.M)
+    assert "openssh-client" in dockerfile
+    assert re.search(r"^USER 1000", dockerfile, re.M)
+    assert re.search(r"^WORKDIR /srv/jupyterhub$", dockerfile, re.M)
+    tested = (chart.REPO / "tests" / "lab" / "requirements.txt").read_text()
+    for package in ("jupyterhub", "asyncssh", "traitlets"):
+        pin = re.search(rf"^{package}==(\S+)$", tested, re.M).group(0)
+        assert re.search(rf"^\s+{re.escape(pin)} \\$", dockerfile, re.M), pin
+
+
+def test_readme_shows_the_tested_values_file():
+    readme = (chart.REPO / "README.md").read_text()
+    fixture = chart.SLURM_VALUES.read_text()
+    assert f"```yaml\n{fixture}```" in readme
