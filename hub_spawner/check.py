@@ -410,7 +410,11 @@ async def _check_submit(checks: Checklist, spawner: SSHBatchSpawner, token: str,
                         "the job's output file on the cluster")
             return
         except SpawnError as error:
-            checks.fail("job", str(error))
+            watch.update(spawner)
+            where = f" (all of it: {watch.output_path} on the cluster)" if watch.output_path else ""
+            checks.fail("job", str(error),
+                        f"read the job's output{where}; check cmd and job_prologue: "
+                        "jupyterhub-singleuser must start on a compute node")
             return
         finally:
             watcher.cancel()

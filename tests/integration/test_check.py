@@ -169,6 +169,7 @@ def test_a_server_that_cannot_start_shows_the_jobs_last_output(lab, tmp_path):
     assert code == 1
     failed = line(output, "FAIL", "job")
     assert "ended before the server was ready" in failed
+    assert re.search(r"-> read the job's output \(all of it: /home/alice/\S+\.out", output)
     assert "/nonexistent/jupyterhub-singleuser: No such file or directory" in output
     assert "exited with status 127" in output
     line(output, "ok", "cleanup")
