@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import signal
 import sys
 
-from .check import run_check
+from .check import Checklist, run_check
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,10 +29,13 @@ def main(argv: list[str] | None = None) -> int:
                        help="also submit a short test job with the configured template, wait "
                        "for its server and ask it for /api/status through its tunnel; the job "
                        "and its forwards are removed afterwards, also on Ctrl-C")
-    check.add_argument("--hub-ip", default="127.0.0.1",
+    check.add_argument("--hub-ip", default=os.environ.get("HUB_SPAWNER_POD_IP", "127.0.0.1"),
                        help="address for the check's stand-in hub API, which the tunnel "
-                       "service's reverse forward connects to (default: %(default)s; with a "
-                       "tunnel service in another pod, this pod's IP)")
+                       "service's reverse forward connects to (default: $HUB_SPAWNER_POD_IP "
+                       "if set, as in the Helm chart's hub pod, else 127.0.0.1)")
+    check.add_argument("--hub-port", type=int, default=0,
+                       help="port for the stand-in hub API (default: any free port; the Helm "
+                       "chart's NetworkPolicy opens hub.checkPort, 8082, for it)")
     check.add_argument("-v", "--verbose", action="store_true", help="also print the spawner's log")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -38,10 +43,39 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         logging.getLogger("asyncssh").setLevel(logging.ERROR)
         logging.getLogger("hub_spawner").setLevel(logging.CRITICAL)  # the checklist says it
+    return asyncio.run(_check(args))
+
+
+async def _check(args: argparse.Namespace) -> int:
+    """The check, cancelled once by SIGINT (Ctrl-C), SIGTERM or SIGHUP (a closed terminal, a
+    dropped ``kubectl exec``): its cleanup runs to its end whatever comes after."""
+    task = asyncio.current_task()
+    signals: list[int] = []
+
+    def interrupt(signum: int) -> None:
+        if not signals:
+            print(f"\n{signal.Signals(signum).name}: stopping; the test job and its forwards "
+                  "are being removed", file=sys.stderr, flush=True)
+            task.cancel()
+        else:
+            print("still cleaning up, please wait", file=sys.stderr, flush=True)
+        signals.append(signum)
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, interrupt, signum)
+    checks = Checklist(sys.stdout)
     try:
-        passed = asyncio.run(run_check(args.config, args.user, args.submit, args.hub_ip))
-    except KeyboardInterrupt:
-        print("interrupted: the test job and its forwards were cleaned up", file=sys.stderr)
+        passed = await run_check(args.config, args.user, args.submit, args.hub_ip,
+                                 args.hub_port, checks)
+    except asyncio.CancelledError:
+        if "cleanup" in checks.failed:
+            print("interrupted; the cleanup did not finish: see the cleanup line above",
+                  file=sys.stderr)
+        elif "cleanup" in checks.passed_names:
+            print("interrupted; the test job and its forwards are gone", file=sys.stderr)
+        else:
+            print("interrupted; no test job had been submitted", file=sys.stderr)
         return 130
     return 0 if passed else 1
 

@@ -41,10 +41,10 @@ from traitlets import TraitError
 from traitlets.config import Config, PyFileConfigLoader
 from traitlets.utils.importstring import import_item
 
-from .errors import SpawnError
-from .resources import resources_from_options
+from .errors import BadReadyLine, JobEndedEarly, SpawnError
+from .resources import format_walltime, resources_from_options
 from .schedulers import SchedulerUnavailable, parse_check_output
-from .spawner import SSHBatchSpawner
+from .spawner import SSHBatchSpawner, pending_cancels
 from .ssh import SSHTarget, default_pool
 
 #: The named server the check's job and forwards use: never one of the user's real servers.
@@ -61,10 +61,14 @@ class Checklist:
     out: TextIO
     failed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-    passed: int = 0
+    passed_names: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> int:
+        return len(self.passed_names)
 
     def ok(self, name: str, detail: str) -> None:
-        self.passed += 1
+        self.passed_names.append(name)
         self._line("ok", name, detail)
 
     def fail(self, name: str, detail: str, advice: str = "") -> None:
@@ -93,10 +97,13 @@ async def run_check(
     username: str,
     submit: bool = False,
     hub_ip: str = "127.0.0.1",
-    out: TextIO = sys.stdout,
+    hub_port: int = 0,
+    checks: Checklist | None = None,
 ) -> bool:
-    """Run every check for ``username``; True if all passed."""
-    checks = Checklist(out)
+    """Run every check for ``username``; True if all passed. Cancelling it (a signal) still
+    cleans up the test job and its forwards before the cancellation goes on."""
+    checks = checks or Checklist(sys.stdout)
+    out = checks.out
     print(f"hub_spawner check: {username}, config {config_file}", file=out, flush=True)
     token = secrets.token_hex(32)
     spawner = _load_spawner(checks, config_file, username, token)
@@ -119,7 +126,7 @@ async def run_check(
             for name in ("job", "tunnel", "server", "cleanup"):
                 checks.skip(name, "needs every step above")
         else:
-            await _check_submit(checks, spawner, token, hub_ip)
+            await _check_submit(checks, spawner, token, hub_ip, hub_port)
     total = checks.passed + len(checks.failed)
     if checks.failed:
         print(f"\n{len(checks.failed)} of {total} checks failed: {', '.join(checks.failed)}",
@@ -141,7 +148,7 @@ def _load_spawner(
         return None
     try:
         config = PyFileConfigLoader(path.name, path=str(path.parent.resolve())).load_config()
-    except Exception as error:  # a config file can raise anything
+    except (Exception, SystemExit) as error:  # a config file can raise (or exit) anything
         checks.fail("config", f"{config_file} does not load: {type(error).__name__}: {error}",
                     "fix the file; it is Python, run by JupyterHub at start-up")
         return None
@@ -181,13 +188,14 @@ def _load_spawner(
         spawner.job_name, spawner.output_path = "check", "/tmp/check.out"
         spawner.secrets_path = "/tmp/check.env"
         spawner._job_script(resources)
-    except ValueError as error:
-        checks.fail("config", f"the default resources are refused: {error}",
-                    "make the default_* settings fit the max_* and partitions settings")
-        return None
     except TemplateError as error:
         checks.fail("config", f"job_script_template does not render: {error}",
                     "fix the Jinja2 template (variables: docs/configuration.md)")
+        return None
+    except Exception as error:  # ValueError from the resources, cmd, the settings, ...
+        checks.fail("config", f"the job script for the default resources cannot be built: "
+                    f"{type(error).__name__}: {error}",
+                    "check the default_*, max_*, partitions, cmd and scheduler settings")
         return None
     finally:
         spawner._reset_job()
@@ -227,6 +235,16 @@ async def _config_target(checks: Checklist, spawner: SSHBatchSpawner) -> SSHTarg
     except SpawnError as error:
         checks.fail("config", str(error))
         return None
+    except KeyError as error:
+        checks.fail("config", f"ssh_key_path_template has an unknown field {error}",
+                    "the only field is {username} (the cluster user name)")
+        return None
+    except Exception as error:  # a cluster_username callable, ...
+        checks.fail("config", f"the cluster user name cannot be worked out: "
+                    f"{type(error).__name__}: {error}",
+                    "a cluster_username callable gets a spawner whose user has only .name "
+                    "here; make it work with that, or check with the hub's own logs")
+        return None
     checks.ok("config", f"{spawner._class_label}: {spawner.user.name} is cluster user "
               f"{target.username} on {target.host}:{target.port}")
     return target
@@ -257,9 +275,9 @@ async def _check_key(checks: Checklist, spawner: SSHBatchSpawner, target: SSHTar
                     f"chmod 600 {path} (OpenSSH, which the tunnel service runs, refuses it too)")
         return
     if info.st_uid != os.geteuid():
-        checks.fail("key", f"{path} belongs to {_owner(info.st_uid)}, not to the hub's user "
+        checks.fail("key", f"{path} belongs to {_owner(info.st_uid)}, but this check runs as "
                     f"{_owner(os.geteuid())}",
-                    f"chown {_owner(os.geteuid())} {path}")
+                    "run the check as the hub's user; the key must belong to that user")
         return
     try:
         key = asyncssh.read_private_key(path)
@@ -289,7 +307,7 @@ async def _check_reachable(checks: Checklist, spawner: SSHBatchSpawner,
         return
     try:
         banner = await asyncio.wait_for(reader.readline(), target.connect_timeout)
-    except (asyncio.TimeoutError, OSError):
+    except (asyncio.TimeoutError, OSError, ValueError):  # ValueError: a line over 64 KiB
         banner = b""
     finally:
         writer.close()
@@ -310,19 +328,32 @@ async def _check_host_key(checks: Checklist, spawner: SSHBatchSpawner,
            f"`ssh-keyscan -p {target.port} {target.host}` to {target.known_hosts_path}")
     try:
         known = asyncssh.read_known_hosts(target.known_hosts_path)
-        trusted = known.match(target.host, "", target.port)[0]
     except FileNotFoundError:
-        trusted, known = [], None
-    except (OSError, ValueError) as error:
+        known = None
+    except (OSError, ValueError, asyncssh.KeyImportError) as error:
         checks.fail("host key", f"cannot read {target.known_hosts_path}: {error}", add)
+        return
+    trusted, authorities = [], []
+    if known is not None:
+        for address in await _addresses(target.host, target.port):
+            matched = known.match(target.host, address, target.port)
+            trusted += [key for key in matched[0] if key not in trusted]
+            authorities += [key for key in matched[1] if key not in authorities]
+    if authorities and not trusted:  # host certificates: asyncssh checks them at login
+        listed = ", ".join(key.get_fingerprint() for key in authorities)
+        checks.ok("host key", f"{target.known_hosts_path} trusts a host CA for {where} "
+                  f"({listed}); its certificate is checked at login")
         return
     algorithms = [alg.decode() for key in trusted for alg in key.sig_algorithms]
     try:
-        server_key = await asyncio.wait_for(asyncssh.get_server_host_key(
-            target.host, target.port, server_host_key_algs=algorithms or (),
-        ), target.connect_timeout + 5)
+        server_key = await _server_host_key(target, algorithms)
+        if server_key is None and algorithms:
+            server_key = await _server_host_key(target, [])
     except (asyncssh.Error, OSError, asyncio.TimeoutError) as error:
         checks.fail("host key", f"{where} did not show its host key: {error}")
+        return
+    if server_key is None:
+        checks.fail("host key", f"{where} did not show a host key")
         return
     shown = f"{server_key.get_algorithm()} {server_key.get_fingerprint()}"
     if known is None:
@@ -341,6 +372,28 @@ async def _check_host_key(checks: Checklist, spawner: SSHBatchSpawner,
         checks.ok("host key", f"{shown} matches {target.known_hosts_path}")
 
 
+async def _addresses(host: str, port: int) -> list[str]:
+    """The host's addresses (known_hosts lines may name only one of them), or ``[""]``."""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port)
+    except OSError:
+        return [""]
+    return sorted({info[4][0] for info in infos}) or [""]
+
+
+async def _server_host_key(target: SSHTarget, algorithms: list[str]) -> asyncssh.SSHKey | None:
+    """The host key the server shows for ``algorithms`` (empty: its own preference); None if
+    it has none of them (a login node re-keyed with another key type)."""
+    try:
+        return await asyncio.wait_for(asyncssh.get_server_host_key(
+            target.host, target.port, server_host_key_algs=algorithms or (),
+        ), target.connect_timeout + 5)
+    except asyncssh.KeyExchangeFailed:
+        if algorithms:
+            return None
+        raise
+
+
 async def _check_login(checks: Checklist, spawner: SSHBatchSpawner, target: SSHTarget) -> None:
     try:
         connection = await spawner._connection()
@@ -348,13 +401,18 @@ async def _check_login(checks: Checklist, spawner: SSHBatchSpawner, target: SSHT
     except SpawnError as error:
         checks.fail("login", str(error))
         return
-    words = output.stdout.split()
+    words = output.stdout.split()  # the last two: start-up files may print banners first
     if output.exit_status != 0 or len(words) < 2:
         checks.fail("login", f"logged in, but `hostname; id -un` failed: "
-                    f"{(output.stderr or output.stdout).strip()[:200]}",
+                    f"{(output.stderr or output.stdout).strip()[-200:]}",
                     "check the user's shell start-up files on the login node")
         return
-    checks.ok("login", f"logged in as {words[1]} on {words[0]}")
+    host, user = words[-2], words[-1]
+    if user != target.username:
+        checks.fail("login", f"logged in, but as {user}, not {target.username}",
+                    "check the login node's authorized_keys and sshd configuration")
+        return
+    checks.ok("login", f"logged in as {user} on {host}")
 
 
 async def _check_scheduler(checks: Checklist, spawner: SSHBatchSpawner,
@@ -362,7 +420,8 @@ async def _check_scheduler(checks: Checklist, spawner: SSHBatchSpawner,
     scheduler = spawner.scheduler
     try:
         connection = await spawner._connection()
-        output = await connection.run(scheduler.check_command(), timeout=spawner.command_timeout)
+        output = await connection.run(scheduler.check_command(target.username),
+                                      timeout=spawner.command_timeout)
         version = parse_check_output(output)
     except SpawnError as error:
         checks.fail("scheduler", str(error))
@@ -385,19 +444,37 @@ def _owner(uid: int) -> str:
 
 # --- a test job ----------------------------------------------------------------------------------
 
+#: The test job's walltime (or ``max_walltime``, if that is shorter).
+CHECK_WALLTIME_SECONDS = 10 * 60
+
 
 async def _check_submit(checks: Checklist, spawner: SSHBatchSpawner, token: str,
-                        hub_ip: str) -> None:
+                        hub_ip: str, hub_port: int) -> None:
     """Submit, wait for ready, open the tunnel, ask the server; then clean everything up."""
     from jupyterhub.objects import Hub
 
     hub_api = _HubStandIn(spawner.user.name, token)
     server = HTTPServer(hub_api.application())
-    sockets = bind_sockets(0, address=hub_ip)
+    try:
+        sockets = bind_sockets(hub_port, address=hub_ip)
+    except OSError as error:
+        checks.fail("job", f"cannot serve the check's stand-in hub API on {hub_ip}:{hub_port}: "
+                    f"{error.strerror or error}", "pick another --hub-ip / --hub-port")
+        return
     server.add_sockets(sockets)
-    spawner.hub = Hub(ip=hub_ip, port=sockets[0].getsockname()[1], base_url="/hub/")
+    port = sockets[0].getsockname()[1]
+    spawner.hub = Hub(ip=hub_ip, port=port, base_url="/hub/")
+    if spawner.hub_connect_url:  # compute nodes call the hub directly: make that us
+        spawner.hub_connect_url = f"http://{hub_ip}:{port}"
+        checks.note(f"hub_connect_url is set: the job calls {spawner.hub_connect_url} directly "
+                    "(compute nodes must reach it)")
+    limits = spawner.resource_limits()
+    walltime = min(CHECK_WALLTIME_SECONDS, limits.max_walltime_seconds)
+    spawner.user_options = {"walltime": format_walltime(walltime)}
     tunnels = spawner._tunnels
     service_was_running = await _service_running(tunnels)
+    if service_was_running:
+        await _close_stale_forwards(checks, spawner, tunnels)
     started_at = time.monotonic()
     watch = _Watch()
     watcher = asyncio.ensure_future(_print_progress(checks, spawner, watch))
@@ -409,12 +486,19 @@ async def _check_submit(checks: Checklist, spawner: SSHBatchSpawner, token: str,
                         "a busy queue or a slow server start; raise start_timeout, or look at "
                         "the job's output file on the cluster")
             return
-        except SpawnError as error:
+        except (JobEndedEarly, BadReadyLine) as error:
             watch.update(spawner)
             where = f" (all of it: {watch.output_path} on the cluster)" if watch.output_path else ""
             checks.fail("job", str(error),
                         f"read the job's output{where}; check cmd and job_prologue: "
                         "jupyterhub-singleuser must start on a compute node")
+            return
+        except SpawnError as error:  # its message says what to do
+            checks.fail("job", str(error))
+            return
+        except Exception as error:
+            checks.fail("job", f"the spawn failed: {type(error).__name__}: {error}",
+                        "run again with -v for the spawner's log")
             return
         finally:
             watcher.cancel()
@@ -428,9 +512,27 @@ async def _check_submit(checks: Checklist, spawner: SSHBatchSpawner, token: str,
         await _check_server(checks, url + spawner.server.base_url, token, hub_api)
     finally:
         watcher.cancel()
-        await asyncio.shield(
+        # A signal cancels the check once (see __main__); the cleanup runs to its end anyway.
+        cleanup = asyncio.ensure_future(
             _clean_up(checks, spawner, watch, tunnels, service_was_running))
+        while not cleanup.done():
+            try:
+                await asyncio.shield(cleanup)
+            except asyncio.CancelledError:
+                checks.note("... still cleaning up")
         server.stop()
+
+
+async def _close_stale_forwards(checks: Checklist, spawner: SSHBatchSpawner, tunnels) -> None:
+    """Forwards an earlier check left (it was killed): close them first."""
+    prefix = f"{spawner.user.name}/{CHECK_SERVER}"
+    try:
+        for name in await tunnels.forwards():
+            if name.startswith(prefix):
+                await tunnels.close(name)
+                checks.note(f"... closed the forward {name} an earlier check left")
+    except SpawnError as error:
+        checks.note(f"... could not list the tunnel service's forwards: {error}")
 
 
 @dataclass
@@ -439,10 +541,12 @@ class _Watch:
 
     printed: int = 0
     job_id: str = ""
+    job_name: str = ""
     output_path: str = ""
 
     def update(self, spawner: SSHBatchSpawner) -> None:
         self.job_id = spawner.job_id or self.job_id
+        self.job_name = spawner.job_name or self.job_name
         self.output_path = spawner.output_path or self.output_path
 
 
@@ -458,12 +562,12 @@ async def _check_server(checks: Checklist, base: str, token: str, hub_api: _HubS
     try:
         response = await AsyncHTTPClient().fetch(
             base + "api/status", headers={"Authorization": f"token {token}"},
-            request_timeout=30, validate_cert=False)
+            request_timeout=30, validate_cert=False, follow_redirects=False)
         status = json.loads(response.body)
     except HTTPClientError as error:
         checks.fail("server", f"GET {base}api/status answered {error.code}",
-                    "see the job's output; the server could not check our token with the "
-                    "hub API" if error.code == 403 else "see the job's output file")
+                    "the server could not check our token with the hub API: see the job's "
+                    "output" if error.code == 403 else "see the job's output file")
         return
     except (OSError, ValueError) as error:
         checks.fail("server", f"GET {base}api/status failed: {error}")
@@ -476,35 +580,52 @@ async def _check_server(checks: Checklist, base: str, token: str, hub_api: _HubS
 
 async def _clean_up(checks: Checklist, spawner: SSHBatchSpawner, watch: _Watch, tunnels,
                     service_was_running: bool) -> None:
-    """Cancel the job and close the forwards; say so, or say what is left."""
+    """Cancel the job and close the forwards; say so, or say what is left and what to do."""
     watch.update(spawner)
     job_id, output_path = watch.job_id, watch.output_path
-    left = []
+    left, advice = [], []
     try:
         await spawner.stop()
     except Exception as error:  # stop() logs and hands cancels on; say what we saw
         left.append(f"stop failed: {error}")
-    if job_id:
-        status = await spawner._job_status(job_id)
-        if not status.ended:
+    by_hand = f"cancel job {job_id or watch.job_name} by hand on the cluster"
+    if pending_cancels.labels():  # the cancel could not be sent; this process will not retry
+        left.append(f"the cancel could not be sent ({', '.join(pending_cancels.labels())})")
+        advice.append(by_hand)
+    elif job_id:
+        try:
+            status = await spawner._job_status(job_id)
+        except Exception as error:
+            status = None
+            left.append(f"cannot ask for job {job_id}'s status: {error}")
+            advice.append(by_hand)
+        if status is not None and not status.ended:
             left.append(f"job {job_id} is still {status.state_name or status.state.value}")
+            advice.append(by_hand)
     try:
         forwards = await tunnels.forwards()
         prefix = f"{spawner.user.name}/{CHECK_SERVER}"
-        left += [f"forward {name}" for name in forwards if name.startswith(prefix)]
-        if not service_was_running and not forwards:
-            health = await tunnels.health()
-            os.kill(int(health["pid"]), signal.SIGTERM)  # we started it: nothing else uses it
+        stale = [name for name in forwards if name.startswith(prefix)]
+        if stale:
+            left.append(f"forwards {', '.join(stale)}")
+            advice.append("the next check closes them; or restart the tunnel service")
+        if not service_was_running and not forwards and not spawner.tunnel_service_address:
+            _stop_local_service(await tunnels.health())  # we started it: nobody else uses it
     except SpawnError as error:
         left.append(f"the tunnel service: {error}")
     if left:
-        checks.fail("cleanup", "; ".join(left),
-                    f"cancel the job by hand on the cluster (job name jupyterhub-"
-                    f"{spawner.user.name}-{CHECK_SERVER}-*)")
+        checks.fail("cleanup", "; ".join(left), "; ".join(advice))
     else:
         what = f"job {job_id} no longer runs" if job_id else "no job was left"
         kept = f"; its output stays in {output_path}" if job_id and output_path else ""
         checks.ok("cleanup", f"{what}, its forwards closed, its secrets file deleted{kept}")
+
+
+def _stop_local_service(health: dict) -> None:
+    try:
+        os.kill(int(health["pid"]), signal.SIGTERM)
+    except (KeyError, ValueError, OSError):
+        pass  # it is gone already, or not ours to stop: it stays, with no forward
 
 
 async def _service_running(tunnels) -> bool:

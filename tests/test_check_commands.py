@@ -16,14 +16,20 @@ from hub_spawner.schedulers import (
 
 @pytest.mark.parametrize("module", [slurm, sge, torque])
 def test_each_check_command_asks_for_the_version_then_the_controller(module):
-    command = module.check_command()
+    command = module.check_command("alice")
     first, _, second = command.partition("&&")
     assert first.strip() and second.strip()
-    assert '"$(id -un)"' in second  # the user's own jobs: a query the controller must answer
+    assert "-u alice" in second or "--user=alice" in second  # a query the controller answers
+    assert "$(" not in command and "{" not in command  # csh has neither
 
 
-def test_the_version_is_the_first_line():
-    output = CommandOutput(0, "\nslurm-wlm 22.05.8\nmore\n", "")
+@pytest.mark.parametrize("module", [slurm, sge, torque])
+def test_the_user_name_is_quoted(module):
+    assert "'alice; id'" in module.check_command("alice; id")
+
+
+def test_the_version_is_the_last_line_after_any_banner():
+    output = CommandOutput(0, "Welcome to the cluster!\n\nslurm-wlm 22.05.8\n", "")
     assert parse_check_output(output) == "slurm-wlm 22.05.8"
 
 

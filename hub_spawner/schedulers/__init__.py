@@ -15,8 +15,9 @@ Every module provides:
 - ``status_command(job_id)`` and ``parse_status_output(output, job_id)`` (``JobStatus``);
 - ``explain_end(status)``, ``cancel_command(job_id)``,
   ``cancel_by_name_command(job_name, cluster_username)``, ``quote_job_id(job_id)``;
-- ``check_command()``: prints the scheduler's version on its first line, then asks the
-  controller something (fails when the controller is down); ``parse_check_output`` reads it.
+- ``check_command(cluster_username)``: prints the scheduler's version (its last line of output),
+  then asks the controller about the user's jobs (fails when the controller is down);
+  ``parse_check_output`` reads it.
 
 A scheduler whose jobs can stop in an error state (``JobState.ERROR``) also provides
 ``detail_command(job_id)`` and ``parse_error_reason(output)``, and, if its status listing has no
@@ -79,7 +80,8 @@ class SchedulerUnavailable(Exception):
 
 
 def parse_check_output(output: CommandOutput) -> str:
-    """The version line of a ``check_command()``; ``SchedulerUnavailable`` when it failed."""
+    """The version line of a ``check_command()`` (the last line: start-up files may print
+    before it); ``SchedulerUnavailable`` when it failed."""
     if output.exit_status == 127:
         raise SchedulerUnavailable(
             "a scheduler command is not on the PATH of a non-interactive login: "
@@ -91,4 +93,4 @@ def parse_check_output(output: CommandOutput) -> str:
             " / ".join(line.strip() for line in lines[-3:]) or f"exit status {output.exit_status}"
         )
     lines = [line.strip() for line in output.stdout.splitlines() if line.strip()]
-    return lines[0] if lines else "(no version printed)"
+    return lines[-1] if lines else "(no version printed)"

@@ -244,10 +244,10 @@ def explain_end(status: JobStatus) -> str:
     return status.reason or "Grid Engine no longer lists it"
 
 
-def check_command() -> str:
-    """For ``python -m hub_spawner check``: ``qstat -help``'s first line (``SGE 8.1.9``),
-    then ``qstat -u``, which needs sge_qmaster."""
-    return "qstat -help | head -n 1 && qstat -u \"$(id -un)\" >/dev/null"
+def check_command(cluster_username: str) -> str:
+    """For ``python -m hub_spawner check``, in any login shell (csh too): ``qstat
+    -help``'s first line (``SGE 8.1.9``), then ``qstat -u``, which needs sge_qmaster."""
+    return f"qstat -help | head -n 1 && qstat -u {shlex.quote(cluster_username)} > /dev/null"
 
 
 def cancel_command(job_id: str) -> str:

@@ -184,10 +184,11 @@ def explain_end(status: JobStatus) -> str:
     return status.reason or "Slurm no longer lists it"
 
 
-def check_command() -> str:
-    """For ``python -m hub_spawner check``: ``sinfo --version`` (answers without a
-    controller), then ``squeue``, which needs slurmctld."""
-    return "sinfo --version && squeue --noheader --user=\"$(id -un)\" --format=%i >/dev/null"
+def check_command(cluster_username: str) -> str:
+    """For ``python -m hub_spawner check``, in any login shell (csh too): ``sinfo
+    --version`` (answers without a controller), then ``squeue``, which needs slurmctld."""
+    return (f"sinfo --version && squeue --noheader --user={shlex.quote(cluster_username)} "
+            "--format=%i > /dev/null")
 
 
 def cancel_command(job_id: str) -> str:

@@ -240,12 +240,13 @@ def explain_end(status: JobStatus) -> str:
     return "the scheduler no longer lists it"
 
 
-def check_command() -> str:
-    """For ``python -m hub_spawner check``: ``qstat --version`` (Torque: ``Version: 6.1.3``,
-    PBS Pro: ``pbs_version = ...``; Slurm's Torque wrappers have none), then ``qstat -u``,
-    which needs the server (pbs_server, or slurmctld behind the wrappers)."""
-    return ("{ qstat --version 2>/dev/null || echo 'qstat (no --version)'; } "
-            "&& qstat -u \"$(id -un)\" >/dev/null")
+def check_command(cluster_username: str) -> str:
+    """For ``python -m hub_spawner check``, in any login shell (csh too): ``qstat
+    --version`` (Torque: ``Version: 6.1.3``, PBS Pro: ``pbs_version = ...``; Slurm's Torque
+    wrappers have none), then ``qstat -u``, which needs the server (pbs_server, or slurmctld
+    behind the wrappers)."""
+    return ("sh -c \"qstat --version 2>/dev/null || echo 'qstat (no --version)'\" "
+            f"&& qstat -u {shlex.quote(cluster_username)} > /dev/null")
 
 
 def cancel_command(job_id: str) -> str:

@@ -68,7 +68,7 @@ def test_everything_passes_and_the_test_job_leaves_nothing_behind(lab, tmp_path)
     assert not re.search(r"[0-9a-f]{64}", output)  # the check's token is never printed
     # Nothing left: no job, no forward, and no tunnel service (the check started this one).
     assert active_jobs("alice") == []
-    assert service_processes(tmp_path) == []
+    assert wait_for(lambda: service_processes(tmp_path) == [], timeout=10)
     table = (tmp_path / "tunnels" / "forwards.json").read_text()
     assert "hub-spawner-check" not in table
 
@@ -177,15 +177,23 @@ def test_a_server_that_cannot_start_shows_the_jobs_last_output(lab, tmp_path):
 
 
 def test_a_hostile_user_name_is_refused_before_anything_runs(lab, tmp_path):
-    code, output = run_check(tmp_path, write_config(tmp_path), user="alice;touch /tmp/pwned")
+    canary = f"/tmp/check-canary-{os.getpid()}"
+    code, output = run_check(tmp_path, write_config(tmp_path), user=f"alice;touch {canary}")
     assert code == 1
     assert "is not a valid Unix user name" in line(output, "FAIL", "config")
-    assert not Path("/tmp/pwned").exists()
+    line(output, "skip", "login")
+    for host in ("login", "compute"):  # where an injected command would have run
+        assert lab.in_namespace(host, ["test", "-e", canary], check=False).returncode == 1
 
 
-def test_ctrl_c_during_the_test_job_cancels_it(lab, tmp_path):
-    """SIGINT (what Ctrl-C sends) once the job is submitted: the job is cancelled, its
-    forwards closed, and the command exits 130."""
+def check_jobs() -> list[str]:
+    return [job for job in active_jobs("alice") if "hub-spawner-check" in job]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
+def test_a_signal_during_the_test_job_cancels_it(lab, tmp_path, signum):
+    """SIGINT (Ctrl-C) or SIGTERM once the job runs: the job (a short one: 10 minutes) is
+    cancelled, its forwards closed, the tunnel service the check started stopped, exit 130."""
     env = dict(os.environ, HUB_STATE_DIR=str(tmp_path), HUB_SCHEDULER="slurm")
     # A server that never listens keeps the job running until we interrupt.
     config = write_config(tmp_path, "c.SSHBatchSpawner.cmd = ['/bin/sleep', '600']")
@@ -197,13 +205,19 @@ def test_ctrl_c_during_the_test_job_cancels_it(lab, tmp_path):
             seen.append(output_line)
             if "is running on compute" in output_line:
                 break
-        assert active_jobs("alice"), "".join(seen)
-        process.send_signal(signal.SIGINT)
+        assert check_jobs(), "".join(seen)
+        limit = lab.in_namespace("login", ["squeue", "-h", "-u", "alice", "-o", "%j %l"]).stdout
+        assert [row.split()[1] for row in limit.splitlines() if "hub-spawner-check" in row] == [
+            "10:00"]
+        process.send_signal(signum)
         rest, errors = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 130, "".join(seen) + rest + errors
-    assert "interrupted" in errors
-    assert wait_for(lambda: active_jobs("alice") == [], timeout=20)
+    output = "".join(seen) + rest
+    assert process.returncode == 130, output + errors
+    line(output, "ok", "cleanup")
+    assert "interrupted; the test job and its forwards are gone" in errors
+    assert wait_for(lambda: check_jobs() == [], timeout=20)
     assert "hub-spawner-check" not in (tmp_path / "tunnels" / "forwards.json").read_text()
+    assert wait_for(lambda: service_processes(tmp_path) == [], timeout=10)
