@@ -41,6 +41,7 @@ from traitlets import TraitError
 from traitlets.config import Config, PyFileConfigLoader
 from traitlets.utils.importstring import import_item
 
+from . import identity
 from .errors import BadReadyLine, JobEndedEarly, SpawnError
 from .resources import format_walltime, resources_from_options
 from .schedulers import SchedulerUnavailable, parse_check_output
@@ -254,6 +255,9 @@ async def _config_target(checks: Checklist, spawner: SSHBatchSpawner) -> SSHTarg
 
 
 async def _check_key(checks: Checklist, spawner: SSHBatchSpawner, target: SSHTarget) -> None:
+    if target.ca_key_path:
+        await _check_ca_key(checks, target)
+        return
     path = target.key_path
     try:
         info = os.stat(path)
@@ -287,6 +291,19 @@ async def _check_key(checks: Checklist, spawner: SSHBatchSpawner, target: SSHTar
         return
     checks.ok("key", f"{path}: {key.get_algorithm()} {key.get_fingerprint()}, mode "
               f"{mode:04o}, owner {_owner(info.st_uid)}")
+
+
+async def _check_ca_key(checks: Checklist, target: SSHTarget) -> None:
+    """Certificate mode: the CA key is the one secret; a certificate can be minted with it."""
+    try:
+        ca_key = identity.read_private_key_file(target.ca_key_path, "SSH CA key")
+        identity.mint(ca_key, target.username, target.key_id, target.certificate_minutes)
+    except SpawnError as error:
+        checks.fail("key", str(error), "the hub needs the CA's unencrypted private key, mode 0600")
+        return
+    checks.ok("key", f"CA key {target.ca_key_path}: {ca_key.get_algorithm()} "
+              f"{ca_key.get_fingerprint()}; certificates for {target.username} valid "
+              f"{target.certificate_minutes:g} min")
 
 
 async def _check_reachable(checks: Checklist, spawner: SSHBatchSpawner,

@@ -49,7 +49,7 @@ from .resources import (
     resources_from_options,
 )
 from .schedulers import JobState, JobStatus, SubmitRejected, sge, slurm, torque
-from .ssh import LoginConnection, SSHTarget, default_pool
+from .ssh import LoginConnection, SSHTarget, client_identity, default_pool
 from .tunnels.client import TunnelClient, TunnelError
 from .tunnels.forwards import Login
 
@@ -95,9 +95,35 @@ class SSHBatchSpawner(Spawner):
         help="""Path of the private key to log in with, per user.
 
         ``{username}`` is the cluster username (see ``cluster_username``). The key must be
-        readable by the hub only (mode 0600) and unencrypted; its public half goes into the
-        user's ``~/.ssh/authorized_keys`` on the cluster.
+        readable by the hub only (mode 0600: a key that group or others can read is refused,
+        as OpenSSH does) and unencrypted; its public half goes into the user's
+        ``~/.ssh/authorized_keys`` on the cluster. Not used when ``ssh_ca_key_path`` is set.
         """,
+    )
+    ssh_ca_key_path = Unicode(
+        "",
+        config=True,
+        help="""Path of an SSH user-CA private key that the login nodes trust: certificate mode.
+
+        For each new SSH connection (the hub's own, and each of the tunnel service's), the
+        spawner then makes a new ed25519 key and signs a certificate for it with this CA:
+        principal = the cluster username, valid for ``ssh_certificate_minutes``, key id
+        ``hub_spawner:<hub username>`` (sshd logs it). No key file per user is needed; the
+        CA key is the only long-lived secret (mode 0600, refused otherwise). On the login
+        node: ``TrustedUserCAKeys /etc/ssh/hub_ca.pub`` in sshd_config (and, if principals
+        differ from user names, ``AuthorizedPrincipalsFile``). Empty: one key file per user
+        (``ssh_key_path_template``).
+        """,
+    )
+    ssh_certificate_minutes = Float(
+        10,
+        min=1,
+        max=24 * 60,
+        config=True,
+        help="""How long each minted certificate is valid (certificate mode). It is checked
+        only when a connection logs in: open connections outlive it. A tunnel service
+        connection that drops after it expired logs in again with a new one at the spawner's
+        next poll.""",
     )
     cluster_username = Union(
         [Unicode(), Callable()],
@@ -673,9 +699,15 @@ class SSHBatchSpawner(Spawner):
             host=self.login_host,
             port=self.login_port,
             username=username,
-            key_path=self.ssh_key_path_template.format(username=username),
+            key_path=(
+                "" if self.ssh_ca_key_path
+                else self.ssh_key_path_template.format(username=username)
+            ),
             known_hosts_path=self.known_hosts_path,
             connect_timeout=self.ssh_connect_timeout,
+            ca_key_path=self.ssh_ca_key_path,
+            certificate_minutes=self.ssh_certificate_minutes,
+            key_id=f"hub_spawner:{self.user.name}",
         )
 
     async def _connection(self) -> LoginConnection:
@@ -693,12 +725,20 @@ class SSHBatchSpawner(Spawner):
     async def _login(self) -> Login:
         """The tunnel service's view of our SSH target."""
         target = await self._ssh_target()
+        if target.ca_key_path:  # a fresh key and certificate, as files beside the service
+            key, certificate = client_identity(target)
+            key_path = await self._tunnels.store_identity(
+                target.host, target.port, target.username,
+                key.export_private_key().decode(), certificate.export_certificate().decode(),
+            )
+        else:
+            key_path = os.path.abspath(target.key_path)
         try:
             return Login(
                 target.host,
                 target.port,
                 target.username,
-                os.path.abspath(target.key_path),
+                key_path,
                 os.path.abspath(target.known_hosts_path),
             )
         except ValueError as error:

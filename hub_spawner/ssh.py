@@ -18,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import asyncssh
 
+from . import identity
 from .errors import ClusterUnreachable
 from .schedulers import CommandOutput
 
@@ -48,6 +50,11 @@ class SSHTarget:
     known_hosts_path: str
     connect_timeout: float = 15.0
     keepalive_interval: float = 30.0
+    #: Certificate mode: the CA key that signs an ephemeral key per connection (``key_path``
+    #: is then unused), the certificate's validity and its key id.
+    ca_key_path: str = ""
+    certificate_minutes: float = 10.0
+    key_id: str = ""
 
     def describe(self) -> str:
         return f"{self.username}@{self.host}:{self.port}"
@@ -163,20 +170,13 @@ class ConnectionPool:
         self._connections.clear()
 
 
-async def connect(target: SSHTarget) -> asyncssh.SSHClientConnection:
-    """Open and warm up one SSH connection; every failure becomes a ``ClusterUnreachable``."""
+async def connect(
+    target: SSHTarget, client_key: asyncssh.SSHKey | tuple | None = None
+) -> asyncssh.SSHClientConnection:
+    """Open and warm up one SSH connection; every failure becomes a ``ClusterUnreachable``.
+    ``client_key``: log in with this (key, or key and certificate) instead of the target's."""
     where = target.describe()
-    try:
-        client_key = asyncssh.read_private_key(target.key_path)
-    except FileNotFoundError:
-        raise ClusterUnreachable(
-            f"No SSH key for {target.username} at {target.key_path}. "
-            "Ask an administrator to provision one."
-        ) from None
-    except (OSError, asyncssh.KeyImportError) as error:
-        raise ClusterUnreachable(
-            f"The SSH key at {target.key_path} cannot be used: {error}."
-        ) from None
+    client_key = client_key or client_identity(target)
     try:
         connection = await asyncssh.connect(
             target.host,
@@ -199,6 +199,13 @@ async def connect(target: SSHTarget) -> asyncssh.SSHClientConnection:
             "add the login node's key to that known_hosts file."
         ) from None
     except asyncssh.PermissionDenied:
+        if target.ca_key_path:
+            raise ClusterUnreachable(
+                f"{where} refused the hub's SSH certificate for {target.username} (signed by "
+                f"{target.ca_key_path}). Check that the login node's sshd trusts that CA "
+                "(TrustedUserCAKeys) and accepts the principal "
+                f"{target.username}, and that the hub's clock is right."
+            ) from None
         raise ClusterUnreachable(
             f"{where} refused the SSH key {target.key_path}. Check that its public key is in "
             f"{target.username}'s ~/.ssh/authorized_keys on the cluster."
@@ -217,6 +224,22 @@ async def connect(target: SSHTarget) -> asyncssh.SSHClientConnection:
         raise ClusterUnreachable(f"{where} accepted us but cannot run commands: {error}") from None
     log.info("SSH connection to %s established", where)
     return connection
+
+
+def client_identity(target: SSHTarget) -> asyncssh.SSHKey | tuple:
+    """What ``target`` logs in with: its key file (refused when group or others can read it,
+    as OpenSSH does), or, in certificate mode, a fresh key and a certificate from the CA."""
+    if target.ca_key_path:
+        ca_key = identity.read_private_key_file(target.ca_key_path, "SSH CA key")
+        certified = identity.mint(ca_key, target.username, target.key_id,
+                                  target.certificate_minutes)
+        return certified.key, certified.certificate
+    if not os.path.exists(target.key_path):
+        raise ClusterUnreachable(
+            f"No SSH key for {target.username} at {target.key_path}. "
+            "Ask an administrator to provision one."
+        )
+    return identity.read_private_key_file(target.key_path)
 
 
 default_pool = ConnectionPool()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +19,7 @@ from hub_spawner.tunnels.forwards import (
     master_command,
     save_table,
 )
-from hub_spawner.tunnels.service import _port_candidates
+from hub_spawner.tunnels.service import _port_candidates, store_identity
 from hub_spawner.tunnels.service import main as service_main
 
 LOGIN = Login("login.example.org", 22, "alice", "/srv/keys/alice", "/srv/known_hosts")
@@ -118,3 +120,46 @@ def test_bad_forward_ports_are_refused_before_anything_starts(value, tmp_path, c
     assert exit_info.value.code == 2
     assert "--forward-ports wants LOW-HIGH within 1024-65535" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+
+
+def _identity():
+    import asyncssh
+
+    from hub_spawner.identity import mint
+
+    ca = asyncssh.generate_private_key("ssh-ed25519")
+    return mint(ca, "alice", "hub_spawner:alice", 10)
+
+
+def test_an_identity_is_stored_private_and_replaced_in_place(tmp_path):
+    certified = _identity()
+    key = certified.private_key_text()  # each export differs (OpenSSH's random check word)
+    path = store_identity(tmp_path, "alice", "login.example.org", 22, key,
+                          certified.certificate_text())
+    assert path.parent == tmp_path / "identities"
+    assert stat.S_IMODE((tmp_path / "identities").stat().st_mode) == 0o700
+    for file in (path, Path(f"{path}-cert.pub")):
+        assert stat.S_IMODE(file.stat().st_mode) == 0o600
+    assert path.read_text() == key
+    again = _identity()
+    key = again.private_key_text()
+    assert store_identity(tmp_path, "alice", "login.example.org", 22, key,
+                          again.certificate_text()) == path
+    assert path.read_text() == key
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, f"{path.name}-cert.pub"]
+
+
+@pytest.mark.parametrize("changes", [
+    {"username": "alice; id"}, {"host": "-oProxyCommand=x"}, {"port": 0},
+    {"key": "not a key"}, {"certificate": "ssh-ed25519 AAAA"},
+    {"key": "-----BEGIN OPENSSH PRIVATE KEY-----\n$(id)\n-----END OPENSSH PRIVATE KEY-----\n"},
+])
+def test_a_bad_identity_is_refused(tmp_path, changes):
+    certified = _identity()
+    values = dict(username="alice", host="login.example.org", port=22,
+                  key=certified.private_key_text(), certificate=certified.certificate_text())
+    values.update(changes)
+    with pytest.raises(ValueError):
+        store_identity(tmp_path, values["username"], values["host"], values["port"],
+                       values["key"], values["certificate"])
+    assert not list(tmp_path.glob("identities/*"))

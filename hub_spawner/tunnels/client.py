@@ -83,6 +83,17 @@ class TunnelClient:
             if start:
                 raise
 
+    async def store_identity(
+        self, host: str, port: int, username: str, key: str, certificate: str
+    ) -> str:
+        """Hand the service an ephemeral key and its certificate for ``username@host:port``;
+        returns the key's path on the service's side, for ``Login.key_path``."""
+        reply = await self.request({
+            "op": "identity", "login": {"host": host, "port": port, "username": username},
+            "key": key, "certificate": certificate,
+        })
+        return str(reply["path"])
+
     async def forwards(self) -> dict[str, dict]:
         return (await self.request({"op": "list"}))["forwards"]
 

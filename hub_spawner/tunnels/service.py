@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import hmac
 import json
 import logging
@@ -381,7 +382,48 @@ async def _dispatch(service: TunnelService, request: dict) -> dict:
     if op == "stop-everything":
         await service.stop_everything()
         return {"ok": True}
+    if op == "identity":
+        login = request["login"]
+        path = store_identity(service.directory, str(login["username"]), str(login["host"]),
+                              int(login["port"]), str(request["key"]), str(request["certificate"]))
+        return {"ok": True, "path": str(path)}
     raise ValueError(f"unknown op {op!r}")
+
+
+# --- identities (SSH certificate mode) ---------------------------------------------------------
+
+_PRIVATE_KEY = re.compile(
+    r"-----BEGIN OPENSSH PRIVATE KEY-----\n[A-Za-z0-9+/=\n]{1,8000}"
+    r"-----END OPENSSH PRIVATE KEY-----\n?")
+_CERTIFICATE = re.compile(
+    r"[a-z0-9.-]{1,40}-cert-v01@openssh\.com [A-Za-z0-9+/=]{1,8000}( \S*)?\n?")
+
+
+def store_identity(
+    directory: Path, username: str, host: str, port: int, key: str, certificate: str
+) -> Path:
+    """Write an ephemeral key and its certificate for ``username@host:port`` where the
+    masters' ``ssh -i`` finds them (``<path>`` and ``<path>-cert.pub``, 0600, replaced
+    atomically: a running master keeps its connection, the next one logs in with the new
+    certificate). Returns the key's path."""
+    Login(host, port, username, "/", "/")  # validates host, port and user name
+    if not _PRIVATE_KEY.fullmatch(key):
+        raise ValueError("the identity's key is not an OpenSSH private key")
+    if not _CERTIFICATE.fullmatch(certificate):
+        raise ValueError("the identity's certificate is not an OpenSSH certificate")
+    identities = directory / "identities"
+    identities.mkdir(mode=0o700, exist_ok=True)
+    name = hashlib.sha256(f"{username}@{host}:{port}".encode()).hexdigest()[:16]
+    path = identities / name
+    for target, text in ((Path(f"{path}-cert.pub"), certificate), (path, key)):
+        temporary = target.with_name(f".{target.name}.{os.getpid()}")
+        temporary.unlink(missing_ok=True)
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                             0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text if text.endswith("\n") else text + "\n")
+        os.replace(temporary, target)
+    return path
 
 
 async def serve(

@@ -14,7 +14,8 @@ Scenarios are named servers of alice whose command is swapped in ``pre_spawn_hoo
 real part; every part around it is real):
 - ``reopen-raises-once``: the first hub-side tunnel the hub asks for raises ``RuntimeError``;
 - ``stop-raises-once``: the first ``stop()`` raises ``RuntimeError`` before it does anything.
-``HUB_INTERNAL_SSL=1`` turns on JupyterHub's internal_ssl.
+``HUB_INTERNAL_SSL=1`` turns on JupyterHub's internal_ssl. ``HUB_SSH_CA=PATH``: certificate mode
+(``ssh_ca_key_path``), with no key file for anyone.
 ``HUB_POLL_INTERVAL`` sets ``Spawner.poll_interval`` (seconds). ``CONFIGPROXY_AUTH_TOKEN`` set:
 the proxy runs as its own process (the test starts it) and the hub does not start or stop it.
 """
@@ -35,6 +36,10 @@ c.JupyterHub.load_roles = [
     }
 ]
 c.JupyterHub.allow_named_servers = True
+# HUB_SSH_CA: certificate mode, with that CA key and no key file for anyone.
+if os.environ.get("HUB_SSH_CA"):
+    c.SSHBatchSpawner.ssh_ca_key_path = os.environ["HUB_SSH_CA"]
+    c.SSHBatchSpawner.ssh_key_path_template = "/nonexistent/hub-spawner-keys/{username}"
 c.SSHBatchSpawner.partitions = []  # let any well-formed queue name reach the scheduler
 c.SSHBatchSpawner.max_memory = "100G"  # so a test can ask for more than the node has
 c.SSHBatchSpawner.max_gpus = 2  # so a test can ask for GPUs the lab does not have

@@ -188,9 +188,11 @@ def test_the_rendered_chart_spawns_and_an_open_websocket_survives_a_hub_restart(
     assert execute(kernel, "x += 1; print(x)").strip() == "42"  # while the hub is down
     hub = chart.start_hub()
     assert execute(kernel, "print(x)").strip() == "42"  # same connection, same kernel
-    assert hub.get("/user/alice/api/status").status_code == 200  # new requests work too
+    status = hub.get("/user/alice/api/status", allow_redirects=False)  # new requests work too
+    assert status.status_code == 200 and "started" in status.json(), status.text
     kernel.close()
     hub.api_server("DELETE", "alice", f"/api/kernels/{kernel_id}")
     hub.stop("alice")
     assert wait_for(lambda: not active_jobs("alice"), 30), active_jobs("alice")
-    assert "alice/" not in asyncio.run(chart.tunnel_client().forwards())
+    left = asyncio.run(chart.tunnel_client().forwards())
+    assert "alice/" not in left and "alice//hub-api" not in left, left

@@ -46,6 +46,7 @@ HOSTS_FILE = f"127.0.0.1 localhost\n{LOGIN_CLUSTER_IP} login\n{COMPUTE_IP} compu
 
 KNOWN_HOSTS = LAB_DIR / "known_hosts"
 KEY_DIR = LAB_DIR / "keys"
+USER_CA = LAB_DIR / "user_ca"  # the SSH user CA the login host's sshd trusts (certificates)
 SLURM_CONF = Path("/etc/slurm/slurm.conf")
 SCHEDULERS = ("slurm", "sge", "torque")
 #: The login node's SSH port per scheduler: Torque/PBS commands are on the second sshd's PATH.
@@ -155,6 +156,7 @@ PermitRootLogin no
 AllowUsers {users}
 AllowTcpForwarding yes
 GatewayPorts clientspecified
+TrustedUserCAKeys {run}/user_ca.pub
 Subsystem sftp internal-sftp
 LogLevel VERBOSE
 """
@@ -227,7 +229,7 @@ def down() -> None:
                    stderr=subprocess.DEVNULL)
     # Private keys do not outlive the lab (logs stay, for debugging).
     shutil.rmtree(KEY_DIR, ignore_errors=True)
-    for key in LAB_DIR.glob("ssh_host_*_key*"):
+    for key in [*LAB_DIR.glob("ssh_host_*_key*"), *LAB_DIR.glob("user_ca*")]:
         key.unlink()
     STATE_FILE.unlink(missing_ok=True)
 
@@ -357,11 +359,13 @@ def start_sshd() -> None:
 
 
 def _configure_sshd() -> None:
-    host_key = LAB_DIR / "ssh_host_ed25519_key"
-    host_key.unlink(missing_ok=True)
-    Path(f"{host_key}.pub").unlink(missing_ok=True)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)],
-                   check=True)
+    """The login host's host key, a user CA (for the certificate identity mode: sshd accepts
+    a certificate whose principal is the user's name) and the two sshd configs."""
+    for key in (LAB_DIR / "ssh_host_ed25519_key", USER_CA):
+        key.unlink(missing_ok=True)
+        Path(f"{key}.pub").unlink(missing_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                       check=True)
     for port in (22, TORQUE_PORT):
         config = LAB_DIR / f"sshd_config-{port}"
         config.write_text(SSHD_CONFIG_TEXT.format(login_ip=LOGIN_IP, run=LAB_DIR, port=port,

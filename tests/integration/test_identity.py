@@ -1,0 +1,128 @@
+"""Identity modes against the lab's real sshd: SSH user certificates from one CA key (the lab's
+sshd has ``TrustedUserCAKeys``), and key files refused when others can read them."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from hub_spawner.errors import ClusterUnreachable
+from hub_spawner.identity import mint
+from hub_spawner.ssh import ConnectionPool, SSHTarget, connect
+
+from .conftest import REPO, active_jobs, run_in_kernel, start_hub, stop_hub, wait_for
+
+PORT = 28800
+
+
+def target(lab, **changes) -> SSHTarget:
+    fields = dict(host=lab.LOGIN_IP, port=22, username="alice", key_path="",
+                  known_hosts_path=str(lab.KNOWN_HOSTS), connect_timeout=5,
+                  ca_key_path=str(lab.USER_CA), key_id="hub_spawner:alice")
+    fields.update(changes)
+    return SSHTarget(**fields)
+
+
+def sshd_log(lab) -> str:
+    return (lab.LAB_DIR / "sshd-22.log").read_text(errors="replace")
+
+
+async def test_a_certificate_from_the_ca_logs_in_with_no_key_file(lab):
+    before = len(sshd_log(lab))
+    pool = ConnectionPool()
+    try:
+        connection = await pool.get(target(lab))
+        result = await connection.run("id -un; ls ~/.ssh 2>/dev/null | wc -l")
+        assert result.stdout.split()[0] == "alice"
+    finally:
+        pool.close_all()
+    logged = sshd_log(lab)[before:]
+    assert "Accepted publickey for alice" in logged
+    assert 'ID hub_spawner:alice' in logged  # the key id names the hub user
+
+
+@pytest.mark.parametrize("case", ["expired", "wrong principal", "another CA"])
+async def test_a_bad_certificate_is_refused_with_a_clear_message(lab, tmp_path, case):
+    ca_key = asyncssh.read_private_key(str(lab.USER_CA))
+    if case == "expired":
+        certified = mint(ca_key, "alice", "hub_spawner:alice", 10, start=time.time() - 7200)
+    elif case == "wrong principal":
+        certified = mint(ca_key, "bob", "hub_spawner:alice", 10)
+    else:
+        certified = mint(asyncssh.generate_private_key("ssh-ed25519"), "alice", "x", 10)
+    with pytest.raises(ClusterUnreachable, match="refused the hub's SSH certificate for alice"):
+        await connect(target(lab), client_key=(certified.key, certified.certificate))
+
+
+async def test_a_ca_key_that_others_can_read_is_refused(lab, tmp_path):
+    loose = tmp_path / "user_ca"
+    shutil.copy(lab.USER_CA, loose)
+    os.chmod(loose, 0o644)
+    with pytest.raises(ClusterUnreachable,
+                       match=rf"SSH CA key {loose} is readable by group or others \(mode 0644\).*"
+                       rf"chmod 600 {loose}"):
+        await ConnectionPool().get(target(lab, ca_key_path=str(loose)))
+
+
+async def test_a_key_file_that_others_can_read_is_refused(lab, tmp_path):
+    loose = tmp_path / "alice"
+    shutil.copy(lab.KEY_DIR / "alice", loose)
+    os.chmod(loose, 0o640)
+    with pytest.raises(ClusterUnreachable,
+                       match=rf"SSH key {loose} is readable by group or others \(mode 0640\)"):
+        await ConnectionPool().get(target(lab, ca_key_path="", key_path=str(loose)))
+
+
+def test_a_hub_in_certificate_mode_spawns_and_tunnels_with_no_key_files(lab, tmp_path):
+    """The hub and the tunnel service log in with certificates only: a kernel runs through
+    the proxy and the tunnel, and the service's identity files are private."""
+    before = len(sshd_log(lab))
+    hub, process = start_hub(tmp_path, PORT, secrets.token_hex(24),
+                             {"HUB_SSH_CA": str(lab.USER_CA)})
+    try:
+        hub.api("POST", "/users/alice")
+        events, _ = hub.spawn("alice")
+        assert events[-1].get("ready"), events
+        assert run_in_kernel(hub, "alice", "print(6 * 7)").strip() == "42"
+        identities = list((tmp_path / "tunnels" / "identities").iterdir())
+        assert len(identities) == 2  # the key and its -cert.pub
+        for path in identities:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        hub.stop("alice")
+        assert wait_for(lambda: not active_jobs("alice"), 30), active_jobs("alice")
+    finally:
+        stop_hub(process)
+        lab.stop_tunnel_service(tmp_path / "tunnels")
+        lab.in_namespace("login", ["scancel", "--user=alice"], check=False)
+    logged = sshd_log(lab)[before:]
+    # Every login of this hub (its own and the tunnel service's OpenSSH master) used a
+    # certificate: sshd logs "ID hub_spawner:alice" for each and never a plain key.
+    accepted = [row for row in logged.splitlines() if "Accepted publickey for alice" in row]
+    assert len(accepted) >= 2, logged[-2000:]
+    assert all("ID hub_spawner:alice" in row for row in accepted), accepted
+    assert not Path("/nonexistent/hub-spawner-keys").exists()
+
+
+def test_check_in_certificate_mode_passes_and_names_the_ca(lab, tmp_path):
+    config = tmp_path / "jupyterhub_config.py"
+    config.write_text(
+        "c = get_config()\n"
+        f"load_subconfig({str(REPO / 'example_hub_config' / 'lab_jupyterhub_config.py')!r})\n"
+        f"c.SSHBatchSpawner.ssh_ca_key_path = {str(lab.USER_CA)!r}\n"
+        "c.SSHBatchSpawner.ssh_key_path_template = '/nonexistent/{username}'\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "hub_spawner", "check", "-f", str(config), "--user", "alice",
+         "--submit"], cwd=tmp_path, env=dict(os.environ, HUB_STATE_DIR=str(tmp_path)),
+        capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"ok    key        CA key {lab.USER_CA}: ssh-ed25519 SHA256:" in result.stdout
+    assert "all 10 checks passed" in result.stdout
