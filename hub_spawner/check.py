@@ -231,6 +231,13 @@ def _unknown_options(config: Config, spawner_class: type) -> list[str]:
 
 
 async def _config_target(checks: Checklist, spawner: SSHBatchSpawner) -> SSHTarget | None:
+    if spawner.auth_state_ssh_key:
+        checks.fail("config", "the SSH key comes from each login's auth_state "
+                    f"(auth_state_ssh_key = {spawner.auth_state_ssh_key!r}): this check has no "
+                    "login to take it from",
+                    "check with a key file or the CA instead (-f a copy of the config), or log "
+                    "in and read the spawn page and the hub log")
+        return None
     try:
         target = await spawner._ssh_target()
     except SpawnError as error:

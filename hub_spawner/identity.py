@@ -57,6 +57,20 @@ def read_private_key_file(path: str, what: str = "SSH key") -> asyncssh.SSHKey:
         raise ClusterUnreachable(f"The {what} {path} cannot be used: {error}.") from None
 
 
+def import_identity(key_text: str, certificate_text: str = "") -> asyncssh.SSHKey | tuple:
+    """A key (and its certificate) handed over as text, e.g. by the authenticator."""
+    try:
+        key = asyncssh.import_private_key(key_text)
+        if not certificate_text:
+            return key
+        return key, asyncssh.import_certificate(certificate_text)
+    except (asyncssh.KeyImportError, ValueError) as error:
+        raise ClusterUnreachable(
+            f"The SSH key from the login (auth_state) cannot be used: {error}. Log out and log "
+            "in again; if it persists, tell an administrator."
+        ) from None
+
+
 def mint(
     ca_key: asyncssh.SSHKey,
     principal: str,

@@ -55,8 +55,8 @@ from .tunnels.forwards import Login
 
 STATE_VERSION = 1
 
-_CLUSTER_USERNAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")
-_REMOTE_PATH = re.compile(r"^[A-Za-z0-9_./@+-]+$")
+_CLUSTER_USERNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
+_REMOTE_PATH = re.compile(r"[A-Za-z0-9_./@+-]+")
 
 
 class SSHBatchSpawner(Spawner):
@@ -114,6 +114,22 @@ class SSHBatchSpawner(Spawner):
         differ from user names, ``AuthorizedPrincipalsFile``). Empty: one key file per user
         (``ssh_key_path_template``).
         """,
+    )
+    auth_state_ssh_key = Unicode(
+        "",
+        config=True,
+        help="""Key of the user's ``auth_state`` that holds an OpenSSH private key (text): the
+        identity an identity provider hands over at login. Needs
+        ``c.Authenticator.enable_auth_state = True`` (and ``JUPYTERHUB_CRYPT_KEY``): the key is
+        stored encrypted in the hub's database and lives in memory only. The tunnel service
+        gets it as a 0600 file. Wins over ``ssh_key_path_template`` and ``ssh_ca_key_path``.
+        Empty: not used.""",
+    )
+    auth_state_ssh_certificate = Unicode(
+        "",
+        config=True,
+        help="""Key of the user's ``auth_state`` that holds an OpenSSH certificate for the
+        ``auth_state_ssh_key`` (optional).""",
     )
     ssh_certificate_minutes = Float(
         10,
@@ -477,7 +493,7 @@ class SSHBatchSpawner(Spawner):
         self.secrets_path = posixpath.join(remote_dir, f"{self.job_name}.env")
         script_path = posixpath.join(remote_dir, f"{self.job_name}.sh")
         for path in (self.output_path, self.secrets_path, script_path):
-            if not _REMOTE_PATH.match(path):
+            if not _REMOTE_PATH.fullmatch(path):
                 raise SpawnError(
                     f"The path {path!r} on the cluster has characters we do not put in a job "
                     "script; set remote_state_dir to a plain absolute path."
@@ -631,7 +647,7 @@ class SSHBatchSpawner(Spawner):
         directory = posixpath.join(
             base, f"certs-{_slug(self.user.name)}-{_slug(self.name) or 'default'}"
         )
-        if not _REMOTE_PATH.match(directory):
+        if not _REMOTE_PATH.fullmatch(directory):
             raise SpawnError(
                 f"The path {directory!r} on the cluster has characters we do not use; set "
                 "remote_state_dir to a plain absolute path."
@@ -688,19 +704,20 @@ class SSHBatchSpawner(Spawner):
             username = await maybe_future(self.cluster_username(self))
         else:
             username = self.cluster_username.format(username=self.user.name)
-        if not _CLUSTER_USERNAME.match(username or ""):
+        if not _CLUSTER_USERNAME.fullmatch(username or ""):
             raise ClusterUnreachable(
                 f"The cluster username {username!r} for {self.user.name} is not a valid Unix "
                 "user name; check the cluster_username setting."
             )
         if not self.login_host:
             raise ClusterUnreachable("No login node is configured (login_host is empty).")
+        key_text, certificate_text = await self._auth_state_identity()
         return SSHTarget(
             host=self.login_host,
             port=self.login_port,
             username=username,
             key_path=(
-                "" if self.ssh_ca_key_path
+                "" if self.ssh_ca_key_path or self.auth_state_ssh_key
                 else self.ssh_key_path_template.format(username=username)
             ),
             known_hosts_path=self.known_hosts_path,
@@ -708,7 +725,25 @@ class SSHBatchSpawner(Spawner):
             ca_key_path=self.ssh_ca_key_path,
             certificate_minutes=self.ssh_certificate_minutes,
             key_id=f"hub_spawner:{self.user.name}",
+            key_text=key_text,
+            certificate_text=certificate_text,
         )
+
+    async def _auth_state_identity(self) -> tuple[str, str]:
+        """The key (and certificate) from the user's auth_state, if that is configured."""
+        if not self.auth_state_ssh_key:
+            return "", ""
+        auth_state = await self.user.get_auth_state() or {}
+        key_text = auth_state.get(self.auth_state_ssh_key)
+        if not isinstance(key_text, str) or not key_text.strip():
+            raise ClusterUnreachable(
+                f"There is no SSH key for {self.user.name} from the login (auth_state "
+                f"{self.auth_state_ssh_key!r}). Log out and log in again; if it persists, tell "
+                "an administrator (enable_auth_state and the authenticator must provide it)."
+            )
+        certificate = auth_state.get(self.auth_state_ssh_certificate, "") if (
+            self.auth_state_ssh_certificate) else ""
+        return key_text, certificate if isinstance(certificate, str) else ""
 
     async def _connection(self) -> LoginConnection:
         return await default_pool.get(await self._ssh_target())
@@ -725,11 +760,14 @@ class SSHBatchSpawner(Spawner):
     async def _login(self) -> Login:
         """The tunnel service's view of our SSH target."""
         target = await self._ssh_target()
-        if target.ca_key_path:  # a fresh key and certificate, as files beside the service
-            key, certificate = client_identity(target)
+        if target.key_text or target.ca_key_path:
+            # From auth_state, or a fresh certificate: handed to the service, which writes
+            # them as private files for its OpenSSH (in OpenSSH's own key format).
+            found = client_identity(target)
+            key, certificate = found if isinstance(found, tuple) else (found, None)
             key_path = await self._tunnels.store_identity(
-                target.host, target.port, target.username,
-                key.export_private_key().decode(), certificate.export_certificate().decode(),
+                target.host, target.port, target.username, key.export_private_key().decode(),
+                certificate.export_certificate().decode() if certificate else "",
             )
         else:
             key_path = os.path.abspath(target.key_path)

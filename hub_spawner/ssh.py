@@ -20,7 +20,7 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncssh
 
@@ -55,6 +55,9 @@ class SSHTarget:
     ca_key_path: str = ""
     certificate_minutes: float = 10.0
     key_id: str = ""
+    #: auth_state mode: the key (and certificate) the authenticator handed over, as text.
+    key_text: str = field(default="", repr=False)
+    certificate_text: str = field(default="", repr=False)
 
     def describe(self) -> str:
         return f"{self.username}@{self.host}:{self.port}"
@@ -229,6 +232,8 @@ async def connect(
 def client_identity(target: SSHTarget) -> asyncssh.SSHKey | tuple:
     """What ``target`` logs in with: its key file (refused when group or others can read it,
     as OpenSSH does), or, in certificate mode, a fresh key and a certificate from the CA."""
+    if target.key_text:
+        return identity.import_identity(target.key_text, target.certificate_text)
     if target.ca_key_path:
         ca_key = identity.read_private_key_file(target.ca_key_path, "SSH CA key")
         certified = identity.mint(ca_key, target.username, target.key_id,

@@ -74,6 +74,7 @@ def test_a_missing_config_file(tmp_path):
      "the job script for the default resources cannot be built"),
     ("c.SSHBatchSpawner.cluster_username = lambda spawner: spawner.user.get_auth_state()",
      "the cluster user name cannot be worked out: AttributeError"),
+    ("c.SSHBatchSpawner.auth_state_ssh_key = 'ssh_key'", "comes from each login's auth_state"),
 ])
 def test_a_broken_config_is_one_fail_line(tmp_path, body, expected):
     passed, output = check(write_config(tmp_path, body))

@@ -402,20 +402,24 @@ _CERTIFICATE = re.compile(
 def store_identity(
     directory: Path, username: str, host: str, port: int, key: str, certificate: str
 ) -> Path:
-    """Write an ephemeral key and its certificate for ``username@host:port`` where the
+    """Write a key and its certificate (if any) for ``username@host:port`` where the
     masters' ``ssh -i`` finds them (``<path>`` and ``<path>-cert.pub``, 0600, replaced
     atomically: a running master keeps its connection, the next one logs in with the new
     certificate). Returns the key's path."""
     Login(host, port, username, "/", "/")  # validates host, port and user name
     if not _PRIVATE_KEY.fullmatch(key):
         raise ValueError("the identity's key is not an OpenSSH private key")
-    if not _CERTIFICATE.fullmatch(certificate):
+    if certificate and not _CERTIFICATE.fullmatch(certificate):
         raise ValueError("the identity's certificate is not an OpenSSH certificate")
     identities = directory / "identities"
     identities.mkdir(mode=0o700, exist_ok=True)
     name = hashlib.sha256(f"{username}@{host}:{port}".encode()).hexdigest()[:16]
     path = identities / name
+    if not certificate:  # a plain key: a certificate left from before must not go with it
+        Path(f"{path}-cert.pub").unlink(missing_ok=True)
     for target, text in ((Path(f"{path}-cert.pub"), certificate), (path, key)):
+        if not text:
+            continue
         temporary = target.with_name(f".{target.name}.{os.getpid()}")
         temporary.unlink(missing_ok=True)
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,

@@ -15,7 +15,8 @@ real part; every part around it is real):
 - ``reopen-raises-once``: the first hub-side tunnel the hub asks for raises ``RuntimeError``;
 - ``stop-raises-once``: the first ``stop()`` raises ``RuntimeError`` before it does anything.
 ``HUB_INTERNAL_SSL=1`` turns on JupyterHub's internal_ssl. ``HUB_SSH_CA=PATH``: certificate mode
-(``ssh_ca_key_path``), with no key file for anyone.
+(``ssh_ca_key_path``), with no key file for anyone. ``HUB_AUTH_STATE_KEYS=1``: an authenticator
+hands each user's SSH key over in auth_state (``auth_state_ssh_key``).
 ``HUB_POLL_INTERVAL`` sets ``Spawner.poll_interval`` (seconds). ``CONFIGPROXY_AUTH_TOKEN`` set:
 the proxy runs as its own process (the test starts it) and the hub does not start or stop it.
 """
@@ -39,6 +40,26 @@ c.JupyterHub.allow_named_servers = True
 # HUB_SSH_CA: certificate mode, with that CA key and no key file for anyone.
 if os.environ.get("HUB_SSH_CA"):
     c.SSHBatchSpawner.ssh_ca_key_path = os.environ["HUB_SSH_CA"]
+    c.SSHBatchSpawner.ssh_key_path_template = "/nonexistent/hub-spawner-keys/{username}"
+# HUB_AUTH_STATE_KEYS=1: the key comes from the authenticator's auth_state (below), none from files.
+if os.environ.get("HUB_AUTH_STATE_KEYS"):
+    from jupyterhub.auth import Authenticator
+
+    class LabIdentityProvider(Authenticator):
+        """Logs a lab user in with the demo password and hands over that user's SSH key in
+        auth_state, as an identity provider that issues keys at login would."""
+
+        async def authenticate(self, handler, data):
+            name = data.get("username", "")
+            if name not in ("alice", "bob") or data.get("password") != "lab-demo-password":
+                return None
+            lab_dir = os.environ.get("HUB_SPAWNER_LAB_DIR", "/run/hub-spawner-lab")
+            with open(f"{lab_dir}/keys/{name}") as key_file:
+                return {"name": name, "auth_state": {"ssh_key": key_file.read()}}
+
+    c.JupyterHub.authenticator_class = LabIdentityProvider
+    c.Authenticator.enable_auth_state = True  # JUPYTERHUB_CRYPT_KEY comes from the test
+    c.SSHBatchSpawner.auth_state_ssh_key = "ssh_key"
     c.SSHBatchSpawner.ssh_key_path_template = "/nonexistent/hub-spawner-keys/{username}"
 c.SSHBatchSpawner.partitions = []  # let any well-formed queue name reach the scheduler
 c.SSHBatchSpawner.max_memory = "100G"  # so a test can ask for more than the node has

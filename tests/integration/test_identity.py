@@ -14,6 +14,7 @@ from pathlib import Path
 
 import asyncssh
 import pytest
+import requests
 
 from hub_spawner.errors import ClusterUnreachable
 from hub_spawner.identity import mint
@@ -126,3 +127,46 @@ def test_check_in_certificate_mode_passes_and_names_the_ca(lab, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"ok    key        CA key {lab.USER_CA}: ssh-ed25519 SHA256:" in result.stdout
     assert "all 10 checks passed" in result.stdout
+
+
+def login(hub, user: str, password: str) -> requests.Session:
+    """Log in through the hub's login form, as a browser would."""
+    session = requests.Session()
+    session.get(f"{hub.url}/hub/login", timeout=30).raise_for_status()
+    response = session.post(
+        f"{hub.url}/hub/login", timeout=30, allow_redirects=False,
+        data={"username": user, "password": password, "_xsrf": session.cookies.get("_xsrf")})
+    assert response.status_code == 302, response.text[-500:]
+    return session
+
+
+def test_a_key_from_auth_state_spawns_with_no_key_files(lab, tmp_path):
+    """A small authenticator (tests/integration/hub_config.py) hands alice's key over at
+    login; the spawner logs in with it, the tunnel service gets it as a private file. bob, who
+    never logged in, has no key: his spawn fails with a clear message and leaves no job."""
+    env = {"HUB_AUTH_STATE_KEYS": "1", "JUPYTERHUB_CRYPT_KEY": secrets.token_hex(32)}
+    hub, process = start_hub(tmp_path, PORT + 10, secrets.token_hex(24), env)
+    try:
+        login(hub, "alice", "lab-demo-password")
+        events, _ = hub.spawn("alice")
+        assert events[-1].get("ready"), events
+        state = hub.api("GET", "/users/alice").json()["servers"][""]["state"]
+        assert "PRIVATE KEY" not in str(state)  # kept in memory and auth_state, not in state
+        assert run_in_kernel(hub, "alice", "print(6 * 7)").strip() == "42"
+        identities = list((tmp_path / "tunnels" / "identities").iterdir())
+        assert len(identities) == 1  # the key, no certificate
+        assert stat.S_IMODE(identities[0].stat().st_mode) == 0o600
+        hub.stop("alice")
+
+        hub.api("POST", "/users/bob")
+        events, _ = hub.spawn("bob")
+        assert not events[-1].get("ready")
+        assert "There is no SSH key for bob from the login" in events[-1]["message"]
+        assert active_jobs("bob") == []
+        key_body = (lab.KEY_DIR / "alice").read_text().splitlines()[1]
+        assert "PRIVATE KEY" not in hub.log() and key_body not in hub.log()
+    finally:
+        stop_hub(process)
+        lab.stop_tunnel_service(tmp_path / "tunnels")
+        lab.in_namespace("login", ["scancel", "--user=alice"], check=False)
+    assert wait_for(lambda: not active_jobs("alice"), 30), active_jobs("alice")
