@@ -211,7 +211,8 @@ def container_env(manifests: list[Manifest], deployment: Manifest,
                   name: str) -> dict[str, str | None]:
     """A container's environment as it would be in the pod: plain values, and ``secretKeyRef``
     / ``configMapKeyRef`` resolved against the rendered objects. A reference to an object the
-    chart does not render (a user's own Secret, e.g. via hub.extraEnv) gives None."""
+    chart does not render (a user's own Secret, e.g. via hub.extraEnv) gives None, and so does
+    the downward API (``fieldRef``, e.g. HUB_SPAWNER_POD_IP: known only in a running pod)."""
     env: dict[str, str | None] = {}
     for item in container(deployment, name).get("env", []):
         if "value" in item:
@@ -259,10 +260,50 @@ def hub_command(manifests: list[Manifest]) -> list[str]:
 # --- the hub's configuration -------------------------------------------------------------------
 
 
+HUB_CONFIG_DIR = "/usr/local/etc/jupyterhub"
+
+
+def _source_files(manifests: list[Manifest], source: dict[str, Any]) -> dict[str, str]:
+    """``{path in the volume: content}`` of one configMap / secret volume (or projected
+    source), its ``items`` applied as the kubelet does (without: every key)."""
+    if "configMap" in source:
+        ref = source["configMap"]
+        data = find(manifests, "ConfigMap", ref["name"]).get("data", {})
+    elif "secret" in source:
+        ref = source["secret"]
+        data = secret_data(manifests, ref.get("secretName") or ref["name"])
+    else:
+        raise KeyError(f"not a configMap or secret source: {sorted(source)}")
+    items = ref.get("items")
+    if items is None:
+        return dict(data)
+    return {item["path"]: data[item["key"]] for item in items}
+
+
+def mounted_files(manifests: list[Manifest], deployment: Manifest, name: str,
+                  mount_path: str) -> dict[str, str]:
+    """The files a container sees in the directory ``mount_path``: ``{relative path: content}``,
+    from the configMap, secret or projected volume mounted there (resolved against the
+    rendered ConfigMaps and Secrets)."""
+    mount = next((m for m in container(deployment, name).get("volumeMounts", [])
+                  if m["mountPath"] == mount_path), None)
+    if mount is None:
+        raise KeyError(f"container {name!r} mounts nothing at {mount_path}")
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"]
+                  if v["name"] == mount["name"])
+    sources = volume["projected"]["sources"] if "projected" in volume else [volume]
+    files: dict[str, str] = {}
+    for source in sources:
+        files.update(_source_files(manifests, source))
+    return files
+
+
 def hub_config_files(manifests: list[Manifest]) -> tuple[str, dict[str, Any]]:
-    """``(jupyterhub_config.py source, values.json as a dict)`` from the hub's ConfigMap."""
-    data = find(manifests, "ConfigMap", f"{fullname(manifests)}-hub")["data"]
-    return data["jupyterhub_config.py"], json.loads(data["values.json"])
+    """``(jupyterhub_config.py source, values.json as a dict)`` as the hub container sees them
+    in /usr/local/etc/jupyterhub: the first from the hub's ConfigMap, the second from the
+    Secret ``<fullname>-hub-values`` (it may hold secrets), one projected volume."""
+    files = mounted_files(manifests, hub_deployment(manifests), "hub", HUB_CONFIG_DIR)
+    return files["jupyterhub_config.py"], json.loads(files["values.json"])
 
 
 def write_hub_config(manifests: list[Manifest], directory: str | os.PathLike[str]) -> Path:

@@ -88,6 +88,7 @@ def test_renders_every_object(manifests):
         ("NetworkPolicy", f"{FULLNAME}-tunnels"),
         ("PersistentVolumeClaim", f"{FULLNAME}-hub-db"),
         ("PersistentVolumeClaim", f"{FULLNAME}-tunnels-state"),
+        ("Secret", f"{FULLNAME}-hub-values"),
         ("Secret", f"{FULLNAME}-secret"),
         ("Service", f"{FULLNAME}-hub"),
         ("Service", f"{FULLNAME}-proxy-api"),
@@ -127,6 +128,9 @@ SCHEMA_REJECTIONS = [
     ("external db without url", {"hub": {"db": {"type": "other"}}}, "/hub/db/url", "minLength"),
     ("hub.config section not a mapping", {"hub": {"config": {"JupyterHub": 3}}},
      "/hub/config/JupyterHub", "want object"),
+    ("check port not an integer", {"hub": {"checkPort": "8082"}}, "/hub/checkPort",
+     "want integer"),
+    ("check port below 1024", {"hub": {"checkPort": 80}}, "/hub/checkPort", "want 1,024"),
 ]
 
 
@@ -148,6 +152,8 @@ def test_schema_rejects(values, changes, where, what):
      "tunnels.forwardPorts: high (20000) must not be below low (21000)"),
     ({"tunnels": {"controlPort": 20500}},
      "tunnels.controlPort (20500) must lie outside tunnels.forwardPorts (20000-20999)"),
+    ({"hub": {"checkPort": 8081}},
+     "hub.checkPort (8081) must differ from the hub's own port, 8081"),
 ])
 def test_template_checks(values, changes, message):
     with pytest.raises(helm_python.HelmRenderError, match=re.escape(message)):
@@ -432,6 +438,50 @@ def test_external_database_url_is_a_secret(values, tmp_path):
                                                                     "emptyDir": {}}
 
 
+def test_hub_values_are_in_a_secret_not_a_configmap(values, tmp_path):
+    """hub.config / hub.extraConfig (authenticators' client secrets) reach values.json, which is
+    in the Secret <fullname>-hub-values, mounted beside the ConfigMap's jupyterhub_config.py."""
+    client_secret = "client-secret-" + "9f" * 16
+    snippet_secret = "snippet-secret-" + "7e" * 16
+    manifests = chart.render(with_changes(values, {"hub": {
+        "config": {"GitHubOAuthenticator": {"client_secret": client_secret}},
+        "extraConfig": {"50-secret": f"c.JupyterHub.api_tokens = {{{snippet_secret!r}: 'x'}}"},
+    }}))
+    for secret in (client_secret, snippet_secret):
+        for kind in ("ConfigMap", "Deployment", "NetworkPolicy", "Service"):
+            assert secret not in json.dumps(chart.find_all(manifests, kind)), (secret, kind)
+
+    config_map = chart.find(manifests, "ConfigMap", f"{FULLNAME}-hub")
+    assert set(config_map["data"]) == {"jupyterhub_config.py"}
+    stored = chart.find(manifests, "Secret", f"{FULLNAME}-hub-values")
+    assert stored["type"] == "Opaque" and set(stored["data"]) == {"values.json"}
+    assert stored["metadata"]["labels"]["component"] == "hub"
+    values_json = json.loads(chart.secret_data(manifests, f"{FULLNAME}-hub-values")["values.json"])
+    assert values_json["hub"]["config"]["GitHubOAuthenticator"]["client_secret"] == client_secret
+    assert snippet_secret in values_json["hub"]["extraConfig"]["50-secret"]
+    # the pod's view (one projected volume) is what the helpers hand out
+    source, seen = chart.hub_config_files(manifests)
+    assert seen == values_json
+    assert source == config_map["data"]["jupyterhub_config.py"]
+
+    # write_hub_config lays the directory out as the pod mounts it, and the config reads it
+    path = chart.write_hub_config(manifests, tmp_path / "etc")
+    assert path == tmp_path / "etc" / "jupyterhub_config.py"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["jupyterhub_config.py", "values.json"]
+    assert json.loads((path.parent / "values.json").read_text()) == values_json
+    assert path.read_text() == source
+    c = chart.load_hub_config(manifests, tmp_path / "load")
+    assert c.GitHubOAuthenticator.client_secret == client_secret
+    assert c.JupyterHub.api_tokens == {snippet_secret: "x"}
+
+    # only the hub pod mounts it
+    for deployment in (chart.proxy_deployment(manifests), chart.tunnels_deployment(manifests)):
+        assert f"{FULLNAME}-hub-values" not in json.dumps(deployment)
+    assert chart.mounted_files(manifests, chart.hub_deployment(manifests), "hub",
+                               chart.HUB_CONFIG_DIR).keys() == {"jupyterhub_config.py",
+                                                                "values.json"}
+
+
 # --- the tunnel service and the network policies -----------------------------------------------
 
 
@@ -479,8 +529,12 @@ def test_tunnel_service_and_its_network_policy(values, low, high):
     assert len(control_from) == 1 and selects(control_from[0], hub)
     assert not selects(control_from[0], proxy)
     assert control_ports == [{"port": 8765, "protocol": "TCP"}]
-    assert len(forward_from) == 1 and selects(forward_from[0], proxy)
-    assert not selects(forward_from[0], hub)
+    # the proxy (user requests) and the hub (its own requests to each server's URL: the poll
+    # of .../api after a spawn, the check of every running server at hub start-up), nobody else
+    assert len(forward_from) == 2
+    assert selects(forward_from[0], proxy) and not selects(forward_from[0], hub)
+    assert selects(forward_from[1], hub) and not selects(forward_from[1], proxy)
+    assert not any(selects(peer, tunnels) for peer in forward_from)
     assert forward_ports == [{"port": low, "endPort": high, "protocol": "TCP"}]
 
     env = chart.hub_env(manifests)
@@ -494,10 +548,15 @@ def test_hub_and_proxy_network_policies(manifests):
 
     policy = chart.find(manifests, "NetworkPolicy", f"{FULLNAME}-hub")
     assert selects({"podSelector": policy["spec"]["podSelector"]}, hub)
-    [(peers, ports)] = ingress_rules(policy)
+    [(peers, ports), (check_from, check_ports)] = ingress_rules(policy)
     assert ports == [{"port": 8081, "protocol": "TCP"}]
     assert len(peers) == 2
     assert selects(peers[0], proxy) and selects(peers[1], tunnels)
+    # the check's stand-in hub API (python -m hub_spawner check --submit in the hub pod), reached
+    # by the tunnel service's reverse forward only
+    assert check_ports == [{"port": 8082, "protocol": "TCP"}]
+    assert len(check_from) == 1 and selects(check_from[0], tunnels)
+    assert not selects(check_from[0], proxy)
 
     policy = chart.find(manifests, "NetworkPolicy", f"{FULLNAME}-proxy")
     assert selects({"podSelector": policy["spec"]["podSelector"]}, proxy)
@@ -505,6 +564,32 @@ def test_hub_and_proxy_network_policies(manifests):
     assert public_from == [] and public_ports == [{"port": 8000, "protocol": "TCP"}]
     assert len(api_from) == 1 and selects(api_from[0], hub) and not selects(api_from[0], tunnels)
     assert api_ports == [{"port": 8001, "protocol": "TCP"}]
+
+
+def test_check_port_and_pod_ip(values):
+    """`python -m hub_spawner check --submit` in the hub pod: its stand-in hub API listens on the
+    pod IP (HUB_SPAWNER_POD_IP, downward API) and hub.checkPort, which the hub's NetworkPolicy
+    opens to the tunnel service (its reverse forward), and to nobody else."""
+    defaults = yaml.safe_load((chart.CHART_DIR / "values.yaml").read_text())
+    assert defaults["hub"]["checkPort"] == 8082
+    manifests = chart.render(values)
+    hub = chart.hub_deployment(manifests)
+    env = {item["name"]: item for item in chart.container(hub, "hub")["env"]}
+    assert env["HUB_SPAWNER_POD_IP"] == {"name": "HUB_SPAWNER_POD_IP", "valueFrom": {
+        "fieldRef": {"fieldPath": "status.podIP"}}}
+    assert chart.hub_env(manifests)["HUB_SPAWNER_POD_IP"] is None  # known only in the pod
+
+    manifests = chart.render(with_changes(values, {"hub": {"checkPort": 9090}}))
+    policy = chart.find(manifests, "NetworkPolicy", f"{FULLNAME}-hub")
+    rules = ingress_rules(policy)
+    assert [ports for _, ports in rules] == [[{"port": 8081, "protocol": "TCP"}],
+                                             [{"port": 9090, "protocol": "TCP"}]]
+    [check_peer] = rules[1][0]
+    assert selects(check_peer, chart.tunnels_deployment(manifests))
+    assert not selects(check_peer, chart.proxy_deployment(manifests))
+    # nothing else moves: the hub still serves on 8081
+    assert chart.container(chart.hub_deployment(manifests), "hub")["ports"] == [
+        {"name": "http", "containerPort": 8081, "protocol": "TCP"}]
 
 
 def test_network_policies_can_be_left_out(values):
@@ -620,12 +705,20 @@ def test_hub_deployment(manifests):
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/hub/health", "port": "http"}
     assert container["ports"] == [{"name": "http", "containerPort": 8081, "protocol": "TCP"}]
-    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    assert mounts["/usr/local/etc/jupyterhub"] == "config"
-    assert mounts["/srv/jupyterhub"] == "hub-data"
-    assert mounts["/tmp"] == "tmp"
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/usr/local/etc/jupyterhub"] == {
+        "name": "config", "mountPath": "/usr/local/etc/jupyterhub", "readOnly": True}
+    assert mounts["/srv/jupyterhub"]["name"] == "hub-data"
+    assert mounts["/tmp"]["name"] == "tmp"
     volumes = {v["name"]: v for v in hub["spec"]["template"]["spec"]["volumes"]}
-    assert volumes["config"]["configMap"]["name"] == f"{FULLNAME}-hub"
+    # jupyterhub_config.py from the ConfigMap, values.json (it may hold secrets) from a Secret,
+    # in one directory: the config file reads values.json from its own directory
+    assert volumes["config"]["projected"]["sources"] == [
+        {"configMap": {"name": f"{FULLNAME}-hub", "items": [
+            {"key": "jupyterhub_config.py", "path": "jupyterhub_config.py"}]}},
+        {"secret": {"name": f"{FULLNAME}-hub-values", "items": [
+            {"key": "values.json", "path": "values.json", "mode": 0o440}]}},
+    ]
     assert volumes["hub-data"]["persistentVolumeClaim"]["claimName"] == f"{FULLNAME}-hub-db"
     assert hub["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
 
@@ -643,12 +736,23 @@ def test_hub_deployment(manifests):
     assert env["OAUTH_CLIENT_SECRET"] is None  # hub.extraEnv, from the user's own Secret
 
 
-def test_hub_restarts_for_config_alone(values):
-    """A hub.config change restarts the hub, but neither the proxy nor the tunnel service."""
+@pytest.mark.parametrize("changes", [
+    {"hub": {"config": {"JupyterHub": {"admin_users": ["alice", "bob"]}}}},
+    {"hub": {"config": {"GitHubOAuthenticator": {"client_secret": "rotated"}}}},
+    {"hub": {"extraConfig": {"10-limit": "c.JupyterHub.concurrent_spawn_limit = 5"}}},
+    {"spawner": {"maxCpus": 32}},
+], ids=["hub.config", "client secret", "hub.extraConfig", "spawner"])
+def test_hub_restarts_for_config_alone(values, changes):
+    """A change of values.json (now in the Secret <fullname>-hub-values, not the ConfigMap)
+    restarts the hub, but neither the proxy nor the tunnel service."""
     stored = chart.find(chart.render(values), "Secret", f"{FULLNAME}-secret")
     before = chart.render(values, existing=[stored])
-    after = chart.render(with_changes(values, {"hub": {"config": {"JupyterHub": {
-        "admin_users": ["alice", "bob"]}}}}), existing=[stored])
+    after = chart.render(with_changes(values, changes), existing=[stored])
+    # what changed is values.json alone: the ConfigMap stays, the hub-values Secret does not
+    assert (chart.find(before, "ConfigMap", f"{FULLNAME}-hub")
+            == chart.find(after, "ConfigMap", f"{FULLNAME}-hub"))
+    assert (chart.secret_data(before, f"{FULLNAME}-hub-values")
+            != chart.secret_data(after, f"{FULLNAME}-hub-values"))
 
     def annotations(manifests, deployment):
         return deployment(manifests)["spec"]["template"]["metadata"]["annotations"]
@@ -733,3 +837,71 @@ def test_readme_shows_the_tested_values_file():
     readme = (chart.REPO / "README.md").read_text()
     fixture = chart.SLURM_VALUES.read_text()
     assert f"```yaml\n{fixture}```" in readme
+
+
+def helm_section(readme: str) -> str:
+    return readme.split("## Install with Helm", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_check_command_matches_the_chart(manifests):
+    """The README's check command: the chart's Deployment name, config path and check port, and
+    $HUB_SPAWNER_POD_IP expanded by the pod's shell (sh -c '...'), not the local one."""
+    import shlex
+
+    section = helm_section((chart.REPO / "README.md").read_text())
+    command = next(block for block in re.findall(r"```sh\n(.*?)```", section, re.S)
+                   if "hub_spawner check" in block)
+    argv = shlex.split(command.replace("\\\n", " "))
+    assert argv[:8] == ["kubectl", "-n", chart.NAMESPACE, "exec", "deploy/<fullname>-hub", "--",
+                        "sh", "-c"], argv
+    assert len(argv) == 9
+    assert argv[4].replace("<fullname>", chart.fullname(manifests)) == (
+        f"deploy/{chart.hub_deployment(manifests)['metadata']['name']}")
+    assert "$HUB_SPAWNER_POD_IP" in command.split("'")[1]  # inside the single quotes
+    defaults = yaml.safe_load((chart.CHART_DIR / "values.yaml").read_text())
+    # run the pod's side with a stand-in python: what the check's command line would be
+    script = 'python() { printf "%s\\n" "$@"; }\n' + argv[8]
+    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30,
+                            env={"PATH": os.environ["PATH"], "HUB_SPAWNER_POD_IP": "10.1.2.3"},
+                            check=True)
+    assert result.stdout.splitlines() == [
+        "-m", "hub_spawner", "check", "-f", chart.hub_command(manifests)[-1], "--user", "alice",
+        "--submit", "--hub-ip", "10.1.2.3", "--hub-port", str(defaults["hub"]["checkPort"])]
+    # and that config path is the projected config directory's jupyterhub_config.py
+    config = Path(chart.hub_command(manifests)[-1])
+    assert str(config.parent) == chart.HUB_CONFIG_DIR and config.name in chart.mounted_files(
+        manifests, chart.hub_deployment(manifests), "hub", chart.HUB_CONFIG_DIR)
+
+
+def test_readme_network_policies_and_values_secret():
+    section = " ".join(helm_section((chart.REPO / "README.md").read_text()).split())
+    assert ("its forward ports from the proxy and the hub" in section)
+    assert "the hub's `hub.checkPort` (8082) from the tunnel service" in section
+    assert "They land in a ConfigMap" not in section
+    assert "They land in the Secret `<fullname>-hub-values`" in section
+
+
+def test_tunnel_state_dir_and_its_unix_sockets(manifests):
+    """The service's --dir holds forwards.json and also its Unix sockets (ctl, m/*) and its lock,
+    all on the PVC: nothing is mounted inside it (a mount cannot split them: ctl sits in --dir
+    itself and forwards.json is replaced by rename), so the PVC's StorageClass must support
+    Unix sockets, and values.yaml, the PVC template and the README say so."""
+    tunnels = chart.tunnels_deployment(manifests)
+    command = chart.tunnels_command(manifests)
+    state = command[command.index("--dir") + 1]
+    mounts = chart.container(tunnels, "tunnels")["volumeMounts"]
+    [pvc_mount] = [m for m in mounts if state.startswith(m["mountPath"] + "/")]
+    assert pvc_mount["name"] == "state" and not pvc_mount.get("subPath")
+    assert not [m for m in mounts if m["mountPath"].startswith(state)]
+    volumes = {v["name"]: v for v in tunnels["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["state"]["persistentVolumeClaim"]["claimName"] == f"{FULLNAME}-tunnels-state"
+
+    values_yaml = (chart.CHART_DIR / "values.yaml").read_text()
+    tunnels_block = values_yaml.split("\ntunnels:\n", 1)[1].split("\n  pvc:", 1)[0]
+    template = (chart.CHART_DIR / "templates" / "tunnels" / "pvc.yaml").read_text()
+    readme = " ".join(helm_section((chart.REPO / "README.md").read_text()).split())
+    for text in (" ".join(tunnels_block.replace("#", " ").split()), " ".join(template.split())):
+        assert "must support Unix sockets" in text, text
+        assert "ctl" in text and "m/" in text
+    assert "its StorageClass must support them" in readme
+    assert "Unix sockets" in readme

@@ -1,13 +1,14 @@
 """The Helm chart's three pods as three processes on this machine, against the lab.
 
 From the rendered manifests (values: the README's Slurm example, pointed at the lab) this takes
-the hub's jupyterhub_config.py and values.json (its ConfigMap), the hub's environment (its
-Deployment, secrets resolved from the rendered Secret), the proxy's and the tunnel service's
-command lines (their Deployments). It replaces only what a cluster would provide: the
-Kubernetes Service names become 127.0.0.1 ports, the pod's mount paths become the lab's key
-and known_hosts paths, and the tunnel service listens on 127.0.0.1 instead of its pod IP
-(``HUB_SPAWNER_TUNNEL_BIND_IP``, which the pod leaves at 0.0.0.0). Then: spawn, open a kernel
-websocket through the proxy, restart the hub, and the websocket lives on, as the chart promises.
+the hub's jupyterhub_config.py (its ConfigMap) and values.json (its values Secret), the hub's
+environment (its Deployment, secrets resolved from the rendered Secret), and the proxy's and
+the tunnel service's command lines (their Deployments). It replaces only what a cluster would
+provide: the Kubernetes Service names become 127.0.0.1 ports, the pod's mount paths become the
+lab's key and known_hosts paths, and the tunnel service listens on 127.0.0.1 instead of its pod
+IP (``HUB_SPAWNER_TUNNEL_BIND_IP``, which the pod leaves at 0.0.0.0). Then: spawn, open a
+kernel websocket through the proxy, restart the hub, and the websocket lives on, as the chart
+promises.
 
 No Kubernetes runs here: DNS, NetworkPolicy enforcement and volume modes are not exercised
 (tests/test_helm_chart.py checks the manifests offline).

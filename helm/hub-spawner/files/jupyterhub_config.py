@@ -4,7 +4,8 @@ It reads two things, so that the same file also runs outside Kubernetes:
 
 - ``values.json`` beside this file (or the file named by ``HUB_SPAWNER_CHART_VALUES``): the
   chart values it needs, ``{"cluster": {...}, "spawner": {...}, "hub": {"baseUrl", "config",
-  "extraConfig"}}``, written by the chart into the hub's ConfigMap;
+  "extraConfig"}}``, written by the chart into the Secret ``<fullname>-hub-values`` (hub.config
+  may hold secrets) and mounted beside this file, which is in the hub's ConfigMap;
 - environment variables, set by the hub Deployment, for every address and secret:
 
   - HUB_SPAWNER_HUB_BIND_URL -> JupyterHub.hub_bind_url (pod: ``http://:8081``)

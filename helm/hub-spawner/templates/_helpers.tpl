@@ -58,6 +58,7 @@ release: {{ .root.Release.Name }}
 {{- define "hub-spawner.proxyName" -}}{{ include "hub-spawner.fullname" . }}-proxy{{- end }}
 {{- define "hub-spawner.tunnelsName" -}}{{ include "hub-spawner.fullname" . }}-tunnels{{- end }}
 {{- define "hub-spawner.secretName" -}}{{ include "hub-spawner.fullname" . }}-secret{{- end }}
+{{- define "hub-spawner.hubValuesName" -}}{{ include "hub-spawner.fullname" . }}-hub-values{{- end }}
 {{- define "hub-spawner.knownHostsName" -}}
 {{ include "hub-spawner.fullname" . }}-known-hosts
 {{- end }}
@@ -271,7 +272,7 @@ imagePullSecrets:
 {{- end }}
 
 {{/*
-The values files/jupyterhub_config.py reads (values.json in the hub's ConfigMap).
+The values files/jupyterhub_config.py reads (values.json in the Secret <fullname>-hub-values).
 */}}
 {{- define "hub-spawner.hubValuesJson" -}}
 {{- $cluster := omit .Values.cluster "knownHosts" }}
