@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import json
 import os
 import threading
@@ -35,6 +36,8 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 CHART_DIR = REPO / "helm" / "hub-spawner"
 SLURM_VALUES = REPO / "tests" / "fixtures" / "helm" / "values-slurm.yaml"
+#: An overlay for SLURM_VALUES: identity.mode certificate (helm ... -f values-slurm.yaml -f this).
+CERTIFICATE_VALUES = REPO / "tests" / "fixtures" / "helm" / "values-certificate.yaml"
 RELEASE = "hub"
 NAMESPACE = "jhub"
 
@@ -52,9 +55,27 @@ def _helm():
     return helm_python
 
 
-def load_values(path: str | os.PathLike[str] = SLURM_VALUES) -> dict[str, Any]:
-    """A values file as a dict."""
-    return yaml.safe_load(Path(path).read_text()) or {}
+def load_values(*paths: str | os.PathLike[str]) -> dict[str, Any]:
+    """Values files as one dict (default: SLURM_VALUES), each merged over the ones before it as
+    ``helm -f first -f second`` does: mappings key by key, anything else replaced, and a null
+    deleting the key."""
+    values: dict[str, Any] = {}
+    for path in paths or (SLURM_VALUES,):
+        values = merge_values(values, yaml.safe_load(Path(path).read_text()) or {})
+    return values
+
+
+def merge_values(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """``overlay`` merged over ``base`` (neither is changed), as Helm merges values files."""
+    result = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if value is None:
+            result.pop(key, None)
+        elif isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merge_values(result[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
 
 
 # --- rendering ---------------------------------------------------------------------------------
@@ -182,6 +203,24 @@ def container(deployment: Manifest, name: str) -> dict[str, Any]:
         if item["name"] == name:
             return item
     raise KeyError(f"no container {name!r} in Deployment {deployment['metadata']['name']}")
+
+
+def pod_volumes(deployment: Manifest) -> dict[str, dict[str, Any]]:
+    """A Deployment's pod volumes by name."""
+    return {v["name"]: v for v in deployment["spec"]["template"]["spec"].get("volumes", [])}
+
+
+def volume_mounts(deployment: Manifest, name: str) -> dict[str, dict[str, Any]]:
+    """A container's (or initContainer's) volumeMounts by mount path."""
+    return {m["mountPath"]: m for m in container(deployment, name).get("volumeMounts", [])}
+
+
+def init_container_names(deployment: Manifest) -> list[str]:
+    return [c["name"] for c in deployment["spec"]["template"]["spec"].get("initContainers", [])]
+
+
+def container_names(deployment: Manifest) -> list[str]:
+    return [c["name"] for c in deployment["spec"]["template"]["spec"]["containers"]]
 
 
 def hub_deployment(manifests: list[Manifest]) -> Manifest:

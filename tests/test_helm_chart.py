@@ -46,20 +46,9 @@ def manifests(values) -> list[dict]:
 
 
 def with_changes(values: dict, changes: dict) -> dict:
-    """``values`` with ``changes`` merged in (dicts recursively; None deletes a key)."""
-    result = copy.deepcopy(values)
-
-    def merge(into: dict, update: dict) -> None:
-        for key, value in update.items():
-            if value is None:
-                into.pop(key, None)
-            elif isinstance(value, dict) and isinstance(into.get(key), dict):
-                merge(into[key], value)
-            else:
-                into[key] = copy.deepcopy(value)
-
-    merge(result, changes)
-    return result
+    """``values`` with ``changes`` merged in (dicts recursively; None deletes a key), as
+    ``helm -f values -f changes`` merges them."""
+    return chart.merge_values(values, changes)
 
 
 # A variant that takes the other branches of the templates.
@@ -71,6 +60,18 @@ VARIANT = {
     "networkPolicy": {"enabled": False},
     "tunnels": {"forwardPorts": {"low": 21000, "high": 21099}, "pvc": {"storageClassName": "ssd"}},
 }
+
+# The identity modes (identity.mode), as changes to the Slurm values. Certificate: the README's
+# overlay file (values-certificate.yaml) alone.
+CERTIFICATE = chart.load_values(chart.CERTIFICATE_VALUES)
+AUTH_STATE = {"identity": {"mode": "authState", "authState": {
+    "keyName": "ssh_key", "certificateName": "ssh_certificate"}}}
+MODES = {"keys": {}, "certificate": CERTIFICATE, "authState": AUTH_STATE}
+CA_KEY_PATH = "/etc/hub_spawner/ca/ca"
+
+# What lint, the Kubernetes schemas and yamllint check: the Slurm values, the variant, and the
+# Slurm values in each other identity mode.
+VARIANTS = {"slurm": {}, "variant": VARIANT, "certificate": CERTIFICATE, "authState": AUTH_STATE}
 
 
 # --- render, lint, schema ----------------------------------------------------------------------
@@ -97,9 +98,10 @@ def test_renders_every_object(manifests):
     ])
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
-def test_lint_strict(values, kube_version):
-    report = chart.lint(values, kube_version=f"v{kube_version}")
+def test_lint_strict(values, kube_version, variant):
+    report = chart.lint(with_changes(values, VARIANTS[variant]), kube_version=f"v{kube_version}")
     assert report["errors"] == []
     # strict: warnings count; only the informational "icon is recommended" may remain
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
@@ -131,6 +133,25 @@ SCHEMA_REJECTIONS = [
     ("check port not an integer", {"hub": {"checkPort": "8082"}}, "/hub/checkPort",
      "want integer"),
     ("check port below 1024", {"hub": {"checkPort": 80}}, "/hub/checkPort", "want 1,024"),
+    ("unknown identity mode", {"identity": {"mode": "password"}}, "/identity/mode",
+     "'keys', 'certificate', 'authState'"),
+    ("certificate mode without CA secret name", {"identity": {"mode": "certificate"}},
+     "/identity/caKeySecret/name", "minLength"),
+    ("CA secret key not a Secret key", {"identity": {"caKeySecret": {"key": "ca/key"}}},
+     "/identity/caKeySecret/key", "does not match pattern"),
+    ("unknown CA secret key", {"identity": {"caKeySecret": {"secret": "x"}}},
+     "/identity/caKeySecret", "additional properties 'secret'"),
+    ("certificate minutes 0", {"identity": {"certificateMinutes": 0}},
+     "/identity/certificateMinutes", "minimum: got 0, want 1"),
+    ("certificate minutes above a day", {"identity": {"certificateMinutes": 1441}},
+     "/identity/certificateMinutes", "want 1,440"),
+    ("certificate minutes not a number", {"identity": {"certificateMinutes": "10"}},
+     "/identity/certificateMinutes", "want number"),
+    ("auth_state mode without key name", {"identity": {"mode": "authState"}},
+     "/identity/authState/keyName", "minLength"),
+    ("unknown auth_state key", {"identity": {"authState": {"key": "ssh_key"}}},
+     "/identity/authState", "additional properties 'key'"),
+    ("crypt key not hex", {"hub": {"cryptKey": "not-hex"}}, "/hub/cryptKey", ""),
 ]
 
 
@@ -172,11 +193,10 @@ def kubernetes_validate() -> str:
     return found
 
 
-@pytest.mark.parametrize("variant", [False, True], ids=["slurm", "variant"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 def test_manifests_validate_against_kubernetes(values, tmp_path, kube_version, variant):
-    if variant:
-        values = with_changes(values, VARIANT)
+    values = with_changes(values, VARIANTS[variant])
     count = len(chart.render(values))
     rendered = tmp_path / "rendered.yaml"
     rendered.write_text(chart.render_yaml(values))
@@ -204,13 +224,12 @@ rules:
 """
 
 
-@pytest.mark.parametrize("variant", [False, True], ids=["slurm", "variant"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_rendered_yaml_lints_clean(values, variant):
     from yamllint import linter
     from yamllint.config import YamlLintConfig
 
-    if variant:
-        values = with_changes(values, VARIANT)
+    values = with_changes(values, VARIANTS[variant])
     text = chart.render_yaml(values)
     problems = list(linter.run(text, YamlLintConfig(YAMLLINT_CONFIG)))
     lines = text.splitlines()
@@ -376,10 +395,11 @@ def test_base_url_reaches_config_probes_and_proxy(values, tmp_path):
 
 def test_generated_secrets(manifests):
     secrets = chart.secret_data(manifests)
-    assert set(secrets) == {"hub.cookie-secret", "proxy.auth-token", "tunnels.token"}
+    assert set(secrets) == {"hub.cookie-secret", "hub.crypt-key", "proxy.auth-token",
+                            "tunnels.token"}
     for value in secrets.values():
         assert re.fullmatch("[0-9a-f]{64}", value)  # 32 random bytes, hex
-    assert len(set(secrets.values())) == 3
+    assert len(set(secrets.values())) == 4
     # the pods' restart checksums are of the very values in the Secret (computed once)
     proxy = chart.proxy_deployment(manifests)["spec"]["template"]["metadata"]["annotations"]
     assert proxy["checksum/auth-token"] == hashlib.sha256(
@@ -397,11 +417,12 @@ def test_generated_secrets(manifests):
 
 
 def test_user_provided_secrets_are_used(values):
-    given = {"hub": {"cookieSecret": "ab" * 32}, "proxy": {"secretToken": "p" * 40},
-             "tunnels": {"token": "t" * 48}}
+    given = {"hub": {"cookieSecret": "ab" * 32, "cryptKey": "cd" * 32},
+             "proxy": {"secretToken": "p" * 40}, "tunnels": {"token": "t" * 48}}
     manifests = chart.render(with_changes(values, given))
     assert chart.secret_data(manifests) == {
-        "hub.cookie-secret": "ab" * 32, "proxy.auth-token": "p" * 40, "tunnels.token": "t" * 48}
+        "hub.cookie-secret": "ab" * 32, "hub.crypt-key": "cd" * 32, "proxy.auth-token": "p" * 40,
+        "tunnels.token": "t" * 48}
     env = chart.hub_env(manifests)
     assert (env["JPY_COOKIE_SECRET"], env["CONFIGPROXY_AUTH_TOKEN"],
             env["HUB_SPAWNER_TUNNEL_TOKEN"]) == ("ab" * 32, "p" * 40, "t" * 48)
@@ -689,6 +710,286 @@ def test_keys_copy_script_makes_private_copies(manifests, tmp_path):
     assert stat.S_IMODE((keys / "alice").stat().st_mode) == 0o600
 
 
+# --- identity modes ----------------------------------------------------------------------------
+
+
+def key_material(manifests: list[dict], deployment: dict) -> dict:
+    """What of a pod has to do with SSH identities: its Secret volumes (other than the hub's
+    config), its Memory emptyDirs, the initContainers and sidecars that copy them, and the main
+    container's mounts under /etc/hub_spawner other than known_hosts."""
+    name = deployment["spec"]["template"]["metadata"]["labels"]["component"]
+    volumes = chart.pod_volumes(deployment)
+    return {
+        "secrets": sorted(n for n, v in volumes.items() if "secret" in v),
+        "memory": sorted(n for n, v in volumes.items()
+                         if v.get("emptyDir", {}).get("medium") == "Memory"),
+        "init": chart.init_container_names(deployment),
+        "sidecars": [c for c in chart.container_names(deployment) if c != name],
+        "mounts": sorted(path for path in chart.volume_mounts(deployment, name)
+                         if path.startswith("/etc/hub_spawner/")
+                         and path != "/etc/hub_spawner/known_hosts"),
+    }
+
+
+NO_KEY_MATERIAL = {"secrets": [], "memory": [], "init": [], "sidecars": [], "mounts": []}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_identity_mode_mounts(values, mode):
+    """keys: the keys Secret in the hub and tunnels pods. certificate: the CA key Secret in the
+    hub pod only (the tunnel service gets each connection's key over the control API).
+    authState: nothing in either pod."""
+    manifests = chart.render(with_changes(values, MODES[mode]))
+    hub, tunnels = chart.hub_deployment(manifests), chart.tunnels_deployment(manifests)
+    keys = {"secrets": ["keys-staging"], "memory": ["keys"], "init": ["keys-init"],
+            "sidecars": ["keys-sync"], "mounts": ["/etc/hub_spawner/keys"]}
+    expected = {
+        "keys": (keys, keys),
+        "certificate": ({"secrets": ["ca-staging"], "memory": ["ca"], "init": ["ca-init"],
+                         "sidecars": [], "mounts": ["/etc/hub_spawner/ca"]}, NO_KEY_MATERIAL),
+        "authState": (NO_KEY_MATERIAL, NO_KEY_MATERIAL),
+    }[mode]
+    assert (key_material(manifests, hub), key_material(manifests, tunnels)) == expected
+    # whatever the mode, both pods check the login node's host keys, and /tmp is writable
+    for deployment, name in ((hub, "hub"), (tunnels, "tunnels")):
+        mounts = chart.volume_mounts(deployment, name)
+        assert mounts["/etc/hub_spawner/known_hosts"]["name"] == "known-hosts"
+        assert mounts["/tmp"]["name"] == "tmp"
+    # the tunnels pod's spec names no Secret but the chart's own (its control token)
+    if mode != "keys":
+        secrets = set(re.findall(r"'(?:secretName|name)': '([^']+)'", str(tunnels["spec"])))
+        assert "hub-ssh-keys" not in secrets and "hub-ssh-ca" not in secrets
+        assert "initContainers" not in tunnels["spec"]["template"]["spec"]
+        env = chart.hub_env(manifests)
+        assert "HUB_SPAWNER_SSH_KEY_PATH_TEMPLATE" not in env
+    if mode == "authState":
+        assert "initContainers" not in hub["spec"]["template"]["spec"]
+
+
+def test_certificate_mode_ca_key_in_the_hub_pod(values):
+    manifests = chart.render(with_changes(values, CERTIFICATE))
+    hub = chart.hub_deployment(manifests)
+    volumes = chart.pod_volumes(hub)
+    # only the one key of the Secret, as the file "ca", 0400 in the staging volume
+    assert volumes["ca-staging"]["secret"] == {
+        "secretName": "hub-ssh-ca", "defaultMode": 0o400,
+        "items": [{"key": "ca", "path": "ca"}]}
+    assert volumes["ca"]["emptyDir"]["medium"] == "Memory"
+    env = chart.hub_env(manifests)
+    assert env["HUB_SPAWNER_SSH_CA_KEY_PATH"] == CA_KEY_PATH
+    mount = chart.volume_mounts(hub, "hub")[os.path.dirname(CA_KEY_PATH)]
+    assert mount == {"name": "ca", "mountPath": "/etc/hub_spawner/ca", "subPath": "ca",
+                     "readOnly": True}
+    assert "/etc/hub_spawner/ca-staging" not in chart.volume_mounts(hub, "hub")
+
+    init = chart.container(hub, "ca-init")
+    assert init["securityContext"]["runAsUser"] == 1000
+    assert init["image"] == chart.container(hub, "hub")["image"]
+    assert {p: m["name"] for p, m in chart.volume_mounts(hub, "ca-init").items()} == {
+        "/etc/hub_spawner/ca-staging": "ca-staging", "/ca-rw": "ca"}
+    assert chart.volume_mounts(hub, "ca-init")["/etc/hub_spawner/ca-staging"]["readOnly"]
+    # the keys-init mechanism: the same script, other directories
+    keys_script = chart.container(chart.hub_deployment(chart.render(values)), "keys-init")[
+        "args"][0]
+    assert init["args"][0] == keys_script.replace("keys-staging", "ca-staging").replace(
+        "/keys-rw/keys", "/ca-rw/ca")
+
+    # another key name in the Secret: still the file "ca"
+    other = chart.render(with_changes(values, with_changes(CERTIFICATE, {
+        "identity": {"caKeySecret": {"name": "site-ca", "key": "id_ed25519"}}})))
+    assert chart.pod_volumes(chart.hub_deployment(other))["ca-staging"]["secret"]["items"] == [
+        {"key": "id_ed25519", "path": "ca"}]
+    assert chart.pod_volumes(chart.hub_deployment(other))["ca-staging"]["secret"][
+        "secretName"] == "site-ca"
+
+
+def test_ca_init_makes_a_private_copy_the_spawner_accepts(values, tmp_path):
+    """The ca-init script, run here on a staging directory laid out as the Secret volume is
+    (the item "ca" a symlink into ..data, group-readable as with fsGroup): the copy sits where
+    the hub container's mount (subPath) puts it at HUB_SPAWNER_SSH_CA_KEY_PATH, mode 0600 and
+    owned by the pod's user, and hub_spawner.identity reads it as a private key."""
+    import asyncssh
+
+    from hub_spawner import identity
+
+    manifests = chart.render(with_changes(values, CERTIFICATE))
+    hub = chart.hub_deployment(manifests)
+    script = chart.container(hub, "ca-init")["args"][0]
+    staging, emptydir = tmp_path / "staging", tmp_path / "emptydir"
+    data = staging / "..2024_01_01"
+    data.mkdir(parents=True)
+    emptydir.mkdir()
+    ca = asyncssh.generate_private_key("ssh-ed25519")
+    (data / "ca").write_bytes(ca.export_private_key())
+    (data / "ca").chmod(0o440)
+    (staging / "..data").symlink_to(data.name)
+    (staging / "ca").symlink_to("..data/ca")
+
+    script = script.replace("/etc/hub_spawner/ca-staging", str(staging)).replace(
+        "/ca-rw", str(emptydir))
+    subprocess.run(["sh", "-c", script], check=True, timeout=30)
+
+    mount = chart.volume_mounts(hub, "hub")["/etc/hub_spawner/ca"]
+    ca_path = Path(chart.hub_env(manifests)["HUB_SPAWNER_SSH_CA_KEY_PATH"])
+    copied = emptydir / mount["subPath"] / ca_path.relative_to(mount["mountPath"])
+    assert sorted(p.name for p in (emptydir / mount["subPath"]).iterdir()) == ["ca"]
+    assert stat.S_IMODE(copied.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(copied.stat().st_mode) == 0o600
+    assert copied.stat().st_uid == os.getuid() and not copied.is_symlink()
+    key = identity.read_private_key_file(str(copied), "SSH CA key")
+    assert key.public_data == ca.public_data
+
+
+def test_identity_mode_configuration(values, tmp_path):
+    """The rendered jupyterhub_config.py in each mode gives the spawner traits of that mode."""
+    from hub_spawner.spawner import SlurmSSHSpawner
+
+    c = chart.load_hub_config(chart.render(values), tmp_path / "keys")
+    assert c.SSHBatchSpawner.ssh_key_path_template == "/etc/hub_spawner/keys/{username}"
+    for unset in ("ssh_ca_key_path", "ssh_certificate_minutes", "auth_state_ssh_key",
+                  "auth_state_ssh_certificate"):
+        assert unset not in c.SSHBatchSpawner, unset
+    assert "enable_auth_state" not in c.Authenticator
+
+    manifests = chart.render(with_changes(values, CERTIFICATE))
+    c = chart.load_hub_config(manifests, tmp_path / "certificate")
+    assert c.SSHBatchSpawner.ssh_ca_key_path == CA_KEY_PATH
+    assert c.SSHBatchSpawner.ssh_certificate_minutes == 10
+    assert "ssh_key_path_template" not in c.SSHBatchSpawner
+    assert "auth_state_ssh_key" not in c.SSHBatchSpawner
+    assert "enable_auth_state" not in c.Authenticator
+    live = SlurmSSHSpawner(config=c)
+    assert (live.ssh_ca_key_path, live.ssh_certificate_minutes) == (CA_KEY_PATH, 10)
+    # another validity, fractional too (the trait is a Float)
+    c = chart.load_hub_config(chart.render(with_changes(values, with_changes(
+        CERTIFICATE, {"identity": {"certificateMinutes": 2.5}}))), tmp_path / "minutes")
+    assert SlurmSSHSpawner(config=c).ssh_certificate_minutes == 2.5
+
+    manifests = chart.render(with_changes(values, AUTH_STATE))
+    c = chart.load_hub_config(manifests, tmp_path / "auth_state")
+    assert c.Authenticator.enable_auth_state is True
+    assert c.SSHBatchSpawner.auth_state_ssh_key == "ssh_key"
+    assert c.SSHBatchSpawner.auth_state_ssh_certificate == "ssh_certificate"
+    assert "ssh_ca_key_path" not in c.SSHBatchSpawner
+    assert "ssh_key_path_template" not in c.SSHBatchSpawner
+    live = SlurmSSHSpawner(config=c)
+    assert (live.auth_state_ssh_key, live.auth_state_ssh_certificate) == (
+        "ssh_key", "ssh_certificate")
+    from jupyterhub.auth import Authenticator
+
+    assert Authenticator(config=c).enable_auth_state is True
+    # the certificate's auth_state key is optional
+    c = chart.load_hub_config(chart.render(with_changes(values, with_changes(
+        AUTH_STATE, {"identity": {"authState": {"certificateName": None}}}))), tmp_path / "nc")
+    assert c.SSHBatchSpawner.auth_state_ssh_key == "ssh_key"
+    assert "auth_state_ssh_certificate" not in c.SSHBatchSpawner
+
+
+def test_auth_state_mode_crypt_key(values):
+    """JUPYTERHUB_CRYPT_KEY: the generated hub.crypt-key (kept on upgrade like the cookie
+    secret), given to the hub in mode authState only, and one JupyterHub accepts."""
+    from jupyterhub.crypto import CryptKeeper
+
+    for mode in ("keys", "certificate"):
+        manifests = chart.render(with_changes(values, MODES[mode]))
+        assert "JUPYTERHUB_CRYPT_KEY" not in chart.hub_env(manifests), mode
+    manifests = chart.render(with_changes(values, AUTH_STATE))
+    key = chart.secret_data(manifests)["hub.crypt-key"]
+    assert chart.hub_env(manifests)["JUPYTERHUB_CRYPT_KEY"] == key
+    assert "JUPYTERHUB_CRYPT_KEY" not in chart.tunnels_env(manifests)
+    with chart.environment({"JUPYTERHUB_CRYPT_KEY": key}):
+        assert CryptKeeper().keys == [bytes.fromhex(key)]
+
+    stored = chart.find(manifests, "Secret", f"{FULLNAME}-secret")
+    upgraded = chart.render(with_changes(values, AUTH_STATE), existing=[stored])
+    assert chart.hub_env(upgraded)["JUPYTERHUB_CRYPT_KEY"] == key
+    # kept while another mode is in use, so switching back loses no auth_state
+    other = chart.render(values, existing=[stored])
+    assert chart.secret_data(other)["hub.crypt-key"] == key
+
+    # given: a rotation list (the first encrypts, all decrypt)
+    rotated = "ab" * 32 + ";" + key
+    manifests = chart.render(with_changes(values, with_changes(
+        AUTH_STATE, {"hub": {"cryptKey": rotated}})), existing=[stored])
+    assert chart.hub_env(manifests)["JUPYTERHUB_CRYPT_KEY"] == rotated
+    with chart.environment({"JUPYTERHUB_CRYPT_KEY": rotated}):
+        assert CryptKeeper().keys == [bytes.fromhex("ab" * 32), bytes.fromhex(key)]
+
+    # the site's own, via hub.extraEnv: it replaces the chart's (no duplicate variable)
+    own = {"name": "JUPYTERHUB_CRYPT_KEY", "valueFrom": {"secretKeyRef": {
+        "name": "site-crypt", "key": "key"}}}
+    manifests = chart.render(with_changes(values, with_changes(
+        AUTH_STATE, {"hub": {"extraEnv": [*values["hub"]["extraEnv"], own]}})))
+    env = chart.container(chart.hub_deployment(manifests), "hub")["env"]
+    assert [item for item in env if item["name"] == "JUPYTERHUB_CRYPT_KEY"] == [own]
+    assert "hub.extraEnv sets it" in chart.notes(with_changes(values, with_changes(
+        AUTH_STATE, {"hub": {"extraEnv": [own]}})))
+
+
+def test_identity_mode_configuration_refuses(values, tmp_path):
+    """The config file (also run outside Kubernetes) refuses a mode without what it needs."""
+    manifests = chart.render(with_changes(values, CERTIFICATE))
+    env = {**chart.hub_env(manifests), "HUB_SPAWNER_SSH_CA_KEY_PATH": None}
+    with pytest.raises(ValueError, match="identity.mode is certificate, but "
+                                         "HUB_SPAWNER_SSH_CA_KEY_PATH .* is not set"):
+        chart.load_hub_config(manifests, tmp_path / "1", env=env)
+
+    manifests = chart.render(with_changes(values, AUTH_STATE))
+    env = {**chart.hub_env(manifests), "JUPYTERHUB_CRYPT_KEY": None}
+    with pytest.raises(ValueError, match="identity.mode is authState, but JUPYTERHUB_CRYPT_KEY "
+                                         "is not set"):
+        chart.load_hub_config(manifests, tmp_path / "2", env=env)
+
+    # a CA key path without mode certificate would switch the spawner to certificates unseen
+    manifests = chart.render(values)
+    env = {**chart.hub_env(manifests), "HUB_SPAWNER_SSH_CA_KEY_PATH": CA_KEY_PATH}
+    with pytest.raises(ValueError, match="HUB_SPAWNER_SSH_CA_KEY_PATH is set, but identity.mode "
+                                         "is 'keys'"):
+        chart.load_hub_config(manifests, tmp_path / "3", env=env)
+
+    # values.json written by hand (outside Kubernetes): the mode and keyName are checked too
+    source, chart_values = chart.hub_config_files(manifests)
+    for identity, message in (({"mode": "ldap"}, "identity.mode: 'ldap' is not one of keys, "
+                                                 "certificate, authState"),
+                              ({"mode": "authState", "authState": {}},
+                               "identity.authState.keyName is empty")):
+        directory = tmp_path / identity["mode"]
+        directory.mkdir()
+        (directory / "values.json").write_text(json.dumps({**chart_values, "identity": identity}))
+        (directory / "jupyterhub_config.py").write_text(source)
+        from traitlets.config.loader import PyFileConfigLoader
+
+        with chart.environment({**chart.hub_env(manifests), "JUPYTERHUB_CRYPT_KEY": "ab" * 32}), \
+                pytest.raises(ValueError, match=re.escape(message)):
+            PyFileConfigLoader("jupyterhub_config.py", path=str(directory)).load_config()
+
+
+def test_identity_mode_change_restarts_tunnels_only_when_its_pod_changes(values):
+    """keys -> certificate changes the tunnels pod (its keys go); certificate -> authState
+    leaves it as it is (it holds no key in either), so its connections stay."""
+    stored = chart.find(chart.render(values), "Secret", f"{FULLNAME}-secret")
+    rendered = {mode: chart.render(with_changes(values, changes), existing=[stored])
+                for mode, changes in MODES.items()}
+    assert (chart.tunnels_deployment(rendered["keys"])
+            != chart.tunnels_deployment(rendered["certificate"]))
+    assert (chart.tunnels_deployment(rendered["certificate"])
+            == chart.tunnels_deployment(rendered["authState"]))
+    assert (chart.hub_deployment(rendered["certificate"])
+            != chart.hub_deployment(rendered["authState"]))
+
+
+def test_notes_per_identity_mode(values):
+    text = chart.notes(with_changes(values, CERTIFICATE))
+    assert "kubectl -n jhub create secret generic hub-ssh-ca" in text
+    assert "--from-file=ca=./hub_ca" in text
+    assert "TrustedUserCAKeys /etc/ssh/hub_ca.pub" in text
+    assert "hub-ssh-keys" not in text and "authorized_keys" not in text
+    text = chart.notes(with_changes(values, AUTH_STATE))
+    assert 'auth_state["ssh_key"]' in text and 'auth_state["ssh_certificate"]' in text
+    assert f"hub.crypt-key of the Secret {FULLNAME}-secret" in text
+    assert "hub-ssh-keys" not in text and "hub-ssh-ca" not in text
+
+
 # --- hub and proxy Deployments and Services ----------------------------------------------------
 
 
@@ -837,6 +1138,15 @@ def test_readme_shows_the_tested_values_file():
     readme = (chart.REPO / "README.md").read_text()
     fixture = chart.SLURM_VALUES.read_text()
     assert f"```yaml\n{fixture}```" in readme
+
+
+def test_readme_shows_the_certificate_mode():
+    section = helm_section((chart.REPO / "README.md").read_text())
+    assert f"```yaml\n{chart.CERTIFICATE_VALUES.read_text()}```" in section
+    assert "kubectl create secret generic hub-ssh-ca --from-file=ca=./hub_ca" in section
+    assert "kubectl -n jhub create secret generic hub-ssh-ca --from-file=ca=./hub_ca" in section
+    assert "TrustedUserCAKeys /etc/ssh/hub_ca.pub" in section
+    assert "-f values-slurm.yaml -f values-certificate.yaml" in section
 
 
 def helm_section(readme: str) -> str:

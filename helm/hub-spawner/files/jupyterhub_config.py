@@ -3,9 +3,10 @@
 It reads two things, so that the same file also runs outside Kubernetes:
 
 - ``values.json`` beside this file (or the file named by ``HUB_SPAWNER_CHART_VALUES``): the
-  chart values it needs, ``{"cluster": {...}, "spawner": {...}, "hub": {"baseUrl", "config",
-  "extraConfig"}}``, written by the chart into the Secret ``<fullname>-hub-values`` (hub.config
-  may hold secrets) and mounted beside this file, which is in the hub's ConfigMap;
+  chart values it needs, ``{"cluster": {...}, "identity": {"mode", ...}, "spawner": {...},
+  "hub": {"baseUrl", "config", "extraConfig"}}``, written by the chart into the Secret
+  ``<fullname>-hub-values`` (hub.config may hold secrets) and mounted beside this file, which
+  is in the hub's ConfigMap;
 - environment variables, set by the hub Deployment, for every address and secret:
 
   - HUB_SPAWNER_HUB_BIND_URL -> JupyterHub.hub_bind_url (pod: ``http://:8081``)
@@ -22,12 +23,22 @@ It reads two things, so that the same file also runs outside Kubernetes:
     (``<fullname>-tunnels``, the headless Service: the proxy's way to each forward)
   - HUB_SPAWNER_TUNNEL_BIND_IP -> SSHBatchSpawner.tunnel_bind_ip (default here: ``0.0.0.0``)
   - HUB_SPAWNER_SSH_KEY_PATH_TEMPLATE -> SSHBatchSpawner.ssh_key_path_template
-    (``/etc/hub_spawner/keys/{username}``)
+    (``/etc/hub_spawner/keys/{username}``; identity.mode keys)
+  - HUB_SPAWNER_SSH_CA_KEY_PATH -> SSHBatchSpawner.ssh_ca_key_path
+    (``/etc/hub_spawner/ca/ca``; identity.mode certificate, where it is required)
+  - JUPYTERHUB_CRYPT_KEY: the auth_state encryption key, read by JupyterHub itself; required
+    with identity.mode authState
   - HUB_SPAWNER_KNOWN_HOSTS_PATH -> SSHBatchSpawner.known_hosts_path
     (``/etc/hub_spawner/known_hosts``)
 
   An unset variable leaves the setting at JupyterHub's or the spawner's default, except
   HUB_SPAWNER_TUNNEL_BIND_IP, whose default here is 0.0.0.0.
+
+identity.mode (values.json) picks how the spawner logs in as each cluster user: ``keys`` (a key
+file per user, ssh_key_path_template), ``certificate`` (ssh_ca_key_path from the environment,
+ssh_certificate_minutes from identity.certificateMinutes) or ``authState`` (auth_state_ssh_key /
+auth_state_ssh_certificate from identity.authState.keyName / certificateName, and
+Authenticator.enable_auth_state = True).
 
 Order: the chart's settings, then ``hub.config`` ({Class: {trait: value}}, applied onto ``c``),
 then each ``hub.extraConfig`` snippet in sorted name order (with ``c`` and ``chart_values`` in
@@ -88,6 +99,7 @@ def set_traits(section: str, cls: type, settings: dict, where: str) -> None:
 
 chart_values = load_values()
 cluster = chart_values.get("cluster", {})
+identity = chart_values.get("identity", {})
 spawner_values = dict(chart_values.get("spawner", {}))
 hub_values = chart_values.get("hub", {})
 
@@ -122,11 +134,47 @@ ENV_SETTINGS = [
     ("HUB_SPAWNER_TUNNEL_TOKEN", "SSHBatchSpawner", "tunnel_service_token"),
     ("HUB_SPAWNER_TUNNEL_CONNECT_HOST", "SSHBatchSpawner", "tunnel_connect_host"),
     ("HUB_SPAWNER_SSH_KEY_PATH_TEMPLATE", "SSHBatchSpawner", "ssh_key_path_template"),
+    ("HUB_SPAWNER_SSH_CA_KEY_PATH", "SSHBatchSpawner", "ssh_ca_key_path"),
     ("HUB_SPAWNER_KNOWN_HOSTS_PATH", "SSHBatchSpawner", "known_hosts_path"),
 ]
 for variable, section, trait in ENV_SETTINGS:
     if os.environ.get(variable):
         c[section][trait] = os.environ[variable]
+
+# --- the SSH identity (identity.mode) ----------------------------------------------------------
+IDENTITY_MODES = ("keys", "certificate", "authState")
+identity_mode = identity.get("mode", "keys")
+if identity_mode not in IDENTITY_MODES:
+    raise ValueError(
+        f"identity.mode: {identity_mode!r} is not one of {', '.join(IDENTITY_MODES)}"
+    )
+if os.environ.get("HUB_SPAWNER_SSH_CA_KEY_PATH") and identity_mode != "certificate":
+    raise ValueError(
+        f"HUB_SPAWNER_SSH_CA_KEY_PATH is set, but identity.mode is {identity_mode!r}: "
+        "the CA key is used in mode certificate only"
+    )
+if identity_mode == "certificate":
+    if not os.environ.get("HUB_SPAWNER_SSH_CA_KEY_PATH"):
+        raise ValueError(
+            "identity.mode is certificate, but HUB_SPAWNER_SSH_CA_KEY_PATH (the SSH user-CA "
+            "private key, ssh_ca_key_path) is not set"
+        )
+    if "certificateMinutes" in identity:
+        c.SSHBatchSpawner.ssh_certificate_minutes = identity["certificateMinutes"]
+elif identity_mode == "authState":
+    auth_state = identity.get("authState", {})
+    if not auth_state.get("keyName"):
+        raise ValueError("identity.mode is authState, but identity.authState.keyName is empty")
+    if not os.environ.get("JUPYTERHUB_CRYPT_KEY"):
+        raise ValueError(
+            "identity.mode is authState, but JUPYTERHUB_CRYPT_KEY is not set: auth_state (the "
+            "users' SSH keys) is stored encrypted with it"
+        )
+    c.Authenticator.enable_auth_state = True
+    c.SSHBatchSpawner.auth_state_ssh_key = auth_state["keyName"]
+    if auth_state.get("certificateName"):
+        c.SSHBatchSpawner.auth_state_ssh_certificate = auth_state["certificateName"]
+
 # The tunnel service listens on all of its pod's addresses; the proxy connects to
 # tunnel_connect_host (the tunnel service's headless Service name).
 c.SSHBatchSpawner.tunnel_bind_ip = os.environ.get("HUB_SPAWNER_TUNNEL_BIND_IP", "0.0.0.0")

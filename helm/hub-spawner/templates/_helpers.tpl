@@ -92,7 +92,7 @@ Computed once per render and cached, so that the Secret and the pods' checksum a
 {{- $existing = $secret.data | default dict }}
 {{- end }}
 {{- $values := dict }}
-{{- range $key, $given := dict "hub.cookie-secret" .Values.hub.cookieSecret "proxy.auth-token" .Values.proxy.secretToken "tunnels.token" .Values.tunnels.token }}
+{{- range $key, $given := dict "hub.cookie-secret" .Values.hub.cookieSecret "hub.crypt-key" .Values.hub.cryptKey "proxy.auth-token" .Values.proxy.secretToken "tunnels.token" .Values.tunnels.token }}
 {{- if $given }}
 {{- $_ := set $values $key $given }}
 {{- else if hasKey $existing $key }}
@@ -108,16 +108,40 @@ Computed once per render and cached, so that the Secret and the pods' checksum a
 {{- end }}
 
 {{/*
-Copies the keys from the Secret volume (staging, read-only) into the in-memory emptyDir the
-containers read: mode 0600, in a 0700 directory, owned by the pod's uid (1000). A key removed from
-the Secret is removed here too. Used by the initContainer (once) and the keys-sync sidecar
-(every identity.resyncSeconds).
+The identity mode (identity.mode): keys, certificate or authState. Which pod holds what:
+  keys:        the keys Secret, copied into memory, in the hub and tunnels pods (+ keys-sync);
+  certificate: the CA key Secret, copied into memory, in the hub pod only: the hub mints each
+               connection's key and certificate and hands the tunnel service its own over the
+               control API, so the tunnels pod holds no key material;
+  authState:   nothing: the key comes from the user's auth_state (JUPYTERHUB_CRYPT_KEY).
+*/}}
+{{- define "hub-spawner.identityMode" -}}
+{{ .Values.identity.mode | default "keys" }}
+{{- end }}
+
+{{/* "true" when hub.extraEnv sets the variable .name (call with (dict "root" $ "name" NAME)), else "". */}}
+{{- define "hub-spawner.extraEnvSets" -}}
+{{- $found := false }}
+{{- range .root.Values.hub.extraEnv }}
+{{- if eq .name $.name }}{{ $found = true }}{{ end }}
+{{- end }}
+{{- if $found }}true{{ end }}
+{{- end }}
+
+{{/* Where the hub reads the CA key in certificate mode (ssh_ca_key_path). */}}
+{{- define "hub-spawner.caKeyPath" -}}/etc/hub_spawner/ca/ca{{- end }}
+
+{{/*
+Copies the files of a Secret volume (staging, read-only) into a directory of the in-memory
+emptyDir the containers read: mode 0600, in a 0700 directory, owned by the pod's uid (1000). A
+file removed from the Secret is removed here too. Call with (dict "src" staging "dst" dir). Used
+by the initContainers (once) and the keys-sync sidecar (every identity.resyncSeconds).
 */}}
 {{- define "hub-spawner.keysCopyScript" -}}
 set -eu
 umask 077
-src=/etc/hub_spawner/keys-staging
-dst=/keys-rw/keys
+src={{ .src }}
+dst={{ .dst }}
 mkdir -p "$dst"
 chmod 0700 "$dst"
 for key in "$src"/*; do
@@ -161,34 +185,55 @@ seccompProfile:
 
 {{/*
 Why the copy: OpenSSH (the tunnel service runs `ssh -i /etc/hub_spawner/keys/<user>`) refuses a
-private key that its group or others can read, and a Secret volume in a pod with fsGroup is
-always group-readable (fsGroup adds g+r to defaultMode). So the Secret (defaultMode 0400) is
-mounted only at a staging path, in the keys containers (uid 1000 reads it through that very
-group bit: the pods' fsGroup is 1000), and copied into a Memory emptyDir.
-The emptyDir's own root is created by the kubelet (root, 0777), so the keys live in its
-subdirectory "keys", which the copy creates 0700 and owned by uid 1000, and which the main
-container mounts (subPath) read-only at /etc/hub_spawner/keys.
+private key that its group or others can read, and so does the spawner for the CA key
+(ssh_ca_key_path); and a Secret volume in a pod with fsGroup is always group-readable (fsGroup
+adds g+r to defaultMode). So the Secret (defaultMode 0400) is mounted only at a staging path, in
+the copying containers (uid 1000 reads it through that very group bit: the pods' fsGroup is
+1000), and copied into a Memory emptyDir.
+The emptyDir's own root is created by the kubelet (root, 0777), so the files live in its
+subdirectory (keys: "keys", the CA: "ca"), which the copy creates 0700 and owned by uid 1000, and
+which the main container mounts (subPath) read-only at /etc/hub_spawner/keys (/etc/hub_spawner/ca).
+
+Call with (dict "root" $ "name" initContainer "volume" emptyDir volume): the Secret volume is
+"<volume>-staging" at /etc/hub_spawner/<volume>-staging, the emptyDir at /<volume>-rw.
 */}}
-{{- define "hub-spawner.keysInitContainer" -}}
-- name: keys-init
-  image: {{ include "hub-spawner.hubImage" . }}
-  imagePullPolicy: {{ .Values.hub.image.pullPolicy }}
+{{- define "hub-spawner.copyInitContainer" -}}
+- name: {{ .name }}
+  image: {{ include "hub-spawner.hubImage" .root }}
+  imagePullPolicy: {{ .root.Values.hub.image.pullPolicy }}
   command: [sh, -c]
   args:
     - |
-      {{- include "hub-spawner.keysCopyScript" . | nindent 6 }}
+      {{- include "hub-spawner.keysCopyScript" (dict "src" (printf "/etc/hub_spawner/%s-staging" .volume) "dst" (printf "/%s-rw/%s" .volume .volume)) | nindent 6 }}
   securityContext:
-    {{- include "hub-spawner.securityContext" . | nindent 4 }}
+    {{- include "hub-spawner.securityContext" .root | nindent 4 }}
   volumeMounts:
-    - name: keys-staging
-      mountPath: /etc/hub_spawner/keys-staging
+    - name: {{ .volume }}-staging
+      mountPath: /etc/hub_spawner/{{ .volume }}-staging
       readOnly: true
-    - name: keys
-      mountPath: /keys-rw
+    - name: {{ .volume }}
+      mountPath: /{{ .volume }}-rw
 {{- end }}
 
+{{/*
+The initContainers of a pod for the identity mode: keys-init (mode keys, hub and tunnels),
+ca-init (mode certificate, hub only), or none. Call with (dict "root" $ "component" "hub").
+Renders the whole "initContainers:" key, or nothing.
+*/}}
+{{- define "hub-spawner.identityInitContainers" -}}
+{{- $mode := include "hub-spawner.identityMode" .root }}
+{{- if eq $mode "keys" }}
+initContainers:
+  {{- include "hub-spawner.copyInitContainer" (dict "root" .root "name" "keys-init" "volume" "keys") | nindent 2 }}
+{{- else if and (eq $mode "certificate") (eq .component "hub") }}
+initContainers:
+  {{- include "hub-spawner.copyInitContainer" (dict "root" .root "name" "ca-init" "volume" "ca") | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* The keys-sync sidecar: mode keys with identity.resyncSeconds > 0 only. */}}
 {{- define "hub-spawner.keysSyncContainer" -}}
-{{- if gt (int .Values.identity.resyncSeconds) 0 -}}
+{{- if and (eq (include "hub-spawner.identityMode" .) "keys") (gt (int .Values.identity.resyncSeconds) 0) -}}
 - name: keys-sync
   image: {{ include "hub-spawner.hubImage" . }}
   imagePullPolicy: {{ .Values.hub.image.pullPolicy }}
@@ -196,7 +241,7 @@ container mounts (subPath) read-only at /etc/hub_spawner/keys.
   args:
     - |
       copy() {
-        {{- include "hub-spawner.keysCopyScript" . | nindent 8 }}
+        {{- include "hub-spawner.keysCopyScript" (dict "src" "/etc/hub_spawner/keys-staging" "dst" "/keys-rw/keys") | nindent 8 }}
       }
       trap 'exit 0' TERM INT
       while :; do
@@ -220,27 +265,55 @@ container mounts (subPath) read-only at /etc/hub_spawner/keys.
 {{- end }}
 {{- end }}
 
+{{/*
+The identity volumes of a pod (and known_hosts, /tmp): call with (dict "root" $ "component"
+"hub"). Mode keys: the keys Secret and its emptyDir (hub and tunnels); mode certificate: the CA
+Secret (only its key identity.caKeySecret.key, as file "ca") and its emptyDir (hub only).
+*/}}
 {{- define "hub-spawner.identityVolumes" -}}
+{{- $mode := include "hub-spawner.identityMode" .root }}
+{{- if eq $mode "keys" }}
 - name: keys-staging
   secret:
-    secretName: {{ include "hub-spawner.keysSecretName" . }}
+    secretName: {{ include "hub-spawner.keysSecretName" .root }}
     defaultMode: 0400
 - name: keys
   emptyDir:
     medium: Memory
     sizeLimit: 16Mi
+{{- else if and (eq $mode "certificate") (eq .component "hub") }}
+- name: ca-staging
+  secret:
+    secretName: {{ .root.Values.identity.caKeySecret.name }}
+    defaultMode: 0400
+    items:
+      - key: {{ .root.Values.identity.caKeySecret.key | default "ca" }}
+        path: ca
+- name: ca
+  emptyDir:
+    medium: Memory
+    sizeLimit: 1Mi
+{{- end }}
 - name: known-hosts
   configMap:
-    name: {{ include "hub-spawner.knownHostsName" . }}
+    name: {{ include "hub-spawner.knownHostsName" .root }}
 - name: tmp
   emptyDir: {}
 {{- end }}
 
 {{- define "hub-spawner.identityVolumeMounts" -}}
+{{- $mode := include "hub-spawner.identityMode" .root }}
+{{- if eq $mode "keys" }}
 - name: keys
   mountPath: /etc/hub_spawner/keys
   subPath: keys
   readOnly: true
+{{- else if and (eq $mode "certificate") (eq .component "hub") }}
+- name: ca
+  mountPath: {{ include "hub-spawner.caKeyPath" .root | dir }}
+  subPath: ca
+  readOnly: true
+{{- end }}
 - name: known-hosts
   mountPath: /etc/hub_spawner/known_hosts
   subPath: known_hosts
@@ -277,5 +350,11 @@ The values files/jupyterhub_config.py reads (values.json in the Secret <fullname
 {{- define "hub-spawner.hubValuesJson" -}}
 {{- $cluster := omit .Values.cluster "knownHosts" }}
 {{- $hub := dict "baseUrl" (include "hub-spawner.baseUrl" .) "config" .Values.hub.config "extraConfig" .Values.hub.extraConfig }}
-{{- toPrettyJson (dict "cluster" $cluster "spawner" .Values.spawner "hub" $hub) }}
+{{- $identity := dict "mode" (include "hub-spawner.identityMode" .) }}
+{{- if eq $identity.mode "certificate" }}
+{{- $_ := set $identity "certificateMinutes" .Values.identity.certificateMinutes }}
+{{- else if eq $identity.mode "authState" }}
+{{- $_ := set $identity "authState" .Values.identity.authState }}
+{{- end }}
+{{- toPrettyJson (dict "cluster" $cluster "identity" $identity "spawner" .Values.spawner "hub" $hub) }}
 {{- end }}
