@@ -68,13 +68,14 @@ def options_from_form(formdata: dict[str, list[str]], limits: Limits) -> dict[st
     """Validated, normalised ``user_options`` from the submitted form.
 
     Empty fields mean "the default"; fields whose name starts with ``_`` are the page's own
-    (``_xsrf``, when a client posts it in the body) and are not options. Raises ``ValueError``
-    on a bad value.
+    (``_xsrf``, when a client posts it in the body) and are not options. Spaces and tabs around
+    a value are dropped; anything else (a line break cannot come from a text field) goes to
+    validation as it is. Raises ``ValueError`` on a bad value.
     """
     options = {
-        name: values[0].strip()
+        name: values[0].strip(" \t")
         for name, values in formdata.items()
-        if not name.startswith("_") and values and values[0].strip()
+        if not name.startswith("_") and values and values[0].strip(" \t")
     }
     return resources_from_options(options, limits).to_user_options()
 

@@ -6,7 +6,12 @@ Requirements:
   ``HUB_SPAWNER_READY {"host": "cn017", "port": 43211}``;
 - secrets (the API token and friends) reach the job only through a 0600 file that the job
   reads and deletes at once; never through the command line or the scheduler's environment;
-- every value put into the script is shell-quoted; environment variable names are validated.
+- every value put into the script is shell-quoted with ``shlex.quote`` and used only as a whole
+  shell word (a quoted value is never pasted inside double quotes, where its quotes would end
+  them); environment variable names are validated. ``prologue`` is the one exception: it is
+  admin-written shell code and inserted verbatim by design;
+- the ready line is trusted for its port only (1024-65535): the tunnel dials the node the
+  *scheduler* reports, and a ready line that names another host is refused.
 """
 
 from __future__ import annotations
@@ -21,8 +26,12 @@ import jinja2
 
 READY_MARKER = "HUB_SPAWNER_READY"
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
+#: Ports a ready line may name: a job's server runs as the user, who cannot bind below 1024.
+MIN_PORT, MAX_PORT = 1024, 65535
+
+# Used with ``fullmatch``: the whole value must match.
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*")
 
 LAUNCH_TEMPLATE = """\
 # --- hub_spawner launcher: load secrets, choose a port, start the server, report readiness ---
@@ -37,10 +46,12 @@ set -a
 . "$hub_spawner_secrets"
 set +a
 rm -f -- "$hub_spawner_secrets"
+hub_spawner_python={{ python }}
 {{ prologue }}
-hub_spawner_port=$({{ python }} -c \
+hub_spawner_port=$("$hub_spawner_python" -c \
     'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])') || {
-    echo "hub_spawner: could not choose a free port on $(hostname) (is {{ python }} on PATH?)" >&2
+    echo "hub_spawner: could not choose a free port on $(hostname)" \
+        "(is $hub_spawner_python on PATH?)" >&2
     exit 1
 }
 export JUPYTERHUB_SERVICE_URL="{{ scheme }}://{{ listen_ip }}:${hub_spawner_port}/"
@@ -87,7 +98,9 @@ def render_launch(
 ) -> str:
     """The launcher part of the job script; every argument is quoted for bash.
 
-    ``prologue`` is admin-written shell (``module load ...``) and inserted verbatim.
+    ``prologue`` is admin-written shell (``module load ...``) and inserted verbatim: it is code,
+    never a place for values from users. ``python`` is one word (a path or a command name); it
+    is assigned, quoted, to a variable before the prologue runs and only used as ``"$var"``.
     """
     if not command:
         raise ValueError("the server command is empty")
@@ -113,7 +126,7 @@ def render_env_file(env: dict[str, str]) -> str:
     """``NAME='value'`` lines for bash to source; raises ``ValueError`` on a bad name."""
     lines = []
     for name, value in sorted(env.items()):
-        if not _ENV_NAME.match(name):
+        if not _ENV_NAME.fullmatch(name):
             raise ValueError(f"not a valid environment variable name: {name!r}")
         lines.append(f"{name}={shlex.quote(str(value))}")
     return "\n".join(lines) + "\n"
@@ -123,7 +136,7 @@ def parse_ready_line(output: str) -> ReadyLine | None:
     """The last ready line in a job's output, or ``None`` if there is none yet.
 
     Raises ``ValueError`` if a ready line is there but malformed (bad JSON, a host that is not a
-    hostname, a port outside 1-65535): the job is then not one of ours to trust.
+    hostname, a port outside 1024-65535): the job is then not one of ours to trust.
     """
     ready = None
     for line in output.splitlines():
@@ -136,10 +149,12 @@ def parse_ready_line(output: str) -> ReadyLine | None:
         host, port = fields["host"], fields["port"]
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"malformed ready line: {ready!r}") from None
-    if not isinstance(host, str) or not _HOSTNAME.match(host):
+    if not isinstance(host, str) or not _HOSTNAME.fullmatch(host):
         raise ValueError(f"ready line names an invalid host: {host!r}")
-    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-        raise ValueError(f"ready line names an invalid port: {port!r}")
+    if not isinstance(port, int) or isinstance(port, bool) or not MIN_PORT <= port <= MAX_PORT:
+        raise ValueError(
+            f"ready line names an invalid port: {port!r} (a server port is {MIN_PORT}-{MAX_PORT})"
+        )
     return ReadyLine(host=host, port=port)
 
 
@@ -152,13 +167,38 @@ def last_lines(output: str, count: int = 10) -> str:
 def same_host(reported: str, scheduled: str) -> bool:
     """Whether the ready line's host is the node the scheduler placed the job on.
 
-    Compares short names (``cn017`` == ``cn017.cluster.example``).
+    Exact, ignoring case only: ``cn017`` is not ``cn017.cluster.example`` (nor
+    ``cn017.127.0.0.1.nip.io``). The ready line's name is never dialled in any case; this check
+    only refuses a ready line that did not come from the job's own node.
     """
-    return reported.split(".")[0].lower() == scheduled.split(".")[0].lower()
+    return reported.lower() == scheduled.lower()
+
+
+def server_address(ready: ReadyLine, scheduled_node: str) -> ReadyLine:
+    """Where the tunnel connects: the node the *scheduler* placed the job on, at the port of the
+    ready line. The ready line is the job's output, so the user can write anything into it; its
+    host name only has to agree with the scheduler, it is never dialled.
+
+    Raises ``ValueError`` when the scheduler's node is not a plain host name, or the ready line
+    names another host (see ``same_host``).
+    """
+    if not is_hostname(scheduled_node):
+        raise ValueError(f"the scheduler reports the job on {scheduled_node!r}, not a host name")
+    if not same_host(ready.host, scheduled_node):
+        raise ValueError(
+            f"the job says its server is on {ready.host!r}, but the scheduler placed it on "
+            f"{scheduled_node!r}"
+        )
+    return ReadyLine(host=scheduled_node, port=ready.port)
+
+
+def is_hostname(name: str) -> bool:
+    """Whether ``name`` is a plain DNS host name (labels of letters, digits and ``-``)."""
+    return isinstance(name, str) and _HOSTNAME.fullmatch(name) is not None
 
 
 def _checked_ip(ip: str) -> str:
-    if not re.match(r"^[0-9a-fA-F:.]+$", ip):
+    if not re.fullmatch(r"[0-9a-fA-F:.]+", ip):
         raise ValueError(f"not an IP address: {ip!r}")
     return ip
 

@@ -28,9 +28,19 @@ from urllib.parse import urlparse
 
 from jupyterhub.spawner import Spawner
 from jupyterhub.utils import maybe_future, url_path_join
-from traitlets import Callable, Float, Integer, List, Unicode, Union, default
+from traitlets import (
+    Callable,
+    Float,
+    Integer,
+    List,
+    TraitError,
+    Unicode,
+    Union,
+    default,
+    validate,
+)
 
-from . import jobscript
+from . import jobfiles, jobscript
 from .errors import (
     BadOptions,
     BadReadyLine,
@@ -56,7 +66,6 @@ from .tunnels.forwards import Login
 STATE_VERSION = 1
 
 _CLUSTER_USERNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
-_REMOTE_PATH = re.compile(r"[A-Za-z0-9_./@+-]+")
 
 
 class SSHBatchSpawner(Spawner):
@@ -257,7 +266,11 @@ class SSHBatchSpawner(Spawner):
         "",
         config=True,
         help="""Shell lines run in the job before the server starts, e.g.
-        ``module load jupyter`` or ``source /opt/conda/bin/activate lab``. Inserted verbatim.
+        ``module load jupyter`` or ``source /opt/conda/bin/activate lab``.
+
+        This is admin-written shell *code*, inserted verbatim (not quoted) and run as the user
+        on the compute node: never build it from anything a user controls (names, form
+        values, auth_state). Every other value the spawner puts into the job script is quoted.
         """,
     )
     job_extra_directives = List(
@@ -265,19 +278,52 @@ class SSHBatchSpawner(Spawner):
         config=True,
         help="""Extra scheduler directives, without the prefix: ``["--constraint=skylake"]``
         becomes ``#SBATCH --constraint=skylake`` (``#$`` for Grid Engine, ``#PBS`` for
-        Torque/PBS). Admin-set, inserted verbatim.
+        Torque/PBS). Admin-set, inserted verbatim; an entry with a line break is refused (it
+        would start a shell line).
         """,
     )
+
+    @validate("job_extra_directives")
+    def _validate_job_extra_directives(self, proposal: Any) -> list[str]:
+        for index, directive in enumerate(proposal["value"]):
+            if any(ch in directive for ch in "\r\n\0"):
+                raise TraitError(
+                    f"job_extra_directives[{index}] ({directive[:40]!r}) contains a line break: "
+                    "give one directive per entry, without line breaks."
+                )
+        return proposal["value"]
+
     job_python = Unicode(
         "python3",
         config=True,
-        help="Python on the compute node (after ``job_prologue``), used to pick a free port.",
+        help="""Python on the compute node (after ``job_prologue``), used to pick a free port:
+        a command name on the job's PATH or an absolute path. It is one word, quoted as a whole
+        (``/opt/my python/bin/python3`` works; arguments do not).""",
     )
     remote_state_dir = Unicode(
         ".hub-spawner",
         config=True,
-        help="""Directory for job output and the server's environment file, relative to the
-        user's home on the cluster (or absolute). Created with mode 0700.
+        help="""Directory for the jobs' files, relative to the user's home on the cluster (or
+        absolute). Created with mode 0700. Each job gets its own directory in it,
+        ``<job name>/`` (mode 0700, created fresh: never one that exists already), holding the
+        job script ``job.sh``, its output ``job.out`` and, until the job reads it, the
+        server's environment file ``server.env`` (created exclusively, mode 0600). Old job
+        directories are removed at submit time (``job_files_keep``).
+        """,
+    )
+    job_files_keep = Integer(
+        10,
+        min=0,
+        config=True,
+        help="""How many past jobs' directories (their script and output) to keep per cluster
+        user in ``remote_state_dir``, besides the one being submitted. At each submit, the
+        user's older ones are deleted with
+        one ``rm -rf --`` of exact paths: only directories named like ours
+        (``jupyterhub-...-<8 hex digits>``), owned by that user, and older than the longest a
+        job can still run (``max_walltime`` plus ``start_timeout``), so a running or waiting
+        job's files are never touched. ``0`` keeps only the directory of the job being
+        submitted. Files of the earlier layout (``<job name>.out``, ``.sh``, ``.env``
+        directly in ``remote_state_dir``) count and are removed the same way.
         """,
     )
 
@@ -483,22 +529,21 @@ class SSHBatchSpawner(Spawner):
         connection = await self._connection()
         self._emit(5, f"Connected to {self.login_host} as {connection.target.username}")
 
-        home = await connection.home()
-        remote_dir = posixpath.join(home, self.remote_state_dir)
+        state_dir = await self._state_dir(connection)
         nonce = secrets.token_hex(4)
         self.job_name = (
             f"jupyterhub-{_slug(self.user.name)}-{_slug(self.name) or 'default'}-{nonce}"
         )
-        self.output_path = posixpath.join(remote_dir, f"{self.job_name}.out")
-        self.secrets_path = posixpath.join(remote_dir, f"{self.job_name}.env")
-        script_path = posixpath.join(remote_dir, f"{self.job_name}.sh")
-        for path in (self.output_path, self.secrets_path, script_path):
-            if not _REMOTE_PATH.fullmatch(path):
-                raise SpawnError(
-                    f"The path {path!r} on the cluster has characters we do not put in a job "
-                    "script; set remote_state_dir to a plain absolute path."
-                )
-        await connection.make_private_dir(remote_dir)
+        try:
+            paths = jobfiles.job_paths(state_dir, self.job_name)
+        except ValueError as error:
+            raise SpawnError(str(error)) from None
+        self.output_path, self.secrets_path = paths.output, paths.secrets
+        await connection.make_private_dir(state_dir)
+        # A fresh directory of the job's own (refused if it exists): no file in it can be one
+        # that somebody prepared, and the files below are created exclusively on top of that.
+        job_dir = await connection.make_new_private_dir(paths.directory)
+        await self._remove_old_job_files(connection, state_dir, job_dir)
 
         api_url = await self._open_hub_api_path()
         await connection.write_private_file(
@@ -506,10 +551,10 @@ class SSHBatchSpawner(Spawner):
         )
 
         # The script stays beside the job's output: what was submitted, for whoever debugs it.
-        await connection.write_private_file(script_path, self._job_script(resources))
+        await connection.write_private_file(paths.script, self._job_script(resources))
         self._submission_sent = True
         output = await connection.run(
-            scheduler.submit_command(script_path, self.output_path), timeout=self.command_timeout
+            scheduler.submit_command(paths.script, self.output_path), timeout=self.command_timeout
         )
         try:
             self.job_id = scheduler.parse_submit_output(output)
@@ -522,7 +567,7 @@ class SSHBatchSpawner(Spawner):
         self.log.info("%s: submitted %s job %s", self._log_name, scheduler.NAME, self.job_id)
         self._emit(20, f"Submitted job {self.job_id} to {scheduler.DISPLAY_NAME}")
 
-        ready = await self._wait_for_ready_line()
+        ready = await self._wait_for_ready_line()  # host: the scheduler's node, never the job's
         self.job_host, self.remote_port = ready.host, ready.port
         self._emit(80, f"Server listening on {ready.host}:{ready.port}; opening the tunnel")
         self.tunnel_port = await self._tunnels.ensure_local(
@@ -574,20 +619,33 @@ class SSHBatchSpawner(Spawner):
             await asyncio.sleep(interval)
 
     async def _read_ready_line(self, scheduled_node: str) -> jobscript.ReadyLine | None:
+        """The server's address once the job has printed its ready line: the node the scheduler
+        reports (never the name in the job's output, which the user controls) and the ready
+        line's port. ``None`` while there is no ready line, or the scheduler names no node yet.
+        """
+        if not scheduled_node:
+            if getattr(self, "_no_node_logged", "") != self.job_id:  # once per job
+                self._no_node_logged = self.job_id
+                self.log.warning(
+                    "%s: %s reports job %s running but names no node yet; waiting for it",
+                    self._log_name, self.scheduler.DISPLAY_NAME, self.job_id,
+                )
+            return None
         try:
             ready = jobscript.parse_ready_line(await self._job_output())
         except ValueError as error:
             raise BadReadyLine(f"Job {self.job_id} reported an unusable address: {error}") from None
-        if (
-            ready is not None
-            and scheduled_node
-            and not jobscript.same_host(ready.host, scheduled_node)
-        ):
+        if ready is None:
+            return None
+        try:
+            return jobscript.server_address(ready, scheduled_node)
+        except ValueError as error:
+            name = self.scheduler.DISPLAY_NAME
             raise BadReadyLine(
-                f"Job {self.job_id} says its server is on {ready.host!r}, but "
-                f"{self.scheduler.DISPLAY_NAME} placed it on {scheduled_node!r}; not connecting."
-            )
-        return ready
+                f"Not connecting to job {self.job_id}: {error} ({name}). If that node's own "
+                f"host name differs from {name}'s name for it (e.g. a domain added), tell an "
+                "administrator: the two must be the same."
+            ) from None
 
     async def poll(self) -> int | None:
         """``None`` while the job runs (or its state is unknown), ``1`` once it has ended.
@@ -643,16 +701,14 @@ class SSHBatchSpawner(Spawner):
         API call (so a process that takes the reverse forward's port learns nothing). The
         directory is removed with the job."""
         connection = await self._connection()
-        base = posixpath.join(await connection.home(), self.remote_state_dir)
+        base = await self._state_dir(connection)
         directory = posixpath.join(
-            base, f"certs-{_slug(self.user.name)}-{_slug(self.name) or 'default'}"
+            base,
+            f"certs-{_slug(self.user.name)}-{_slug(self.name) or 'default'}-"
+            f"{secrets.token_hex(4)}",
         )
-        if not _REMOTE_PATH.fullmatch(directory):
-            raise SpawnError(
-                f"The path {directory!r} on the cluster has characters we do not use; set "
-                "remote_state_dir to a plain absolute path."
-            )
-        await connection.make_private_dir(directory)
+        await connection.make_private_dir(base)
+        await connection.make_new_private_dir(directory)  # fresh: the files are created in it
         self.certs_dir = directory
         remote = {}
         for kind in ("keyfile", "certfile", "cafile"):
@@ -744,6 +800,45 @@ class SSHBatchSpawner(Spawner):
         certificate = auth_state.get(self.auth_state_ssh_certificate, "") if (
             self.auth_state_ssh_certificate) else ""
         return key_text, certificate if isinstance(certificate, str) else ""
+
+    async def _state_dir(self, connection: LoginConnection) -> str:
+        """``remote_state_dir`` as an absolute, checked path on the cluster."""
+        try:
+            return jobfiles.check_remote_path(
+                posixpath.join(await connection.home(), self.remote_state_dir)
+            )
+        except ValueError as error:
+            raise SpawnError(str(error)) from None
+
+    async def _remove_old_job_files(
+        self, connection: LoginConnection, state_dir: str, current: jobfiles.RemoteEntry
+    ) -> None:
+        """Delete the user's job directories beyond the newest ``job_files_keep`` that are
+        older than any job can still run; a failure is logged, never raised (the spawn goes
+        on)."""
+        min_age = self.resource_limits().max_walltime_seconds + float(self.start_timeout)
+        try:
+            entries = await connection.list_dir(state_dir)
+            names = jobfiles.expired_entries(entries, self.job_files_keep, current, min_age)
+            command = jobfiles.remove_command(state_dir, names)
+            if not command:
+                return
+            output = await connection.run(command, timeout=self.command_timeout)
+        except (ClusterUnreachable, ValueError) as error:
+            self.log.warning(
+                "%s: could not remove old job files in %s: %s", self._log_name, state_dir, error
+            )
+            return
+        if output.exit_status:
+            self.log.warning(
+                "%s: removing old job files in %s failed: %s",
+                self._log_name, state_dir, output.stderr.strip()[-300:],
+            )
+        else:
+            self.log.info(
+                "%s: removed %d old job file(s) in %s (job_files_keep = %d)",
+                self._log_name, len(names), state_dir, self.job_files_keep,
+            )
 
     async def _connection(self) -> LoginConnection:
         return await default_pool.get(await self._ssh_target())

@@ -8,27 +8,40 @@ Requirements:
 - AES-GCM is preferred (half the CPU of chacha20 on AES-NI machines), compression is off, and
   every new connection runs one trivial command (OpenSSH < 10.1 sets TCP_NODELAY only when a
   session starts: without it forwarded traffic sees ~44 ms delayed-ACK stalls);
-- secrets travel only as file contents over SFTP, written with mode 0600 before any byte of
-  content; commands and their standard input are free of secrets (callers' duty) and are only
-  ever logged at debug level.
+- secrets travel only as file contents over SFTP, in files created exclusively (never an
+  existing file, never through a symbolic link) with mode 0600 before any byte of content;
+  commands and their standard input are free of secrets (callers' duty) and are only ever
+  logged at debug level;
+- nothing the cluster does can hold the hub for ever or fill its memory: a command is bounded
+  by its timeout and by ``MAX_OUTPUT_BYTES`` of stdout and of stderr (read in chunks; beyond
+  it the channel is closed), an SFTP operation by its timeout as a whole, and only regular
+  files are read (a FIFO in place of a job's output is refused, not opened).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+import posixpath
+import stat
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import asyncssh
 
 from . import identity
 from .errors import ClusterUnreachable
-from .schedulers import CommandOutput
+from .jobfiles import RemoteEntry
+from .schedulers import MAX_OUTPUT_BYTES, CommandOutput
 
 log = logging.getLogger(__name__)
+
+#: Seconds a whole SFTP operation (session start, the operation, session end) may take.
+SFTP_TIMEOUT = 30.0
+_READ_CHUNK_BYTES = 64 * 1024
+_Result = TypeVar("_Result")
 
 ENCRYPTION_PREFERENCE = (
     "aes128-gcm@openssh.com",
@@ -64,11 +77,16 @@ class SSHTarget:
 
 
 class SSHCommandError(ClusterUnreachable):
-    """A command could not be run to completion (connection lost, timeout)."""
+    """A command could not be run to completion (connection lost, timeout, too much output)."""
 
 
 class LoginConnection:
-    """One live SSH connection to a login node, as one cluster user."""
+    """One live SSH connection to a login node, as one cluster user.
+
+    Every operation is bounded: a command by its ``timeout`` and ``max_output_bytes`` (each of
+    stdout and stderr), an SFTP operation by its ``timeout`` as a whole, however the other side
+    behaves (a FIFO in place of a file, a command that prints forever, a hung sftp-server).
+    """
 
     def __init__(self, target: SSHTarget, connection: asyncssh.SSHClientConnection) -> None:
         self.target = target
@@ -79,74 +97,291 @@ class LoginConnection:
         return self.connection.is_closed()
 
     async def run(
-        self, command: str, stdin: str | None = None, timeout: float = 60
+        self,
+        command: str,
+        stdin: str | None = None,
+        timeout: float = 60,
+        max_output_bytes: int = MAX_OUTPUT_BYTES,
     ) -> CommandOutput:
-        """Run ``command`` in the user's login shell; return its exit status and output.
+        """Run ``command`` in the user's login shell; return its exit status and output
+        (decoded as UTF-8, undecodable bytes replaced).
 
-        Raises ``SSHCommandError`` when the command could not complete (a non-zero exit status is
-        *not* an error here: the caller reads it).
+        Raises ``SSHCommandError`` when the command could not complete: the connection was
+        lost, it did not finish within ``timeout`` seconds, or it printed more than
+        ``max_output_bytes`` on stdout or on stderr (its channel is then closed at once). A
+        non-zero exit status is *not* an error here: the caller reads it.
         """
         log.debug("ssh %s: %s", self.target.describe(), command)
+        name = _command_name(command)
+        process: asyncssh.SSHClientProcess | None = None
+
+        def close_process() -> None:
+            if process is not None:
+                process.close()
+
+        async def run_to_end() -> CommandOutput:
+            nonlocal process
+            process = await self.connection.create_process(command, encoding=None)
+            if stdin is not None:
+                process.stdin.write(stdin.encode())
+            process.stdin.write_eof()
+            readers = [
+                asyncio.ensure_future(_read_at_most(process.stdout, max_output_bytes)),
+                asyncio.ensure_future(_read_at_most(process.stderr, max_output_bytes)),
+            ]
+            try:
+                stdout, stderr = await asyncio.gather(*readers)
+            finally:
+                for reader in readers:
+                    reader.cancel()
+            await process.wait_closed()
+            exit_status = process.exit_status if process.exit_status is not None else -1
+            return CommandOutput(
+                exit_status,
+                stdout.decode("utf-8", errors="replace"),
+                stderr.decode("utf-8", errors="replace"),
+            )
+
         try:
-            result = await self.connection.run(command, input=stdin, check=False, timeout=timeout)
-        except asyncssh.TimeoutError:
+            return await within(
+                timeout,
+                run_to_end(),
+                f"The command {name!r} on {self.target.host} did not finish within "
+                f"{timeout:g} s.",
+                on_timeout=close_process,
+            )
+        except _TooMuchOutput:
+            close_process()
             raise SSHCommandError(
-                f"The command {command.split()[0]!r} on {self.target.host} did not finish "
-                f"within {timeout:.0f} s."
+                f"The command {name!r} on {self.target.host} printed more than "
+                f"{_size(max_output_bytes)}; it was stopped and its output ignored. No "
+                "scheduler answer is that long: check the login shell's start-up files "
+                f"(~/.bashrc, ~/.profile of {self.target.username}) for commands that print, "
+                "or tell an administrator."
             ) from None
         except (asyncssh.Error, OSError) as error:
+            close_process()
             raise SSHCommandError(
-                f"Lost the SSH connection to {self.target.host} while running "
-                f"{command.split()[0]!r}: {error}"
+                f"Lost the SSH connection to {self.target.host} while running {name!r}: {error}"
             ) from None
-        exit_status = result.exit_status if result.exit_status is not None else -1
-        return CommandOutput(exit_status, str(result.stdout or ""), str(result.stderr or ""))
 
-    async def home(self) -> str:
+    async def home(self, timeout: float = SFTP_TIMEOUT) -> str:
         """The user's home directory on the cluster (absolute path)."""
         if self._home is None:
-            async with self._sftp() as sftp:
-                self._home = await sftp.realpath(".")
+            self._home = await self._sftp_call("finding the home directory", _realpath, timeout)
         return self._home
 
-    async def make_private_dir(self, path: str) -> None:
-        """Create ``path`` (and parents) and make it mode 0700."""
-        async with self._sftp() as sftp:
+    async def make_private_dir(self, path: str, timeout: float = SFTP_TIMEOUT) -> None:
+        """Create ``path`` (and parents) if it is missing and make it mode 0700."""
+
+        async def make(sftp: asyncssh.SFTPClient) -> None:
             await sftp.makedirs(path, exist_ok=True)
             await sftp.chmod(path, 0o700)
 
-    async def write_private_file(self, path: str, content: str) -> None:
-        """Write ``content`` to ``path`` with mode 0600, set before the content is written."""
-        async with self._sftp() as sftp:
+        await self._sftp_call(f"creating {path}", make, timeout)
+
+    async def make_new_private_dir(self, path: str, timeout: float = SFTP_TIMEOUT) -> RemoteEntry:
+        """Create the directory ``path``, which must not exist yet (nor be a symbolic link),
+        with mode 0700; return its listing entry (owner, time on the cluster's clock)."""
+
+        async def make(sftp: asyncssh.SFTPClient) -> RemoteEntry:
+            try:
+                await sftp.mkdir(path, asyncssh.SFTPAttrs(permissions=0o700))
+            except asyncssh.SFTPError as error:
+                raise SSHCommandError(
+                    f"Cannot create the new directory {path} on {self.target.host}: "
+                    f"{error.reason}. If it exists already, something else made it: it is not "
+                    "reused. Try again; if it persists, tell an administrator."
+                ) from None
+            await sftp.chmod(path, 0o700)
+            return _entry(posixpath.basename(path), await sftp.lstat(path))
+
+        return await self._sftp_call(f"creating {path}", make, timeout)
+
+    async def list_dir(self, path: str, timeout: float = SFTP_TIMEOUT) -> list[RemoteEntry]:
+        """The entries of directory ``path`` (without ``.`` and ``..``), not following links."""
+
+        async def listing(sftp: asyncssh.SFTPClient) -> list[RemoteEntry]:
+            names = await sftp.readdir(path)
+            return [
+                _entry(str(name.filename), name.attrs)
+                for name in names
+                if name.filename not in (".", "..", b".", b"..")
+            ]
+
+        return await self._sftp_call(f"listing {path}", listing, timeout)
+
+    async def write_private_file(
+        self, path: str, content: str, timeout: float = SFTP_TIMEOUT
+    ) -> None:
+        """Create ``path`` with mode 0600 and write ``content``.
+
+        The file is created exclusively (``O_CREAT | O_EXCL``): an existing file is never
+        truncated or rewritten, and a symbolic link in its place (even a dangling one) is never
+        followed; either is an ``SSHCommandError``. The mode is given at creation and set again
+        before the first byte of content.
+        """
+
+        async def write(sftp: asyncssh.SFTPClient) -> None:
             attrs = asyncssh.SFTPAttrs(permissions=0o600)
-            async with sftp.open(path, "w", attrs=attrs) as remote_file:
+            try:
+                remote_file = await sftp.open(path, "x", attrs=attrs)
+            except asyncssh.SFTPError as error:
+                raise SSHCommandError(
+                    f"Cannot create {path} on {self.target.host}: {error.reason}. A file (or a "
+                    "link) of that name exists already and is not overwritten. Try again; if it "
+                    "persists, tell an administrator."
+                ) from None
+            async with remote_file:
                 await remote_file.chmod(0o600)
                 await remote_file.write(content)
 
-    async def read_file(self, path: str, max_bytes: int = 256 * 1024) -> str | None:
-        """The last ``max_bytes`` of a file, or ``None`` if it does not exist (yet)."""
-        async with self._sftp() as sftp:
+        await self._sftp_call(f"writing {path}", write, timeout)
+
+    async def read_file(
+        self, path: str, max_bytes: int = 256 * 1024, timeout: float = SFTP_TIMEOUT
+    ) -> str | None:
+        """The last ``max_bytes`` of a regular file, or ``None`` if it does not exist (yet).
+
+        Anything but a regular file (a FIFO, a device, a directory) is an ``SSHCommandError``
+        and is never opened; the whole read is bounded by ``timeout``.
+        """
+
+        async def read(sftp: asyncssh.SFTPClient) -> bytes | None:
             try:
+                attrs = await sftp.stat(path)
+                if not _is_regular(attrs):
+                    raise SSHCommandError(
+                        f"{path} on {self.target.host} is not a regular file; not reading it."
+                    )
                 async with sftp.open(path, "rb") as remote_file:
                     size = (await remote_file.stat()).size or 0
                     if size > max_bytes:
                         await remote_file.seek(size - max_bytes)
-                    data = await remote_file.read(max_bytes)
+                    return await remote_file.read(max_bytes)
             except asyncssh.SFTPNoSuchFile:
                 return None
-        return data.decode("utf-8", errors="replace")
 
-    @contextlib.asynccontextmanager
-    async def _sftp(self) -> AsyncIterator[asyncssh.SFTPClient]:
-        """An SFTP session on this connection; failures become ``SSHCommandError``."""
-        try:
-            async with self.connection.start_sftp_client() as sftp:
-                yield sftp
-        except (asyncssh.Error, OSError) as error:
-            raise SSHCommandError(f"SFTP on {self.target.host} failed: {error}") from None
+        data = await self._sftp_call(f"reading {path}", read, timeout)
+        return None if data is None else data.decode("utf-8", errors="replace")
+
+    async def _sftp_call(
+        self,
+        what: str,
+        operation: Callable[[asyncssh.SFTPClient], Awaitable[_Result]],
+        timeout: float,
+    ) -> _Result:
+        """Run ``operation`` in an SFTP session of its own, all of it (session start, the
+        operation, session end) within ``timeout`` seconds; failures become
+        ``SSHCommandError``.
+
+        On a timeout the connection is closed (the pool makes a new one next time): asyncssh
+        has no call that closes one SFTP session without waiting for the server, and a server
+        stuck in ``open()`` on a FIFO would never answer.
+        """
+
+        async def session() -> _Result:
+            try:
+                async with self.connection.start_sftp_client() as sftp:
+                    return await operation(sftp)
+            except (asyncssh.Error, OSError) as error:
+                raise SSHCommandError(
+                    f"SFTP on {self.target.host} failed while {what}: {error}"
+                ) from None
+
+        return await within(
+            timeout,
+            session(),
+            f"SFTP on {self.target.host} did not finish {what} within {timeout:g} s; the "
+            "connection was closed. Try again; if it persists, tell an administrator.",
+            on_timeout=self.connection.close,
+        )
 
     def close(self) -> None:
         self.connection.close()
+
+
+async def within(
+    timeout: float,
+    operation: Awaitable[_Result],
+    message: str,
+    on_timeout: Callable[[], object] | None = None,
+) -> _Result:
+    """The result of ``operation``, awaited for at most ``timeout`` seconds, and never longer.
+
+    On a timeout, ``on_timeout()`` is called (it should make the operation's pending I/O fail:
+    close its channel or connection), the operation is cancelled *and not waited for* (unlike
+    ``asyncio.wait_for``, whose wait for the cancellation can itself hang when the cleanup
+    talks to an unresponsive server), and ``SSHCommandError(message)`` is raised. When the
+    caller is cancelled, the operation is cancelled too.
+    """
+    task = asyncio.ensure_future(operation)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if task in done:
+        return task.result()
+    if on_timeout is not None:
+        on_timeout()
+    task.cancel()
+    task.add_done_callback(_forget)
+    raise SSHCommandError(message)
+
+
+class _TooMuchOutput(Exception):
+    """A command's stdout or stderr went over the limit."""
+
+
+async def _read_at_most(stream: asyncssh.SSHReader, limit: int) -> bytes:
+    """All of ``stream`` in chunks, or ``_TooMuchOutput`` as soon as it exceeds ``limit``."""
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        chunk = await stream.read(_READ_CHUNK_BYTES)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > limit:
+            raise _TooMuchOutput()
+        chunks.append(chunk)
+
+
+async def _realpath(sftp: asyncssh.SFTPClient) -> str:
+    return str(await sftp.realpath("."))
+
+
+def _entry(name: str, attrs: asyncssh.SFTPAttrs) -> RemoteEntry:
+    mode = attrs.permissions or 0
+    return RemoteEntry(
+        name=name,
+        mtime=float(attrs.mtime or 0),
+        uid=attrs.uid,
+        is_dir=attrs.permissions is not None and stat.S_ISDIR(mode),
+        is_file=attrs.permissions is not None and stat.S_ISREG(mode),
+    )
+
+
+def _is_regular(attrs: asyncssh.SFTPAttrs) -> bool:
+    if attrs.permissions is not None:
+        return stat.S_ISREG(attrs.permissions)
+    return attrs.type == asyncssh.FILEXFER_TYPE_REGULAR
+
+
+def _forget(task: asyncio.Future) -> None:
+    """Retrieve an abandoned task's outcome, so asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _command_name(command: str) -> str:
+    words = command.split()
+    return words[0] if words else command
+
+
+def _size(count: int) -> str:
+    return f"{count / (1024 * 1024):g} MiB" if count >= 1024 * 1024 else f"{count} bytes"
 
 
 class ConnectionPool:

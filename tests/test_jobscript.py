@@ -1,8 +1,10 @@
 """hub_spawner/jobscript.py: the launcher, the env file and the ready-line parser."""
 
+import json
 import os
 import socket
 import subprocess
+import sys
 import urllib.request
 
 import pytest
@@ -15,6 +17,7 @@ from hub_spawner.jobscript import (
     render_env_file,
     render_launch,
     same_host,
+    server_address,
 )
 
 
@@ -29,9 +32,9 @@ def test_no_ready_line_yet_is_none():
 
 
 def test_last_ready_line_wins():
-    output = (f'{READY_MARKER} {{"host": "a", "port": 1}}\n'
-              f'{READY_MARKER} {{"host": "b", "port": 2}}\n')
-    assert parse_ready_line(output) == ReadyLine("b", 2)
+    output = (f'{READY_MARKER} {{"host": "a", "port": 40001}}\n'
+              f'{READY_MARKER} {{"host": "b", "port": 40002}}\n')
+    assert parse_ready_line(output) == ReadyLine("b", 40002)
 
 
 @pytest.mark.parametrize(
@@ -53,10 +56,69 @@ def test_malformed_ready_line_is_an_error(payload):
         parse_ready_line(f"{READY_MARKER} {payload}\n")
 
 
-def test_same_host_compares_short_names():
-    assert same_host("cn017.cluster.example", "cn017")
-    assert same_host("CN017", "cn017.cluster")
+def test_same_host_is_exact_ignoring_case():
+    assert same_host("cn017", "cn017")
+    assert same_host("CN017.Cluster.Example", "cn017.cluster.example")
     assert not same_host("cn018", "cn017")
+
+
+@pytest.mark.parametrize(("reported", "scheduled"), [
+    ("cn017.127.0.0.1.nip.io", "cn017"),  # the first label used to be enough
+    ("cn017.evil.example", "cn017"),
+    ("cn017.cluster.example", "cn017"),  # strict: no short-name matching either
+    ("cn017", "cn017.cluster.example"),
+    ("cn0170", "cn017"),
+    ("cn01", "cn017"),
+])
+def test_same_host_refuses_a_name_that_only_starts_like_the_node(reported, scheduled):
+    assert not same_host(reported, scheduled)
+
+
+def test_server_address_dials_the_schedulers_node_with_the_ready_lines_port():
+    assert server_address(ReadyLine("CN017", 43211), "cn017") == ReadyLine("cn017", 43211)
+
+
+@pytest.mark.parametrize(("ready", "scheduled"), [
+    (ReadyLine("cn017.127.0.0.1.nip.io", 43211), "cn017"),
+    (ReadyLine("127.0.0.1", 43211), "cn017"),
+    (ReadyLine("cn017", 43211), "cn017\n"),
+    (ReadyLine("cn017", 43211), "-oProxyCommand=x"),
+    (ReadyLine("cn017", 43211), ""),
+])
+def test_server_address_refuses_another_host_or_a_bad_node_name(ready, scheduled):
+    with pytest.raises(ValueError):
+        server_address(ready, scheduled)
+
+
+@pytest.mark.parametrize("port", [1, 22, 80, 443, 1023, 65536])
+def test_ready_line_port_must_be_an_unprivileged_port(port):
+    with pytest.raises(ValueError, match="1024-65535"):
+        parse_ready_line(f'{READY_MARKER} {{"host": "compute", "port": {port}}}\n')
+
+
+@pytest.mark.parametrize("port", [1024, 65535])
+def test_ready_line_port_range_includes_its_ends(port):
+    output = f'{READY_MARKER} {{"host": "compute", "port": {port}}}\n'
+    assert parse_ready_line(output) == ReadyLine("compute", port)
+
+
+@pytest.mark.parametrize("host", ["compute\n", "compute\nrm", "\ncompute", "compute ", "-x"])
+def test_ready_line_host_with_a_line_break_is_refused(host):
+    payload = json.dumps({"host": host, "port": 43211})
+    with pytest.raises(ValueError, match="invalid host"):
+        parse_ready_line(f"{READY_MARKER} {payload}\n")
+
+
+@pytest.mark.parametrize("name", ["A\n", "PATH\nX", "A B"])
+def test_env_name_with_a_line_break_is_refused(name):
+    with pytest.raises(ValueError):
+        render_env_file({name: "x"})
+
+
+@pytest.mark.parametrize("ip", ["127.0.0.1\n", "0.0.0.0\n; id", "::1 "])
+def test_listen_ip_with_a_line_break_is_refused(ip):
+    with pytest.raises(ValueError, match="not an IP address"):
+        render_launch(command=["true"], secrets_path="/x.env", listen_ip=ip)
 
 
 def test_last_lines_skips_blank_lines():
@@ -139,3 +201,31 @@ def test_launch_fails_clearly_without_secrets_file(tmp_path):
     assert result.returncode == 1
     assert "cannot read the server's environment file" in result.stderr
     assert str(tmp_path / "missing.env") in result.stderr
+
+
+@pytest.mark.parametrize("python", ['/opt/py"; touch CANARY; "', "/opt/py'; touch CANARY; '",
+                                    "$(touch CANARY)", "`touch CANARY`", "py\ntouch CANARY"])
+def test_a_hostile_job_python_is_one_quoted_word_and_never_runs_code(tmp_path, python):
+    """job_python used to be pasted, quoted, inside a double-quoted echo: its own quotes ended
+    that string and the rest ran. Now it is one word everywhere; the launcher only fails."""
+    secrets = tmp_path / "server.env"
+    secrets.write_text("")
+    launch = render_launch(command=["true"], secrets_path=str(secrets), python=python)
+    result = subprocess.run(["bash", "-c", launch], capture_output=True, text=True, timeout=20,
+                            cwd=tmp_path)
+    assert not (tmp_path / "CANARY").exists()
+    assert result.returncode == 1
+    assert "could not choose a free port" in result.stderr
+    assert f"(is {python} on PATH?)" in result.stderr
+
+
+def test_a_job_python_path_with_spaces_works(tmp_path):
+    bindir = tmp_path / "my python"
+    bindir.mkdir()
+    (bindir / "python3").symlink_to(sys.executable)
+    secrets = tmp_path / "server.env"
+    secrets.write_text("")
+    launch = render_launch(command=["sh", "-c", "exit 5"], secrets_path=str(secrets),
+                           python=str(bindir / "python3"))
+    result = subprocess.run(["bash", "-c", launch], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 5, result.stderr  # a port was chosen, then the server exited

@@ -176,3 +176,21 @@ def test_pending_reason_is_the_scheduling_info():
 )
 def test_no_pending_reason_when_the_scheduler_keeps_none(line):
     assert sge.parse_pending_reason(CommandOutput(0, f"job_number: 4\n{line}\n", "")) == ""
+
+
+@pytest.mark.parametrize("job_id", ["1234\n", "1234\nqdel -u '*'", "\n1234", "12 34", "1234.x"])
+def test_job_id_with_a_line_break_or_junk_is_refused(job_id):
+    with pytest.raises(ValueError):
+        sge.quote_job_id(job_id)
+    with pytest.raises(ValueError):
+        sge.detail_command(job_id)
+
+
+def test_entity_expansion_and_oversized_listings_are_unknown_without_hanging():
+    from tests.test_schedulers import BILLION_LAUGHS, EXTERNAL_ENTITY
+
+    for stdout in (BILLION_LAUGHS, EXTERNAL_ENTITY,
+                   "<job_info>" + " " * (4 * 1024 * 1024) + "</job_info>"):
+        status = sge.parse_status_output(CommandOutput(0, stdout, ""), "1")
+        assert status.state is JobState.UNKNOWN
+        assert "unreadable qstat -xml output" in status.reason

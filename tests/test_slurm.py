@@ -149,3 +149,16 @@ def test_job_script_leaves_out_unset_resources():
     for absent in ["--partition", "--mem", "--time", "--account", "--cpus-per-task", "--gres",
                    "--qos"]:
         assert absent not in script
+
+
+@pytest.mark.parametrize("job_id", ["1234\n", "1234\nrm -rf ~", "\n1234", "12 34", "1234_"])
+def test_job_id_with_a_line_break_or_junk_is_refused(job_id):
+    with pytest.raises(ValueError, match="not a Slurm job id"):
+        slurm.quote_job_id(job_id)
+    with pytest.raises(ValueError):
+        slurm.cancel_command(job_id)
+
+
+def test_submit_output_whose_id_has_junk_after_it_is_rejected():
+    with pytest.raises(SubmitRejected, match="no job id"):
+        slurm.parse_submit_output(CommandOutput(0, "1234 x\n", ""))

@@ -5,9 +5,12 @@ import subprocess
 from types import SimpleNamespace
 
 import pytest
+from traitlets import TraitError
 
-from hub_spawner.errors import ClusterUnreachable
+from hub_spawner.errors import BadOptions, BadReadyLine, ClusterUnreachable, JobRejected
+from hub_spawner.jobfiles import RemoteEntry
 from hub_spawner.resources import Resources
+from hub_spawner.schedulers import CommandOutput
 from hub_spawner.spawner import (
     STATE_VERSION,
     SGESSHSpawner,
@@ -110,3 +113,161 @@ def test_hostile_admin_setting_never_reaches_a_directive():
     spawner = make_spawner(scheduler="sge", parallel_environment="smp\n#$ -u root")
     with pytest.raises(ValueError, match="Bad spawner setting"):
         spawner.options_from_form({"cpus": ["2"]})
+
+
+@pytest.mark.parametrize("username", ["alice\n", "alice\nbob", "\nalice", "alice "])
+def test_cluster_username_with_a_line_break_or_space_is_refused(username):
+    spawner = make_spawner("alice", login_host="login", cluster_username=lambda _: username)
+    with pytest.raises(ClusterUnreachable, match="not a valid Unix user name"):
+        asyncio.run(spawner._ssh_target())
+
+
+REST_HOSTILE = ["; touch CANARY", "$(id)", "`id`", "x\n#SBATCH --uid=0", "--uid=0", "A" * 10240,
+                "ünï", "9" * 400, -1, 10**400, float("nan"), float("inf"), [], {}, True]
+REST_FIELD_WORDS = {"partition": "partition", "cpus": "cores", "memory": "memory",
+                    "gpus": "gpus", "walltime": "walltime", "account": "account"}
+
+
+@pytest.mark.parametrize("field", sorted(REST_FIELD_WORDS))
+@pytest.mark.parametrize("value", REST_HOSTILE, ids=lambda value: repr(value)[:20])
+def test_rest_user_options_are_refused_by_start_before_any_io(field, value):
+    """The REST API hands the request body to start() as user_options: a bad value is a 400
+    BadOptions naming the field, raised before the spawner connects anywhere (no login_host
+    is configured here: getting further would be a ClusterUnreachable instead)."""
+    spawner = make_spawner(max_gpus=2)
+    spawner.user_options = {field: value}
+    with pytest.raises(BadOptions) as raised:
+        asyncio.run(spawner.start())
+    assert raised.value.status_code == 400
+    assert REST_FIELD_WORDS[field] in str(raised.value).lower()
+    assert len(str(raised.value)) < 400
+
+
+@pytest.mark.parametrize("user_options", [{"image": "x"}, {"x" * 10240: 1}, {"; id": 1}])
+def test_rest_unknown_keys_are_refused_by_start(user_options):
+    spawner = make_spawner()
+    spawner.user_options = user_options  # (the trait itself refuses anything but a dict)
+    with pytest.raises(BadOptions, match="Unknown option"):
+        asyncio.run(spawner.start())
+
+
+def ready_output(host, port=43211):
+    return f'starting\nHUB_SPAWNER_READY {{"host": "{host}", "port": {port}}}\n'
+
+
+def test_the_tunnel_target_is_the_schedulers_node_not_the_jobs_words():
+    spawner = make_spawner()
+    spawner.job_id = "42"
+
+    async def output():
+        return ready_output("COMPUTE")
+
+    spawner._job_output = output
+    ready = asyncio.run(spawner._read_ready_line("compute"))
+    assert (ready.host, ready.port) == ("compute", 43211)
+
+
+@pytest.mark.parametrize("reported", ["cn017.127.0.0.1.nip.io", "cn017.evil.example", "login"])
+def test_a_ready_line_naming_another_host_fails_the_spawn(reported):
+    spawner = make_spawner()
+    spawner.job_id = "42"
+
+    async def output():
+        return ready_output(reported)
+
+    spawner._job_output = output
+    with pytest.raises(BadReadyLine, match="Not connecting to job 42: the job says"):
+        asyncio.run(spawner._read_ready_line("cn017"))
+
+
+def test_no_ready_line_is_read_while_the_scheduler_names_no_node():
+    spawner = make_spawner()
+    spawner.job_id = "42"
+
+    async def output():
+        raise AssertionError("the output must not be read before the node is known")
+
+    spawner._job_output = output
+    assert asyncio.run(spawner._read_ready_line("")) is None
+
+
+@pytest.mark.parametrize("directive", ["--constraint=a\nrm -rf ~", "--x\r", "--x\0y"])
+def test_an_extra_directive_with_a_line_break_is_refused(directive):
+    with pytest.raises(TraitError, match=r"job_extra_directives\[1\].*line break"):
+        make_spawner(job_extra_directives=["--exclusive", directive])
+
+
+@pytest.mark.parametrize("scheduler", SPAWNERS)
+def test_a_hostile_job_python_never_runs_in_the_job_script(scheduler, tmp_path):
+    spawner = make_spawner(scheduler=scheduler, job_python='/opt/py"; touch CANARY; "',
+                           cmd=["true"])
+    spawner.job_name = "jupyterhub-alice-default-0a1b2c3d"
+    spawner.output_path = str(tmp_path / "job.out")
+    spawner.secrets_path = str(tmp_path / "server.env")
+    (tmp_path / "server.env").write_text("")
+    script = spawner._job_script(Resources("", 1, 0, 3600, ""))
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                            timeout=20, cwd=tmp_path)
+    assert not (tmp_path / "CANARY").exists()
+    assert result.returncode == 1 and "could not choose a free port" in result.stderr
+
+
+class RecordingConnection:
+    """A LoginConnection stand-in: records what the spawner does on the cluster."""
+
+    def __init__(self, listing):
+        self.target = SimpleNamespace(username="alice")
+        self.listing = listing
+        self.calls = []
+
+    async def home(self):
+        return "/home/alice"
+
+    async def make_private_dir(self, path):
+        self.calls.append(("mkdir -p", path))
+
+    async def make_new_private_dir(self, path):
+        self.calls.append(("mkdir", path))
+        return RemoteEntry(path.rsplit("/", 1)[1], 1_800_000_000.0, 1001, True, False)
+
+    async def list_dir(self, path):
+        self.calls.append(("list", path))
+        return self.listing
+
+    async def write_private_file(self, path, content):
+        self.calls.append(("create", path))
+
+    async def run(self, command, timeout=60):
+        self.calls.append(("run", command))
+        if command.startswith("sbatch"):
+            return CommandOutput(1, "", "sbatch: error: Invalid partition name specified\n")
+        return CommandOutput(0, "", "")
+
+
+def test_each_job_gets_a_fresh_directory_and_old_ones_are_removed_at_submit():
+    old = [RemoteEntry(f"jupyterhub-alice-default-{n:08x}", 1_800_000_000.0 - n * 30 * 86400,
+                       1001, True, False) for n in range(1, 4)]
+    connection = RecordingConnection(old + [
+        RemoteEntry("jupyterhub-bob-default-00000009", 0.0, 1002, True, False)])
+    spawner = make_spawner(job_files_keep=1, hub_connect_url="http://hub:8081")
+    spawner.hub = SimpleNamespace(api_url="http://127.0.0.1:8081/hub/api")
+
+    async def the_connection():
+        return connection
+
+    spawner._connection = the_connection
+    spawner._job_env = lambda api_url: {"JUPYTERHUB_API_TOKEN": "t"}
+    spawner._job_script = lambda resources: "#!/bin/bash\n"
+    with pytest.raises(JobRejected):
+        asyncio.run(spawner._start_job(Resources()))
+    state_dir = "/home/alice/.hub-spawner"
+    job_dir = f"{state_dir}/{spawner.job_name}"
+    assert spawner.output_path == f"{job_dir}/job.out"
+    assert spawner.secrets_path == f"{job_dir}/server.env"
+    calls = connection.calls
+    assert calls[:3] == [("mkdir -p", state_dir), ("mkdir", job_dir), ("list", state_dir)]
+    removal = [command for kind, command in calls if kind == "run" and "rm" in command]
+    assert removal == [f"rm -rf -- {state_dir}/{old[1].name} {state_dir}/{old[2].name}"]
+    assert ("create", f"{job_dir}/server.env") in calls
+    assert ("create", f"{job_dir}/job.sh") in calls
+    assert ("run", f"sbatch --parsable {job_dir}/job.sh") in calls

@@ -149,3 +149,21 @@ def test_job_script_leaves_out_unset_resources():
     assert "#PBS -l nodes=1:ppn=1" in script.splitlines()
     for absent in ["-q ", "mem=", "walltime=", "-A ", "gpus="]:
         assert absent not in script
+
+
+@pytest.mark.parametrize("job_id", ["1234\n", "1234.server\n", "1234\nqdel all", "12 34",
+                                    "1234.ser ver"])
+def test_job_id_with_a_line_break_or_junk_is_refused(job_id):
+    with pytest.raises(ValueError, match="not a Torque/PBS job id"):
+        torque.quote_job_id(job_id)
+
+
+def test_entity_expansion_and_oversized_xml_are_unknown_without_hanging():
+    laughs = ('<?xml version="1.0"?><!DOCTYPE Data [<!ENTITY a "aaaaaaaaaa">'
+              '<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]>'
+              "<Data><Job><Job_Id>1.s</Job_Id><job_state>&b;</job_state></Job></Data>")
+    oversized = "<Data>" + " " * (4 * 1024 * 1024) + "</Data>"
+    for stdout in (laughs, oversized):
+        status = torque.parse_status_output(CommandOutput(0, stdout, ""), "1.s")
+        assert status.state is JobState.UNKNOWN
+        assert "unreadable qstat -x output" in status.reason

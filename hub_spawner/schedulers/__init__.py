@@ -29,7 +29,13 @@ accounting), which the spawner asks only when it has to tell someone why a job e
 from __future__ import annotations
 
 import enum
+import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
+from xml.parsers import expat
+
+#: The most output a scheduler command may print on stdout, and on stderr (4 MiB): the SSH
+#: layer stops a command that prints more, and ``parse_xml`` refuses a longer document.
+MAX_OUTPUT_BYTES = 4 * 1024 * 1024
 
 
 class JobState(enum.Enum):
@@ -94,3 +100,46 @@ def parse_check_output(output: CommandOutput) -> str:
         )
     lines = [line.strip() for line in output.stdout.splitlines() if line.strip()]
     return lines[-1] if lines else "(no version printed)"
+
+
+def parse_xml(text: str, what: str, max_bytes: int = MAX_OUTPUT_BYTES) -> ElementTree.Element:
+    """The root element of a scheduler's XML output (``qstat -xml``, ``qstat -x``).
+
+    Guarantees: a document longer than ``max_bytes`` (UTF-8) is refused before parsing; a
+    document type declaration (``<!DOCTYPE``), hence any entity declaration or external
+    entity, is refused as soon as the parser meets it, so nothing is ever expanded or fetched
+    (no "billion laughs", no external files); only the five predefined entities and character
+    references are read. Every refusal and every syntax error is a ``ValueError`` that starts
+    with ``unreadable {what} output``; callers turn it into ``JobState.UNKNOWN``.
+    """
+    size = len(text.encode("utf-8", errors="replace"))
+    if size > max_bytes:
+        raise ValueError(
+            f"unreadable {what} output: {size} bytes, more than the {max_bytes} we read"
+        )
+    builder = ElementTree.TreeBuilder()
+    parser = expat.ParserCreate(namespace_separator="}")
+
+    def refuse_dtd(*_: object) -> None:
+        raise ValueError(f"unreadable {what} output: it has a DOCTYPE (entity declarations)")
+
+    parser.StartDoctypeDeclHandler = refuse_dtd
+    parser.EntityDeclHandler = refuse_dtd
+    parser.ExternalEntityRefHandler = refuse_dtd
+    parser.StartElementHandler = lambda tag, attributes: builder.start(
+        _element_name(tag), {_element_name(key): value for key, value in attributes.items()}
+    )
+    parser.EndElementHandler = lambda tag: builder.end(_element_name(tag))
+    parser.CharacterDataHandler = builder.data
+    try:
+        parser.Parse(text, True)
+        return builder.close()
+    except expat.ExpatError as error:
+        raise ValueError(f"unreadable {what} output ({error})") from None
+    except AssertionError:  # TreeBuilder: no root element
+        raise ValueError(f"unreadable {what} output (no root element)") from None
+
+
+def _element_name(name: str) -> str:
+    """ElementTree's ``{namespace}tag`` form of expat's ``namespace}tag``."""
+    return "{" + name if "}" in name else name

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import re
 import shlex
-import xml.etree.ElementTree as ElementTree
 from typing import Any
 
 from ..resources import Resources, format_walltime
-from . import CommandOutput, JobState, JobStatus, SubmitRejected
+from . import CommandOutput, JobState, JobStatus, SubmitRejected, parse_xml
 
 NAME = "sge"
 DISPLAY_NAME = "Grid Engine"
@@ -56,7 +55,7 @@ _HELD_LETTER = "h"
 _SUSPENDED_LETTERS = set("sST")
 _RUNNING_LETTERS = set("rt")  # running, transferring (being started on its node)
 
-_JOB_ID = re.compile(r"^[0-9]+$")
+_JOB_ID = re.compile(r"[0-9]+")
 
 
 def template_variables(resources: Resources, settings: dict[str, Any]) -> dict[str, Any]:
@@ -102,7 +101,7 @@ def parse_submit_output(output: CommandOutput) -> str:
         raise SubmitRejected(_error_text(output) or f"qsub exited with {output.exit_status}")
     lines = output.stdout.strip().splitlines()
     job_id = lines[-1].strip() if lines else ""
-    if not _JOB_ID.match(job_id):
+    if not _JOB_ID.fullmatch(job_id):
         raise SubmitRejected(f"qsub printed no job id (output: {output.stdout.strip()!r})")
     return job_id
 
@@ -117,14 +116,15 @@ def parse_status_output(output: CommandOutput, job_id: str) -> JobStatus:
     """Read ``qstat -xml``.
 
     Guarantees: ``DONE`` only when qstat succeeded and does not list the job (Grid Engine
-    forgets a job as soon as it ends); ``UNKNOWN`` when qstat failed or printed no XML.
+    forgets a job as soon as it ends); ``UNKNOWN`` when qstat failed or printed no XML, or XML
+    that ``parse_xml`` refuses (over 4 MiB, a DOCTYPE or entity declarations).
     """
     if output.exit_status != 0:
         return JobStatus(JobState.UNKNOWN, reason=_error_text(output))
     try:
-        root = ElementTree.fromstring(output.stdout)
-    except ElementTree.ParseError as error:
-        return JobStatus(JobState.UNKNOWN, reason=f"unreadable qstat -xml output ({error})")
+        root = parse_xml(output.stdout, "qstat -xml")
+    except ValueError as error:
+        return JobStatus(JobState.UNKNOWN, reason=str(error))
     for job in root.iter("job_list"):
         if (job.findtext("JB_job_number") or "").strip() != job_id:
             continue
@@ -262,7 +262,7 @@ def cancel_by_name_command(job_name: str, cluster_username: str) -> str:
 
 def quote_job_id(job_id: str) -> str:
     """The job id, checked to be a Grid Engine job number; raises ``ValueError`` otherwise."""
-    if not _JOB_ID.match(job_id or ""):
+    if not _JOB_ID.fullmatch(job_id or ""):
         raise ValueError(f"not a Grid Engine job id: {job_id!r}")
     return job_id
 

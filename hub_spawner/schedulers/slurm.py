@@ -88,7 +88,7 @@ _END_EXPLANATIONS = {
     "COMPLETING": "the server exited",
 }
 
-_JOB_ID = re.compile(r"^[0-9]+(_[0-9]+)?$")
+_JOB_ID = re.compile(r"[0-9]+(_[0-9]+)?")
 _FIELD_SEPARATOR = "|"
 
 
@@ -127,7 +127,7 @@ def parse_submit_output(output: CommandOutput) -> str:
         raise SubmitRejected(_error_text(output) or f"sbatch exited with {output.exit_status}")
     first_line = output.stdout.strip().splitlines()[0] if output.stdout.strip() else ""
     job_id = first_line.split(";", 1)[0].strip()
-    if not _JOB_ID.match(job_id):
+    if not _JOB_ID.fullmatch(job_id):
         raise SubmitRejected(f"sbatch printed no job id (output: {output.stdout.strip()!r})")
     return job_id
 
@@ -206,7 +206,7 @@ def cancel_by_name_command(job_name: str, cluster_username: str) -> str:
 
 def quote_job_id(job_id: str) -> str:
     """The job id, checked to be a Slurm job id; raises ``ValueError`` otherwise."""
-    if not _JOB_ID.match(job_id or ""):
+    if not _JOB_ID.fullmatch(job_id or ""):
         raise ValueError(f"not a Slurm job id: {job_id!r}")
     return job_id
 

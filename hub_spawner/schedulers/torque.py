@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import re
 import shlex
-import xml.etree.ElementTree as ElementTree
 from typing import Any
 
 from ..resources import Resources, format_walltime
-from . import CommandOutput, JobState, JobStatus, SubmitRejected
+from . import CommandOutput, JobState, JobStatus, SubmitRejected, parse_xml
 
 NAME = "torque"
 DISPLAY_NAME = "Torque/PBS"
@@ -72,8 +71,8 @@ _EXIT_EXPLANATIONS = {
 _GONE_EXIT_CODES = {153, 35}
 _GONE_MESSAGES = ("Unknown Job Id", "Job has finished")
 
-_JOB_ID = re.compile(r"^[0-9]+(\[[0-9]*\])?(\.[A-Za-z0-9_-]+)*$")
-_ATTRIBUTE = re.compile(r"^[ \t]+([A-Za-z_][A-Za-z0-9_.]*) = (.*)$")
+_JOB_ID = re.compile(r"[0-9]+(\[[0-9]*\])?(\.[A-Za-z0-9_-]+)*")
+_ATTRIBUTE = re.compile(r"[ \t]+([A-Za-z_][A-Za-z0-9_.]*) = (.*)")
 
 
 def template_variables(resources: Resources, settings: dict[str, Any]) -> dict[str, Any]:
@@ -104,7 +103,7 @@ def parse_submit_output(output: CommandOutput) -> str:
     lines = [line.strip() for line in output.stdout.splitlines() if line.strip()]
     if output.exit_status != 0 or not lines:
         raise SubmitRejected(_error_text(output) or f"qsub exited with {output.exit_status}")
-    if not _JOB_ID.match(lines[-1]):
+    if not _JOB_ID.fullmatch(lines[-1]):
         raise SubmitRejected(f"qsub printed no job id (output: {output.stdout.strip()!r})")
     return lines[-1]
 
@@ -154,7 +153,7 @@ def _text_attributes(text: str, job_id: str) -> dict[str, str] | None:
             continue
         if current is None or not line.strip():
             continue
-        match = _ATTRIBUTE.match(line)
+        match = _ATTRIBUTE.fullmatch(line)
         if match:
             last_key = match.group(1)
             current[last_key] = match.group(2)
@@ -170,10 +169,7 @@ def _text_attributes(text: str, job_id: str) -> dict[str, str] | None:
 def _xml_attributes(text: str, job_id: str) -> dict[str, str] | None:
     """Attributes of the job in Torque's ``qstat -x`` (``<Data><Job>...``); nested elements
     (``Resource_List``) become dotted keys."""
-    try:
-        root = ElementTree.fromstring(text)
-    except ElementTree.ParseError as error:
-        raise ValueError(f"unreadable qstat -x output ({error})") from None
+    root = parse_xml(text, "qstat -x")  # ValueError: bounded, no entities
     jobs = {}
     for job in root.iter("Job"):
         attributes: dict[str, str] = {}
@@ -271,7 +267,7 @@ def cancel_by_name_command(job_name: str, cluster_username: str) -> str:
 def quote_job_id(job_id: str) -> str:
     """The job id, checked to be a Torque/PBS job id (``123``, ``123.server.example.org``,
     ``123[].server``); raises ``ValueError`` otherwise."""
-    if not _JOB_ID.match(job_id or ""):
+    if not _JOB_ID.fullmatch(job_id or ""):
         raise ValueError(f"not a Torque/PBS job id: {job_id!r}")
     return shlex.quote(job_id)
 

@@ -95,15 +95,18 @@ def assert_server_token_does_not_leak(hub, lab, scheduler: str, job_id: str) -> 
 
     state_dir = Path(pwd.getpwnam("alice").pw_dir) / ".hub-spawner"
     assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
-    assert not list(state_dir.glob("*.env"))
+    assert not list(state_dir.glob("*.env")) and not list(state_dir.glob("*/server.env"))
+    for job_dir in state_dir.glob("jupyterhub-*/"):
+        assert stat.S_IMODE(job_dir.stat().st_mode) == 0o700, job_dir
     places = {
         "process list": subprocess.run(["ps", "-eo", "args"], capture_output=True,
                                        text=True).stdout,
         "hub log": hub.log(),
         **job_views(lab, scheduler, job_id),
     }
-    for path in state_dir.iterdir():
-        places[str(path)] = path.read_text(errors="replace")
+    for path in state_dir.rglob("*"):
+        if path.is_file():
+            places[str(path)] = path.read_text(errors="replace")
     for place, text in places.items():
         assert token not in text, f"the server's API token leaks into the {place}"
 

@@ -1,0 +1,306 @@
+"""hub_spawner/ssh.py against an asyncssh SSH/SFTP server in this process, on 127.0.0.1 only.
+
+The server stands in for a login node's sshd (no sshd is reachable from unit tests): its
+commands are a few fakes (``print N``, ``hang``...), its SFTP serves this machine's files in
+``tmp_path``. What only OpenSSH's sftp-server does (blocking in ``open()`` on a FIFO) is
+replaced by operations that never return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import time
+
+import asyncssh
+import pytest
+
+from hub_spawner.errors import ClusterUnreachable
+from hub_spawner.ssh import (
+    MAX_OUTPUT_BYTES,
+    ConnectionPool,
+    SSHCommandError,
+    SSHTarget,
+    client_identity,
+    within,
+)
+
+
+async def fake_command(process: asyncssh.SSHServerProcess) -> None:
+    """``true``; ``print N`` / ``print-stderr N`` (N bytes); ``forever`` (prints without end);
+    ``hang``; ``cat`` (stdin back, exit status 3)."""
+    words = (process.command or "").split()
+    if words[:1] == ["true"]:
+        process.exit(0)
+    elif words[:1] in (["print"], ["print-stderr"]):
+        stream = process.stdout if words[0] == "print" else process.stderr
+        left = int(words[1])
+        while left > 0:
+            chunk = min(left, 65536)
+            stream.write(b"x" * chunk)
+            await stream.drain()
+            left -= chunk
+        process.exit(0)
+    elif words[:1] == ["forever"]:
+        try:
+            while not process.is_closing():
+                process.stdout.write(b"y" * 65536)
+                await process.stdout.drain()
+        except (OSError, asyncssh.Error):
+            pass  # the client closed the channel: what we expect
+    elif words[:1] == ["hang"]:
+        await asyncio.Event().wait()
+    elif words[:1] == ["cat"]:
+        process.stdout.write(await process.stdin.read())
+        process.exit(3)
+    else:
+        process.stderr.write(b"unknown command\n")
+        process.exit(127)
+
+
+@pytest.fixture
+async def login(tmp_path):
+    """A ``LoginConnection`` to the stand-in server; closed afterwards."""
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    client_key = asyncssh.generate_private_key("ssh-ed25519")
+    server = await asyncssh.listen(
+        "127.0.0.1", 0,
+        server_host_keys=[host_key],
+        authorized_client_keys=asyncssh.import_authorized_keys(
+            client_key.export_public_key().decode()),
+        process_factory=fake_command,
+        sftp_factory=True,
+        encoding=None,
+    )
+    port = server.sockets[0].getsockname()[1]
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{port} {host_key.export_public_key().decode()}")
+    key_path = tmp_path / "key"
+    client_key.write_private_key(str(key_path))
+    key_path.chmod(0o600)
+    pool = ConnectionPool()
+    target = SSHTarget("127.0.0.1", port, "alice", str(key_path), str(known_hosts),
+                       connect_timeout=5)
+    try:
+        yield await pool.get(target)
+    finally:
+        pool.close_all()
+        server.close()
+
+
+# --- commands: output and time are bounded -----------------------------------------------------
+
+async def test_run_returns_exit_status_output_and_takes_stdin(login):
+    result = await login.run("cat", stdin="ünï\n")
+    assert (result.exit_status, result.stdout, result.stderr) == (3, "ünï\n", "")
+
+
+async def test_output_up_to_the_limit_is_read_whole(login):
+    result = await login.run(f"print {MAX_OUTPUT_BYTES}")
+    assert result.exit_status == 0 and len(result.stdout) == MAX_OUTPUT_BYTES
+
+
+@pytest.mark.parametrize("command", [f"print {MAX_OUTPUT_BYTES + 1}",
+                                     f"print-stderr {MAX_OUTPUT_BYTES + 1}", "forever"])
+async def test_more_output_than_the_limit_stops_the_command(login, command):
+    started = time.monotonic()
+    with pytest.raises(SSHCommandError, match=r"printed more than 4 MiB; it was stopped"):
+        await login.run(command, timeout=30)
+    assert time.monotonic() - started < 10
+    assert (await login.run("true")).exit_status == 0, "the connection stays usable"
+
+
+async def test_the_limit_is_a_parameter(login):
+    with pytest.raises(SSHCommandError, match="printed more than 1000 bytes"):
+        await login.run("print 1001", max_output_bytes=1000)
+    assert len((await login.run("print 1000", max_output_bytes=1000)).stdout) == 1000
+
+
+async def test_a_command_that_hangs_times_out_and_is_closed(login):
+    started = time.monotonic()
+    with pytest.raises(SSHCommandError, match="'hang' on 127.0.0.1 did not finish within 0.5 s"):
+        await login.run("hang", timeout=0.5)
+    assert time.monotonic() - started < 3
+    assert (await login.run("true")).exit_status == 0
+
+
+# --- SFTP: exclusive creation, fresh directories, regular files only ----------------------------
+
+async def test_private_file_is_created_0600(login, tmp_path):
+    path = tmp_path / "server.env"
+    await login.write_private_file(str(path), "TOKEN=x\n")
+    assert path.read_text() == "TOKEN=x\n"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+async def test_an_existing_file_is_never_truncated_or_rewritten(login, tmp_path):
+    path = tmp_path / "server.env"
+    path.write_text("theirs")
+    with pytest.raises(SSHCommandError, match="exists already and is not overwritten"):
+        await login.write_private_file(str(path), "TOKEN=x\n")
+    assert path.read_text() == "theirs"
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+async def test_a_symlink_in_place_of_the_file_is_never_followed(login, tmp_path, dangling):
+    target = tmp_path / "elsewhere"
+    if not dangling:
+        target.write_text("theirs")
+    link = tmp_path / "server.env"
+    link.symlink_to(target)
+    with pytest.raises(SSHCommandError, match="exists already"):
+        await login.write_private_file(str(link), "TOKEN=x\n")
+    assert target.exists() is not dangling
+    if not dangling:
+        assert target.read_text() == "theirs"
+
+
+async def test_a_new_private_dir_is_fresh_and_0700(login, tmp_path):
+    path = tmp_path / "jupyterhub-alice-default-0a1b2c3d"
+    entry = await login.make_new_private_dir(str(path))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o700
+    assert (entry.name, entry.uid, entry.is_dir) == (path.name, os.getuid(), True)
+    assert abs(entry.mtime - path.stat().st_mtime) < 2
+    with pytest.raises(SSHCommandError, match="it is not reused"):
+        await login.make_new_private_dir(str(path))
+
+
+async def test_a_symlink_in_place_of_the_new_dir_is_refused(login, tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(SSHCommandError, match="it is not reused"):
+        await login.make_new_private_dir(str(tmp_path / "link"))
+
+
+async def test_listing_tells_directories_files_and_links_apart(login, tmp_path):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "dir")
+    entries = {entry.name: entry for entry in await login.list_dir(str(tmp_path))}
+    assert {"dir", "file", "link"} <= set(entries) and "." not in entries
+    assert (entries["dir"].is_dir, entries["dir"].is_file) == (True, False)
+    assert (entries["file"].is_dir, entries["file"].is_file) == (False, True)
+    assert (entries["link"].is_dir, entries["link"].is_file) == (False, False)
+    assert entries["file"].uid == os.getuid()
+
+
+async def test_read_file_gives_the_tail_or_none(login, tmp_path):
+    path = tmp_path / "job.out"
+    path.write_text("a" * 100 + "HUB_SPAWNER_READY")
+    assert await login.read_file(str(path), max_bytes=17) == "HUB_SPAWNER_READY"
+    assert await login.read_file(str(tmp_path / "missing")) is None
+
+
+async def test_a_fifo_in_place_of_the_output_file_is_not_opened(login, tmp_path):
+    fifo = tmp_path / "job.out"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    with pytest.raises(SSHCommandError, match="not a regular file"):
+        await login.read_file(str(fifo), timeout=5)
+    assert time.monotonic() - started < 3
+
+
+async def test_an_sftp_operation_that_never_returns_times_out_and_drops_the_connection(login):
+    """Stand-in for sftp-server blocked in ``open()`` on a FIFO (the race after the regular-file
+    check): the whole operation is bounded, and the stuck session goes with the connection."""
+    started = time.monotonic()
+    with pytest.raises(SSHCommandError, match="did not finish reading x within 0.5 s"):
+        await login._sftp_call("reading x", lambda sftp: asyncio.Event().wait(), timeout=0.5)
+    assert time.monotonic() - started < 3
+    await asyncio.sleep(0.1)
+    assert login.is_closed()
+
+
+# --- within(): the bound itself ----------------------------------------------------------------
+
+async def test_within_gives_the_result_in_time():
+    async def quick():
+        return 42
+
+    assert await within(1, quick(), "slow") == 42
+
+
+async def test_within_raises_at_the_timeout_for_a_stub_that_never_returns():
+    """Stand-in for an SFTP request the server never answers."""
+    called = []
+    started = time.monotonic()
+    with pytest.raises(SSHCommandError, match="^too slow$"):
+        await within(0.2, asyncio.Event().wait(), "too slow", on_timeout=lambda: called.append(1))
+    assert time.monotonic() - started < 1 and called == [1]
+
+
+async def test_within_does_not_wait_for_a_cleanup_that_hangs():
+    """``asyncio.wait_for`` would wait for this cancellation for ever (an ``async with`` whose
+    exit talks to a server that does not answer)."""
+    async def stubborn():
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.Event().wait()
+
+    started = time.monotonic()
+    with pytest.raises(SSHCommandError):
+        await within(0.2, stubborn(), "too slow")
+    assert time.monotonic() - started < 1
+
+
+async def test_within_passes_errors_through():
+    async def failing():
+        raise SSHCommandError("lost")
+
+    with pytest.raises(SSHCommandError, match="lost"):
+        await within(1, failing(), "slow")
+
+
+async def test_cancelling_the_caller_cancels_the_operation():
+    cancelled = asyncio.Event()
+
+    async def operation():
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    caller = asyncio.ensure_future(within(10, operation(), "slow"))
+    await asyncio.sleep(0.05)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await asyncio.wait_for(cancelled.wait(), 1)
+
+
+# --- key files: refused when group or others can read them (as OpenSSH does) --------------------
+
+def key_target(path) -> SSHTarget:
+    return SSHTarget("127.0.0.1", 22, "alice", str(path), "/nonexistent/known_hosts")
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o700 | 0o044])
+def test_a_key_file_readable_by_group_or_others_is_refused_with_chmod_advice(tmp_path, mode):
+    path = tmp_path / "alice"
+    asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(path))
+    path.chmod(mode)
+    with pytest.raises(ClusterUnreachable) as raised:
+        client_identity(key_target(path))
+    assert str(path) in str(raised.value)
+    assert f"chmod 600 {path}" in str(raised.value)
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400])
+def test_a_private_key_file_is_used(tmp_path, mode):
+    path = tmp_path / "alice"
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    key.write_private_key(str(path))
+    path.chmod(mode)
+    loaded = client_identity(key_target(path))
+    assert loaded.export_public_key() == key.export_public_key()
+
+
+async def test_the_pool_refuses_a_loose_key_before_connecting(tmp_path):
+    path = tmp_path / "alice"
+    asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(path))
+    path.chmod(0o644)
+    with pytest.raises(ClusterUnreachable, match="chmod 600"):
+        await ConnectionPool().get(key_target(path))
