@@ -6,6 +6,8 @@ import asyncio
 import os
 import pwd
 import stat
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -160,3 +162,40 @@ async def test_stop_during_a_login_node_outage_cancels_the_job_once_it_is_back(l
             lab.start_sshd()
         lab.in_namespace("login", ["scancel", job_id], check=False)
         default_pool.close_all()
+
+
+async def test_a_startup_file_that_prints_gigabytes_cannot_fill_the_hubs_memory(lab):
+    """alice's ~/.bashrc defines a function named ``squeue`` that prints for ever: the
+    command is cut off at MAX_OUTPUT_BYTES with a message that points at her start-up files."""
+    bashrc = Path("/home/alice/.bashrc")
+    saved = bashrc.read_bytes() if bashrc.exists() else None
+    bashrc.write_text("squeue() { yes 0123456789abcdef; }\n")
+    pool = ConnectionPool()
+    try:
+        connection = await pool.get(target(lab))
+        started = time.monotonic()
+        with pytest.raises(ClusterUnreachable, match=r"printed more than 4 MiB.*start-up files"):
+            await connection.run("squeue --noheader", timeout=60)
+        assert time.monotonic() - started < 20
+        assert (await connection.run("echo still usable")).stdout.strip() == "still usable"
+    finally:
+        pool.close_all()
+        if saved is None:
+            bashrc.unlink()
+        else:
+            bashrc.write_bytes(saved)
+
+
+async def test_a_fifo_in_place_of_a_file_is_refused_not_waited_on(lab):
+    fifo = "/home/alice/.hub-spawner-fifo-test"
+    pool = ConnectionPool()
+    try:
+        connection = await pool.get(target(lab))
+        await connection.run(f"rm -f {fifo}; mkfifo {fifo}")
+        started = time.monotonic()
+        with pytest.raises(ClusterUnreachable, match="is not a regular file"):
+            await connection.read_file(fifo, timeout=10)
+        assert time.monotonic() - started < 10
+    finally:
+        await connection.run(f"rm -f {fifo}")
+        pool.close_all()
