@@ -48,18 +48,36 @@ set +a
 rm -f -- "$hub_spawner_secrets"
 hub_spawner_python={{ python }}
 {{ prologue }}
-hub_spawner_port=$("$hub_spawner_python" -c \
-    'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])') || {
+# The address: the one this node uses towards the login node (which dials us), or all of them.
+hub_spawner_route_to={{ route_to }}
+hub_spawner_address=$("$hub_spawner_python" - "$hub_spawner_route_to" {{ listen_ip }} \
+    <<'HUB_SPAWNER_PY'
+import socket, sys
+route_to, ip = sys.argv[1], sys.argv[2]
+if route_to:
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.connect((route_to, 22))  # UDP: no packet is sent, the kernel only picks a route
+    ip = probe.getsockname()[0]
+port = socket.socket()
+port.bind((ip, 0))
+print(ip, port.getsockname()[1])
+HUB_SPAWNER_PY
+) || {
+    hub_spawner_hint=${hub_spawner_route_to:+" (does $hub_spawner_route_to resolve here?)"}
     echo "hub_spawner: could not choose a free port on $(hostname)" \
-        "(is $hub_spawner_python on PATH?)" >&2
+        "(is $hub_spawner_python on PATH?)$hub_spawner_hint" >&2
     exit 1
 }
-export JUPYTERHUB_SERVICE_URL="{{ scheme }}://{{ listen_ip }}:${hub_spawner_port}/"
+hub_spawner_ip=${hub_spawner_address% *}
+hub_spawner_port=${hub_spawner_address#* }
+export JUPYTERHUB_SERVICE_URL="{{ scheme }}://${hub_spawner_ip}:${hub_spawner_port}/"
 {{ command }} &
 hub_spawner_server=$!
 trap 'kill -TERM "$hub_spawner_server" 2>/dev/null' TERM INT HUP
+hub_spawner_dial=$hub_spawner_ip
+[ "$hub_spawner_dial" = 0.0.0.0 ] && hub_spawner_dial=127.0.0.1
 hub_spawner_waited=0
-until (exec 3<>"/dev/tcp/127.0.0.1/$hub_spawner_port") 2>/dev/null; do
+until (exec 3<>"/dev/tcp/$hub_spawner_dial/$hub_spawner_port") 2>/dev/null; do
     if ! kill -0 "$hub_spawner_server" 2>/dev/null; then
         wait "$hub_spawner_server"
         hub_spawner_status=$?
@@ -74,6 +92,46 @@ until (exec 3<>"/dev/tcp/127.0.0.1/$hub_spawner_port") 2>/dev/null; do
     sleep 0.1
     hub_spawner_waited=$((hub_spawner_waited + 1))
 done
+# Whoever answers must be our server: another user may have taken the port in between.
+"$hub_spawner_python" - "$hub_spawner_port" "$hub_spawner_server" <<'HUB_SPAWNER_PY'
+import os, sys
+port, root = int(sys.argv[1]), sys.argv[2]
+if not os.path.exists("/proc/net/tcp"):
+    sys.exit(0)  # no /proc to ask: the port check above is all we have
+inodes = set()
+for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    try:
+        rows = open(table).read().splitlines()[1:]
+    except OSError:
+        continue
+    for row in rows:
+        fields = row.split()
+        if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+            inodes.add(f"socket:[{fields[9]}]")
+pids, seen = [root], set()
+while pids:
+    pid = pids.pop()
+    seen.add(pid)
+    try:
+        pids += [p for p in open(f"/proc/{pid}/task/{pid}/children").read().split()
+                 if p not in seen]
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        continue
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                sys.exit(0)
+        except OSError:
+            pass
+sys.exit(1)
+HUB_SPAWNER_PY
+if [ $? -ne 0 ]; then
+    echo "hub_spawner: port $hub_spawner_port answers, but not from the server's own" \
+        "process: another process took it; giving up" >&2
+    kill -TERM "$hub_spawner_server" 2>/dev/null
+    exit 1
+fi
 echo "{{ ready_marker }} {\\"host\\": \\"$(hostname)\\", \\"port\\": $hub_spawner_port}"
 wait "$hub_spawner_server"
 """
@@ -95,6 +153,7 @@ def render_launch(
     listen_ip: str = "0.0.0.0",
     ready_timeout_seconds: int = 600,
     tls: bool = False,
+    route_to: str = "",
 ) -> str:
     """The launcher part of the job script; every argument is quoted for bash.
 
@@ -110,11 +169,19 @@ def render_launch(
         prologue=prologue,
         python=shlex.quote(python),
         listen_ip=_checked_ip(listen_ip),
+        route_to=shlex.quote(_checked_route(route_to)),
         scheme="https" if tls else "http",
         command=shlex.join(command),
         ready_timeout_tenths=int(ready_timeout_seconds * 10),
         ready_marker=READY_MARKER,
     )
+
+
+def _checked_route(host: str) -> str:
+    """``route_to``: a host name or IP address (the login node as nodes see it), or empty."""
+    if host and not (_HOSTNAME.fullmatch(host) or re.fullmatch(r"[0-9a-fA-F:.]+", host)):
+        raise ValueError(f"not a host name or address: {host!r}")
+    return host
 
 
 def render_job_script(template: str, **variables: Any) -> str:

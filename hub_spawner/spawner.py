@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 from jupyterhub.spawner import Spawner
 from jupyterhub.utils import maybe_future, url_path_join
 from traitlets import (
+    Bool,
     Callable,
     Float,
     Integer,
@@ -243,6 +244,19 @@ class SSHBatchSpawner(Spawner):
         on the login node itself.
 
         Not used when ``hub_connect_url`` is set: then compute nodes reach the hub directly.
+        """,
+    )
+
+    server_listens_on_all_addresses = Bool(
+        False,
+        config=True,
+        help="""Let the server listen on all of the compute node's addresses (``0.0.0.0``).
+
+        Default: only on the address the node uses towards the login node (the route to
+        ``hub_api_tunnel_host``), which is where the tunnel connects from; other networks of
+        the node cannot reach the server. Set this when the node's name resolves, on the login
+        node, to an address of another interface than that one. Always all addresses when
+        ``hub_api_tunnel_host`` is empty or ``hub_connect_url`` is set.
         """,
     )
 
@@ -967,6 +981,8 @@ class SSHBatchSpawner(Spawner):
             python=self.job_python,
             ready_timeout_seconds=int(self.start_timeout),
             tls=self.internal_ssl,
+            route_to="" if self.server_listens_on_all_addresses or self.hub_connect_url
+            else self.hub_api_tunnel_host,
         )
         return jobscript.render_job_script(
             self.job_script_template or self.scheduler.JOB_SCRIPT_TEMPLATE,

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -229,3 +230,61 @@ def test_a_job_python_path_with_spaces_works(tmp_path):
                            python=str(bindir / "python3"))
     result = subprocess.run(["bash", "-c", launch], capture_output=True, text=True, timeout=20)
     assert result.returncode == 5, result.stderr  # a port was chosen, then the server exited
+
+
+def _run_launch_until(tmp_path, command, route_to=""):
+    secrets = tmp_path / "server.env"
+    secrets.write_text("")
+    launch = render_launch(command=command, secrets_path=str(secrets), route_to=route_to,
+                           ready_timeout_seconds=20)
+    return subprocess.Popen(["bash", "-c", launch], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+
+
+def test_the_server_listens_on_the_address_towards_the_login_node(tmp_path):
+    """route_to: the launcher asks the kernel which address it would use towards that host
+    (here loopback) and gives the server only that address."""
+    server = ("import os, http.server, urllib.parse\n"
+              'url = urllib.parse.urlparse(os.environ["JUPYTERHUB_SERVICE_URL"])\n'
+              "open('url', 'w').write(url.netloc)\n"
+              "http.server.HTTPServer((url.hostname, url.port), "
+              "http.server.SimpleHTTPRequestHandler).serve_forever()\n")
+    process = _run_launch_until(tmp_path, ["python3", "-c", server], route_to="127.0.0.1")
+    try:
+        ready = parse_ready_line(process.stdout.readline())
+        assert ready is not None
+        assert (tmp_path / "url").read_text() == f"127.0.0.1:{ready.port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def test_a_port_taken_by_another_process_is_not_reported_ready(tmp_path):
+    """Between the port probe and the server's bind, another process takes the port: it
+    answers the launcher's connection test, but it is not the server, so no ready line."""
+    stand_in = ("import os, time, urllib.parse\n"
+                'url = urllib.parse.urlparse(os.environ["JUPYTERHUB_SERVICE_URL"])\n'
+                "open('port', 'w').write(str(url.port))\n"
+                "time.sleep(30)\n")  # never listens itself
+    process = _run_launch_until(tmp_path, ["python3", "-c", stand_in])
+    squatter = socket.socket()
+    try:
+        for _ in range(100):
+            if (tmp_path / "port").exists() and (tmp_path / "port").read_text():
+                break
+            time.sleep(0.1)
+        squatter.bind(("127.0.0.1", int((tmp_path / "port").read_text())))
+        squatter.listen()
+        out, err = process.communicate(timeout=30)
+    finally:
+        squatter.close()
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1
+    assert READY_MARKER not in out
+    assert "answers, but not from the server's own process" in err
+
+
+def test_a_route_that_is_not_a_host_name_is_refused():
+    with pytest.raises(ValueError, match="not a host name or address"):
+        render_launch(command=["true"], secrets_path="/x.env", route_to="login; id")

@@ -138,3 +138,21 @@ def test_alice_and_bob_spawn_at_once_and_each_kernel_runs_as_its_owner(hub, lab)
         for user in ("alice", "bob"):
             hub.stop(user)
     assert wait_for(lambda: not active_jobs("alice") and not active_jobs("bob"), 20)
+
+
+def test_the_server_listens_only_on_the_nodes_cluster_address(hub, lab):
+    """The server binds the address the compute host uses towards the login host (the route
+    to hub_api_tunnel_host), not 0.0.0.0: the tunnel works, and nothing of alice's listens on
+    the node's other addresses (loopback here)."""
+    events, _ = hub.spawn("alice", "listen-address")
+    assert events[-1].get("ready"), events
+    try:
+        state = hub.api("GET", "/users/alice").json()["servers"]["listen-address"]["state"]
+        port = state["remote_port"]
+        listeners = lab.in_namespace("compute", ["ss", "-Hltn", f"sport = :{port}"]).stdout
+        addresses = [row.split()[3] for row in listeners.splitlines()]
+        assert addresses == [f"{lab.COMPUTE_IP}:{port}"], listeners
+        assert hub.get("/user/alice/listen-address/api/status").status_code == 200
+    finally:
+        hub.stop("alice", "listen-address")
+    assert wait_for(lambda: not active_jobs("alice"), 20), active_jobs("alice")
