@@ -53,6 +53,10 @@ def test_tls_hub_api_and_a_squatter_on_the_reverse_port_learns_nothing(lab, tmp_
         assert seen[0] == f"https://login:{api_port}/hub/api", seen
         assert seen[1].startswith("https://"), seen
         assert _fresh_token_status(hub, "tls") == 200  # asked the hub over TLS
+        # bob connects to the hub-API port as a client: the hub (internal_ssl) wants a client
+        # certificate from its own CA, so he cannot even complete the TLS handshake.
+        answer = _as_bob_on_login(lab, api_port)
+        assert answer.startswith("refused") and "certificate required" in answer, answer
 
         # The reverse forward goes down (its SSH connection dies while the service is paused),
         # and bob takes the port before the service can re-make it.
@@ -93,3 +97,27 @@ def test_tls_hub_api_and_a_squatter_on_the_reverse_port_learns_nothing(lab, tmp_
             lab.stop_pid(squatter.pid)
         stop_hub(process)
         lab.stop_tunnel_service(tmp_path / "tunnels")
+
+
+BOB_CLIENT = """
+import socket, ssl, sys
+port = int(sys.argv[1])
+context = ssl.create_default_context()
+context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+try:
+    with socket.create_connection((sys.argv[2], port), timeout=10) as raw:
+        with context.wrap_socket(raw) as tls:
+            tls.sendall(b"GET /hub/api/users/alice HTTP/1.1\\r\\nHost: login\\r\\n\\r\\n")
+            reply = tls.recv(4096).decode(errors="replace")
+    print(reply.split()[1] if reply.startswith("HTTP/") else "refused", reply[:300])
+except (ssl.SSLError, OSError) as error:
+    print("refused", error)
+"""
+
+
+def _as_bob_on_login(lab, port: int) -> str:
+    """What bob, on the login host, gets from the hub-API port without a token."""
+    python = str(lab.LAB_PREFIX / "venv/bin/python")
+    result = lab.in_namespace("login", ["runuser", "-u", "bob", "--", python, "-c", BOB_CLIENT,
+                                        str(port), lab.LOGIN_CLUSTER_IP], check=False)
+    return result.stdout.strip() or result.stderr.strip()
