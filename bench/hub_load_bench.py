@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import secrets
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import requests
 
+from bench.machine import describe
 from tests.integration.conftest import Hub, execute, open_kernel, start_hub, stop_hub
 from tests.lab import lab
 
@@ -186,9 +186,7 @@ def _scontrol(*args: str) -> None:
 
 
 def _report(results: dict, args) -> None:
-    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
-                         capture_output=True, text=True).stdout.strip()
-    print(f"\nmachine: {os.cpu_count()} cores, {cpu}, {platform.platform()}")
+    print(f"\n{describe()}")
     print(f"windows of {args.seconds:.0f} s each (hub CPU with no probe; then probes straight to "
           f"the hub; then through the proxy); a probe every {args.interval * 1000:.0f} ms\n")
     print("| placement | window | downloads MB/s | hub CPU % | hub API p50 ms | hub API p99 ms "

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from tornado import websocket
 
+from bench.machine import describe
 from hub_spawner.tunnels.client import TunnelClient
 from hub_spawner.tunnels.forwards import Login
 from tests.lab import lab
@@ -153,9 +153,7 @@ def report(results, args) -> None:
     medians = {name: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
                for name, runs in results.items()}
     reference, ours = medians["OpenSSH ssh -L"], medians["hub_spawner"]
-    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
-                         capture_output=True, text=True).stdout.strip()
-    print(f"\nmachine: {os.cpu_count()} cores, {cpu}, {platform.platform()}")
+    print(f"\n{describe()}")
     print(f"run: {args.reps} interleaved reps, bulk {args.bulk_mb} MB, "
           f"{args.round_trips} websocket round trips of 1 KB; medians\n")
     print("| path | bulk MB/s | tunnel CPU-s per GB | WS RTT p50 us | WS RTT p99 us "

@@ -192,6 +192,17 @@ def active_jobs(user: str, scheduler: str = "slurm") -> list[str]:
     return [line for line in result.stdout.splitlines() if line.strip()]
 
 
+def login(hub, user: str, password: str) -> requests.Session:
+    """A session logged in through the hub's login form, as a browser would be."""
+    session = requests.Session()
+    session.get(f"{hub.url}/hub/login", timeout=30).raise_for_status()
+    response = session.post(
+        f"{hub.url}/hub/login", timeout=30, allow_redirects=False,
+        data={"username": user, "password": password, "_xsrf": session.cookies.get("_xsrf")})
+    assert response.status_code == 302, response.text[-500:]
+    return session
+
+
 def run_in_kernel(hub, user: str, code: str) -> str:
     """Start a kernel through the proxy, run ``code`` over the websocket, return its stdout."""
     kernel_id, connection = open_kernel(hub, user)

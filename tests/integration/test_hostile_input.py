@@ -9,9 +9,8 @@ import os
 import re
 
 import pytest
-import requests
 
-from .conftest import active_jobs
+from .conftest import active_jobs, login
 
 FIELDS = {"partition": "partition", "cpus": "cores", "memory": "memory", "gpus": "gpus",
           "walltime": "walltime", "account": "account"}
@@ -49,15 +48,6 @@ def test_unknown_option_keys_are_refused(hub, lab):
     assert events[-1].get("failed") and "Unknown option" in events[-1]["message"], events
     assert active_jobs("alice") == [] and no_canary(lab)
 
-
-def login(hub, user: str, password: str) -> requests.Session:
-    session = requests.Session()
-    session.get(f"{hub.url}/hub/login", timeout=30).raise_for_status()
-    response = session.post(
-        f"{hub.url}/hub/login", timeout=30, allow_redirects=False,
-        data={"username": user, "password": password, "_xsrf": session.cookies.get("_xsrf")})
-    assert response.status_code == 302, response.text[-500:]
-    return session
 
 
 @pytest.mark.parametrize("field", sorted(FIELDS))

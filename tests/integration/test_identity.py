@@ -14,13 +14,12 @@ from pathlib import Path
 
 import asyncssh
 import pytest
-import requests
 
 from hub_spawner.errors import ClusterUnreachable
 from hub_spawner.identity import mint
 from hub_spawner.ssh import ConnectionPool, SSHTarget, connect
 
-from .conftest import REPO, active_jobs, run_in_kernel, start_hub, stop_hub, wait_for
+from .conftest import REPO, active_jobs, login, run_in_kernel, start_hub, stop_hub, wait_for
 
 PORT = 28800
 
@@ -128,16 +127,6 @@ def test_check_in_certificate_mode_passes_and_names_the_ca(lab, tmp_path):
     assert f"ok    key        CA key {lab.USER_CA}: ssh-ed25519 SHA256:" in result.stdout
     assert "all 10 checks passed" in result.stdout
 
-
-def login(hub, user: str, password: str) -> requests.Session:
-    """Log in through the hub's login form, as a browser would."""
-    session = requests.Session()
-    session.get(f"{hub.url}/hub/login", timeout=30).raise_for_status()
-    response = session.post(
-        f"{hub.url}/hub/login", timeout=30, allow_redirects=False,
-        data={"username": user, "password": password, "_xsrf": session.cookies.get("_xsrf")})
-    assert response.status_code == 302, response.text[-500:]
-    return session
 
 
 def test_a_key_from_auth_state_spawns_with_no_key_files(lab, tmp_path):
