@@ -3,15 +3,17 @@
 Requirements:
 - the job chooses its own free port on the node, starts the single-user server there and, once
   the server accepts connections, prints exactly one ready line to its output:
-  ``HUB_SPAWNER_READY {"host": "cn017", "port": 43211}``;
+  ``HUB_SPAWNER_READY {"host": "cn017", "port": 43211}``; in socket mode (no open port) the
+  server listens on a Unix socket in a fresh 0700 directory and the line names it instead:
+  ``HUB_SPAWNER_READY {"host": "cn017", "socket": "/tmp/hub-spawner.x1Y2z3/server.sock"}``;
 - secrets (the API token and friends) reach the job only through a 0600 file that the job
   reads and deletes at once; never through the command line or the scheduler's environment;
 - every value put into the script is shell-quoted with ``shlex.quote`` and used only as a whole
   shell word (a quoted value is never pasted inside double quotes, where its quotes would end
   them); environment variable names are validated. ``prologue`` is the one exception: it is
   admin-written shell code and inserted verbatim by design;
-- the ready line is trusted for its port only (1024-65535): the tunnel dials the node the
-  *scheduler* reports, and a ready line that names another host is refused.
+- the ready line is trusted for its port (1024-65535) or socket path only: the tunnel dials the
+  node the *scheduler* reports, and a ready line that names another host is refused.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import jinja2
+
+from .tunnels.forwards import MAX_SOCKET_PATH, is_socket_path
 
 READY_MARKER = "HUB_SPAWNER_READY"
 
@@ -48,6 +52,75 @@ set +a
 rm -f -- "$hub_spawner_secrets"
 hub_spawner_python={{ python }}
 {{ prologue }}
+{% if socket -%}
+# No open port: the server listens on a Unix socket in a fresh 0700 directory of the user's on
+# this node, which the tunnel reaches over SSH to the node (nobody else can create or open it).
+hub_spawner_socket_dir=$(mktemp -d "${TMPDIR:-/tmp}/hub-spawner.XXXXXXXX") || {
+    echo "hub_spawner: cannot make a private directory for the server's socket in" \
+        "${TMPDIR:-/tmp} on $(hostname)" >&2
+    exit 1
+}
+chmod 700 "$hub_spawner_socket_dir"
+hub_spawner_socket=$hub_spawner_socket_dir/server.sock
+case $hub_spawner_socket in
+    *[!A-Za-z0-9_./+-]*)
+        echo "hub_spawner: the socket path $hub_spawner_socket has characters other than" \
+            "letters, digits and ._+-; set TMPDIR to a plainer directory" >&2
+        rm -rf -- "$hub_spawner_socket_dir"
+        exit 1 ;;
+esac
+if [ "$(printf %s "$hub_spawner_socket" | wc -c)" -gt {{ max_socket_path }} ]; then
+    echo "hub_spawner: the socket path $hub_spawner_socket is longer than" \
+        "{{ max_socket_path }} bytes; set TMPDIR to a shorter directory" >&2
+    rm -rf -- "$hub_spawner_socket_dir"
+    exit 1
+fi
+# jupyter-server refuses --sock beside a port of its own; 8888 is its default, which it drops.
+export JUPYTERHUB_SERVICE_URL="{{ scheme }}://127.0.0.1:8888/"
+{{ command }} --sock="$hub_spawner_socket" --sock-mode=0600 &
+hub_spawner_server=$!
+trap 'kill -TERM "$hub_spawner_server" 2>/dev/null' TERM INT HUP
+"$hub_spawner_python" - "$hub_spawner_socket" "$hub_spawner_server" \
+    {{ ready_timeout_tenths }} <<'HUB_SPAWNER_PY'
+import socket, sys, time
+path, server, tenths = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def server_alive():
+    try:
+        return open(f"/proc/{server}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+for _ in range(tenths):
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+            sys.exit(0)
+        except OSError:
+            pass
+    if not server_alive():
+        sys.exit(2)
+    time.sleep(0.1)
+sys.exit(3)
+HUB_SPAWNER_PY
+hub_spawner_waited=$?
+if [ "$hub_spawner_waited" -ne 0 ]; then
+    if [ "$hub_spawner_waited" -eq 2 ]; then
+        wait "$hub_spawner_server"
+        hub_spawner_status=$?
+        echo "hub_spawner: the server exited with status $hub_spawner_status before it listened" >&2
+    else
+        echo "hub_spawner: the server did not listen on $hub_spawner_socket in time" >&2
+        kill -TERM "$hub_spawner_server" 2>/dev/null
+        hub_spawner_status=1
+    fi
+    rm -rf -- "$hub_spawner_socket_dir"
+    exit "$hub_spawner_status"
+fi
+echo "{{ ready_marker }} {\\"host\\": \\"$(hostname)\\", \\"socket\\": \\"$hub_spawner_socket\\"}"
+wait "$hub_spawner_server"
+hub_spawner_status=$?
+rm -rf -- "$hub_spawner_socket_dir"
+exit "$hub_spawner_status"
+{% else -%}
 # The address: the one this node uses towards the login node (which dials us), or all of them.
 hub_spawner_route_to={{ route_to }}
 hub_spawner_address=$("$hub_spawner_python" - "$hub_spawner_route_to" {{ listen_ip }} \
@@ -134,15 +207,18 @@ if [ $? -ne 0 ]; then
 fi
 echo "{{ ready_marker }} {\\"host\\": \\"$(hostname)\\", \\"port\\": $hub_spawner_port}"
 wait "$hub_spawner_server"
+{% endif -%}
 """
 
 
 @dataclass(frozen=True)
 class ReadyLine:
-    """Where the job's server listens, as the job reported it."""
+    """Where the job's server listens, as the job reported it: a TCP port, or (socket mode,
+    then ``port`` is 0) a Unix socket's path on the node."""
 
     host: str
     port: int
+    socket: str = ""
 
 
 def render_launch(
@@ -154,12 +230,15 @@ def render_launch(
     ready_timeout_seconds: int = 600,
     tls: bool = False,
     route_to: str = "",
+    socket: bool = False,
 ) -> str:
     """The launcher part of the job script; every argument is quoted for bash.
 
     ``prologue`` is admin-written shell (``module load ...``) and inserted verbatim: it is code,
     never a place for values from users. ``python`` is one word (a path or a command name); it
     is assigned, quoted, to a variable before the prologue runs and only used as ``"$var"``.
+    ``socket``: the server listens on a Unix socket (``--sock``, jupyter-server's) instead of
+    a TCP port; ``listen_ip`` and ``route_to`` are then unused.
     """
     if not command:
         raise ValueError("the server command is empty")
@@ -174,6 +253,8 @@ def render_launch(
         command=shlex.join(command),
         ready_timeout_tenths=int(ready_timeout_seconds * 10),
         ready_marker=READY_MARKER,
+        socket=socket,
+        max_socket_path=MAX_SOCKET_PATH,
     )
 
 
@@ -203,7 +284,8 @@ def parse_ready_line(output: str) -> ReadyLine | None:
     """The last ready line in a job's output, or ``None`` if there is none yet.
 
     Raises ``ValueError`` if a ready line is there but malformed (bad JSON, a host that is not a
-    hostname, a port outside 1024-65535): the job is then not one of ours to trust.
+    hostname, a port outside 1024-65535, a socket path that is not a plain absolute path, or
+    both a port and a socket): the job is then not one of ours to trust.
     """
     ready = None
     for line in output.splitlines():
@@ -213,11 +295,22 @@ def parse_ready_line(output: str) -> ReadyLine | None:
         return None
     try:
         fields = json.loads(ready)
-        host, port = fields["host"], fields["port"]
+        host = fields["host"]
+        if ("port" in fields) == ("socket" in fields):
+            raise KeyError("port or socket")
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"malformed ready line: {ready!r}") from None
     if not isinstance(host, str) or not _HOSTNAME.fullmatch(host):
         raise ValueError(f"ready line names an invalid host: {host!r}")
+    if "socket" in fields:
+        path = fields["socket"]
+        if not is_socket_path(path):
+            raise ValueError(
+                f"ready line names an invalid socket: {path!r} (an absolute path of letters, "
+                f"digits and ._+-, at most {MAX_SOCKET_PATH} bytes)"
+            )
+        return ReadyLine(host=host, port=0, socket=path)
+    port = fields["port"]
     if not isinstance(port, int) or isinstance(port, bool) or not MIN_PORT <= port <= MAX_PORT:
         raise ValueError(
             f"ready line names an invalid port: {port!r} (a server port is {MIN_PORT}-{MAX_PORT})"
@@ -256,7 +349,7 @@ def server_address(ready: ReadyLine, scheduled_node: str) -> ReadyLine:
             f"the job says its server is on {ready.host!r}, but the scheduler placed it on "
             f"{scheduled_node!r}"
         )
-    return ReadyLine(host=scheduled_node, port=ready.port)
+    return ReadyLine(host=scheduled_node, port=ready.port, socket=ready.socket)
 
 
 def is_hostname(name: str) -> bool:

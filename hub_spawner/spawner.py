@@ -31,6 +31,7 @@ from jupyterhub.utils import maybe_future, url_path_join
 from traitlets import (
     Bool,
     Callable,
+    CaselessStrEnum,
     Float,
     Integer,
     List,
@@ -260,6 +261,33 @@ class SSHBatchSpawner(Spawner):
         """,
     )
 
+    server_transport = CaselessStrEnum(
+        ["tcp", "socket"],
+        "tcp",
+        config=True,
+        help="""How the tunnel reaches the job's server on its compute node.
+
+        ``tcp`` (default): the server listens on a free TCP port of the node (see
+        ``server_listens_on_all_addresses``) and the tunnel connects to it from the login node.
+        Any process on the cluster network can connect to that port (Jupyter's own token check
+        still applies).
+
+        ``socket``: no open port. The server listens on a Unix socket (jupyter-server's
+        ``--sock``, mode 0600) in a fresh 0700 directory under the job's ``$TMPDIR`` (or
+        ``/tmp``), and the tunnel reaches it through a second SSH hop: from the login node to
+        the node, as the same cluster user with the same identity (``node_ssh_port``). Needs an
+        sshd on the compute nodes that lets the user in while the job runs (e.g.
+        ``pam_slurm_adopt``) with ``AllowStreamLocalForwarding yes`` (the default), each node's
+        host key in ``known_hosts_path`` under the name the scheduler reports, and a
+        single-user server built on jupyter-server (``jupyterhub-singleuser`` is).
+        """,
+    )
+    node_ssh_port = Integer(
+        22,
+        config=True,
+        help="SSH port of the compute nodes' sshd (``server_transport = 'socket'`` only).",
+    )
+
     # --- the job -----------------------------------------------------------------------------
 
     job_script_template = Unicode(
@@ -429,6 +457,7 @@ class SSHBatchSpawner(Spawner):
         self.job_name = ""
         self.job_host = ""
         self.remote_port = 0
+        self.remote_socket = ""
         self.tunnel_port = 0
         self.api_tunnel_port = 0
         self.output_path = ""
@@ -446,6 +475,7 @@ class SSHBatchSpawner(Spawner):
                 job_name=self.job_name,
                 job_host=self.job_host,
                 remote_port=self.remote_port,
+                remote_socket=self.remote_socket,
                 tunnel_port=self.tunnel_port,
                 api_tunnel_port=self.api_tunnel_port,
                 output_path=self.output_path,
@@ -461,6 +491,7 @@ class SSHBatchSpawner(Spawner):
             self.job_name = state.get("job_name", "")
             self.job_host = state.get("job_host", "")
             self.remote_port = int(state.get("remote_port", 0))
+            self.remote_socket = state.get("remote_socket", "")
             self.tunnel_port = int(state.get("tunnel_port", 0))
             self.api_tunnel_port = int(state.get("api_tunnel_port", 0))
             self.output_path = state.get("output_path", "")
@@ -582,12 +613,20 @@ class SSHBatchSpawner(Spawner):
         self._emit(20, f"Submitted job {self.job_id} to {scheduler.DISPLAY_NAME}")
 
         ready = await self._wait_for_ready_line()  # host: the scheduler's node, never the job's
-        self.job_host, self.remote_port = ready.host, ready.port
-        self._emit(80, f"Server listening on {ready.host}:{ready.port}; opening the tunnel")
-        self.tunnel_port = await self._tunnels.ensure_local(
-            self._tunnel_name, await self._login(), self.tunnel_bind_ip, ready.host, ready.port
-        )
-        self._emit(90, f"Tunnel open: hub port {self.tunnel_port} -> {ready.host}:{ready.port}")
+        self.job_host, self.remote_port, self.remote_socket = ready.host, ready.port, ready.socket
+        self._emit(80, f"Server listening on {self._server_destination}; opening the tunnel")
+        try:
+            self.tunnel_port = await self._open_server_tunnel()
+        except TunnelError as error:
+            if not self.remote_socket:
+                raise
+            raise TunnelError(
+                f"{error}. In socket mode the hub reaches the job's node over SSH through the "
+                f"login node: {ready.host}'s host key must be in {self.known_hosts_path} under "
+                f"the name {ready.host!r}, and the node's sshd must let "
+                f"{connection.target.username} in while the job runs."
+            ) from None
+        self._emit(90, f"Tunnel open: hub port {self.tunnel_port} -> {self._server_destination}")
         scheme = "https" if self.internal_ssl else "http"
         return f"{scheme}://{self._tunnel_connect_ip}:{self.tunnel_port}"
 
@@ -651,6 +690,13 @@ class SSHBatchSpawner(Spawner):
             raise BadReadyLine(f"Job {self.job_id} reported an unusable address: {error}") from None
         if ready is None:
             return None
+        if bool(ready.socket) != (self.server_transport == "socket"):
+            wanted = "a Unix socket" if self.server_transport == "socket" else "a TCP port"
+            raise BadReadyLine(
+                f"Job {self.job_id} reported its server on {ready.socket or ready.port}, but "
+                f"server_transport is {self.server_transport!r}, which wants {wanted}; is "
+                "job_script_template an old copy?"
+            )
         try:
             return jobscript.server_address(ready, scheduled_node)
         except ValueError as error:
@@ -983,6 +1029,7 @@ class SSHBatchSpawner(Spawner):
             tls=self.internal_ssl,
             route_to="" if self.server_listens_on_all_addresses or self.hub_connect_url
             else self.hub_api_tunnel_host,
+            socket=self.server_transport == "socket",
         )
         return jobscript.render_job_script(
             self.job_script_template or self.scheduler.JOB_SCRIPT_TEMPLATE,
@@ -1069,18 +1116,36 @@ class SSHBatchSpawner(Spawner):
             )
         return True
 
+    @property
+    def _server_destination(self) -> str:
+        """Where the job's server listens, for messages."""
+        return f"{self.job_host}:{self.remote_socket or self.remote_port}"
+
+    async def _open_server_tunnel(self, listen_port: int = 0) -> int:
+        """Ask the tunnel service for the forward to the job's server (on ``listen_port``, or
+        any port): through the login node to NODE:PORT, or, in socket mode, through a second
+        SSH hop (login node -> node) to the node's Unix socket. Returns the hub-side port."""
+        login = await self._login()
+        if not self.remote_socket:
+            return await self._tunnels.ensure_local(
+                self._tunnel_name, login, self.tunnel_bind_ip, self.job_host, self.remote_port,
+                listen_port=listen_port,
+            )
+        try:
+            node = Login(self.job_host, self.node_ssh_port, login.username, login.key_path,
+                         login.known_hosts_path, jump=login)
+        except ValueError as error:
+            raise TunnelError(f"Cannot ask for a tunnel: {error}") from None
+        return await self._tunnels.ensure_local(
+            self._tunnel_name, node, self.tunnel_bind_ip, "127.0.0.1", 0,
+            listen_port=listen_port, dest_socket=self.remote_socket,
+        )
+
     async def _ensure_local_tunnel(self, failure_level: int) -> bool:
         name, old_port = self._tunnel_name, self.tunnel_port
-        destination = f"{self.job_host}:{self.remote_port}"
+        destination = self._server_destination
         try:
-            await self._tunnels.ensure_local(
-                name,
-                await self._login(),
-                self.tunnel_bind_ip,
-                self.job_host,
-                self.remote_port,
-                listen_port=old_port,
-            )
+            await self._open_server_tunnel(listen_port=old_port)
         except Exception as error:
             if await self._service_holds(name, old_port) or not _port_taken(
                 self.tunnel_bind_ip, old_port
@@ -1116,16 +1181,10 @@ class SSHBatchSpawner(Spawner):
 
     async def _move_local_tunnel(self, failure_level: int) -> bool:
         old_port = self.tunnel_port
-        destination = f"{self.job_host}:{self.remote_port}"
+        destination = self._server_destination
         try:
             await self._tunnels.close(self._tunnel_name)
-            new_port = await self._tunnels.ensure_local(
-                self._tunnel_name,
-                await self._login(),
-                self.tunnel_bind_ip,
-                self.job_host,
-                self.remote_port,
-            )
+            new_port = await self._open_server_tunnel()
         except Exception as error:
             self._tunnels_down.add(self._tunnel_name)
             self.log.log(

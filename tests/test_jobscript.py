@@ -288,3 +288,104 @@ def test_a_port_taken_by_another_process_is_not_reported_ready(tmp_path):
 def test_a_route_that_is_not_a_host_name_is_refused():
     with pytest.raises(ValueError, match="not a host name or address"):
         render_launch(command=["true"], secrets_path="/x.env", route_to="login; id")
+
+
+# --- socket mode (no open port) --------------------------------------------------------------
+
+_SOCKET_SERVER = (
+    "import os, socket, stat, sys\n"
+    'path = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--sock=")][0]\n'
+    'assert "--sock-mode=0600" in sys.argv\n'
+    'print("service url", os.environ["JUPYTERHUB_SERVICE_URL"], flush=True)\n'
+    "server = socket.socket(socket.AF_UNIX)\n"
+    "server.bind(path)\n"
+    "os.chmod(path, 0o600)\n"
+    "server.listen()\n"
+    "while True:\n"
+    "    connection, _ = server.accept()\n"
+    "    try:\n"
+    '        connection.sendall(b"hello from the socket")\n'
+    "    except OSError:\n"
+    "        pass  # the launcher's readiness probe hangs up at once\n"
+    "    connection.close()\n"
+)
+
+
+def test_socket_launch_serves_on_a_private_socket_and_names_it_in_the_ready_line(tmp_path):
+    """The real launcher in socket mode, with a stand-in server that binds ``--sock``: a 0700
+    directory of its own under TMPDIR, a 0600 socket, no TCP port, and the directory is gone
+    once the server ends."""
+    secrets = tmp_path / "server.env"
+    secrets.write_text("")
+    launch = render_launch(command=[sys.executable, "-c", _SOCKET_SERVER, "--"],
+                           secrets_path=str(secrets), ready_timeout_seconds=20, socket=True)
+    process = subprocess.Popen(["bash", "-c", launch], stdout=subprocess.PIPE, text=True,
+                               cwd=tmp_path, env=dict(os.environ, TMPDIR=str(tmp_path)))
+    try:
+        lines = [process.stdout.readline(), process.stdout.readline()]
+        assert lines[0].strip() == "service url http://127.0.0.1:8888/", lines
+        ready = parse_ready_line(lines[1])
+        assert ready is not None and ready.port == 0 and ready.host == socket.gethostname()
+        directory = os.path.dirname(ready.socket)
+        assert os.path.dirname(directory) == str(tmp_path)
+        assert os.stat(directory).st_mode & 0o777 == 0o700
+        assert os.stat(ready.socket).st_mode & 0o777 == 0o600
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(ready.socket)
+            assert client.recv(100) == b"hello from the socket"
+    finally:
+        process.terminate()
+    process.wait(timeout=20)
+    assert not os.path.exists(directory), "the launcher removes the socket's directory"
+
+
+def test_socket_launch_reports_a_server_that_dies_before_listening(tmp_path):
+    secrets = tmp_path / "server.env"
+    secrets.write_text("")
+    launch = render_launch(command=["sh", "-c", "echo boom >&2; exit 7", "--"],
+                           secrets_path=str(secrets), socket=True)
+    result = subprocess.run(["bash", "-c", launch], capture_output=True, text=True, timeout=20,
+                            env=dict(os.environ, TMPDIR=str(tmp_path)))
+    assert result.returncode == 7
+    assert READY_MARKER not in result.stdout
+    assert "exited with status 7 before it listened" in result.stderr
+    assert not list(tmp_path.glob("hub-spawner.*")), "no socket directory is left behind"
+
+
+def test_socket_launch_refuses_a_tmpdir_too_long_for_a_socket_path(tmp_path):
+    deep = tmp_path / ("d" * 90)
+    deep.mkdir()
+    secrets = tmp_path / "server.env"
+    secrets.write_text("")
+    launch = render_launch(command=["true"], secrets_path=str(secrets), socket=True)
+    result = subprocess.run(["bash", "-c", launch], capture_output=True, text=True, timeout=20,
+                            env=dict(os.environ, TMPDIR=str(deep)))
+    assert result.returncode == 1
+    assert "longer than 100 bytes; set TMPDIR to a shorter directory" in result.stderr
+    assert not list(deep.iterdir())
+
+
+def test_a_socket_ready_line_is_parsed():
+    line = f'{READY_MARKER} {{"host": "cn1", "socket": "/tmp/hub-spawner.aB3/server.sock"}}\n'
+    assert parse_ready_line(line) == ReadyLine("cn1", 0, "/tmp/hub-spawner.aB3/server.sock")
+    assert server_address(parse_ready_line(line), "cn1").socket == (
+        "/tmp/hub-spawner.aB3/server.sock")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        '{"host": "cn1", "socket": "relative/server.sock"}',
+        '{"host": "cn1", "socket": "/tmp/../etc/x.sock"}',
+        '{"host": "cn1", "socket": "/tmp/./x.sock"}',
+        '{"host": "cn1", "socket": "/tmp/a b.sock"}',
+        '{"host": "cn1", "socket": "/tmp/x.sock\\n-oProxyCommand=id"}',
+        '{"host": "cn1", "socket": "/tmp/x;id"}',
+        '{"host": "cn1", "socket": "/' + "s" * 101 + '"}',
+        '{"host": "cn1", "socket": 7}',
+        '{"host": "cn1", "socket": "/tmp/x.sock", "port": 4000}',
+    ],
+)
+def test_a_bad_socket_ready_line_is_an_error(payload):
+    with pytest.raises(ValueError):
+        parse_ready_line(f"{READY_MARKER} {payload}\n")

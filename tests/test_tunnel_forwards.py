@@ -163,3 +163,57 @@ def test_a_bad_identity_is_refused(tmp_path, changes):
         store_identity(tmp_path, values["username"], values["host"], values["port"],
                        values["key"], values["certificate"])
     assert not list(tmp_path.glob("identities/*"))
+
+
+# --- the node hop and socket destinations ----------------------------------------------------
+
+NODE = Login("cn017", 22, "alice", "/srv/keys/alice", "/srv/known_hosts", jump=LOGIN)
+
+
+def test_a_node_hop_master_goes_through_the_login_masters_connection_as_strictly():
+    master = master_command(NODE, "/d/m/node", "/d/m/login%x")
+    assert master[master.index("--") + 1] == "alice@cn017"
+    assert "StrictHostKeyChecking=yes" in master and "UserKnownHostsFile=/srv/known_hosts" in master
+    proxy = next(o for o in master if o.startswith("ProxyCommand="))[len("ProxyCommand="):]
+    words = proxy.split()
+    assert words[:3] == ["ssh", "-F", "/dev/null"]
+    # the jump master's control path (a '%' doubled for ssh's token expansion), a stdio forward
+    # to the node, never a session of its own; strict should it ever have to log in itself
+    assert words[words.index("-S") + 1] == "/d/m/login%%x"
+    assert words[words.index("-W") + 1] == "%h:%p"
+    assert "ControlMaster=no" in words and "StrictHostKeyChecking=yes" in words
+    assert words[-2:] == ["--", "alice@login.example.org"]
+    with pytest.raises(ValueError, match="control path"):
+        master_command(NODE, "/d/m/node")
+
+
+def test_a_node_hop_has_its_own_master_and_leaves_plain_logins_ids_alone():
+    assert NODE.key not in (LOGIN.key, Login(**dict(vars(NODE), jump=None)).key)
+    assert NODE.describe() == "alice@cn017:22 via alice@login.example.org:22"
+    # The id of a login without a hop is what it was before hops existed (a running master
+    # of an older service is adopted, not replaced).
+    assert LOGIN.key == "a49e90d69edd"  # as computed before this change
+    with pytest.raises(ValueError, match="one hop at most"):
+        Login("cn1", 22, "alice", "/k", "/kh", jump=NODE)
+
+
+def test_a_socket_forward_round_trips_through_the_table(tmp_path):
+    forward = _forward(login=NODE, dest_host="127.0.0.1", dest_port=0,
+                       dest_socket="/tmp/hub-spawner.aB3/server.sock")
+    assert forward_spec(forward, 5000) == "127.0.0.1:5000:/tmp/hub-spawner.aB3/server.sock"
+    assert forward.describe_destination() == "/tmp/hub-spawner.aB3/server.sock"
+    save_table(tmp_path / "f.json", {"alice/x": Entry(forward, 5000)})
+    assert load_table(tmp_path / "f.json")["alice/x"].forward == forward
+
+
+@pytest.mark.parametrize("changes", [
+    {"dest_socket": "relative.sock", "dest_port": 0},
+    {"dest_socket": "/tmp/../x.sock", "dest_port": 0},
+    {"dest_socket": "/tmp/x.sock:1", "dest_port": 0},
+    {"dest_socket": "/tmp/x y.sock", "dest_port": 0},
+    {"dest_socket": "/tmp/x.sock"},  # and a port
+    {"dest_socket": "/tmp/x.sock", "dest_port": 0, "kind": "reverse"},
+])
+def test_a_bad_socket_destination_is_refused(changes):
+    with pytest.raises(ValueError, match="invalid"):
+        _forward(**changes)

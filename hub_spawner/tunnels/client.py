@@ -59,10 +59,13 @@ class TunnelClient:
 
     async def ensure_local(
         self, name: str, login: Login, listen_host: str, dest_host: str, dest_port: int,
-        listen_port: int = 0,
+        listen_port: int = 0, dest_socket: str = "",
     ) -> int:
+        """A local forward to ``dest_host:dest_port``, or to the Unix socket ``dest_socket``
+        (then ``dest_port`` is 0), as ``login``'s host sees them."""
         return await self.ensure(
-            Forward(name, "local", login, listen_host, dest_host, dest_port, listen_port)
+            Forward(name, "local", login, listen_host, dest_host, dest_port, listen_port,
+                    dest_socket)
         )
 
     async def ensure_reverse(

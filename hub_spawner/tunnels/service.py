@@ -6,8 +6,9 @@ Requirements:
   every forward on its old port: masters that outlived it are adopted (their forwards and open
   connections never went away), dead ones are started again and their forwards re-added;
 - a master that dies (SSH drop, login node restart) is re-made and its forwards re-added within
-  about a second of being noticed; a forward that cannot come back (its port taken) is retried
-  every second and reported by ``list``;
+  about a second of being noticed (a node hop's master after its login node's master); a
+  forward that cannot come back (its port taken) is retried every second and reported by
+  ``list``;
 - one service per directory (a lock file); the control socket is in a 0700 directory, mode 0600;
   control over TCP (``--listen``, for a hub in another pod) needs the token in
   ``HUB_SPAWNER_TUNNEL_TOKEN``, compared in constant time on every request.
@@ -62,6 +63,7 @@ class Master:
     def __init__(self, login: Login, directory: Path) -> None:
         self.login = login
         self.control_path = str(directory / "m" / login.key)
+        self.jump_control_path = str(directory / "m" / login.jump.key) if login.jump else ""
         self.log_path = directory / "m" / f"{login.key}.log"
         self.process: asyncio.subprocess.Process | None = None
         self.pid = 0
@@ -118,7 +120,7 @@ class Master:
         with open(self.log_path, "ab") as log_file:
             start_offset = log_file.tell()
             self.process = await asyncio.create_subprocess_exec(
-                *master_command(self.login, self.control_path),
+                *master_command(self.login, self.control_path, self.jump_control_path),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=log_file,
@@ -212,7 +214,7 @@ class TunnelService:
                 "kind": entry.forward.kind,
                 "port": entry.port,
                 "login": entry.forward.login.describe(),
-                "destination": f"{entry.forward.dest_host}:{entry.forward.dest_port}",
+                "destination": entry.forward.describe_destination(),
                 "up": name not in self.problems,
                 "problem": self.problems.get(name, ""),
             }
@@ -272,6 +274,8 @@ class TunnelService:
         master = self.masters.get(login.key)
         if master is not None and master.alive():
             return master
+        if login.jump is not None:
+            await self._master(login.jump)  # the node hop rides on the login node's master
         master = Master(login, self.directory)
         if not await master.adopt():
             await master.start()
@@ -301,13 +305,22 @@ class TunnelService:
             return
         save_table(self.table_path, self.table)
         master = self.masters.get(entry.forward.login.key)
-        if master is None or not master.alive():
+        if master is not None and master.alive():
+            flag = "-L" if entry.forward.kind == "local" else "-R"
+            await master.control("cancel", flag, forward_spec(entry.forward, entry.port))
+        await self._stop_unused(entry.forward.login)
+
+    async def _stop_unused(self, login: Login) -> None:
+        """End the master of ``login`` (and then of its jump) once no forward uses it."""
+        in_use = {e.forward.login.key for e in self.table.values()}
+        in_use |= {e.forward.login.jump.key for e in self.table.values() if e.forward.login.jump}
+        if login.key in in_use:
             return
-        flag = "-L" if entry.forward.kind == "local" else "-R"
-        await master.control("cancel", flag, forward_spec(entry.forward, entry.port))
-        if not any(e.forward.login.key == entry.forward.login.key for e in self.table.values()):
+        master = self.masters.pop(login.key, None)
+        if master is not None:
             await master.stop()
-            del self.masters[entry.forward.login.key]
+        if login.jump is not None:
+            await self._stop_unused(login.jump)
 
 
 def _port_candidates(forward: Forward, forward_ports: tuple[int, int] | None) -> list[int]:

@@ -8,7 +8,10 @@ Scenarios are named servers of alice whose command is swapped in ``pre_spawn_hoo
 - ``short-walltime``: polled every 3 s (the test asks for a one-minute walltime);
 - ``error-state`` (Grid Engine): the job's working directory does not exist, so Grid Engine puts
   it in error state ``Eqw``;
-- ``held``: the job is submitted on hold (``-h``).
+- ``held``: the job is submitted on hold (``-h``);
+- ``socket`` (any name starting with it): ``server_transport = "socket"``, no open port on the
+  node; ``socket-unknown-node-key`` also gives the spawner a known_hosts without the compute
+  host's key.
 
 ``HUB_FAULT`` injects a failure into this hub process (a deliberate fault, not a stand-in for a
 real part; every part around it is real):
@@ -82,6 +85,13 @@ def scenario(spawner):
         spawner.job_extra_directives = ["-wd /nonexistent-dir"]
     elif spawner.name == "held":
         spawner.job_extra_directives = ["-h"]
+    if spawner.name.startswith("socket"):
+        spawner.server_transport = "socket"
+    if spawner.name == "socket-unknown-node-key":
+        login_only = os.path.join(os.environ["HUB_STATE_DIR"], "known_hosts-login-only")
+        with open(spawner.known_hosts_path) as full, open(login_only, "w") as part:
+            part.writelines(line for line in full if not line.startswith("compute "))
+        spawner.known_hosts_path = login_only
 
 
 c.Spawner.pre_spawn_hook = scenario

@@ -8,14 +8,17 @@ Topology (see shared/notes/cluster-lab.md):
     hub      root netns      10.77.1.1                       (JupyterHub, proxy, spawner)
     login    netns hsl-login 10.77.1.2 | 10.77.2.1 "login"   (sshd :22 and :2222, slurmctld,
                                                              sge_qmaster)
-    compute  netns hsl-compute          10.77.2.2 "compute"  (slurmd, sge_execd; jobs run here)
+    compute  netns hsl-compute          10.77.2.2 "compute"  (slurmd, sge_execd, sshd :22;
+                                                             jobs run here)
 Three schedulers (``SCHEDULERS``): Slurm; Grid Engine (Debian's gridengine, cell ``default``,
 queue ``all.q``, parallel environment ``smp``); and Torque/PBS command syntax through Slurm's
 ``slurm-wlm-torque`` wrappers, which a second sshd on port 2222 puts first on users' PATH (the
 wrappers conflict with Grid Engine's qsub/qstat/qdel, so they cannot share one PATH).
-The hub has no route to 10.77.2.0/24 (an ``unreachable 10.77.0.0/16`` route is installed before
-any veth exists, so test traffic can never leave for the sandbox's egress), and the compute host
-has no route back to the hub. Only the login host sees both.
+The compute host's sshd is for the node hop (``server_transport = "socket"``): the login host
+reaches it, the hub does not. The hub has no route to 10.77.2.0/24 (an ``unreachable
+10.77.0.0/16`` route is installed before any veth exists, so test traffic can never leave for
+the sandbox's egress), and the compute host has no route back to the hub. Only the login host
+sees both.
 
 This is test infrastructure: it runs as root, blocks, and uses subprocess freely.
 """
@@ -145,9 +148,9 @@ PartitionName=debug Nodes=compute Default=YES MaxTime=INFINITE State=UP
 SSHD_CONFIG_TEXT = """\
 # Written by hub_spawner's test lab (tests/lab/lab.py).
 Port {port}
-ListenAddress {login_ip}
-HostKey {run}/ssh_host_ed25519_key
-PidFile {run}/sshd-{port}.pid
+ListenAddress {listen_ip}
+HostKey {run}/{host_key}
+PidFile {run}/sshd-{name}.pid
 UsePAM no
 PasswordAuthentication no
 KbdInteractiveAuthentication no
@@ -178,6 +181,7 @@ def up(schedulers: tuple[str, ...] = SCHEDULERS) -> dict:
         state["pids"]["munged"] = _start_munged()
         _configure_sshd()
         state["pids"]["sshd"] = _start_sshd()
+        state["pids"]["sshd-compute"] = _start_sshd(host="compute")
         if "torque" in schedulers:
             state["pids"]["sshd-torque"] = _start_sshd(TORQUE_PORT)
         if "slurm" in schedulers or "torque" in schedulers:
@@ -212,8 +216,8 @@ def down() -> None:
             sge_command(f"qdel -u {','.join(USERS)}", check=False, timeout=10)
         except subprocess.TimeoutExpired:
             print("lab: qdel timed out", file=sys.stderr)
-    for name in ("sshd", "sshd-torque", "slurmd", "slurmctld", "sge_execd", "sge_qmaster",
-                 "munged"):
+    for name in ("sshd", "sshd-torque", "sshd-compute", "slurmd", "slurmctld", "sge_execd",
+                 "sge_qmaster", "munged"):
         pid = pids.get(name)
         if pid and _alive(pid):
             stop_pid(pid)
@@ -359,32 +363,42 @@ def start_sshd() -> None:
 
 
 def _configure_sshd() -> None:
-    """The login host's host key, a user CA (for the certificate identity mode: sshd accepts
-    a certificate whose principal is the user's name) and the two sshd configs."""
-    for key in (LAB_DIR / "ssh_host_ed25519_key", USER_CA):
+    """Host keys of the login and compute hosts, a user CA (for the certificate identity mode:
+    both sshds accept a certificate whose principal is the user's name) and the three sshd
+    configs (login :22 and :2222, compute :22)."""
+    for key in (LAB_DIR / "ssh_host_ed25519_key", LAB_DIR / "ssh_host_compute_ed25519_key",
+                USER_CA):
         key.unlink(missing_ok=True)
         Path(f"{key}.pub").unlink(missing_ok=True)
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
                        check=True)
-    for port in (22, TORQUE_PORT):
-        config = LAB_DIR / f"sshd_config-{port}"
-        config.write_text(SSHD_CONFIG_TEXT.format(login_ip=LOGIN_IP, run=LAB_DIR, port=port,
+    configs = {
+        "22": (LOGIN_IP, 22, "ssh_host_ed25519_key"),
+        str(TORQUE_PORT): (LOGIN_IP, TORQUE_PORT, "ssh_host_ed25519_key"),
+        "compute": (COMPUTE_IP, 22, "ssh_host_compute_ed25519_key"),
+    }
+    for name, (listen_ip, port, host_key) in configs.items():
+        config = LAB_DIR / f"sshd_config-{name}"
+        config.write_text(SSHD_CONFIG_TEXT.format(listen_ip=listen_ip, run=LAB_DIR, port=port,
+                                                  name=name, host_key=host_key,
                                                   users=" ".join(USERS)))
         subprocess.run(["/usr/sbin/sshd", "-t", "-f", str(config)], check=True)
 
 
-def _start_sshd(port: int = 22) -> int:
-    """The login host's sshd; on ``TORQUE_PORT`` its sessions see the Torque/PBS wrappers in
-    /usr/local/bin (first on PATH), so ``qsub`` there is Torque's, not Grid Engine's."""
-    config = LAB_DIR / f"sshd_config-{port}"
+def _start_sshd(port: int = 22, host: str = "login") -> int:
+    """An sshd of the login host (on ``TORQUE_PORT`` its sessions see the Torque/PBS wrappers
+    in /usr/local/bin, first on PATH, so ``qsub`` there is Torque's, not Grid Engine's), or the
+    compute host's (port 22)."""
+    name = "compute" if host == "compute" else str(port)
+    config = LAB_DIR / f"sshd_config-{name}"
     binds = {str(TORQUE_WRAPPERS): "/usr/local/bin"} if port == TORQUE_PORT else None
     process = subprocess.Popen(
-        host_command("login", f"/usr/sbin/sshd -D -e -f {config}", binds=binds),
-        stdout=subprocess.DEVNULL, stderr=open(LAB_DIR / f"sshd-{port}.log", "a"),
+        host_command(host, f"/usr/sbin/sshd -D -e -f {config}", binds=binds),
+        stdout=subprocess.DEVNULL, stderr=open(LAB_DIR / f"sshd-{name}.log", "a"),
         start_new_session=True,
     )
-    _wait_until(lambda: _port_open("login", LOGIN_IP, port), 10,
-                f"sshd on the login host, port {port}")
+    ip = COMPUTE_IP if host == "compute" else LOGIN_IP
+    _wait_until(lambda: _port_open(host, ip, port), 10, f"sshd on the {host} host, port {port}")
     return process.pid
 
 
@@ -508,9 +522,13 @@ def _wait_for_sge() -> None:
 
 
 def _write_known_hosts() -> None:
+    """The login host by its address (as the hub dials it), and the compute host by the name
+    the schedulers report (as the node hop dials it, through the login host)."""
     public = (LAB_DIR / "ssh_host_ed25519_key.pub").read_text().split()
+    compute = (LAB_DIR / "ssh_host_compute_ed25519_key.pub").read_text().split()
     KNOWN_HOSTS.write_text(f"{LOGIN_IP} {public[0]} {public[1]}\n"
-                           f"[{LOGIN_IP}]:{TORQUE_PORT} {public[0]} {public[1]}\n")
+                           f"[{LOGIN_IP}]:{TORQUE_PORT} {public[0]} {public[1]}\n"
+                           f"compute {compute[0]} {compute[1]}\n")
 
 
 def _port_open(host: str, ip: str, port: int) -> bool:
