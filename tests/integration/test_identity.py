@@ -19,7 +19,17 @@ from hub_spawner.errors import ClusterUnreachable
 from hub_spawner.identity import mint
 from hub_spawner.ssh import ConnectionPool, SSHTarget, connect
 
-from .conftest import REPO, active_jobs, login, run_in_kernel, start_hub, stop_hub, wait_for
+from .conftest import (
+    REPO,
+    active_jobs,
+    execute,
+    login,
+    open_kernel,
+    run_in_kernel,
+    start_hub,
+    stop_hub,
+    wait_for,
+)
 
 PORT = 28800
 
@@ -159,3 +169,55 @@ def test_a_key_from_auth_state_spawns_with_no_key_files(lab, tmp_path):
         lab.stop_tunnel_service(tmp_path / "tunnels")
         lab.in_namespace("login", ["scancel", "--user=alice"], check=False)
     assert wait_for(lambda: not active_jobs("alice"), 30), active_jobs("alice")
+
+
+RESTRICTED = 'restrict,port-forwarding,from="{hub},{login}",permitlisten="login:*" {key}'
+
+
+def _ssh_as_alice(lab, *args: str, namespace: str = "") -> subprocess.CompletedProcess:
+    command = ["ssh", "-F", "/dev/null", "-i", str(lab.KEY_DIR / "alice"), "-o",
+               "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={lab.KNOWN_HOSTS}", "-o",
+               "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
+               *args, f"alice@{lab.LOGIN_IP}", "true"]
+    if namespace:
+        return lab.in_namespace(namespace, command, check=False)
+    return subprocess.run(command, capture_output=True, text=True, timeout=30)
+
+
+def test_the_readmes_restricted_authorized_keys_line_is_enough_and_restricts(lab, tmp_path):
+    """README's advice for key-file mode, as alice's only authorized_keys line: a fresh hub
+    spawns over it in both transports (TCP, and socket mode's node hop, which the compute host
+    sees coming from the login host), while a pty, a reverse forward on another address and a
+    login from another address are refused."""
+    authorized = Path("/home/alice/.ssh/authorized_keys")
+    original = authorized.read_text()
+    public = (lab.KEY_DIR / "alice.pub").read_text().strip()
+    authorized.write_text(RESTRICTED.format(hub=lab.HUB_IP, login=lab.LOGIN_CLUSTER_IP,
+                                            key=public) + "\n")
+    hub, process = start_hub(tmp_path, PORT + 20, secrets.token_hex(24))
+    try:
+        hub.api("POST", "/users/alice")
+        for server in ("", "socket"):
+            events, _ = hub.spawn("alice", server)
+            assert events[-1].get("ready"), (server, events)
+            kernel_id, connection = open_kernel(hub, "alice", server)
+            try:
+                assert execute(connection, "print(6 * 7)").strip() == "42"
+            finally:
+                connection.close()
+        pty = _ssh_as_alice(lab, "-tt")
+        assert "PTY allocation request failed" in pty.stderr, pty.stderr
+        elsewhere = _ssh_as_alice(lab, "-N", "-o", "ExitOnForwardFailure=yes", "-R",
+                                  "127.0.0.1:40123:127.0.0.1:9")
+        assert elsewhere.returncode == 255, elsewhere
+        assert "remote port forwarding failed for listen port 40123" in elsewhere.stderr
+        other_address = _ssh_as_alice(lab, namespace="login")  # from 10.77.1.2 itself
+        assert other_address.returncode == 255 and "Permission denied" in other_address.stderr
+        for server in ("", "socket"):
+            hub.stop("alice", server)
+        assert wait_for(lambda: not active_jobs("alice"), 30), active_jobs("alice")
+    finally:
+        authorized.write_text(original)
+        stop_hub(process)
+        lab.stop_tunnel_service(tmp_path / "tunnels")
+        lab.in_namespace("login", ["scancel", "--user=alice"], check=False)
