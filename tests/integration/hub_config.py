@@ -9,6 +9,8 @@ Scenarios are named servers of alice whose command is swapped in ``pre_spawn_hoo
 - ``error-state`` (Grid Engine): the job's working directory does not exist, so Grid Engine puts
   it in error state ``Eqw``;
 - ``held``: the job is submitted on hold (``-h``);
+- ``wrong-host``: the server prints a ready line of its own naming another host
+  (``compute.127.0.0.1.nip.io``, a name that only starts like the node) and a port;
 - ``socket`` (any name starting with it): ``server_transport = "socket"``, no open port on the
   node; ``socket-unknown-node-key`` also gives the spawner a known_hosts without the compute
   host's key.
@@ -85,6 +87,9 @@ def scenario(spawner):
         spawner.job_extra_directives = ["-wd /nonexistent-dir"]
     elif spawner.name == "held":
         spawner.job_extra_directives = ["-h"]
+    elif spawner.name == "wrong-host":
+        spawner.cmd = ["/bin/sh", "-c", "echo 'HUB_SPAWNER_READY {\"host\": "
+                       "\"compute.127.0.0.1.nip.io\", \"port\": 2222}'; exec sleep 600"]
     if spawner.name.startswith("socket"):
         spawner.server_transport = "socket"
     if spawner.name == "socket-unknown-node-key":

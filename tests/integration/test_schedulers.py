@@ -5,6 +5,7 @@ the login host's second sshd). The compute host is reachable only through the lo
 
 from __future__ import annotations
 
+import os
 import pwd
 import stat
 import subprocess
@@ -46,6 +47,15 @@ def test_spawn_runs_on_compute_as_the_user_and_stop_leaves_nothing(scheduler, hu
     # bob may not use alice's server.
     bob_token = hub.api("POST", "/users/bob/tokens", json={"note": "lab test"}).json()["token"]
     assert hub.get("/user/alice/api/status", token=bob_token).status_code == 403
+
+    # The job's own 0700 directory, named after the job: its script and output, and the
+    # secrets file already gone (the job read and deleted it).
+    state = hub.api("GET", "/users/alice").json()["servers"][""]["state"]
+    job_dir = Path(state["output_path"]).parent
+    assert job_dir.name == state["job_name"] and job_dir.parent.name == ".hub-spawner", state
+    assert sorted(os.listdir(job_dir)) == ["job.out", "job.sh"]
+    assert stat.S_IMODE(job_dir.stat().st_mode) == 0o700
+    assert job_dir.stat().st_uid == pwd.getpwnam("alice").pw_uid
 
     jobs = active_jobs("alice", scheduler)
     assert len(jobs) == 1, jobs
