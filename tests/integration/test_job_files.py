@@ -105,7 +105,8 @@ def test_old_job_directories_beyond_the_newest_ten_are_removed_at_the_next_submi
         assert [p.exists() for p in old] == [True] * kept + [False] * (14 - kept), (
             len(ours), [p.name for p in old if p.exists()])
         assert not legacy.exists()
-        assert f"alice:retention: removed {14 - kept + 1} old job file(s) in {STATE_DIR}" in hub.log()
+        removed = f"alice:retention: removed {14 - kept + 1} old job file(s) in {STATE_DIR}"
+        assert removed in hub.log()
         assert foreign.exists() and other_name.exists()
         assert all(d.exists() for d in ours), "a recent job directory was removed"
     finally:
