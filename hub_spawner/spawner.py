@@ -42,7 +42,7 @@ from traitlets import (
     validate,
 )
 
-from . import jobfiles, jobscript
+from . import cluster, jobfiles, jobscript
 from .errors import (
     BadOptions,
     BadReadyLine,
@@ -65,7 +65,7 @@ from .ssh import LoginConnection, SSHTarget, client_identity, default_pool
 from .tunnels.client import TunnelClient, TunnelError
 from .tunnels.forwards import Login
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 _CLUSTER_USERNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
 
@@ -402,6 +402,40 @@ class SSHBatchSpawner(Spawner):
 
     # --- polling -----------------------------------------------------------------------------
 
+    ssh_idle_timeout = Float(
+        300.0,
+        config=True,
+        help="""Close the hub's SSH connection of a cluster user when nothing used it for this
+        many seconds (0: keep it open). It carries commands and SFTP only (tunnels are the
+        tunnel service's), so it is re-opened when needed: with ``status_cluster_username``
+        set, a running server needs none, and the login node holds one sshd for the hub's
+        status listings instead of one per user.""",
+    )
+    cluster_status_interval = Float(
+        10.0,
+        config=True,
+        help="""Seconds between the scheduler listings that answer every server's ``poll()``.
+
+        One watch per cluster lists all of the hub's running jobs in one scheduler command
+        per cycle (``squeue --jobs=...``, ``qstat -xml -u ...``, ``qstat -f ...``), through
+        one connection of ``status_cluster_username`` if set, else one per cluster user;
+        ``poll()`` reads the result from memory. A listing older than three intervals (and a
+        second) makes the job's state "unknown" (the server is kept), never
+        "gone". Failed listings back off to 120 s. Keep it below ``poll_interval``.
+        """,
+    )
+    status_cluster_username = Unicode(
+        "",
+        config=True,
+        help="""A cluster account that lists every user's jobs for the status watch (one
+        scheduler command and one SSH connection per cluster per cycle, whatever the number
+        of users). It logs in like any user (``ssh_key_path_template`` or ``ssh_ca_key_path``;
+        not with keys from ``auth_state``) and needs only to see jobs: Slurm and PBS show every
+        user's jobs unless the site hides them (Slurm ``PrivateData=jobs``), Grid Engine with
+        ``qstat -u``. Empty: each user's jobs are listed over that user's own connection (one
+        command per user per cycle).
+        """,
+    )
     status_interval = Float(
         0.5,
         config=True,
@@ -456,6 +490,7 @@ class SSHBatchSpawner(Spawner):
         self.job_id = ""
         self.job_name = ""
         self.job_host = ""
+        self.job_cluster_username = ""  # who the job runs as (from state, or at submit)
         self.remote_port = 0
         self.remote_socket = ""
         self.tunnel_port = 0
@@ -467,10 +502,16 @@ class SSHBatchSpawner(Spawner):
         self._end_reported = ""
 
     def get_state(self) -> dict[str, Any]:
+        """Everything needed to find, poll, reach and cancel the job after a hub restart,
+        even if the config changed meanwhile (state version 2)."""
         state = super().get_state()
         if self.job_id or self.job_name:
             state.update(
                 hub_spawner_version=STATE_VERSION,
+                scheduler=self.scheduler.NAME,
+                login_host=self.login_host,
+                login_port=self.login_port,
+                cluster_username=self.job_cluster_username,
                 job_id=self.job_id,
                 job_name=self.job_name,
                 job_host=self.job_host,
@@ -485,18 +526,50 @@ class SSHBatchSpawner(Spawner):
         return state
 
     def load_state(self, state: dict[str, Any]) -> None:
+        """Read state of version 2, or migrate version 1 (the skeleton's: no login node,
+        scheduler or cluster user; the config's are assumed). A job id in state of any other
+        version is never forgotten: it is kept (and polled, and cancelled at stop), with an
+        error in the log."""
         super().load_state(state)
-        if state.get("hub_spawner_version") == STATE_VERSION:
-            self.job_id = state.get("job_id", "")
-            self.job_name = state.get("job_name", "")
-            self.job_host = state.get("job_host", "")
-            self.remote_port = int(state.get("remote_port", 0))
-            self.remote_socket = state.get("remote_socket", "")
-            self.tunnel_port = int(state.get("tunnel_port", 0))
-            self.api_tunnel_port = int(state.get("api_tunnel_port", 0))
-            self.output_path = state.get("output_path", "")
-            self.secrets_path = state.get("secrets_path", "")
-            self.certs_dir = state.get("certs_dir", "")
+        version = state.get("hub_spawner_version")
+        if version not in (1, STATE_VERSION):
+            if state.get("job_id") or state.get("job_name"):
+                self.log.error(
+                    "%s: spawner state of unknown version %r holds job %s; keeping the job id "
+                    "(it is polled and cancelled as usual) and ignoring the rest: %s",
+                    self._log_name, version, state.get("job_id") or state.get("job_name"),
+                    sorted(state),
+                )
+                self.job_id = _state_text(state, "job_id")
+                self.job_name = _state_text(state, "job_name")
+            return
+        self.job_id = _state_text(state, "job_id")
+        self.job_name = _state_text(state, "job_name")
+        self.job_host = _state_text(state, "job_host")
+        self.remote_port = int(state.get("remote_port") or 0)
+        self.remote_socket = _state_text(state, "remote_socket")
+        self.tunnel_port = int(state.get("tunnel_port") or 0)
+        self.api_tunnel_port = int(state.get("api_tunnel_port") or 0)
+        self.output_path = _state_text(state, "output_path")
+        self.secrets_path = _state_text(state, "secrets_path")
+        self.certs_dir = _state_text(state, "certs_dir")
+        if version == STATE_VERSION:
+            self.job_cluster_username = _state_text(state, "cluster_username")
+            if state.get("scheduler") not in ("", None, self.scheduler.NAME):
+                self.log.error(
+                    "%s: job %s was submitted to %s, but this spawner is for %s; it is polled "
+                    "and cancelled with %s's commands, which may not know it",
+                    self._log_name, self.job_id, state["scheduler"], self.scheduler.NAME,
+                    self.scheduler.NAME,
+                )
+            login = (_state_text(state, "login_host"), int(state.get("login_port") or 0))
+            if login[0] and login != (self.login_host, self.login_port):
+                self.log.warning(
+                    "%s: job %s was submitted through %s:%d; following it there (the config now "
+                    "says %s:%d)", self._log_name, self.job_id, *login, self.login_host,
+                    self.login_port,
+                )
+                self.login_host, self.login_port = login
 
     # --- the form ----------------------------------------------------------------------------
 
@@ -573,6 +646,7 @@ class SSHBatchSpawner(Spawner):
         scheduler = self.scheduler
         connection = await self._connection()
         self._emit(5, f"Connected to {self.login_host} as {connection.target.username}")
+        self.job_cluster_username = connection.target.username
 
         state_dir = await self._state_dir(connection)
         nonce = secrets.token_hex(4)
@@ -731,7 +805,7 @@ class SSHBatchSpawner(Spawner):
             return None
 
     async def _poll_job(self) -> int | None:
-        status = await self._job_status()
+        status = await self._listed_status()
         if status.ended:
             if self._end_reported != self.job_id:  # JupyterHub polls again while stopping
                 self._end_reported = self.job_id
@@ -753,6 +827,40 @@ class SSHBatchSpawner(Spawner):
             if not await self._reopen_tunnels():
                 self._retry_tunnels_soon()
         return None
+
+    async def _watch(self) -> cluster.Watch:
+        """This cluster's shared status watch, with our job tracked on it."""
+        status_target = None
+        if self.status_cluster_username and not self.auth_state_ssh_key:
+            mine = await self._ssh_target()
+            status_target = dataclasses.replace(
+                mine,
+                username=self.status_cluster_username,
+                key_path="" if self.ssh_ca_key_path
+                else self.ssh_key_path_template.format(username=self.status_cluster_username),
+                key_id="hub_spawner:status",
+            )
+        watch = cluster.watch_for(
+            self.scheduler, self.login_host, self.login_port, status_target, default_pool,
+            self.cluster_status_interval, self.command_timeout, self.log,
+        )
+        if self.job_id and self.job_id not in watch.owners:
+            watch.track(self.job_id, await self._ssh_target())
+        return watch
+
+    async def _listed_status(self) -> JobStatus:
+        """The job's status from the cluster's shared listing: no SSH round trip of its own
+        (the first poll after a submit or a hub restart waits for the next listing)."""
+        try:
+            watch = await self._watch()
+        except ClusterUnreachable as error:
+            return JobStatus(JobState.UNKNOWN, reason=str(error))
+        return await watch.status(self.job_id)
+
+    def _untrack(self, job_id: str) -> None:
+        for watch in list(cluster._watches.values()):
+            if job_id in watch.owners and watch.owners[job_id].host == self.login_host:
+                watch.untrack(job_id)
 
     async def move_certs(self, paths: dict[str, str]) -> dict[str, str]:
         """With ``internal_ssl``: copy the server's key, certificate and CA bundle to the cluster
@@ -816,7 +924,9 @@ class SSHBatchSpawner(Spawner):
         self._progress_changed.set()
 
     async def _ssh_target(self) -> SSHTarget:
-        if callable(self.cluster_username):
+        if self.job_id and self.job_cluster_username:
+            username = self.job_cluster_username  # the job's, even if the mapping changed since
+        elif callable(self.cluster_username):
             username = await maybe_future(self.cluster_username(self))
         else:
             username = self.cluster_username.format(username=self.user.name)
@@ -901,6 +1011,7 @@ class SSHBatchSpawner(Spawner):
             )
 
     async def _connection(self) -> LoginConnection:
+        default_pool.idle_timeout = self.ssh_idle_timeout
         return await default_pool.get(await self._ssh_target())
 
     @property
@@ -1256,6 +1367,8 @@ class SSHBatchSpawner(Spawner):
         cleanup = self._cleanup_plan()
         if cleanup is None:
             return
+        if cleanup.job_id:
+            self._untrack(cleanup.job_id)  # no poll will ask again; the cancel has its own path
         if cleanup.job_id or cleanup.by_name:
             self.log.info("%s: cancelling %s (%s)", self._log_name, cleanup.label, why)
         self.job_id = ""
@@ -1343,6 +1456,8 @@ class SSHBatchSpawner(Spawner):
             else:
                 _background_tasks.add(task)
                 task.add_done_callback(_background_tasks.discard)
+        if self.job_id:
+            self._untrack(self.job_id)
         super().clear_state()
         self._reset_job()
 
@@ -1490,6 +1605,11 @@ class TorqueSSHSpawner(SSHBatchSpawner):
     """Single-user servers as Torque/PBS jobs (``qsub``/``qstat``/``qdel`` over SSH)."""
 
     scheduler = torque
+
+
+def _state_text(state: dict[str, Any], key: str) -> str:
+    value = state.get(key)
+    return value if isinstance(value, str) else ""
 
 
 def _slug(name: str) -> str:

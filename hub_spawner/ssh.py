@@ -25,6 +25,7 @@ import logging
 import os
 import posixpath
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -385,14 +386,22 @@ def _size(count: int) -> str:
 
 
 class ConnectionPool:
-    """Keeps one ``LoginConnection`` per ``SSHTarget``; re-connects when one has died."""
+    """Keeps one ``LoginConnection`` per ``SSHTarget``; re-connects when one has died, and
+    closes one that nobody asked for in ``idle_timeout`` seconds (0: never), so a login node
+    holds no sshd for users whose servers need nothing from it."""
 
-    def __init__(self) -> None:
+    def __init__(self, idle_timeout: float = 0) -> None:
+        self.idle_timeout = idle_timeout
         self._connections: dict[SSHTarget, LoginConnection] = {}
         self._locks: dict[SSHTarget, asyncio.Lock] = {}
+        self._last_used: dict[SSHTarget, float] = {}
+        self._reaper: asyncio.Task | None = None
 
     async def get(self, target: SSHTarget) -> LoginConnection:
         """A live connection for ``target``; raises ``ClusterUnreachable`` with the reason."""
+        self._last_used[target] = time.monotonic()
+        if self.idle_timeout > 0 and (self._reaper is None or self._reaper.done()):
+            self._reaper = asyncio.ensure_future(self._close_idle())
         lock = self._locks.setdefault(target, asyncio.Lock())
         async with lock:
             existing = self._connections.get(target)
@@ -401,6 +410,21 @@ class ConnectionPool:
             connection = LoginConnection(target, await connect(target))
             self._connections[target] = connection
             return connection
+
+    def open_count(self) -> int:
+        return sum(not c.is_closed() for c in self._connections.values())
+
+    async def _close_idle(self) -> None:
+        while self._connections and self.idle_timeout > 0:
+            await asyncio.sleep(max(self.idle_timeout / 4, 0.2))
+            now = time.monotonic()
+            for target, connection in list(self._connections.items()):
+                if now - self._last_used.get(target, now) > self.idle_timeout:
+                    log.debug("closing the idle SSH connection %s@%s", target.username,
+                              target.host)
+                    connection.close()
+                    del self._connections[target]
+                    self._last_used.pop(target, None)
 
     def close_all(self) -> None:
         for connection in self._connections.values():

@@ -68,10 +68,60 @@ def test_state_round_trips_with_a_version():
     assert restored.get_state().get("job_id") is None
 
 
-def test_state_of_an_unknown_version_is_not_trusted():
+def test_state_v2_keeps_where_and_as_whom_the_job_was_submitted(caplog):
+    spawner = make_spawner(login_host="login-a", login_port=22)
+    spawner.job_id, spawner.job_cluster_username = "42", "alice_c"
+    spawner.remote_socket = "/tmp/hub-spawner.x/server.sock"
+    state = spawner.get_state()
+    assert state["hub_spawner_version"] == 2 == STATE_VERSION
+    assert (state["scheduler"], state["login_host"], state["login_port"],
+            state["cluster_username"]) == ("slurm", "login-a", 22, "alice_c")
+    # The admin moved the hub to another login node meanwhile: the job is followed where it is.
+    restored = make_spawner(login_host="login-b", login_port=2200)
+    restored.load_state(state)
+    assert (restored.login_host, restored.login_port) == ("login-a", 22)
+    assert restored.job_cluster_username == "alice_c"
+    assert restored.remote_socket == "/tmp/hub-spawner.x/server.sock"
+    assert "following it there" in caplog.text
+
+
+#: What version 1 (the skeleton, up to this change) wrote, field for field.
+STATE_V1 = {
+    "hub_spawner_version": 1, "job_id": "17", "job_name": "jupyterhub-alice-default-0a1b2c3d",
+    "job_host": "compute", "remote_port": 43211, "tunnel_port": 40001, "api_tunnel_port": 40002,
+    "output_path": "/home/alice/.hub-spawner/jupyterhub-alice-default-0a1b2c3d/job.out",
+    "secrets_path": "/home/alice/.hub-spawner/jupyterhub-alice-default-0a1b2c3d/server.env",
+    "certs_dir": "",
+}
+
+
+def test_state_v1_is_migrated_with_the_configs_login_node():
+    spawner = make_spawner(login_host="login", login_port=22)
+    spawner.load_state(dict(STATE_V1))
+    assert (spawner.job_id, spawner.job_host, spawner.remote_port, spawner.tunnel_port,
+            spawner.api_tunnel_port) == ("17", "compute", 43211, 40001, 40002)
+    assert spawner.output_path == STATE_V1["output_path"] and spawner.remote_socket == ""
+    state = spawner.get_state()  # written back as version 2
+    assert state["hub_spawner_version"] == 2 and state["login_host"] == "login"
+    assert state["job_id"] == "17"
+
+
+@pytest.mark.parametrize("version", [STATE_VERSION + 1, "3-beta", None])
+def test_a_job_id_in_state_of_an_unknown_version_is_never_forgotten(version, caplog):
     spawner = make_spawner()
-    spawner.load_state({"hub_spawner_version": STATE_VERSION + 1, "job_id": "42"})
-    assert spawner.job_id == ""
+    spawner.load_state({"hub_spawner_version": version, "job_id": "42", "job_host": "x",
+                        "tunnel_port": "not a number"})
+    assert spawner.job_id == "42"  # polled and cancelled as usual
+    assert spawner.job_host == "" and spawner.tunnel_port == 0  # the rest is not trusted
+    assert "state of unknown version" in caplog.text and "42" in caplog.text
+    assert spawner.get_state()["job_id"] == "42"
+
+
+def test_state_without_a_job_is_not_an_error(caplog):
+    spawner = make_spawner()
+    spawner.load_state({})
+    spawner.load_state({"hub_spawner_version": 99})
+    assert spawner.job_id == "" and "unknown version" not in caplog.text
 
 
 def test_bad_limit_in_config_is_a_clear_error():

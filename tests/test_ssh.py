@@ -304,3 +304,33 @@ async def test_the_pool_refuses_a_loose_key_before_connecting(tmp_path):
     path.chmod(0o644)
     with pytest.raises(ClusterUnreachable, match="chmod 600"):
         await ConnectionPool().get(key_target(path))
+
+
+# --- the pool: idle connections close ------------------------------------------------------------
+
+
+async def test_an_idle_connection_is_closed_and_the_next_use_opens_a_new_one(login):
+    pool = ConnectionPool(idle_timeout=0.4)
+    try:
+        first = await pool.get(login.target)
+        for _ in range(6):  # in use: kept
+            await asyncio.sleep(0.15)
+            assert await pool.get(login.target) is first
+        assert not first.is_closed()
+        await asyncio.sleep(0.9)  # idle: closed
+        assert first.is_closed() and pool.open_count() == 0
+        second = await pool.get(login.target)
+        assert second is not first
+        assert (await second.run("true")).exit_status == 0
+    finally:
+        pool.close_all()
+
+
+async def test_without_an_idle_timeout_connections_stay_open(login):
+    pool = ConnectionPool()
+    try:
+        first = await pool.get(login.target)
+        await asyncio.sleep(0.5)
+        assert not first.is_closed() and pool.open_count() == 1
+    finally:
+        pool.close_all()

@@ -56,6 +56,7 @@ _SUSPENDED_LETTERS = set("sST")
 _RUNNING_LETTERS = set("rt")  # running, transferring (being started on its node)
 
 _JOB_ID = re.compile(r"[0-9]+")
+_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
 
 
 def template_variables(resources: Resources, settings: dict[str, Any]) -> dict[str, Any]:
@@ -133,6 +134,39 @@ def parse_status_output(output: CommandOutput, job_id: str) -> JobStatus:
         node = queue.split("@", 1)[1] if "@" in queue else ""
         return _status_from_letters(state_name, node)
     return JobStatus(JobState.DONE, reason="Grid Engine no longer lists the job")
+
+
+def list_command(job_ids: list[str], cluster_usernames: list[str]) -> str:
+    """One ``qstat -xml`` of the users who own ``job_ids`` (Grid Engine lists only the
+    caller's jobs unless asked for others: ``-u``)."""
+    if not job_ids or not cluster_usernames:
+        raise ValueError("no jobs to list")
+    for job_id in job_ids:
+        quote_job_id(job_id)
+    for name in cluster_usernames:
+        if not _USER.fullmatch(name):
+            raise ValueError(f"not a cluster user name: {name!r}")
+    return f"qstat -xml -u {shlex.quote(','.join(sorted(set(cluster_usernames))))}"
+
+
+def parse_list_output(output: CommandOutput, job_ids: list[str]) -> dict[str, JobStatus]:
+    """Read ``list_command`` output: a status for every one of ``job_ids``, with the same
+    guarantees as ``parse_status_output`` (one reading of the XML for all of them)."""
+    if output.exit_status != 0:
+        return dict.fromkeys(job_ids, JobStatus(JobState.UNKNOWN, reason=_error_text(output)))
+    try:
+        root = parse_xml(output.stdout, "qstat -xml")
+    except ValueError as error:
+        return dict.fromkeys(job_ids, JobStatus(JobState.UNKNOWN, reason=str(error)))
+    listed: dict[str, JobStatus] = {}
+    for job in root.iter("job_list"):
+        job_id = (job.findtext("JB_job_number") or "").strip()
+        if job_id in job_ids and job_id not in listed:
+            queue = (job.findtext("queue_name") or "").strip()
+            node = queue.split("@", 1)[1] if "@" in queue else ""
+            listed[job_id] = _status_from_letters((job.findtext("state") or "").strip(), node)
+    gone = JobStatus(JobState.DONE, reason="Grid Engine no longer lists the job")
+    return {job_id: listed.get(job_id, gone) for job_id in job_ids}
 
 
 def _status_from_letters(state_name: str, node: str) -> JobStatus:

@@ -176,6 +176,39 @@ def parse_status_output(output: CommandOutput, job_id: str) -> JobStatus:
     return JobStatus(state, state_name=state_name, reason=reason, node=node)
 
 
+def list_command(job_ids: list[str], cluster_usernames: list[str]) -> str:
+    """One command that lists all of ``job_ids`` (whoever owns them: Slurm shows every
+    user's jobs unless ``PrivateData=jobs``): one ``ID|STATE|NODE|REASON`` line each."""
+    if not job_ids:
+        raise ValueError("no jobs to list")
+    fmt = _FIELD_SEPARATOR.join(["%i", "%T", "%N", "%r"])
+    ids = ",".join(quote_job_id(job_id) for job_id in job_ids)
+    return f"squeue --noheader --states=all --jobs={ids} --format={shlex.quote(fmt)}"
+
+
+def parse_list_output(output: CommandOutput, job_ids: list[str]) -> dict[str, JobStatus]:
+    """Read ``list_command`` output: a status for every one of ``job_ids``.
+
+    Guarantees: a job is ``DONE`` only when squeue succeeded and does not list it (Slurm
+    purged it after MinJobAge), or says the only job asked for is invalid; a failed squeue
+    makes every job ``UNKNOWN``, and so does an unreadable line for its job.
+    """
+    if output.exit_status != 0:
+        if len(job_ids) == 1 and "Invalid job id" in output.stderr:
+            return {job_ids[0]: JobStatus(JobState.DONE, reason="Slurm no longer knows the job")}
+        unknown = JobStatus(JobState.UNKNOWN, reason=_error_text(output))
+        return dict.fromkeys(job_ids, unknown)
+    listed: dict[str, JobStatus] = {}
+    for line in output.stdout.splitlines():
+        job_id, _, rest = line.strip().partition(_FIELD_SEPARATOR)
+        if job_id in job_ids:
+            listed[job_id] = parse_status_output(
+                CommandOutput(0, rest + "\n", ""), job_id
+            )
+    gone = JobStatus(JobState.DONE, reason="Slurm no longer lists the job")
+    return {job_id: listed.get(job_id, gone) for job_id in job_ids}
+
+
 def explain_end(status: JobStatus) -> str:
     """Why the job ended and what to do, in a few words; never empty."""
     explanation = _END_EXPLANATIONS.get(status.state_name)

@@ -140,9 +140,51 @@ def parse_status_output(output: CommandOutput, job_id: str) -> JobStatus:
     return _status_from_attributes(attributes)
 
 
-def _text_attributes(text: str, job_id: str) -> dict[str, str] | None:
-    """``key = value`` attributes of the job's ``qstat -f`` block; long values that qstat
-    wrapped onto indented continuation lines are joined back."""
+def list_command(job_ids: list[str], cluster_usernames: list[str]) -> str:
+    """One ``qstat -f`` of all of ``job_ids`` (PBS shows every user's jobs by default)."""
+    if not job_ids:
+        raise ValueError("no jobs to list")
+    return "qstat -f " + " ".join(quote_job_id(job_id) for job_id in job_ids)
+
+
+def parse_list_output(output: CommandOutput, job_ids: list[str]) -> dict[str, JobStatus]:
+    """Read ``list_command`` output: a status for every one of ``job_ids``.
+
+    qstat prints the jobs it knows and, for each it does not, ``Unknown Job Id ID`` (exit 153
+    or 35). Guarantees: a job is ``DONE`` when its block says it finished, when qstat names it
+    unknown, or when qstat succeeded without listing it; when qstat failed otherwise, every job
+    it did not list is ``UNKNOWN``.
+    """
+    text = output.stdout.lstrip()
+    jobs: dict[str, dict[str, str]] = {}
+    if text:
+        try:
+            jobs = (_xml_attributes if text.startswith("<") else _text_attributes)(text, "")
+        except ValueError as error:
+            return dict.fromkeys(job_ids, JobStatus(JobState.UNKNOWN, reason=str(error)))
+    said = f"{output.stdout}\n{output.stderr}"
+    failed = output.exit_status != 0 and output.exit_status not in _GONE_EXIT_CODES
+    statuses = {}
+    for job_id in job_ids:
+        attributes = _find_job(jobs, job_id)
+        number = job_id.split(".", 1)[0]
+        if attributes is not None:
+            statuses[job_id] = _status_from_attributes(attributes)
+        elif re.search(rf"(Unknown Job Id|Job has finished)[^\n]*\b{re.escape(number)}\b", said):
+            statuses[job_id] = JobStatus(JobState.DONE, reason="the scheduler no longer knows "
+                                         "the job")
+        elif output.exit_status == 0:
+            statuses[job_id] = JobStatus(JobState.DONE, reason="qstat does not list the job")
+        else:
+            reason = _error_text(output) if failed else "qstat neither lists nor names the job"
+            statuses[job_id] = JobStatus(JobState.UNKNOWN, reason=reason)
+    return statuses
+
+
+def _text_attributes(text: str, job_id: str) -> Any:
+    """``key = value`` attributes of the job's ``qstat -f`` block (``None`` if it has none;
+    with ``job_id`` empty: every job's, by id); long values that qstat wrapped onto indented
+    continuation lines are joined back."""
     jobs: dict[str, dict[str, str]] = {}
     current: dict[str, str] | None = None
     last_key = ""
@@ -163,12 +205,12 @@ def _text_attributes(text: str, job_id: str) -> dict[str, str] | None:
     if not jobs:
         raise ValueError(f"unreadable qstat -f output: {text[:200]!r}")
     jobs = {job: {k: v.strip() for k, v in attrs.items()} for job, attrs in jobs.items()}
-    return _find_job(jobs, job_id)
+    return _find_job(jobs, job_id) if job_id else jobs
 
 
-def _xml_attributes(text: str, job_id: str) -> dict[str, str] | None:
-    """Attributes of the job in Torque's ``qstat -x`` (``<Data><Job>...``); nested elements
-    (``Resource_List``) become dotted keys."""
+def _xml_attributes(text: str, job_id: str) -> Any:
+    """Attributes of the job in Torque's ``qstat -x`` (``<Data><Job>...``; with ``job_id``
+    empty: every job's, by id); nested elements (``Resource_List``) become dotted keys."""
     root = parse_xml(text, "qstat -x")  # ValueError: bounded, no entities
     jobs = {}
     for job in root.iter("Job"):
@@ -180,7 +222,7 @@ def _xml_attributes(text: str, job_id: str) -> dict[str, str] | None:
             else:
                 attributes[element.tag] = (element.text or "").strip()
         jobs[attributes.get("Job_Id", "")] = attributes
-    return _find_job(jobs, job_id)
+    return _find_job(jobs, job_id) if job_id else jobs
 
 
 def _find_job(jobs: dict[str, dict[str, str]], job_id: str) -> dict[str, str] | None:

@@ -22,7 +22,9 @@ real part; every part around it is real):
 ``HUB_INTERNAL_SSL=1`` turns on JupyterHub's internal_ssl. ``HUB_SSH_CA=PATH``: certificate mode
 (``ssh_ca_key_path``), with no key file for anyone. ``HUB_AUTH_STATE_KEYS=1``: an authenticator
 hands each user's SSH key over in auth_state (``auth_state_ssh_key``).
-``HUB_POLL_INTERVAL`` sets ``Spawner.poll_interval`` (seconds). ``CONFIGPROXY_AUTH_TOKEN`` set:
+``HUB_POLL_INTERVAL`` sets ``Spawner.poll_interval`` (seconds),
+``HUB_CLUSTER_STATUS_INTERVAL`` ``cluster_status_interval``, ``HUB_STATUS_USER``
+``status_cluster_username``. ``CONFIGPROXY_AUTH_TOKEN`` set:
 the proxy runs as its own process (the test starts it) and the hub does not start or stop it.
 """
 
@@ -123,6 +125,10 @@ if os.environ.get("HUB_INTERNAL_SSL") == "1":
 
 if os.environ.get("HUB_POLL_INTERVAL"):
     c.Spawner.poll_interval = int(os.environ["HUB_POLL_INTERVAL"])
+if os.environ.get("HUB_CLUSTER_STATUS_INTERVAL"):
+    c.SSHBatchSpawner.cluster_status_interval = float(os.environ["HUB_CLUSTER_STATUS_INTERVAL"])
+if os.environ.get("HUB_STATUS_USER"):
+    c.SSHBatchSpawner.status_cluster_username = os.environ["HUB_STATUS_USER"]
 
 
 def _raise_once(cls, method_name: str, message: str) -> None:
@@ -148,3 +154,6 @@ elif os.environ.get("HUB_FAULT") == "stop-raises-once":
     from hub_spawner.spawner import SSHBatchSpawner
 
     _raise_once(SSHBatchSpawner, "stop", "lab fault: injected into stop()")
+
+if os.environ.get("HUB_DEBUG") == "1":
+    c.JupyterHub.log_level = "DEBUG"

@@ -1,0 +1,192 @@
+"""One scheduler listing per cluster per cycle, shared by every spawner (kubespawner's
+reflector, for batch jobs).
+
+Requirements:
+- while it tracks jobs, a watch runs, every ``interval`` seconds, one listing of all of them
+  (the scheduler module's ``list_command``): through one connection of the status identity when
+  one is configured, else one per cluster user, on the pooled connections;
+- ``status()`` answers from memory, with no SSH round trip; a job that no listing has covered
+  yet waits for the next completed cycle (bounded), then is ``UNKNOWN`` if that failed. An
+  entry older than ``stale_after`` is ``UNKNOWN``, never "gone": only the scheduler saying so
+  ends a job;
+- a listing that fails keeps the old entries (they go stale) and backs off (the interval
+  doubles, up to ``max_interval``); each listing's cost (seconds, bytes, jobs) is logged at
+  debug level, a change between working and failing at warning/info.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from types import ModuleType
+
+from .errors import ClusterUnreachable
+from .schedulers import JobState, JobStatus
+from .ssh import ConnectionPool, SSHTarget
+
+log = logging.getLogger("hub_spawner.cluster")
+
+
+@dataclass
+class _Entry:
+    status: JobStatus
+    at: float  # time.monotonic() of the listing
+
+
+@dataclass
+class Watch:
+    """The job statuses of one cluster (scheduler + login node + status identity)."""
+
+    scheduler: ModuleType
+    pool: ConnectionPool
+    interval: float = 10.0
+    max_interval: float = 120.0
+    stale_after: float = 35.0
+    command_timeout: float = 60.0
+    status_target: SSHTarget | None = None
+    owners: dict[str, SSHTarget] = field(default_factory=dict)  # job id -> its user's target
+    entries: dict[str, _Entry] = field(default_factory=dict)
+    listings: int = 0  # scheduler commands run, for tests and benchmarks
+    failing: str = ""
+    cycles: int = 0  # completed listing cycles
+    loop: asyncio.AbstractEventLoop | None = None
+    log: logging.Logger = log
+    _task: asyncio.Task | None = None
+
+    def track(self, job_id: str, owner: SSHTarget) -> None:
+        """List ``job_id`` from now on (``owner``: the connection to use when there is no
+        status identity)."""
+        self.owners[job_id] = owner
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+
+    def untrack(self, job_id: str) -> None:
+        self.owners.pop(job_id, None)
+        self.entries.pop(job_id, None)
+
+    async def status(self, job_id: str, wait: float | None = None) -> JobStatus:
+        """The job's last listed status; ``UNKNOWN`` (with why) when that is older than
+        ``stale_after``, or when no listing has covered it within ``wait`` seconds."""
+        if job_id not in self.owners:
+            raise KeyError(f"job {job_id} is not tracked")
+        wait = self.command_timeout + 1 if wait is None else wait
+        deadline = time.monotonic() + wait
+        # The cycle running now may have started before the job was tracked: wait for the next.
+        start = self.cycles
+        while (job_id not in self.entries and self.cycles < start + 2
+               and time.monotonic() < deadline):
+            await asyncio.sleep(0.05)
+        entry = self.entries.get(job_id)
+        if entry is None:
+            why = f": {self.failing}" if self.failing else ""
+            return JobStatus(JobState.UNKNOWN, reason=f"no scheduler listing yet{why}")
+        age = time.monotonic() - entry.at
+        if age > self.stale_after:
+            why = f" ({self.failing})" if self.failing else ""
+            return JobStatus(
+                JobState.UNKNOWN,
+                reason=f"the last scheduler listing is {age:.0f} s old{why}",
+            )
+        return entry.status
+
+    async def _run(self) -> None:
+        delay = self.interval
+        while self.owners:
+            try:
+                ok = await self.list_once()
+            except Exception as error:  # never let the watch die: poll() depends on it
+                self.log.error("%s: listing failed unexpectedly: %s", self.name, error,
+                               exc_info=True)
+                ok = False
+            delay = self.interval if ok else min(delay * 2, self.max_interval)
+            await asyncio.sleep(delay)
+        self._task = None
+
+    async def list_once(self) -> bool:
+        """One cycle: one listing per connection group. True if every listing answered."""
+        groups: dict[str, tuple[SSHTarget, list[str]]] = {}
+        for job_id, owner in list(self.owners.items()):
+            target = self.status_target or owner
+            key = repr((target.host, target.port, target.username))
+            groups.setdefault(key, (target, []))[1].append(job_id)
+        ok = True
+        for target, job_ids in groups.values():
+            usernames = sorted({self.owners[j].username for j in job_ids if j in self.owners})
+            command = self.scheduler.list_command(job_ids, usernames)
+            started = time.monotonic()
+            try:
+                connection = await self.pool.get(target)
+                output = await connection.run(command, timeout=self.command_timeout)
+            except ClusterUnreachable as error:
+                self._failed(str(error))
+                ok = False
+                continue
+            self.listings += 1
+            seconds = time.monotonic() - started
+            statuses = self.scheduler.parse_list_output(output, job_ids)
+            self.log.debug(
+                "%s: %s for %d job(s) as %s: %.3f s, %d bytes, exit %d", self.name,
+                command.split()[0], len(job_ids), target.username, seconds,
+                len(output.stdout) + len(output.stderr), output.exit_status,
+            )
+            now = time.monotonic()
+            if output.exit_status != 0 and all(
+                s.state is JobState.UNKNOWN for s in statuses.values()
+            ):
+                self._failed(next(iter(statuses.values())).reason)
+                ok = False
+                continue
+            for job_id, job_status in statuses.items():
+                if job_id in self.owners:
+                    self.entries[job_id] = _Entry(job_status, now)
+        if ok and self.failing:
+            self.log.info("%s: the scheduler answers again", self.name)
+            self.failing = ""
+        self.cycles += 1
+        return ok
+
+    def _failed(self, why: str) -> None:
+        if why != self.failing:
+            self.log.warning(
+                "%s: cannot list the hub's jobs: %s; servers keep running, their state is "
+                "unknown until a listing succeeds (retrying, backing off to %.0f s)",
+                self.name, why, self.max_interval,
+            )
+        self.failing = why
+
+    @property
+    def name(self) -> str:
+        target = self.status_target or next(iter(self.owners.values()), None)
+        where = f"{target.host}:{target.port}" if target else "?"
+        return f"{self.scheduler.DISPLAY_NAME} at {where}"
+
+
+_watches: dict[tuple, Watch] = {}
+
+
+def watch_for(
+    scheduler: ModuleType,
+    host: str,
+    port: int,
+    status_target: SSHTarget | None,
+    pool: ConnectionPool,
+    interval: float,
+    command_timeout: float,
+    logger: logging.Logger | None = None,
+) -> Watch:
+    """The shared watch of this cluster (made on first use; settings follow the latest
+    caller, as every spawner of one cluster has the same config)."""
+    key = (scheduler.NAME, host, port, status_target.username if status_target else "")
+    found = _watches.get(key)
+    loop = asyncio.get_running_loop()
+    if found is None or found.loop is not loop:
+        found = _watches[key] = Watch(scheduler, pool, loop=loop)
+    found.interval = interval
+    found.stale_after = 3 * interval + 1
+    found.command_timeout = command_timeout
+    found.status_target = status_target
+    if logger is not None:
+        found.log = logger
+    return found
