@@ -57,7 +57,9 @@ class Watch:
 
     def track(self, job_id: str, owner: SSHTarget) -> None:
         """List ``job_id`` from now on (``owner``: the connection to use when there is no
-        status identity)."""
+        status identity; the latest one given is used). Raises ``ValueError`` for an id the
+        scheduler's commands refuse, which would otherwise spoil every listing."""
+        self.scheduler.list_command([job_id], [owner.username])
         self.owners[job_id] = owner
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._run())
@@ -114,18 +116,18 @@ class Watch:
         ok = True
         for target, job_ids in groups.values():
             usernames = sorted({self.owners[j].username for j in job_ids if j in self.owners})
-            command = self.scheduler.list_command(job_ids, usernames)
             started = time.monotonic()
             try:
+                command = self.scheduler.list_command(job_ids, usernames)
                 connection = await self.pool.get(target)
                 output = await connection.run(command, timeout=self.command_timeout)
-            except ClusterUnreachable as error:
+                statuses = self.scheduler.parse_list_output(output, job_ids)
+            except (ClusterUnreachable, ValueError) as error:
                 self._failed(str(error))
                 ok = False
                 continue
             self.listings += 1
             seconds = time.monotonic() - started
-            statuses = self.scheduler.parse_list_output(output, job_ids)
             self.log.debug(
                 "%s: %s for %d job(s) as %s: %.3f s, %d bytes, exit %d", self.name,
                 command.split()[0], len(job_ids), target.username, seconds,

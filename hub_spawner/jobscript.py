@@ -55,9 +55,12 @@ hub_spawner_python={{ python }}
 {% if socket -%}
 # No open port: the server listens on a Unix socket in a fresh 0700 directory of the user's on
 # this node, which the tunnel reaches over SSH to the node (nobody else can create or open it).
-hub_spawner_socket_dir=$(mktemp -d "${TMPDIR:-/tmp}/hub-spawner.XXXXXXXX") || {
+# TMPDIR as an absolute, canonical path (a trailing slash, "." or a symlink would make a
+# path the hub refuses); /tmp if it is unusable.
+hub_spawner_tmp=$(cd -- "${TMPDIR:-/tmp}" 2>/dev/null && pwd -P) || hub_spawner_tmp=/tmp
+hub_spawner_socket_dir=$(mktemp -d "$hub_spawner_tmp/hub-spawner.XXXXXXXX") || {
     echo "hub_spawner: cannot make a private directory for the server's socket in" \
-        "${TMPDIR:-/tmp} on $(hostname)" >&2
+        "$hub_spawner_tmp on $(hostname)" >&2
     exit 1
 }
 chmod 700 "$hub_spawner_socket_dir"

@@ -491,6 +491,8 @@ class SSHBatchSpawner(Spawner):
         self.job_name = ""
         self.job_host = ""
         self.job_cluster_username = ""  # who the job runs as (from state, or at submit)
+        self.job_login_host = ""  # where it was submitted (from state, or at submit)
+        self.job_login_port = 0
         self.remote_port = 0
         self.remote_socket = ""
         self.tunnel_port = 0
@@ -509,8 +511,8 @@ class SSHBatchSpawner(Spawner):
             state.update(
                 hub_spawner_version=STATE_VERSION,
                 scheduler=self.scheduler.NAME,
-                login_host=self.login_host,
-                login_port=self.login_port,
+                login_host=self.job_login_host or self.login_host,
+                login_port=self.job_login_port or self.login_port,
                 cluster_username=self.job_cluster_username,
                 job_id=self.job_id,
                 job_name=self.job_name,
@@ -569,7 +571,8 @@ class SSHBatchSpawner(Spawner):
                     "says %s:%d)", self._log_name, self.job_id, *login, self.login_host,
                     self.login_port,
                 )
-                self.login_host, self.login_port = login
+            if login[0] and login[1]:
+                self.job_login_host, self.job_login_port = login
 
     # --- the form ----------------------------------------------------------------------------
 
@@ -647,6 +650,7 @@ class SSHBatchSpawner(Spawner):
         connection = await self._connection()
         self._emit(5, f"Connected to {self.login_host} as {connection.target.username}")
         self.job_cluster_username = connection.target.username
+        self.job_login_host, self.job_login_port = connection.target.host, connection.target.port
 
         state_dir = await self._state_dir(connection)
         nonce = secrets.token_hex(4)
@@ -840,12 +844,13 @@ class SSHBatchSpawner(Spawner):
                 else self.ssh_key_path_template.format(username=self.status_cluster_username),
                 key_id="hub_spawner:status",
             )
+        job_id, owner = self.job_id, await self._ssh_target()
         watch = cluster.watch_for(
-            self.scheduler, self.login_host, self.login_port, status_target, default_pool,
+            self.scheduler, owner.host, owner.port, status_target, default_pool,
             self.cluster_status_interval, self.command_timeout, self.log,
         )
-        if self.job_id and self.job_id not in watch.owners:
-            watch.track(self.job_id, await self._ssh_target())
+        if job_id and job_id == self.job_id:  # not released while we awaited
+            watch.track(job_id, owner)  # refreshed every poll (keys from auth_state change)
         return watch
 
     async def _listed_status(self) -> JobStatus:
@@ -853,8 +858,10 @@ class SSHBatchSpawner(Spawner):
         (the first poll after a submit or a hub restart waits for the next listing)."""
         try:
             watch = await self._watch()
-        except ClusterUnreachable as error:
+        except (ClusterUnreachable, ValueError) as error:
             return JobStatus(JobState.UNKNOWN, reason=str(error))
+        if self.job_id not in watch.owners:  # released while we awaited
+            return JobStatus(JobState.UNKNOWN, reason="the job is being released")
         return await watch.status(self.job_id)
 
     def _untrack(self, job_id: str) -> None:
@@ -923,9 +930,21 @@ class SSHBatchSpawner(Spawner):
         self._progress_events.append({"progress": progress, "message": message})
         self._progress_changed.set()
 
-    async def _ssh_target(self) -> SSHTarget:
-        if self.job_id and self.job_cluster_username:
-            username = self.job_cluster_username  # the job's, even if the mapping changed since
+    def _job_where(self) -> tuple[str, int, str]:
+        """(login host, port, cluster user) of the current job: where it was submitted and
+        as whom, even if the config changed since; empty when there is no job."""
+        if not self.job_id or not self.job_cluster_username:
+            return ("", 0, "")
+        return (self.job_login_host or self.login_host, self.job_login_port or self.login_port,
+                self.job_cluster_username)
+
+    async def _ssh_target(self, where: tuple[str, int, str] | None = None) -> SSHTarget:
+        """How to reach the cluster as this user: at ``where`` (a job's login node and
+        cluster user, see ``_job_where``; default: the current job's), else per the config."""
+        host, port, username = where if where and where[2] else self._job_where()
+        host, port = host or self.login_host, port or self.login_port
+        if username:
+            pass  # the job's, even if the mapping changed since
         elif callable(self.cluster_username):
             username = await maybe_future(self.cluster_username(self))
         else:
@@ -935,12 +954,12 @@ class SSHBatchSpawner(Spawner):
                 f"The cluster username {username!r} for {self.user.name} is not a valid Unix "
                 "user name; check the cluster_username setting."
             )
-        if not self.login_host:
+        if not host:
             raise ClusterUnreachable("No login node is configured (login_host is empty).")
         key_text, certificate_text = await self._auth_state_identity()
         return SSHTarget(
-            host=self.login_host,
-            port=self.login_port,
+            host=host,
+            port=port,
             username=username,
             key_path=(
                 "" if self.ssh_ca_key_path or self.auth_state_ssh_key
@@ -1010,9 +1029,9 @@ class SSHBatchSpawner(Spawner):
                 self._log_name, len(names), state_dir, self.job_files_keep,
             )
 
-    async def _connection(self) -> LoginConnection:
+    async def _connection(self, where: tuple[str, int, str] | None = None) -> LoginConnection:
         default_pool.idle_timeout = self.ssh_idle_timeout
-        return await default_pool.get(await self._ssh_target())
+        return await default_pool.get(await self._ssh_target(where))
 
     @property
     def _tunnels(self) -> TunnelClient:
@@ -1023,9 +1042,9 @@ class SSHBatchSpawner(Spawner):
             self.tunnel_service_token,
         )
 
-    async def _login(self) -> Login:
-        """The tunnel service's view of our SSH target."""
-        target = await self._ssh_target()
+    async def _login(self, target: SSHTarget | None = None) -> Login:
+        """The tunnel service's view of our SSH target (or of ``target``)."""
+        target = target or await self._ssh_target()
         if target.key_text or target.ca_key_path:
             # From auth_state, or a fresh certificate: handed to the service, which writes
             # them as private files for its OpenSSH (in OpenSSH's own key format).
@@ -1048,14 +1067,16 @@ class SSHBatchSpawner(Spawner):
         except ValueError as error:
             raise TunnelError(f"Cannot ask for a tunnel: {error}") from None
 
-    async def _job_status(self, job_id: str = "") -> JobStatus:
+    async def _job_status(
+        self, job_id: str = "", where: tuple[str, int, str] | None = None
+    ) -> JobStatus:
         """The job's status; any failure to ask is ``UNKNOWN`` with the reason. A job in an
         error state, or waiting, comes with the scheduler's reason when its status listing has
         none and the scheduler can tell (Grid Engine's ``qstat -j``)."""
         scheduler = self.scheduler
         job_id = job_id or self.job_id
         try:
-            connection = await self._connection()
+            connection = await self._connection(where)
             output = await connection.run(
                 scheduler.status_command(job_id), timeout=self.command_timeout
             )
@@ -1376,7 +1397,7 @@ class SSHBatchSpawner(Spawner):
         self.secrets_path = ""
         self.certs_dir = ""
         if await self._send_cancel(cleanup) and cleanup.job_id and wait:
-            await self._wait_until_gone(cleanup.job_id)
+            await self._wait_until_gone(cleanup.job_id, cleanup.where)
 
     def _cleanup_plan(self) -> _Cleanup | None:
         """What cancelling this spawner's job and deleting its secrets file takes, as a
@@ -1390,13 +1411,15 @@ class SSHBatchSpawner(Spawner):
             secrets_path=self.secrets_path,
             certs_dir=self.certs_dir,
             label=f"job {self.job_id or self.job_name} of {self._log_name}",
+            where=self._job_where() if self.job_id else (
+                self.job_login_host, self.job_login_port, self.job_cluster_username),
         )
 
     async def _send_cancel(self, cleanup: _Cleanup) -> bool:
         """Run the cleanup now, or hand it to the background retrier; True if it ran now."""
         label = cleanup.label
         try:
-            target = await self._ssh_target()
+            target = await self._ssh_target(cleanup.where)
         except Exception as error:
             self.log.error(
                 "%s: cannot cancel %s: %s Cancel it on the cluster by hand.",
@@ -1429,8 +1452,26 @@ class SSHBatchSpawner(Spawner):
             pending_cancels.add(
                 target, "; ".join(commands), label, self.cancel_retry_interval, self.log
             )
+            await self._hand_over_cancel(cleanup, target)
             return False
         return True
+
+    async def _hand_over_cancel(self, cleanup: _Cleanup, target: SSHTarget) -> None:
+        """Give the cancel to the tunnel service too, which keeps it on disk and retries it
+        until the scheduler answers: the in-memory retrier dies with the hub process."""
+        try:
+            await self._tunnels.hand_over_cancel(
+                await self._login(target), self.scheduler.NAME, cleanup.job_id,
+                cleanup.job_name if cleanup.by_name else "", cleanup.label,
+            )
+        except Exception as error:
+            self.log.error(
+                "%s: the tunnel service did not take the cancel of %s either (%s); it is "
+                "retried only while this hub process runs", self._log_name, cleanup.label, error,
+            )
+        else:
+            self.log.info("%s: the tunnel service also retries the cancel of %s (it survives a "
+                          "hub restart)", self._log_name, cleanup.label)
 
     def clear_state(self) -> None:
         """JupyterHub forgets this server. A job still known here (the hub dropped the server
@@ -1461,10 +1502,10 @@ class SSHBatchSpawner(Spawner):
         super().clear_state()
         self._reset_job()
 
-    async def _wait_until_gone(self, job_id: str) -> None:
+    async def _wait_until_gone(self, job_id: str, where: tuple[str, int, str]) -> None:
         deadline = asyncio.get_running_loop().time() + self.stop_wait
         while asyncio.get_running_loop().time() < deadline:
-            status = await self._job_status(job_id)
+            status = await self._job_status(job_id, where)
             if status.state is JobState.DONE:
                 return
             await asyncio.sleep(0.5)
@@ -1486,6 +1527,7 @@ class _Cleanup:
     secrets_path: str
     certs_dir: str
     label: str
+    where: tuple[str, int, str] = ("", 0, "")  # the job's login node and cluster user
 
 
 #: Cleanups started from synchronous hooks (``clear_state``), kept until done.

@@ -21,12 +21,13 @@ Requirements:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import posixpath
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -93,6 +94,17 @@ class LoginConnection:
         self.target = target
         self.connection = connection
         self._home: str | None = None
+        self.busy = 0  # operations running now (the pool never closes a busy connection)
+        self.last_used = time.monotonic()
+
+    @contextlib.contextmanager
+    def _in_use(self) -> Iterator[None]:
+        self.busy += 1
+        try:
+            yield
+        finally:
+            self.busy -= 1
+            self.last_used = time.monotonic()
 
     def is_closed(self) -> bool:
         return self.connection.is_closed()
@@ -103,6 +115,17 @@ class LoginConnection:
         stdin: str | None = None,
         timeout: float = 60,
         max_output_bytes: int = MAX_OUTPUT_BYTES,
+    ) -> CommandOutput:
+        """Run ``command``; see ``_run``."""
+        with self._in_use():
+            return await self._run(command, stdin, timeout, max_output_bytes)
+
+    async def _run(
+        self,
+        command: str,
+        stdin: str | None,
+        timeout: float,
+        max_output_bytes: int,
     ) -> CommandOutput:
         """Run ``command`` in the user's login shell; return its exit status and output
         (decoded as UTF-8, undecodable bytes replaced).
@@ -290,13 +313,14 @@ class LoginConnection:
                     f"SFTP on {self.target.host} failed while {what}: {error}"
                 ) from None
 
-        return await within(
-            timeout,
-            session(),
-            f"SFTP on {self.target.host} did not finish {what} within {timeout:g} s; the "
-            "connection was closed. Try again; if it persists, tell an administrator.",
-            on_timeout=self.connection.close,
-        )
+        with self._in_use():
+            return await within(
+                timeout,
+                session(),
+                f"SFTP on {self.target.host} did not finish {what} within {timeout:g} s; the "
+                "connection was closed. Try again; if it persists, tell an administrator.",
+                on_timeout=self.connection.close,
+            )
 
     def close(self) -> None:
         self.connection.close()
@@ -400,16 +424,15 @@ class ConnectionPool:
     async def get(self, target: SSHTarget) -> LoginConnection:
         """A live connection for ``target``; raises ``ClusterUnreachable`` with the reason."""
         self._last_used[target] = time.monotonic()
-        if self.idle_timeout > 0 and (self._reaper is None or self._reaper.done()):
-            self._reaper = asyncio.ensure_future(self._close_idle())
         lock = self._locks.setdefault(target, asyncio.Lock())
         async with lock:
             existing = self._connections.get(target)
-            if existing is not None and not existing.is_closed():
-                return existing
-            connection = LoginConnection(target, await connect(target))
-            self._connections[target] = connection
-            return connection
+            if existing is None or existing.is_closed():
+                existing = LoginConnection(target, await connect(target))
+                self._connections[target] = existing
+        if self.idle_timeout > 0 and (self._reaper is None or self._reaper.done()):
+            self._reaper = asyncio.ensure_future(self._close_idle())
+        return existing
 
     def open_count(self) -> int:
         return sum(not c.is_closed() for c in self._connections.values())
@@ -419,7 +442,8 @@ class ConnectionPool:
             await asyncio.sleep(max(self.idle_timeout / 4, 0.2))
             now = time.monotonic()
             for target, connection in list(self._connections.items()):
-                if now - self._last_used.get(target, now) > self.idle_timeout:
+                last = max(self._last_used.get(target, now), connection.last_used)
+                if not connection.busy and now - last > self.idle_timeout:
                     log.debug("closing the idle SSH connection %s@%s", target.username,
                               target.host)
                     connection.close()

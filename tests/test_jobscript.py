@@ -389,3 +389,23 @@ def test_a_socket_ready_line_is_parsed():
 def test_a_bad_socket_ready_line_is_an_error(payload):
     with pytest.raises(ValueError):
         parse_ready_line(f"{READY_MARKER} {payload}\n")
+
+
+def test_socket_launch_makes_a_plain_path_of_a_tmpdir_with_a_trailing_slash_and_dots(tmp_path):
+    secrets = tmp_path / "server.env"
+    secrets.write_text("")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    launch = render_launch(command=[sys.executable, "-c", _SOCKET_SERVER, "--"],
+                           secrets_path=str(secrets), ready_timeout_seconds=20, socket=True)
+    process = subprocess.Popen(["bash", "-c", launch], stdout=subprocess.PIPE, text=True,
+                               cwd=tmp_path,
+                               env=dict(os.environ, TMPDIR=f"{tmp_path}/./link/"))
+    try:
+        process.stdout.readline()
+        ready = parse_ready_line(process.stdout.readline())
+        assert ready is not None, "the hub would refuse the socket path"
+        assert os.path.dirname(os.path.dirname(ready.socket)) == str(tmp_path / "real")
+    finally:
+        process.terminate()
+    process.wait(timeout=20)

@@ -76,13 +76,20 @@ def test_state_v2_keeps_where_and_as_whom_the_job_was_submitted(caplog):
     assert state["hub_spawner_version"] == 2 == STATE_VERSION
     assert (state["scheduler"], state["login_host"], state["login_port"],
             state["cluster_username"]) == ("slurm", "login-a", 22, "alice_c")
-    # The admin moved the hub to another login node meanwhile: the job is followed where it is.
-    restored = make_spawner(login_host="login-b", login_port=2200)
+    # The admin moved the hub to another login node meanwhile: the job is followed where it is,
+    # as whom it runs; the next job goes where the config says.
+    restored = make_spawner(login_host="login-b", login_port=2200, cluster_username="{username}")
     restored.load_state(state)
-    assert (restored.login_host, restored.login_port) == ("login-a", 22)
-    assert restored.job_cluster_username == "alice_c"
+    assert restored._job_where() == ("login-a", 22, "alice_c")
     assert restored.remote_socket == "/tmp/hub-spawner.x/server.sock"
     assert "following it there" in caplog.text
+    target = asyncio.run(restored._ssh_target())
+    assert (target.host, target.port, target.username) == ("login-a", 22, "alice_c")
+    plan = restored._cleanup_plan()
+    assert plan.where == ("login-a", 22, "alice_c")  # the cancel goes there, after a reset too
+    restored.clear_state()
+    target = asyncio.run(restored._ssh_target())
+    assert (target.host, target.port, target.username) == ("login-b", 2200, "alice")
 
 
 #: What version 1 (the skeleton, up to this change) wrote, field for field.
@@ -266,7 +273,7 @@ class RecordingConnection:
     """A LoginConnection stand-in: records what the spawner does on the cluster."""
 
     def __init__(self, listing):
-        self.target = SimpleNamespace(username="alice")
+        self.target = SimpleNamespace(username="alice", host="login", port=22)
         self.listing = listing
         self.calls = []
 

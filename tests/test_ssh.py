@@ -334,3 +334,15 @@ async def test_without_an_idle_timeout_connections_stay_open(login):
         assert not first.is_closed() and pool.open_count() == 1
     finally:
         pool.close_all()
+
+
+async def test_a_connection_in_use_is_not_closed_however_long_the_command_takes(login):
+    pool = ConnectionPool(idle_timeout=0.3)
+    try:
+        connection = await pool.get(login.target)
+        with pytest.raises(SSHCommandError) as raised:
+            await connection.run("hang", timeout=1.5)  # five idle timeouts, busy throughout
+        assert "within 1.5 s" in str(raised.value), raised.value
+        assert (await connection.run("true")).exit_status == 0  # still the same, still open
+    finally:
+        pool.close_all()

@@ -10,6 +10,7 @@ Requirements:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -96,6 +97,20 @@ class TunnelClient:
             "key": key, "certificate": certificate,
         })
         return str(reply["path"])
+
+    async def hand_over_cancel(
+        self, login: Login, scheduler: str, job_id: str, job_name: str, label: str
+    ) -> None:
+        """Have the service retry a job's cancel until the scheduler answers (it keeps the
+        request on disk, so a hub restart does not lose it)."""
+        await self.request({
+            "op": "cancel", "login": dataclasses.asdict(login), "scheduler": scheduler,
+            "job_id": job_id, "job_name": job_name, "label": label,
+        })
+
+    async def cancels(self) -> list[str]:
+        """Labels of the cancels the service still retries."""
+        return (await self.request({"op": "cancels"}))["cancels"]
 
     async def forwards(self) -> dict[str, dict]:
         return (await self.request({"op": "list"}))["forwards"]

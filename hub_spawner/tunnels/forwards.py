@@ -45,9 +45,9 @@ class Login:
     jump: Login | None = None
 
     def __post_init__(self) -> None:
-        _check(_HOST.match(self.host), f"login host {self.host!r}")
+        _check(_HOST.fullmatch(self.host), f"login host {self.host!r}")
         _check(0 < self.port < 65536, f"login port {self.port!r}")
-        _check(_USER.match(self.username), f"cluster username {self.username!r}")
+        _check(_USER.fullmatch(self.username), f"cluster username {self.username!r}")
         _check(os.path.isabs(self.key_path), f"key path {self.key_path!r} (must be absolute)")
         _check(
             os.path.isabs(self.known_hosts_path),
@@ -92,10 +92,10 @@ class Forward:
     dest_socket: str = ""
 
     def __post_init__(self) -> None:
-        _check(_NAME.match(self.name), f"forward name {self.name!r}")
+        _check(_NAME.fullmatch(self.name), f"forward name {self.name!r}")
         _check(self.kind in KINDS, f"forward kind {self.kind!r}")
-        _check(_HOST.match(self.listen_host), f"listen host {self.listen_host!r}")
-        _check(_HOST.match(self.dest_host), f"destination host {self.dest_host!r}")
+        _check(_HOST.fullmatch(self.listen_host), f"listen host {self.listen_host!r}")
+        _check(_HOST.fullmatch(self.dest_host), f"destination host {self.dest_host!r}")
         _check(0 <= self.listen_port < 65536, f"listen port {self.listen_port!r}")
         if self.dest_socket:
             _check(is_socket_path(self.dest_socket), f"destination socket {self.dest_socket!r}")
@@ -196,6 +196,14 @@ def master_command(login: Login, control_path: str, jump_control_path: str = "")
         "--",
         f"{login.username}@{login.host}",
         "exec sleep 2147483647",
+    ]
+
+
+def run_command(login: Login, command: str) -> list[str]:
+    """Run one remote command as ``login`` (its own connection, as strict as a master's)."""
+    return [
+        "ssh", *_common_options(), *_identity_options(login), "-o", "ConnectTimeout=15",
+        "-T", "-n", "-p", str(login.port), "--", f"{login.username}@{login.host}", command,
     ]
 
 
