@@ -107,12 +107,12 @@ async def wait_until_running(timeout: float = 10) -> None:
         await asyncio.sleep(0.5)
 
 
-async def test_poll_says_unknown_not_gone_while_the_login_node_is_unreachable(lab):
+async def test_poll_says_unknown_not_gone_while_the_login_node_is_unreachable(lab, tmp_path):
     """poll() on a real Slurm job: running -> None; login node unreachable -> still None
     (never "gone"); job cancelled -> 1. The spawner has no hub here: poll() needs none."""
     default_pool.close_all()
     job_id = await submit_sleep_job(lab)
-    spawner = spawner_for_job(lab, job_id)
+    spawner = spawner_for_job(lab, job_id, tunnel_service_dir=str(tmp_path / "tunnels"))
     try:
         await wait_until_running()
         assert await spawner.poll() is None
@@ -132,12 +132,15 @@ async def test_poll_says_unknown_not_gone_while_the_login_node_is_unreachable(la
         default_pool.close_all()
 
 
-async def test_stop_during_a_login_node_outage_cancels_the_job_once_it_is_back(lab):
+async def test_stop_during_a_login_node_outage_cancels_the_job_once_it_is_back(lab, tmp_path):
     """sshd really stops listening; stop() must not lose the job: the cancel is retried in the
-    background and reaches Slurm when sshd is back."""
+    background (and by the tunnel service, which took it over) and reaches Slurm when sshd is
+    back; the service then holds no cancel."""
     default_pool.close_all()
     job_id = await submit_sleep_job(lab)
-    spawner = spawner_for_job(lab, job_id, cancel_retry_interval=0.5)
+    tunnels = tmp_path / "tunnels"
+    spawner = spawner_for_job(lab, job_id, cancel_retry_interval=0.5,
+                              tunnel_service_dir=str(tunnels))
     sshd_stopped = False
     try:
         await wait_until_running()
@@ -157,9 +160,15 @@ async def test_stop_during_a_login_node_outage_cancels_the_job_once_it_is_back(l
             await asyncio.sleep(0.5)
         assert active_jobs("alice") == []
         assert pending_cancels.labels() == []
+        for _ in range(40):  # the service's own try (every 5 s) finds the job gone
+            if not await spawner._tunnels.cancels():
+                break
+            await asyncio.sleep(0.5)
+        assert await spawner._tunnels.cancels() == []
     finally:
         if sshd_stopped:
             lab.start_sshd()
+        await asyncio.to_thread(lab.stop_tunnel_service, tunnels)  # it runs its own loop
         lab.in_namespace("login", ["scancel", job_id], check=False)
         default_pool.close_all()
 
