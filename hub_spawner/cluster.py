@@ -9,6 +9,8 @@ Requirements:
   yet waits for the next completed cycle (bounded), then is ``UNKNOWN`` if that failed. An
   entry older than ``stale_after`` is ``UNKNOWN``, never "gone": only the scheduler saying so
   ends a job;
+- with a status identity, a job its listing calls ended is confirmed over its owner's own
+  connection before anyone hears "ended" (a site may hide other users' jobs);
 - a listing that fails keeps the old entries (they go stale) and backs off (the interval
   doubles, up to ``max_interval``); each listing's cost (seconds, bytes, jobs) is logged at
   debug level, a change between working and failing at warning/info.
@@ -133,6 +135,7 @@ class Watch:
                 command.split()[0], len(job_ids), target.username, seconds,
                 len(output.stdout) + len(output.stderr), output.exit_status,
             )
+            await self._confirm_ends(statuses)
             now = time.monotonic()
             if output.exit_status != 0 and all(
                 s.state is JobState.UNKNOWN for s in statuses.values()
@@ -148,6 +151,34 @@ class Watch:
             self.failing = ""
         self.cycles += 1
         return ok
+
+    async def _confirm_ends(self, statuses: dict[str, JobStatus]) -> None:
+        """A job the status identity's listing calls ended is asked about once more over its
+        owner's own connection: a site that hides other users' jobs (Slurm
+        ``PrivateData=jobs``) must not make every other user's server look ended."""
+        if self.status_target is None:
+            return
+        for job_id, job_status in list(statuses.items()):
+            owner = self.owners.get(job_id)
+            if job_status.state is not JobState.DONE or owner is None or (
+                    owner.username == self.status_target.username):
+                continue
+            try:
+                connection = await self.pool.get(owner)
+                output = await connection.run(self.scheduler.status_command(job_id),
+                                              timeout=self.command_timeout)
+            except ClusterUnreachable as error:
+                statuses[job_id] = JobStatus(JobState.UNKNOWN, reason=str(error))
+                continue
+            confirmed = self.scheduler.parse_status_output(output, job_id)
+            if confirmed.state is not JobState.DONE:
+                self.log.warning(
+                    "%s: %s's job %s is missing from the listing as %s, but %s still sees it "
+                    "(%s): the status identity cannot see other users' jobs here; unset "
+                    "status_cluster_username", self.name, owner.username, job_id,
+                    self.status_target.username, owner.username, confirmed.state.value,
+                )
+            statuses[job_id] = confirmed
 
     def _failed(self, why: str) -> None:
         if why != self.failing:

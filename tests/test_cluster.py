@@ -49,7 +49,8 @@ SQUEUE = CommandOutput(0, "11|RUNNING|compute|None\n12|PENDING||Resources\n", ""
 
 
 async def test_one_listing_serves_every_job_with_a_status_identity():
-    pool = RecordingPool(lambda command: SQUEUE)
+    # The listing (``%i`` in its format), and job 13's owner confirming that it has ended.
+    pool = RecordingPool(lambda command: SQUEUE if "%i" in command else CommandOutput(0, "", ""))
     watch = Watch(slurm, pool, interval=0.05, status_target=target("status"))
     for job_id, user in (("11", "alice"), ("12", "bob"), ("13", "alice")):
         watch.track(job_id, target(user))
@@ -64,7 +65,9 @@ async def test_one_listing_serves_every_job_with_a_status_identity():
     assert pool.commands[0][0] == "status"
     assert "--jobs=11,12,13" in pool.commands[0][1]
     await asyncio.sleep(0.12)
-    assert all(user == "status" for user, _ in pool.commands)  # one command per cycle
+    listings = [user for user, command in pool.commands if "%i" in command]
+    assert len(listings) >= 2 and set(listings) == {"status"}  # one listing per cycle
+    assert {user for user, command in pool.commands if "%i" not in command} == {"alice"}
     for job in ("11", "12", "13"):
         watch.untrack(job)
 
@@ -179,3 +182,21 @@ def test_recorded_lab_listings_of_a_running_a_pending_and_an_unknown_job(
     assert statuses[running].state is JobState.RUNNING and statuses[running].node == "compute"
     assert statuses[pending].state is JobState.PENDING
     assert statuses["99999"].state is JobState.DONE
+
+
+async def test_an_end_seen_only_by_the_status_identity_is_confirmed_by_the_owner(caplog):
+    """A site that hides other users' jobs (Slurm PrivateData=jobs) lists nothing of bob's to
+    the status identity; bob's own squeue still sees his job running, so it is not ended."""
+    def answer(command: str) -> CommandOutput:
+        if "--jobs=21" in command and "%i" in command:
+            return CommandOutput(0, "", "")  # the status identity's listing: nothing
+        return CommandOutput(0, "RUNNING|compute|None\n", "")  # bob's own status_command
+
+    pool = RecordingPool(answer)
+    watch = Watch(slurm, pool, interval=10, status_target=target("status"))
+    watch.track("21", target("bob"))
+    status = await watch.status("21")
+    assert status.state is JobState.RUNNING, status
+    assert [user for user, _ in pool.commands] == ["status", "bob"]
+    assert "cannot see other users' jobs" in caplog.text
+    watch.untrack("21")
