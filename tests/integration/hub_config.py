@@ -24,8 +24,9 @@ real part; every part around it is real):
 hands each user's SSH key over in auth_state (``auth_state_ssh_key``).
 ``HUB_POLL_INTERVAL`` sets ``Spawner.poll_interval`` (seconds),
 ``HUB_CLUSTER_STATUS_INTERVAL`` ``cluster_status_interval``, ``HUB_STATUS_USER``
-``status_cluster_username``. ``CONFIGPROXY_AUTH_TOKEN`` set:
-the proxy runs as its own process (the test starts it) and the hub does not start or stop it.
+``status_cluster_username``, ``HUB_SSH_IDLE_TIMEOUT`` ``ssh_idle_timeout``.
+``CONFIGPROXY_AUTH_TOKEN`` set: the proxy runs as its own process (the test starts it) and the
+hub does not start or stop it.
 """
 
 import logging
@@ -129,6 +130,8 @@ if os.environ.get("HUB_CLUSTER_STATUS_INTERVAL"):
     c.SSHBatchSpawner.cluster_status_interval = float(os.environ["HUB_CLUSTER_STATUS_INTERVAL"])
 if os.environ.get("HUB_STATUS_USER"):
     c.SSHBatchSpawner.status_cluster_username = os.environ["HUB_STATUS_USER"]
+if os.environ.get("HUB_SSH_IDLE_TIMEOUT"):
+    c.SSHBatchSpawner.ssh_idle_timeout = float(os.environ["HUB_SSH_IDLE_TIMEOUT"])
 
 
 def _raise_once(cls, method_name: str, message: str) -> None:
