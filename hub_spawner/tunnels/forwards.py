@@ -277,11 +277,15 @@ def load_table(path: Path) -> dict[str, Entry]:
 
 def save_table(path: Path, table: dict[str, Entry]) -> None:
     """Write atomically, mode 0600."""
-    text = json.dumps({"version": 1, "forwards": [e.to_json() for e in table.values()]}, indent=1)
+    write_private_json(path, {"version": 1, "forwards": [e.to_json() for e in table.values()]})
+
+
+def write_private_json(path: Path, data: object) -> None:
+    """Replace ``path`` atomically with ``data`` as JSON, mode 0600."""
     temporary = path.with_suffix(".tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
-        handle.write(text)
+        handle.write(json.dumps(data, indent=1))
     os.replace(temporary, path)
 
 

@@ -48,6 +48,7 @@ from .forwards import (
     master_command,
     run_command,
     save_table,
+    write_private_json,
 )
 
 log = logging.getLogger("hub_spawner.tunnels")
@@ -192,7 +193,7 @@ class TunnelService:
         key = f"{login.key}:{scheduler}:{job_id or job_name}"
         self.cancels[key] = {"login": dataclasses.asdict(login), "scheduler": scheduler,
                              "job_id": job_id, "job_name": job_name, "label": label[:200]}
-        _write_private_json(self.cancels_path, self.cancels)
+        write_private_json(self.cancels_path, self.cancels)
         log.info("cancel of %s handed over; trying every %.0f s", label, CANCEL_INTERVAL)
 
     async def retry_cancels(self) -> None:
@@ -205,7 +206,7 @@ class TunnelService:
                 if done:
                     log.info("cancelled %s (%s)", item.get("label"), said)
                     del self.cancels[key]
-                    _write_private_json(self.cancels_path, self.cancels)
+                    write_private_json(self.cancels_path, self.cancels)
                 elif said != item.get("last_error"):
                     log.warning("cannot cancel %s yet: %s; retrying every %.0f s",
                                 item.get("label"), said, CANCEL_INTERVAL)
@@ -490,14 +491,6 @@ def _cancel_command(scheduler: str, job_id: str, job_name: str, username: str) -
     if not re.fullmatch(r"jupyterhub-[A-Za-z0-9_.-]{1,60}-[0-9a-f]{8}", job_name):
         raise ValueError(f"not a job name of ours: {job_name!r}")
     return module.cancel_by_name_command(job_name, username)
-
-
-def _write_private_json(path: Path, data: object) -> None:
-    temporary = path.with_suffix(".tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        json.dump(data, file, indent=1)
-    os.replace(temporary, path)
 
 
 # --- identities (SSH certificate mode) ---------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import secrets
 import subprocess
 import time
@@ -299,6 +300,23 @@ def user_processes(user: str, pattern: str) -> list[str]:
     result = subprocess.run(["pgrep", "-a", "-u", user, "-f", pattern], capture_output=True,
                             text=True)
     return [line for line in result.stdout.splitlines() if line.strip()]
+
+
+def processes_on(host: str, user: str, name: str) -> list[int]:
+    """PIDs of ``user``'s processes called ``name`` in lab host ``host``'s network namespace
+    (``login`` or ``compute``: the same user's processes on the other host are not counted)."""
+    uid = pwd.getpwnam(user).pw_uid
+    namespace = os.stat(f"/run/netns/{lab_module.NAMESPACES[host]}").st_ino
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if (os.stat(f"/proc/{pid}").st_uid == uid
+                    and os.stat(f"/proc/{pid}/ns/net").st_ino == namespace
+                    and open(f"/proc/{pid}/comm").read().strip() == name):
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
 
 
 def wait_for(predicate, timeout: float = 20, interval: float = 0.5):

@@ -20,23 +20,7 @@ import pytest
 
 from hub_spawner.tunnels.client import TunnelClient
 
-from .conftest import SCHEDULERS, active_jobs, execute, open_kernel, wait_for
-
-
-def _processes_in_compute_netns(uid: int, name: str) -> list[int]:
-    """PIDs of ``uid``'s processes called ``name`` inside the compute host's network
-    namespace (the login host's sshd sessions of the same user are elsewhere)."""
-    compute = os.stat("/run/netns/hsl-compute").st_ino
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if (os.stat(f"/proc/{pid}").st_uid == uid
-                    and os.stat(f"/proc/{pid}/ns/net").st_ino == compute
-                    and open(f"/proc/{pid}/comm").read().strip() == name):
-                found.append(int(pid))
-        except OSError:
-            continue
-    return found
+from .conftest import SCHEDULERS, active_jobs, execute, open_kernel, processes_on, wait_for
 
 
 def _tcp_listener_owners(lab) -> dict[str, int]:
@@ -83,7 +67,7 @@ def test_socket_mode_serves_through_the_node_hop_with_no_port_open_on_the_node(
         forward = forwards["alice/socket"]
         assert forward["destination"] == path and forward["up"], forward
         assert forward["login"].startswith("alice@compute:22 via alice@10.77.1.2:"), forward
-        assert _processes_in_compute_netns(alice, "sshd"), "no node-hop session on compute"
+        assert processes_on("compute", "alice", "sshd"), "no node-hop session on compute"
 
         # Through the proxy, the hub-side tunnel and both hops: the API and a kernel.
         assert hub.get("/user/alice/socket/api/status").status_code == 200
@@ -101,7 +85,7 @@ def test_socket_mode_serves_through_the_node_hop_with_no_port_open_on_the_node(
                                                                                    scheduler)
     # Nothing left: the socket's directory, the node-hop SSH session, the forward.
     assert wait_for(lambda: not os.path.exists(directory), 20), directory
-    assert wait_for(lambda: not _processes_in_compute_netns(alice, "sshd"), 20)
+    assert wait_for(lambda: not processes_on("compute", "alice", "sshd"), 20)
     forwards = asyncio.run(TunnelClient(hub.log_path.parent / "tunnels").forwards())
     assert "alice/socket" not in forwards, forwards
 
@@ -113,8 +97,7 @@ def test_socket_mode_refuses_a_node_whose_host_key_is_unknown_and_cancels_the_jo
     assert "Host key verification failed" in message, message
     assert "compute's host key must be in" in message and "known_hosts-login-only" in message
     assert wait_for(lambda: not active_jobs("alice"), 30), active_jobs("alice")
-    alice = pwd.getpwnam("alice").pw_uid
-    assert wait_for(lambda: not _processes_in_compute_netns(alice, "sshd"), 20)
+    assert wait_for(lambda: not processes_on("compute", "alice", "sshd"), 20)
     # The server the job started is gone with the job (its socket directory with it).
     leftover = subprocess.run(["pgrep", "-u", "alice", "-f", "jupyterhub-singleuser"],
                               capture_output=True, text=True).stdout

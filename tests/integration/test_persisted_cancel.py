@@ -6,30 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import pwd
 import secrets
 import signal
 
 from hub_spawner.tunnels.client import TunnelClient
 
-from .conftest import active_jobs, start_hub, stop_hub, wait_for
+from .conftest import active_jobs, processes_on, start_hub, stop_hub, wait_for
 
 PORT = 29000
-
-
-def _kill_sshd_sessions_on_login(user: str) -> None:
-    """End the user's SSH sessions on the login host (the hub's pooled connection and the
-    tunnel service's master): with the listener stopped too, the login node is unreachable."""
-    uid = pwd.getpwnam(user).pw_uid
-    login = os.stat("/run/netns/hsl-login").st_ino
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if (os.stat(f"/proc/{pid}").st_uid == uid
-                    and os.stat(f"/proc/{pid}/ns/net").st_ino == login
-                    and open(f"/proc/{pid}/comm").read().strip() == "sshd"):
-                os.kill(int(pid), signal.SIGTERM)
-        except OSError:
-            continue
 
 
 def test_a_cancel_sent_during_a_login_node_outage_survives_a_hub_restart(lab, tmp_path):
@@ -45,7 +29,10 @@ def test_a_cancel_sent_during_a_login_node_outage_survives_a_hub_restart(lab, tm
 
         lab.stop_sshd()
         sshd_down = True
-        _kill_sshd_sessions_on_login("alice")
+        # Its sessions too (the hub's pooled connection, the tunnel service's master): with
+        # the listener gone, the login node is unreachable.
+        for pid in processes_on("login", "alice", "sshd"):
+            os.kill(pid, signal.SIGTERM)
         hub.stop("alice")  # stop() cannot reach the login node
         assert any(line.startswith(job_id + " ") for line in active_jobs("alice"))
         handed = asyncio.run(tunnels.cancels())

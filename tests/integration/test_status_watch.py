@@ -5,15 +5,13 @@ behind the hub's back noticed from the listing, and a scheduler outage that leav
 
 from __future__ import annotations
 
-import os
-import pwd
 import re
 import secrets
 import time
 
 import pytest
 
-from .conftest import active_jobs, start_hub, stop_hub, wait_for
+from .conftest import active_jobs, processes_on, start_hub, stop_hub, wait_for
 
 PORT = 28900
 INTERVAL = 2.0
@@ -109,22 +107,6 @@ def test_a_scheduler_outage_leaves_the_server_unknown_and_it_carries_on(watched_
     assert wait_for(lambda: not active_jobs("alice"), 30), active_jobs("alice")
 
 
-def _sshd_sessions_on_login(user: str) -> int:
-    """The user's sshd session processes on the login host (one per SSH connection)."""
-    uid = pwd.getpwnam(user).pw_uid
-    login = os.stat("/run/netns/hsl-login").st_ino
-    count = 0
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if (os.stat(f"/proc/{pid}").st_uid == uid
-                    and os.stat(f"/proc/{pid}/ns/net").st_ino == login
-                    and open(f"/proc/{pid}/comm").read().strip() == "sshd"):
-                count += 1
-        except OSError:
-            continue
-    return count
-
-
 def test_a_running_servers_own_ssh_connection_closes_when_idle(lab, tmp_path):
     """With the status identity listing and ``ssh_idle_timeout`` = 4 s, bob's running server
     needs only the tunnel service's master on the login node: the hub's own connection of his
@@ -137,12 +119,13 @@ def test_a_running_servers_own_ssh_connection_closes_when_idle(lab, tmp_path):
         hub.api("POST", "/users/bob")
         events, _ = hub.spawn("bob")
         assert events[-1].get("ready"), events
-        during = _sshd_sessions_on_login("bob")
+        during = len(processes_on("login", "bob", "sshd"))
         assert during >= 2, during  # the hub's connection and the tunnel service's master
-        assert wait_for(lambda: _sshd_sessions_on_login("bob") == during - 1, 20), (
-            during, _sshd_sessions_on_login("bob"))
+        assert wait_for(lambda: len(processes_on("login", "bob", "sshd")) == during - 1, 20), (
+            during, len(processes_on("login", "bob", "sshd")))
         time.sleep(2 * INTERVAL)
-        assert _sshd_sessions_on_login("bob") == during - 1  # the watch needs none of bob's
+        # the watch needs none of bob's connections
+        assert len(processes_on("login", "bob", "sshd")) == during - 1
         assert hub.get("/user/bob/api/status").status_code == 200
         print(f"bob's sshd sessions on the login node: {during} while spawning, "
               f"{during - 1} once idle")
