@@ -40,6 +40,10 @@ _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-
 LAUNCH_TEMPLATE = """\
 # --- hub_spawner launcher: load secrets, choose a port, start the server, report readiness ---
 set -u
+# Times (seconds since the epoch) in the output: when the job began, when the server was
+# started and when it listened; the first line also tells a hub that follows the output that
+# the job runs.
+echo "hub_spawner: job started on $(hostname) at $(date +%s.%N)"
 umask 077
 hub_spawner_secrets={{ secrets_path }}
 if [ ! -r "$hub_spawner_secrets" ]; then
@@ -80,6 +84,7 @@ if [ "$(printf %s "$hub_spawner_socket" | wc -c)" -gt {{ max_socket_path }} ]; t
 fi
 # jupyter-server refuses --sock beside a port of its own; 8888 is its default, which it drops.
 export JUPYTERHUB_SERVICE_URL="{{ scheme }}://127.0.0.1:8888/"
+echo "hub_spawner: starting the server at $(date +%s.%N)"
 {{ command }} --sock="$hub_spawner_socket" --sock-mode=0600 &
 hub_spawner_server=$!
 trap 'kill -TERM "$hub_spawner_server" 2>/dev/null' TERM INT HUP
@@ -118,6 +123,7 @@ if [ "$hub_spawner_waited" -ne 0 ]; then
     rm -rf -- "$hub_spawner_socket_dir"
     exit "$hub_spawner_status"
 fi
+echo "hub_spawner: the server listens at $(date +%s.%N)"
 echo "{{ ready_marker }} {\\"host\\": \\"$(hostname)\\", \\"socket\\": \\"$hub_spawner_socket\\"}"
 wait "$hub_spawner_server"
 hub_spawner_status=$?
@@ -147,6 +153,7 @@ HUB_SPAWNER_PY
 hub_spawner_ip=${hub_spawner_address% *}
 hub_spawner_port=${hub_spawner_address#* }
 export JUPYTERHUB_SERVICE_URL="{{ scheme }}://${hub_spawner_ip}:${hub_spawner_port}/"
+echo "hub_spawner: starting the server at $(date +%s.%N)"
 {{ command }} &
 hub_spawner_server=$!
 trap 'kill -TERM "$hub_spawner_server" 2>/dev/null' TERM INT HUP
@@ -208,6 +215,7 @@ if [ $? -ne 0 ]; then
     kill -TERM "$hub_spawner_server" 2>/dev/null
     exit 1
 fi
+echo "hub_spawner: the server listens at $(date +%s.%N)"
 echo "{{ ready_marker }} {\\"host\\": \\"$(hostname)\\", \\"port\\": $hub_spawner_port}"
 wait "$hub_spawner_server"
 {% endif -%}

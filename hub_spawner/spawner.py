@@ -61,7 +61,7 @@ from .resources import (
     resources_from_options,
 )
 from .schedulers import JobState, JobStatus, SubmitRejected, sge, slurm, torque
-from .ssh import LoginConnection, SSHTarget, client_identity, default_pool
+from .ssh import FileFollower, LoginConnection, SSHTarget, client_identity, default_pool
 from .tunnels.client import TunnelClient, TunnelError
 from .tunnels.forwards import Login
 
@@ -709,7 +709,29 @@ class SSHBatchSpawner(Spawner):
         return f"{scheme}://{self._tunnel_connect_ip}:{self.tunnel_port}"
 
     async def _wait_for_ready_line(self) -> jobscript.ReadyLine:
-        """Poll until the job prints its ready line; fail at once if the job ends first."""
+        """Follow the job until it prints its ready line; fail at once if the job ends first.
+
+        The job's output is followed as it grows (``FileFollower``), so its first line (the job
+        runs) and its ready line wake this loop at once; the scheduler is asked on each wake-up
+        and every ``status_interval`` (growing to ``status_interval_max``). Without a follower
+        (no ``tail`` on the login node) the output file is read on each check instead.
+        """
+        follower = await self._follow_output()
+        try:
+            return await self._follow_job(follower)
+        finally:
+            if follower is not None:
+                follower.close()
+
+    async def _follow_output(self) -> FileFollower | None:
+        try:
+            connection = await self._connection()
+            return await connection.follow_file(self.output_path)
+        except ClusterUnreachable as error:
+            self.log.warning("%s: cannot follow the job's output: %s", self._log_name, error)
+            return None
+
+    async def _follow_job(self, follower: FileFollower | None) -> jobscript.ReadyLine:
         interval = self.status_interval
         reported = None
         while True:
@@ -736,23 +758,32 @@ class SSHBatchSpawner(Spawner):
                     self._emit(
                         50, f"Job {self.job_id} is running on {status.node}; starting the server"
                     )
-                ready = await self._read_ready_line(status.node)
+                ready = await self._read_ready_line(status.node, follower)
                 if ready is not None:
                     return ready
             elif status.state is JobState.UNKNOWN:
                 self.log.warning(
                     "%s: status of job %s unknown: %s", self._log_name, self.job_id, status.reason
                 )
-            if status.state is JobState.RUNNING:
-                interval = self.status_interval  # the server is starting: look often
+            if follower is None or follower.ended:
+                if status.state is JobState.RUNNING:
+                    interval = self.status_interval  # the server is starting: look often
+                else:
+                    interval = min(interval * 1.5, self.status_interval_max)
+                await asyncio.sleep(interval)
             else:
+                # Output wakes us (the job's first line, its ready line); the scheduler is
+                # asked in between only to see a job that ends or waits without a word.
                 interval = min(interval * 1.5, self.status_interval_max)
-            await asyncio.sleep(interval)
+                await follower.wait(interval)
 
-    async def _read_ready_line(self, scheduled_node: str) -> jobscript.ReadyLine | None:
-        """The server's address once the job has printed its ready line: the node the scheduler
-        reports (never the name in the job's output, which the user controls) and the ready
-        line's port. ``None`` while there is no ready line, or the scheduler names no node yet.
+    async def _read_ready_line(
+        self, scheduled_node: str, follower: FileFollower | None = None
+    ) -> jobscript.ReadyLine | None:
+        """The server's address once the job's output has its ready line: the node the
+        scheduler reports (never the name in the job's output, which the user controls) and the
+        ready line's port. ``None`` while there is no ready line, or the scheduler names no node
+        yet. The output is what ``follower`` has, or else read from the file.
         """
         if not scheduled_node:
             if getattr(self, "_no_node_logged", "") != self.job_id:  # once per job
@@ -763,7 +794,11 @@ class SSHBatchSpawner(Spawner):
                 )
             return None
         try:
-            ready = jobscript.parse_ready_line(await self._job_output())
+            if follower is not None and not follower.ended:
+                output = follower.text
+            else:
+                output = await self._job_output()
+            ready = jobscript.parse_ready_line(output)
         except ValueError as error:
             raise BadReadyLine(f"Job {self.job_id} reported an unusable address: {error}") from None
         if ready is None:

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import posixpath
+import shlex
 import stat
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 SFTP_TIMEOUT = 30.0
 _READ_CHUNK_BYTES = 64 * 1024
 _Result = TypeVar("_Result")
+#: What a ``FileFollower`` keeps of a file: the head of a job's output, where its ready line is.
+FOLLOW_MAX_BYTES = 256 * 1024
 
 ENCRYPTION_PREFERENCE = (
     "aes128-gcm@openssh.com",
@@ -322,8 +325,105 @@ class LoginConnection:
                 on_timeout=self.connection.close,
             )
 
+    async def follow_file(self, path: str, max_bytes: int = FOLLOW_MAX_BYTES) -> FileFollower:
+        """Follow ``path`` as it grows (``tail -F``, whether or not it exists yet) on a channel of
+        this connection; see ``FileFollower``."""
+        follower = FileFollower(self, path, max_bytes)
+        await follower.start()
+        return follower
+
     def close(self) -> None:
         self.connection.close()
+
+
+#: The remote side of ``FileFollower``: ``tail -F`` (which waits for the file to appear, and
+#: polls every 0.2 s where inotify cannot see writes, as on NFS) in the background, killed
+#: as soon as the channel's stdin ends: a closed channel does not end a silent ``tail`` by
+#: itself. Run through ``sh -c`` so that it works in any login shell (csh too); the path is
+#: the one argument.
+_FOLLOW_SCRIPT = 'tail -F -n +1 -s 0.2 -- "$1" 2>/dev/null & t=$!; read -r _; kill "$t" 2>/dev/null'
+
+
+class FileFollower:
+    """A remote file's text as it grows, without a round trip per look: ``changed`` is set each
+    time more arrives (``wait`` clears it). Best effort: when ``tail`` is missing, the channel
+    dies or the file grows past ``max_bytes`` it stops (``ended``), and callers fall back to
+    reading the file. The connection counts as busy while it follows (no idle close)."""
+
+    def __init__(self, connection: LoginConnection, path: str, max_bytes: int) -> None:
+        self._connection = connection
+        self.path = path
+        self.max_bytes = max_bytes
+        self.changed = asyncio.Event()
+        self.ended = False
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._process: asyncssh.SSHClientProcess | None = None
+        self._reader: asyncio.Task | None = None
+
+    @property
+    def text(self) -> str:
+        """What arrived so far (decoded as UTF-8, undecodable bytes replaced)."""
+        return b"".join(self._chunks).decode("utf-8", errors="replace")
+
+    async def start(self) -> None:
+        command = f"exec sh -c {shlex.quote(_FOLLOW_SCRIPT)} follow {shlex.quote(self.path)}"
+        log.debug("ssh %s: %s", self._connection.target.describe(), command)
+        try:
+            self._process = await self._connection.connection.create_process(
+                command, encoding=None
+            )
+        except (asyncssh.Error, OSError) as error:
+            log.debug("cannot follow %s: %s", self.path, error)
+            self._end()
+            return
+        self._connection.busy += 1
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for more text; ``True`` if some arrived."""
+        if self.ended and not self.changed.is_set():
+            await asyncio.sleep(timeout)
+            return False
+        try:
+            await asyncio.wait_for(self.changed.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        self.changed.clear()
+        return True
+
+    async def _read(self) -> None:
+        assert self._process is not None
+        try:
+            while self._size <= self.max_bytes:
+                chunk = await self._process.stdout.read(_READ_CHUNK_BYTES)
+                if not chunk:
+                    break
+                self._chunks.append(chunk)
+                self._size += len(chunk)
+                self.changed.set()
+        except (asyncssh.Error, OSError) as error:
+            log.debug("stopped following %s: %s", self.path, error)
+        finally:
+            self.close()
+
+    def _end(self) -> None:
+        self.ended = True
+        self.changed.set()  # a waiter looks again, and then reads the file itself
+
+    def close(self) -> None:
+        """Stop following (the remote ``tail`` is killed); idempotent."""
+        if self._process is not None:
+            process, self._process = self._process, None
+            self._connection.busy -= 1
+            self._connection.last_used = time.monotonic()
+            with contextlib.suppress(asyncssh.Error, OSError):
+                process.stdin.write_eof()
+            process.close()
+        if self._reader is not None and self._reader is not asyncio.current_task():
+            self._reader.cancel()
+        if not self.ended:
+            self._end()
 
 
 async def within(

@@ -158,6 +158,15 @@ def test_launch_quotes_command_and_paths():
     assert "/opt/venv/bin/jupyterhub-singleuser '--arg=$(id)' 'a b' &" in launch
 
 
+def lines_until_ready(process: subprocess.Popen) -> list[str]:
+    """The launcher's output lines up to and with its ready line."""
+    lines: list[str] = []
+    while not lines or READY_MARKER not in lines[-1]:
+        lines.append(process.stdout.readline())
+        assert lines[-1], f"the launcher ended without a ready line: {lines}"
+    return lines
+
+
 def test_launch_runs_a_server_and_prints_the_ready_line(tmp_path):
     """Runs the real launcher under bash with a stand-in server (python's http.server)."""
     secrets = tmp_path / "server.env"
@@ -175,8 +184,15 @@ def test_launch_runs_a_server_and_prints_the_ready_line(tmp_path):
     process = subprocess.Popen(["bash", "-c", launch], stdout=subprocess.PIPE, text=True,
                                cwd=tmp_path)
     try:
-        ready = parse_ready_line(process.stdout.readline())
+        lines = lines_until_ready(process)
+        ready = parse_ready_line(lines[-1])
         assert ready is not None and ready.host == socket.gethostname()
+        # Timestamps for whoever reads the output (and bench/spawn_latency.py), in order.
+        started, server, listens = (float(line.rsplit(" at ", 1)[1]) for line in lines[:3])
+        assert lines[0].startswith(f"hub_spawner: job started on {socket.gethostname()} at ")
+        assert lines[1].startswith("hub_spawner: starting the server at ")
+        assert lines[2].startswith("hub_spawner: the server listens at ")
+        assert started <= server <= listens <= time.time()
         assert not secrets.exists(), "the launcher deletes the secrets file once it has read it"
         with urllib.request.urlopen(f"http://127.0.0.1:{ready.port}/") as response:
             assert response.status == 200
@@ -251,7 +267,7 @@ def test_the_server_listens_on_the_address_towards_the_login_node(tmp_path):
               "http.server.SimpleHTTPRequestHandler).serve_forever()\n")
     process = _run_launch_until(tmp_path, ["python3", "-c", server], route_to="127.0.0.1")
     try:
-        ready = parse_ready_line(process.stdout.readline())
+        ready = parse_ready_line(lines_until_ready(process)[-1])
         assert ready is not None
         assert (tmp_path / "url").read_text() == f"127.0.0.1:{ready.port}"
     finally:
@@ -322,7 +338,7 @@ def test_socket_launch_serves_on_a_private_socket_and_names_it_in_the_ready_line
     process = subprocess.Popen(["bash", "-c", launch], stdout=subprocess.PIPE, text=True,
                                cwd=tmp_path, env=dict(os.environ, TMPDIR=str(tmp_path)))
     try:
-        lines = [process.stdout.readline(), process.stdout.readline()]
+        lines = [line for line in lines_until_ready(process) if "hub_spawner:" not in line]
         assert lines[0].strip() == "service url http://127.0.0.1:8888/", lines
         ready = parse_ready_line(lines[1])
         assert ready is not None and ready.port == 0 and ready.host == socket.gethostname()
@@ -402,8 +418,7 @@ def test_socket_launch_makes_a_plain_path_of_a_tmpdir_with_a_trailing_slash_and_
                                cwd=tmp_path,
                                env=dict(os.environ, TMPDIR=f"{tmp_path}/./link/"))
     try:
-        process.stdout.readline()
-        ready = parse_ready_line(process.stdout.readline())
+        ready = parse_ready_line(lines_until_ready(process)[-1])
         assert ready is not None, "the hub would refuse the socket path"
         assert os.path.dirname(os.path.dirname(ready.socket)) == str(tmp_path / "real")
     finally:

@@ -51,12 +51,42 @@ async def fake_command(process: asyncssh.SSHServerProcess) -> None:
             pass  # the client closed the channel: what we expect
     elif words[:1] == ["hang"]:
         await asyncio.Event().wait()
+    elif words[:3] == ["exec", "sh", "-c"]:
+        await run_locally(process)
     elif words[:1] == ["cat"]:
         process.stdout.write(await process.stdin.read())
         process.exit(3)
     else:
         process.stderr.write(b"unknown command\n")
         process.exit(127)
+
+
+async def run_locally(process: asyncssh.SSHServerProcess) -> None:
+    """The command as this machine's ``/bin/sh`` runs it (the real ``sh`` and ``tail`` that a
+    login node has), with the channel's stdin and stdout; as sshd, closes the stdin pipe when
+    the client ends its stdin or the channel."""
+    local = await asyncio.create_subprocess_shell(
+        process.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+
+    async def pump_out() -> None:
+        while chunk := await local.stdout.read(65536):
+            process.stdout.write(chunk)
+
+    async def pump_in() -> None:
+        try:
+            while chunk := await process.stdin.read(65536):
+                local.stdin.write(chunk)
+        except (OSError, asyncssh.Error):
+            pass
+        local.stdin.close()
+
+    pumps = [asyncio.ensure_future(pump_out()), asyncio.ensure_future(pump_in())]
+    try:
+        process.exit(await local.wait())
+    finally:
+        for pump in pumps:
+            pump.cancel()
 
 
 @pytest.fixture
@@ -304,6 +334,77 @@ async def test_the_pool_refuses_a_loose_key_before_connecting(tmp_path):
     path.chmod(0o644)
     with pytest.raises(ClusterUnreachable, match="chmod 600"):
         await ConnectionPool().get(key_target(path))
+
+
+# --- following a file as it grows ------------------------------------------------------------
+
+
+def tails_of(path) -> list[int]:
+    """PIDs of this machine's ``tail`` processes that follow ``path``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                words = cmdline.read().split(b"\0")
+        except OSError:
+            continue
+        if words[:1] == [b"tail"] and str(path).encode() in words:
+            found.append(int(entry))
+    return found
+
+
+async def wait_until(condition, seconds: float = 5) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_follower_sees_a_file_that_appears_and_grows_without_a_round_trip(
+    login, tmp_path
+):
+    path = tmp_path / "job dir" / "job.out"  # a space: the path is one quoted word
+    path.parent.mkdir()
+    follower = await login.follow_file(str(path))
+    try:
+        assert not await follower.wait(0.3) and follower.text == ""  # no file yet
+        path.write_text("hub_spawner: job started\n")
+        assert await follower.wait(5)
+        await wait_until(lambda: "job started" in follower.text)
+        started = time.monotonic()
+        with path.open("a") as output:
+            output.write('HUB_SPAWNER_READY {"host": "cn1", "port": 4000}\n')
+        assert await follower.wait(5)
+        await wait_until(lambda: "HUB_SPAWNER_READY" in follower.text)
+        assert time.monotonic() - started < 1.0  # inotify: no 0.2 s poll, no SFTP read
+        assert login.busy == 1  # following holds the connection open
+        assert tails_of(path), "expected the tail process on the 'login node'"
+    finally:
+        follower.close()
+    assert follower.ended and login.busy == 0
+    await wait_until(lambda: not tails_of(path))  # closing the channel ends the remote tail
+
+
+async def test_a_follower_stops_at_its_limit_and_says_so(login, tmp_path):
+    path = tmp_path / "job.out"
+    path.write_bytes(b"z" * 5000)
+    follower = await login.follow_file(str(path), max_bytes=1000)
+    try:
+        await wait_until(lambda: follower.ended)
+        assert 1000 < len(follower.text) <= 5000
+        assert login.busy == 0
+    finally:
+        follower.close()
+    await wait_until(lambda: not tails_of(path))
+
+
+async def test_a_follower_that_cannot_start_is_ended_not_an_error(login):
+    login.connection.close()
+    await login.connection.wait_closed()
+    follower = await login.follow_file("/nonexistent/job.out")
+    assert follower.ended and follower.text == ""
+    assert await follower.wait(0.1)  # wakes its waiter once, to read the file another way
+    assert not await follower.wait(0.1)
 
 
 # --- the pool: idle connections close ------------------------------------------------------------

@@ -90,6 +90,9 @@ def scenario(spawner):
         spawner.job_extra_directives = ["-wd /nonexistent-dir"]
     elif spawner.name == "held":
         spawner.job_extra_directives = ["-h"]
+    elif spawner.name == "slow-polling":  # only the job's output can wake the spawn in time
+        spawner.status_interval = 20
+        spawner.status_interval_max = 60
     elif spawner.name == "wrong-host":
         spawner.cmd = ["/bin/sh", "-c", "echo 'HUB_SPAWNER_READY {\"host\": "
                        "\"compute.127.0.0.1.nip.io\", \"port\": 2222}'; exec sleep 600"]

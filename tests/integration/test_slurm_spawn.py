@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .conftest import active_jobs, run_in_kernel, user_processes, wait_for
+from .conftest import active_jobs, processes_on, run_in_kernel, user_processes, wait_for
 
 
 def test_lab_topology_hub_cannot_reach_compute_and_compute_cannot_reach_hub(lab):
@@ -28,6 +28,23 @@ def test_lab_topology_hub_cannot_reach_compute_and_compute_cannot_reach_hub(lab)
         "login", ["bash", "-c", f"exec 3<>/dev/tcp/{lab.COMPUTE_IP}/6818"], check=False
     )
     assert reach_compute.returncode == 0
+
+
+def test_the_jobs_output_wakes_the_spawn_without_a_status_poll(hub, lab):
+    """With status checks 20 s and then 30 s apart, the spawn still ends within a few seconds:
+    the hub follows the job's output over its SSH connection (one ``tail -F`` on the login
+    node), and the job's first line and its ready line wake it. The ``tail`` ends with the
+    spawn."""
+    events, seconds = hub.spawn("alice", "slow-polling")
+    try:
+        assert events[-1].get("ready"), events
+        messages = [event.get("message", "") for event in events]
+        assert any("is running on compute" in message for message in messages), messages
+        assert seconds < 15, (seconds, messages)  # polling alone: >= 30 s
+        assert wait_for(lambda: not processes_on("login", "alice", "tail"), 10)
+    finally:
+        hub.stop("alice", "slow-polling")
+    assert wait_for(lambda: not active_jobs("alice"), 20), active_jobs("alice")
 
 
 def test_start_timeout_cancels_the_job(hub):
