@@ -3,7 +3,7 @@ LAB_PREFIX ?= /opt/hub-spawner-lab
 PYTHON := $(LAB_PREFIX)/venv/bin/python
 SCHEDULER ?= slurm
 
-.PHONY: install demo test fresh-check lint bench bench-tunnel bench-hub
+.PHONY: install demo test fresh-check lint bench bench-tunnel bench-hub bench-spawn
 
 install:
 	LAB_PREFIX=$(LAB_PREFIX) tests/lab/install.sh
@@ -23,10 +23,13 @@ lint: install
 	$(LAB_PREFIX)/venv/bin/ruff check hub_spawner tests bench
 
 # Benchmarks (bench/RESULTS.md): tunnel vs ssh -L, then the hub's load while servers download.
-bench: bench-tunnel bench-hub
+bench: bench-tunnel bench-hub bench-spawn
 
 bench-tunnel: install
 	LAB_PREFIX=$(LAB_PREFIX) $(PYTHON) -m bench.tunnel_bench
 
 bench-hub: install
 	LAB_PREFIX=$(LAB_PREFIX) $(PYTHON) -m bench.hub_load_bench
+
+bench-spawn: install
+	LAB_PREFIX=$(LAB_PREFIX) $(PYTHON) -m bench.spawn_latency

@@ -336,12 +336,15 @@ class LoginConnection:
         self.connection.close()
 
 
-#: The remote side of ``FileFollower``: ``tail -F`` (which waits for the file to appear, and
-#: polls every 0.2 s where inotify cannot see writes, as on NFS) in the background, killed
-#: as soon as the channel's stdin ends: a closed channel does not end a silent ``tail`` by
-#: itself. Run through ``sh -c`` so that it works in any login shell (csh too); the path is
-#: the one argument.
-_FOLLOW_SCRIPT = 'tail -F -n +1 -s 0.2 -- "$1" 2>/dev/null & t=$!; read -r _; kill "$t" 2>/dev/null'
+#: The remote side of ``FileFollower``: ``tail -F`` in the background, killed as soon as the
+#: channel's stdin ends (a closed channel does not end a silent ``tail`` by itself). It waits
+#: for the file to appear, and then polls it every 0.05 s: GNU tail uses inotify only for a
+#: file that exists when it starts (a job's output does not yet), and never on NFS. A poll is
+#: one ``stat``. Run through ``sh -c`` so that it works in any login shell (csh too); the path
+#: is the one argument.
+_FOLLOW_SCRIPT = (
+    'tail -F -n +1 -s 0.05 -- "$1" 2>/dev/null & t=$!; read -r _; kill "$t" 2>/dev/null'
+)
 
 
 class FileFollower:

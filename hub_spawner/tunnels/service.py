@@ -141,7 +141,9 @@ class Master:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + MASTER_START_TIMEOUT
         while loop.time() < deadline and self.process.returncode is None:
-            await asyncio.sleep(0.1)
+            # The control socket appears once the master has logged in (~0.1-0.2 s): a spawn
+            # waits for this, so look often; each look is only a stat until the socket exists.
+            await asyncio.sleep(0.02)
             if self.process.returncode is None and os.path.exists(self.control_path):
                 code, _, _ = await self.control("check", timeout=5)
                 if code == 0:

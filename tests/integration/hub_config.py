@@ -93,6 +93,11 @@ def scenario(spawner):
     elif spawner.name == "slow-polling":  # only the job's output can wake the spawn in time
         spawner.status_interval = 20
         spawner.status_interval_max = 60
+    elif spawner.name == "poll-only":  # bench/spawn_latency.py's reference: no output follower
+        async def no_follower():
+            return None
+
+        spawner._follow_output = no_follower
     elif spawner.name == "wrong-host":
         spawner.cmd = ["/bin/sh", "-c", "echo 'HUB_SPAWNER_READY {\"host\": "
                        "\"compute.127.0.0.1.nip.io\", \"port\": 2222}'; exec sleep 600"]

@@ -1,0 +1,166 @@
+"""Spawn latency: click to ready, and how much of it is ours.
+
+    make bench-spawn    (or: python -m bench.spawn_latency [--spawns 10])
+
+A real JupyterHub (the test hub: tests/integration/hub_config.py on the lab, Slurm) starts
+alice's server ``--spawns`` times for each of two ways of waiting, interleaved in one run:
+- ``follow``: the spawner as shipped, which follows the job's output (``tail -F`` over its SSH
+  connection) and wakes on the job's first line and on its ready line;
+- ``poll-only``: the same spawner with the follower off (the lab's ``poll-only`` scenario), so
+  it learns of both at its next status check (0.5 s, growing by half while the job waits).
+
+Per spawn, from the wall clock of this machine (the lab's hosts share it):
+- click: just before ``POST /hub/api/users/alice/servers/NAME``; ready: the progress stream's
+  ready event; submitted: its "Submitted job" event;
+- the scheduler's own part: from submitted to the job's first line (``hub_spawner: job
+  started ... at T``, printed by the job script on the node);
+- the server's own start-up: from the launcher's "starting the server at T" to its "the
+  server listens at T";
+- our overhead: click to ready minus both. It is the SSH and file work up to ``sbatch``, the
+  launcher's own steps on the node, and everything from the server listening to the hub
+  calling it ready (seeing the ready line, the tunnel, JupyterHub's own check).
+Brings the lab up (and down) if it is not up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.machine import describe
+from tests.integration.conftest import Hub, start_hub, stop_hub
+from tests.lab import lab
+
+HUB_PORT = 18700
+MODES = {"follow": "latency", "poll-only": "poll-only"}  # mode -> named server (scenario)
+_STAMP = re.compile(r"^hub_spawner: (job started on \S+|starting the server|the server listens)"
+                    r" at (\d+\.\d+)$", re.MULTILINE)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spawns", type=int, default=10, help="spawns per mode")
+    args = parser.parse_args()
+
+    owns_lab = not lab.STATE_FILE.exists()
+    if owns_lab:
+        lab.up(("slurm",))
+    state_dir = Path(tempfile.mkdtemp(prefix="bench-spawn-"))
+    hub, process = start_hub(state_dir, HUB_PORT, secrets.token_hex(24))
+    rows: dict[str, list[dict]] = {mode: [] for mode in MODES}
+    try:
+        hub.api("POST", "/users/alice")
+        for number in range(args.spawns):
+            for mode, server in MODES.items():
+                row = _spawn(hub, server)
+                rows[mode].append(row)
+                print(f"{mode} #{number + 1}: " + ", ".join(
+                    f"{key} {value:.3f}" for key, value in row.items() if key != "job"),
+                    flush=True)
+    finally:
+        for server in MODES.values():
+            try:
+                hub.stop("alice", server)
+            except Exception as error:  # the hub's cleanup_servers cancels what is left
+                print(f"stopping alice/{server}: {error}", file=sys.stderr)
+        stop_hub(process)
+        lab.stop_tunnel_service(state_dir / "tunnels")
+        if owns_lab:
+            lab.down()
+    _report(rows)
+    return 0
+
+
+def _spawn(hub: Hub, server: str) -> dict:
+    """One spawn and stop of alice/SERVER; its times in seconds (see the module's text)."""
+    path = f"/users/alice/servers/{server}"
+    click = time.time()
+    response = hub.api("POST", path, json={"cpus": 1}, timeout=60)
+    if response.status_code not in (201, 202):
+        raise RuntimeError(f"POST {path}: {response.status_code} {response.text}")
+    submitted = ready = seen_ready_line = tunnel_open = 0.0
+    job = ""
+    stream = hub.api("GET", f"{path}/progress", stream=True, timeout=120)
+    for line in stream.iter_lines(decode_unicode=True):
+        if not line or not line.startswith("data:"):
+            continue
+        event, seen = json.loads(line[5:]), time.time()
+        found = re.search(r"Submitted job (\d+)", event.get("message", ""))
+        if found:
+            submitted, job = seen, found.group(1)
+        if event.get("message", "").startswith("Server listening on"):
+            seen_ready_line = seen
+        if event.get("message", "").startswith("Tunnel open"):
+            tunnel_open = seen
+        if event.get("failed"):
+            raise RuntimeError(f"alice/{server} failed: {event.get('message')}")
+        if event.get("ready"):
+            ready = seen
+            break
+    stream.close()
+    stamps = _job_stamps(job)
+    hub.stop("alice", server)
+    scheduler = stamps["job started"] - submitted
+    server_start = stamps["the server listens"] - stamps["starting the server"]
+    return {
+        "job": float(job),
+        "click_to_ready": ready - click,
+        "scheduler": scheduler,
+        "server": server_start,
+        "overhead": ready - click - scheduler - server_start,
+        "to_submit": submitted - click,
+        "launcher": stamps["starting the server"] - stamps["job started"],
+        "listen_to_ready": ready - stamps["the server listens"],
+        "listen_to_seen": seen_ready_line - stamps["the server listens"],
+        "tunnel": tunnel_open - seen_ready_line,
+        "hub_check": ready - tunnel_open,
+    }
+
+
+def _job_stamps(job: str) -> dict[str, float]:
+    """The launcher's timestamps in job JOB's output (found through ``scontrol``)."""
+    shown = lab.in_namespace("login", ["scontrol", "show", "job", job]).stdout
+    output = re.search(r"StdOut=(\S+)", shown)
+    if not output:
+        raise RuntimeError(f"scontrol shows no StdOut for job {job}")
+    text = Path(output.group(1)).read_text()
+    stamps = {}
+    for name, value in _STAMP.findall(text):
+        stamps["job started" if name.startswith("job started") else name] = float(value)
+    if len(stamps) != 3:
+        raise RuntimeError(f"job {job}'s output lacks the launcher's timestamps:\n{text}")
+    return stamps
+
+
+def _pct(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def _report(rows: dict[str, list[dict]]) -> None:
+    print(f"\n{describe()}")
+    columns = ("click_to_ready", "scheduler", "server", "overhead", "to_submit", "launcher",
+               "listen_to_ready", "listen_to_seen", "tunnel", "hub_check")
+    print("| mode | spawns | " + " | ".join(f"{column} p50 / p90 s" for column in columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
+    for mode, spawned in rows.items():
+        if not spawned:
+            continue
+        cells = [f"{statistics.median(r[c] for r in spawned):.3f} / "
+                 f"{_pct([r[c] for r in spawned], 0.9):.3f}" for c in columns]
+        print(f"| {mode} | {len(spawned)} | " + " | ".join(cells) + " |")
+    if all(rows.values()):
+        ours = {mode: statistics.median(r["overhead"] for r in spawned)
+                for mode, spawned in rows.items()}
+        print(f"overhead median, follow / poll-only: {ours['follow'] / ours['poll-only']:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
