@@ -167,6 +167,15 @@ class SSHBatchSpawner(Spawner):
     ssh_connect_timeout = Float(
         15, config=True, help="Seconds to wait for the SSH connection to the login node."
     )
+    ssh_max_sessions = Integer(
+        10,
+        min=2,
+        config=True,
+        help="""Sessions (commands, SFTP, the job-output follower) one SSH connection may have
+        open at once: the login node's sshd ``MaxSessions`` (OpenSSH's default is 10). Many
+        spawns of one cluster user at once (named servers) queue for a session instead of
+        being refused by sshd. One session is kept for following the jobs' output.""",
+    )
     command_timeout = Float(
         60,
         config=True,
@@ -1091,6 +1100,7 @@ class SSHBatchSpawner(Spawner):
 
     async def _connection(self, where: tuple[str, int, str] | None = None) -> LoginConnection:
         default_pool.idle_timeout = self.ssh_idle_timeout
+        default_pool.max_sessions = self.ssh_max_sessions
         return await default_pool.get(await self._ssh_target(where))
 
     @property

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 SFTP_TIMEOUT = 30.0
 _READ_CHUNK_BYTES = 64 * 1024
 _Result = TypeVar("_Result")
+#: OpenSSH's default ``MaxSessions``: sessions (commands, SFTP) open at once per connection.
+DEFAULT_MAX_SESSIONS = 10
 #: What a ``FileFollower`` keeps of a file: the head of a job's output, where its ready line is.
 FOLLOW_MAX_BYTES = 256 * 1024
 
@@ -93,10 +95,19 @@ class LoginConnection:
     behaves (a FIFO in place of a file, a command that prints forever, a hung sftp-server).
     """
 
-    def __init__(self, target: SSHTarget, connection: asyncssh.SSHClientConnection) -> None:
+    def __init__(
+        self,
+        target: SSHTarget,
+        connection: asyncssh.SSHClientConnection,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+    ) -> None:
         self.target = target
         self.connection = connection
+        # sshd refuses sessions (commands, SFTP) beyond its MaxSessions per connection: many
+        # spawns of one user at once wait for a slot instead. One is kept for the followers.
+        self._sessions = asyncio.Semaphore(max(1, max_sessions - 1))
         self._home: str | None = None
+        self._followers: _Followers | None = None
         self.busy = 0  # operations running now (the pool never closes a busy connection)
         self.last_used = time.monotonic()
 
@@ -147,6 +158,10 @@ class LoginConnection:
                 process.close()
 
         async def run_to_end() -> CommandOutput:
+            async with self._sessions:
+                return await run_in_session()
+
+        async def run_in_session() -> CommandOutput:
             nonlocal process
             process = await self.connection.create_process(command, encoding=None)
             if stdin is not None:
@@ -309,7 +324,7 @@ class LoginConnection:
 
         async def session() -> _Result:
             try:
-                async with self.connection.start_sftp_client() as sftp:
+                async with self._sessions, self.connection.start_sftp_client() as sftp:
                     return await operation(sftp)
             except (asyncssh.Error, OSError) as error:
                 raise SSHCommandError(
@@ -325,63 +340,61 @@ class LoginConnection:
                 on_timeout=self.connection.close,
             )
 
+    async def open_session(self, command: str) -> asyncssh.SSHClientProcess:
+        """A long-lived session running ``command`` (the followers' ``tail``), in the one
+        session slot kept for it; the caller closes it."""
+        try:
+            return await within(
+                SFTP_TIMEOUT,
+                self.connection.create_process(command, encoding=None),
+                f"Could not start {_command_name(command)!r} on {self.target.host} in time.",
+            )
+        except (asyncssh.Error, OSError) as error:
+            raise SSHCommandError(
+                f"Cannot start a session on {self.target.host}: {error}"
+            ) from None
+
     async def follow_file(self, path: str, max_bytes: int = FOLLOW_MAX_BYTES) -> FileFollower:
-        """Follow ``path`` as it grows (``tail -F``, whether or not it exists yet) on a channel of
-        this connection; see ``FileFollower``."""
-        follower = FileFollower(self, path, max_bytes)
-        await follower.start()
-        return follower
+        """Follow ``path`` as it grows (whether or not it exists yet); see ``FileFollower``.
+        All the files followed on this connection share one ``tail`` (one SSH session)."""
+        if self._followers is None:
+            self._followers = _Followers(self)
+        return await self._followers.add(path, max_bytes)
 
     def close(self) -> None:
         self.connection.close()
 
 
-#: The remote side of ``FileFollower``: ``tail -F`` in the background, killed as soon as the
-#: channel's stdin ends (a closed channel does not end a silent ``tail`` by itself). It waits
-#: for the file to appear, and then polls it every 0.05 s: GNU tail uses inotify only for a
-#: file that exists when it starts (a job's output does not yet), and never on NFS. A poll is
-#: one ``stat``. Run through ``sh -c`` so that it works in any login shell (csh too); the path
-#: is the one argument.
+#: The remote side of the followers: ``tail -F`` of every followed file in the background,
+#: killed as soon as the channel's stdin ends (a closed channel does not end a silent ``tail``
+#: by itself). ``-v``: each file's output comes after a ``==> PATH <==`` header. It waits for
+#: a file to appear, and then polls it every 0.05 s: GNU tail uses inotify only for files that
+#: exist when it starts (a job's output does not yet), and never on NFS; a poll is a ``stat``
+#: per file. Run through ``sh -c`` so that it works in any login shell (csh too); the paths are
+#: its arguments.
 _FOLLOW_SCRIPT = (
-    'tail -F -n +1 -s 0.05 -- "$1" 2>/dev/null & t=$!; read -r _; kill "$t" 2>/dev/null'
+    'tail -v -F -n +1 -s 0.05 -- "$@" 2>/dev/null & t=$!; read -r _; kill "$t" 2>/dev/null'
 )
 
 
 class FileFollower:
-    """A remote file's text as it grows, without a round trip per look: ``changed`` is set each
-    time more arrives (``wait`` clears it). Best effort: when ``tail`` is missing, the channel
-    dies or the file grows past ``max_bytes`` it stops (``ended``), and callers fall back to
-    reading the file. The connection counts as busy while it follows (no idle close)."""
+    """One followed file's text as it grows, without a round trip per look: ``changed`` is set
+    each time more arrives (``wait`` clears it). Best effort: when ``tail`` is missing, the
+    channel dies or the file grows past ``max_bytes``, it stops (``ended``), and callers fall
+    back to reading the file. The connection counts as busy while it follows (no idle close)."""
 
-    def __init__(self, connection: LoginConnection, path: str, max_bytes: int) -> None:
-        self._connection = connection
+    def __init__(self, owner: _Followers, path: str, max_bytes: int) -> None:
+        self._owner = owner
         self.path = path
         self.max_bytes = max_bytes
         self.changed = asyncio.Event()
         self.ended = False
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._process: asyncssh.SSHClientProcess | None = None
-        self._reader: asyncio.Task | None = None
+        self._data = bytearray()
 
     @property
     def text(self) -> str:
-        """What arrived so far (decoded as UTF-8, undecodable bytes replaced)."""
-        return b"".join(self._chunks).decode("utf-8", errors="replace")
-
-    async def start(self) -> None:
-        command = f"exec sh -c {shlex.quote(_FOLLOW_SCRIPT)} follow {shlex.quote(self.path)}"
-        log.debug("ssh %s: %s", self._connection.target.describe(), command)
-        try:
-            self._process = await self._connection.connection.create_process(
-                command, encoding=None
-            )
-        except (asyncssh.Error, OSError) as error:
-            log.debug("cannot follow %s: %s", self.path, error)
-            self._end()
-            return
-        self._connection.busy += 1
-        self._reader = asyncio.ensure_future(self._read())
+        """The file's complete lines so far (UTF-8, undecodable bytes replaced)."""
+        return self._data.decode("utf-8", errors="replace")
 
     async def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for more text; ``True`` if some arrived."""
@@ -395,27 +408,110 @@ class FileFollower:
         self.changed.clear()
         return True
 
-    async def _read(self) -> None:
-        assert self._process is not None
-        try:
-            while self._size <= self.max_bytes:
-                chunk = await self._process.stdout.read(_READ_CHUNK_BYTES)
-                if not chunk:
-                    break
-                self._chunks.append(chunk)
-                self._size += len(chunk)
-                self.changed.set()
-        except (asyncssh.Error, OSError) as error:
-            log.debug("stopped following %s: %s", self.path, error)
-        finally:
-            self.close()
+    def close(self) -> None:
+        """Stop following this file; idempotent."""
+        self._owner.remove(self)
+        self._end()
+
+    def _append(self, line: bytes) -> None:
+        if self.ended:
+            return
+        self._data += line
+        self.changed.set()
+        if len(self._data) > self.max_bytes:
+            self._owner.remove(self)
+            self._end()
+
+    def _restart(self) -> None:
+        """The shared ``tail`` starts again from the files' first lines."""
+        self._data.clear()
 
     def _end(self) -> None:
-        self.ended = True
-        self.changed.set()  # a waiter looks again, and then reads the file itself
+        if not self.ended:
+            self.ended = True
+            self.changed.set()  # a waiter looks again, and then reads the file itself
 
-    def close(self) -> None:
-        """Stop following (the remote ``tail`` is killed); idempotent."""
+
+class _Followers:
+    """The followed files of one connection and the one remote ``tail`` that follows them all,
+    re-started (from the files' first lines) whenever the set of files changes."""
+
+    def __init__(self, connection: LoginConnection) -> None:
+        self._connection = connection
+        self._followers: list[FileFollower] = []
+        self._process: asyncssh.SSHClientProcess | None = None
+        self._reader: asyncio.Task | None = None
+        self._restarting: asyncio.Task | None = None
+
+    async def add(self, path: str, max_bytes: int) -> FileFollower:
+        follower = FileFollower(self, path, max_bytes)
+        self._followers.append(follower)
+        await self._restart()
+        return follower
+
+    def remove(self, follower: FileFollower) -> None:
+        if follower in self._followers:
+            self._followers.remove(follower)
+            if not self._followers:
+                self._stop()  # the last one: its session ends now
+            elif self._restarting is None or self._restarting.done():
+                self._restarting = asyncio.ensure_future(self._restart())
+
+    async def _restart(self) -> None:
+        self._stop()
+        if not self._followers:
+            return
+        paths = sorted({f.path for f in self._followers})
+        command = f"exec sh -c {shlex.quote(_FOLLOW_SCRIPT)} follow " + " ".join(
+            shlex.quote(path) for path in paths
+        )
+        log.debug("ssh %s: %s", self._connection.target.describe(), command)
+        try:
+            process = await self._connection.open_session(command)
+        except (asyncssh.Error, OSError, SSHCommandError) as error:
+            log.debug("cannot follow %s: %s", ", ".join(paths), error)
+            for follower in list(self._followers):
+                follower.close()
+            return
+        self._stop()  # another restart may have started one meanwhile
+        for follower in self._followers:
+            follower._restart()
+        self._process = process
+        self._connection.busy += 1
+        self._reader = asyncio.ensure_future(self._read(process))
+
+    async def _read(self, process: asyncssh.SSHClientProcess) -> None:
+        headers = {f"==> {f.path} <==".encode(): f.path for f in self._followers}
+        # With one file, tail prints no header for a file that appears after it started.
+        current = next(iter(headers.values())) if len(headers) == 1 else ""
+        pending = b""
+        blank = False  # an empty line: tail's own before a header, or the file's
+        try:
+            while chunk := await process.stdout.read(_READ_CHUNK_BYTES):
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    if line in headers:
+                        current, blank = headers[line], False
+                        continue
+                    if blank or not line:
+                        self._deliver(current, b"\n" if blank else b"")
+                    blank = not line
+                    if line:
+                        self._deliver(current, line + b"\n")
+        except (asyncssh.Error, OSError) as error:
+            log.debug("stopped following: %s", error)
+        if process is self._process:  # it ended by itself (no tail?): followers fall back
+            self._stop()
+            for follower in list(self._followers):
+                follower.close()
+
+    def _deliver(self, path: str, data: bytes) -> None:
+        if data:
+            for follower in list(self._followers):
+                if follower.path == path:
+                    follower._append(data)
+
+    def _stop(self) -> None:
         if self._process is not None:
             process, self._process = self._process, None
             self._connection.busy -= 1
@@ -425,8 +521,7 @@ class FileFollower:
             process.close()
         if self._reader is not None and self._reader is not asyncio.current_task():
             self._reader.cancel()
-        if not self.ended:
-            self._end()
+        self._reader = None
 
 
 async def within(
@@ -517,8 +612,9 @@ class ConnectionPool:
     closes one that nobody asked for in ``idle_timeout`` seconds (0: never), so a login node
     holds no sshd for users whose servers need nothing from it."""
 
-    def __init__(self, idle_timeout: float = 0) -> None:
+    def __init__(self, idle_timeout: float = 0, max_sessions: int = DEFAULT_MAX_SESSIONS) -> None:
         self.idle_timeout = idle_timeout
+        self.max_sessions = max_sessions
         self._connections: dict[SSHTarget, LoginConnection] = {}
         self._locks: dict[SSHTarget, asyncio.Lock] = {}
         self._last_used: dict[SSHTarget, float] = {}
@@ -531,7 +627,7 @@ class ConnectionPool:
         async with lock:
             existing = self._connections.get(target)
             if existing is None or existing.is_closed():
-                existing = LoginConnection(target, await connect(target))
+                existing = LoginConnection(target, await connect(target), self.max_sessions)
                 self._connections[target] = existing
         if self.idle_timeout > 0 and (self._reaper is None or self._reaper.done()):
             self._reaper = asyncio.ensure_future(self._close_idle())

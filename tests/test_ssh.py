@@ -20,11 +20,14 @@ from hub_spawner.errors import ClusterUnreachable
 from hub_spawner.ssh import (
     MAX_OUTPUT_BYTES,
     ConnectionPool,
+    LoginConnection,
     SSHCommandError,
     SSHTarget,
     client_identity,
     within,
 )
+
+RUNNING = {"now": 0, "most": 0}
 
 
 async def fake_command(process: asyncssh.SSHServerProcess) -> None:
@@ -53,6 +56,12 @@ async def fake_command(process: asyncssh.SSHServerProcess) -> None:
         await asyncio.Event().wait()
     elif words[:3] == ["exec", "sh", "-c"]:
         await run_locally(process)
+    elif words[:1] == ["slot"]:  # counts the commands running at once
+        RUNNING["now"] += 1
+        RUNNING["most"] = max(RUNNING["most"], RUNNING["now"])
+        await asyncio.sleep(0.1)
+        RUNNING["now"] -= 1
+        process.exit(0)
     elif words[:1] == ["cat"]:
         process.stdout.write(await process.stdin.read())
         process.exit(3)
@@ -387,7 +396,7 @@ async def test_a_follower_sees_a_file_that_appears_and_grows_without_a_round_tri
 
 async def test_a_follower_stops_at_its_limit_and_says_so(login, tmp_path):
     path = tmp_path / "job.out"
-    path.write_bytes(b"z" * 5000)
+    path.write_bytes((b"z" * 99 + b"\n") * 50)
     follower = await login.follow_file(str(path), max_bytes=1000)
     try:
         await wait_until(lambda: follower.ended)
@@ -396,6 +405,43 @@ async def test_a_follower_stops_at_its_limit_and_says_so(login, tmp_path):
     finally:
         follower.close()
     await wait_until(lambda: not tails_of(path))
+
+
+async def test_the_followers_of_a_connection_share_one_tail(login, tmp_path):
+    """Each pending spawn follows its own job's output; one ``tail`` (one sshd session) serves
+    all of them, started again when one is added or closed."""
+    paths = [tmp_path / f"job{n}.out" for n in range(3)]
+    followers = [await login.follow_file(str(path)) for path in paths]
+    try:
+        await wait_until(lambda: len(tails_of(paths[2])) == 1)
+        assert tails_of(paths[0]) == tails_of(paths[2])  # the same process follows all three
+        for number, path in enumerate(paths):
+            path.write_text(f"job {number} started\n")
+        for number, follower in enumerate(followers):
+            await wait_until(lambda f=follower, n=number: f"job {n} started" in f.text)
+            assert follower.text == f"job {number} started\n"  # only its own file's lines
+        followers[0].close()
+        with paths[1].open("a") as output:
+            output.write("job 1 ready\n")
+        await wait_until(lambda: "job 1 ready" in followers[1].text)
+        assert followers[1].text == "job 1 started\njob 1 ready\n"  # re-read from the start
+        await wait_until(lambda: not tails_of(paths[0]))
+        assert len(tails_of(paths[1])) == 1 and login.busy == 1
+    finally:
+        for follower in followers:
+            follower.close()
+    await wait_until(lambda: not tails_of(paths[1]))
+    assert login.busy == 0
+
+
+async def test_commands_wait_for_a_session_slot_beyond_max_sessions(login):
+    """sshd refuses sessions beyond its MaxSessions: with 3, at most 2 commands run at once
+    (one slot is kept for the followers); the others wait, and all complete."""
+    connection = LoginConnection(login.target, login.connection, max_sessions=3)
+    RUNNING.update(now=0, most=0)
+    results = await asyncio.gather(*(connection.run("slot") for _ in range(8)))
+    assert [result.exit_status for result in results] == [0] * 8
+    assert RUNNING["most"] == 2
 
 
 async def test_a_follower_that_cannot_start_is_ended_not_an_error(login):
