@@ -3,7 +3,7 @@ LAB_PREFIX ?= /opt/hub-spawner-lab
 PYTHON := $(LAB_PREFIX)/venv/bin/python
 SCHEDULER ?= slurm
 
-.PHONY: install demo test fresh-check lint bench bench-tunnel bench-hub bench-spawn
+.PHONY: install demo test fresh-check lint bench bench-tunnel bench-hub bench-spawn bench-scale
 
 install:
 	LAB_PREFIX=$(LAB_PREFIX) tests/lab/install.sh
@@ -23,7 +23,7 @@ lint: install
 	$(LAB_PREFIX)/venv/bin/ruff check hub_spawner tests bench
 
 # Benchmarks (bench/RESULTS.md): tunnel vs ssh -L, then the hub's load while servers download.
-bench: bench-tunnel bench-hub bench-spawn
+bench: bench-tunnel bench-hub bench-spawn bench-scale
 
 bench-tunnel: install
 	LAB_PREFIX=$(LAB_PREFIX) $(PYTHON) -m bench.tunnel_bench
@@ -33,3 +33,6 @@ bench-hub: install
 
 bench-spawn: install
 	LAB_PREFIX=$(LAB_PREFIX) $(PYTHON) -m bench.spawn_latency
+
+bench-scale: install
+	LAB_PREFIX=$(LAB_PREFIX) $(PYTHON) -m bench.scale_bench

@@ -101,6 +101,8 @@ def scenario(spawner):
     elif spawner.name == "wrong-host":
         spawner.cmd = ["/bin/sh", "-c", "echo 'HUB_SPAWNER_READY {\"host\": "
                        "\"compute.127.0.0.1.nip.io\", \"port\": 2222}'; exec sleep 600"]
+    if spawner.name.startswith("light-"):  # bench/scale_bench.py: many servers on 2 cores
+        spawner.cmd = [spawner.job_python, "-m", "jupyterhub.tests.mocksu"]
     if spawner.name.startswith("socket"):
         spawner.server_transport = "socket"
     if spawner.name == "socket-unknown-node-key":

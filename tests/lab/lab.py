@@ -141,7 +141,7 @@ SlurmctldPidFile={run}/slurm/slurmctld.pid
 SlurmdPidFile={run}/slurm/slurmd.pid
 SlurmctldLogFile={run}/slurm/log/slurmctld.log
 SlurmdLogFile={run}/slurm/log/slurmd.log
-NodeName=compute NodeAddr={compute_ip} CPUs=2 RealMemory=1000 State=UNKNOWN
+{slurmd_parameters}NodeName=compute NodeAddr={compute_ip} CPUs={cpus} RealMemory=1000 State=UNKNOWN
 PartitionName=debug Nodes=compute Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -408,8 +408,12 @@ def _start_slurm() -> dict[str, int]:
         (run / sub).mkdir(parents=True, exist_ok=True)
         shutil.chown(run / sub, "slurm", "slurm")
     SLURM_CONF.parent.mkdir(exist_ok=True)
-    SLURM_CONF.write_text(SLURM_CONF_TEXT.format(login_ip=LOGIN_CLUSTER_IP, compute_ip=COMPUTE_IP,
-                                                 run=LAB_DIR))
+    # LAB_SLURM_CPUS (bench/scale_bench.py): more Slurm CPUs than the machine has, for many
+    # light servers at once; slurmd then takes the configured count over what it detects.
+    cpus = int(os.environ.get("LAB_SLURM_CPUS", "2"))
+    SLURM_CONF.write_text(SLURM_CONF_TEXT.format(
+        login_ip=LOGIN_CLUSTER_IP, compute_ip=COMPUTE_IP, run=LAB_DIR, cpus=cpus,
+        slurmd_parameters="SlurmdParameters=config_overrides\n" if cpus > 2 else ""))
     ctld = _start_slurmctld(clear=True)
     slurmd = subprocess.Popen(host_command("compute", "/usr/sbin/slurmd -D"),
                               stdout=subprocess.DEVNULL, stderr=open(run / "log/slurmd.err", "w"),
