@@ -512,6 +512,8 @@ class SSHBatchSpawner(Spawner):
         self.certs_dir = ""
         self._submission_sent = False
         self._end_reported = ""
+        self._starting = False  # a start() is between submission and its return
+        self._start_interrupted = False  # the state says a start never returned: a dead hub's
 
     def get_state(self) -> dict[str, Any]:
         """Everything needed to find, poll, reach and cancel the job after a hub restart,
@@ -534,8 +536,27 @@ class SSHBatchSpawner(Spawner):
                 output_path=self.output_path,
                 secrets_path=self.secrets_path,
                 certs_dir=self.certs_dir,
+                starting=self._starting,
             )
         return state
+
+    def _save_state_now(self) -> None:
+        """Commit this state to the hub's database at once. JupyterHub saves it only after
+        start() returns: a hub that dies while a job waits or starts would forget the job, and
+        leave it running. With this, the restarted hub loads the job (``starting``: the spawn
+        never finished), and cancels it."""
+        if self.orm_spawner is None or self.db is None:
+            return
+        try:
+            self.orm_spawner.state = self.get_state()
+            self.db.commit()
+        except Exception as error:
+            self.db.rollback()
+            self.log.warning(
+                "%s: could not save the state of job %s early (%s); a hub that dies before "
+                "the spawn ends would not know it", self._log_name,
+                self.job_id or self.job_name, error,
+            )
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Read state of version 2, or migrate version 1 (the skeleton's: no login node,
@@ -557,6 +578,9 @@ class SSHBatchSpawner(Spawner):
             return
         self.job_id = _state_text(state, "job_id")
         self.job_name = _state_text(state, "job_name")
+        if state.get("starting"):
+            self._start_interrupted = True
+            self._submission_sent = bool(self.job_name)  # no id yet: cancelled by its name
         self.job_host = _state_text(state, "job_host")
         self.remote_port = int(state.get("remote_port") or 0)
         self.remote_socket = _state_text(state, "remote_socket")
@@ -642,8 +666,11 @@ class SSHBatchSpawner(Spawner):
         certs_dir = self.certs_dir  # move_certs ran just before start()
         self._reset_job()
         self.certs_dir = certs_dir
+        self._starting = True
         try:
-            return await self._start_job(resources)
+            url = await self._start_job(resources)
+            self._starting = False  # JupyterHub saves the state now
+            return url
         except BaseException:
             # JupyterHub logs the error itself (one line for our SpawnErrors); we clean up.
             cleanup = asyncio.ensure_future(self._release("the spawn failed or was cancelled"))
@@ -679,6 +706,7 @@ class SSHBatchSpawner(Spawner):
         await connection.write_private_file(paths.script, self._job_script(resources))
         steps.done("files")
         self._submission_sent = True
+        self._save_state_now()  # the job's name: a hub that dies now cancels it by name
         output = await connection.run(
             scheduler.submit_command(paths.script, self.output_path), timeout=self.command_timeout
         )
@@ -691,6 +719,7 @@ class SSHBatchSpawner(Spawner):
                 f"{scheduler.DISPLAY_NAME} rejected the job: {error}. "
                 "Check the resources you asked for and try again."
             ) from None
+        self._save_state_now()
         self.log.info(
             "%s: submitted %s job %s in %s", self._log_name, scheduler.NAME, self.job_id, steps
         )
@@ -862,6 +891,15 @@ class SSHBatchSpawner(Spawner):
         scheduler error, a tunnel that cannot be re-opened, or any exception we did not foresee
         is logged and the answer stays ``None`` (asked again at the next poll).
         """
+        if self._start_interrupted:
+            if self._end_reported != "interrupted":
+                self._end_reported = "interrupted"
+                self.log.warning(
+                    "%s: the hub stopped while job %s was starting; the spawn cannot go on, "
+                    "so the job is cancelled. Start the server again.",
+                    self._log_name, self.job_id or self.job_name,
+                )
+            return 1
         if not self.job_id:
             return 0
         try:

@@ -159,7 +159,7 @@ class LoginConnection:
 
         async def run_to_end() -> CommandOutput:
             async with self._sessions:
-                return await run_in_session()
+                return await _retry_refused_session(run_in_session)
 
         async def run_in_session() -> CommandOutput:
             nonlocal process
@@ -201,6 +201,8 @@ class LoginConnection:
                 f"(~/.bashrc, ~/.profile of {self.target.username}) for commands that print, "
                 "or tell an administrator."
             ) from None
+        except asyncssh.ChannelOpenError as error:
+            raise SSHCommandError(_refused(self.target.host, name, error)) from None
         except (asyncssh.Error, OSError) as error:
             close_process()
             raise SSHCommandError(
@@ -322,10 +324,16 @@ class LoginConnection:
         stuck in ``open()`` on a FIFO would never answer.
         """
 
+        async def sftp_session() -> _Result:
+            async with self.connection.start_sftp_client() as sftp:
+                return await operation(sftp)
+
         async def session() -> _Result:
             try:
-                async with self._sessions, self.connection.start_sftp_client() as sftp:
-                    return await operation(sftp)
+                async with self._sessions:
+                    return await _retry_refused_session(sftp_session)
+            except asyncssh.ChannelOpenError as error:
+                raise SSHCommandError(_refused(self.target.host, "SFTP", error)) from None
             except (asyncssh.Error, OSError) as error:
                 raise SSHCommandError(
                     f"SFTP on {self.target.host} failed while {what}: {error}"
@@ -442,6 +450,8 @@ class _Followers:
         self._process: asyncssh.SSHClientProcess | None = None
         self._reader: asyncio.Task | None = None
         self._restarting: asyncio.Task | None = None
+        self._lock = asyncio.Lock()  # one restart at a time
+        self._closing: list[asyncssh.SSHClientProcess] = []
 
     async def add(self, path: str, max_bytes: int) -> FileFollower:
         follower = FileFollower(self, path, max_bytes)
@@ -458,7 +468,16 @@ class _Followers:
                 self._restarting = asyncio.ensure_future(self._restart())
 
     async def _restart(self) -> None:
+        async with self._lock:
+            await self._restart_now()
+
+    async def _restart_now(self) -> None:
         self._stop()
+        # sshd counts a session until its channel has closed: the old tail's must be gone
+        # before the new one opens, or the two could pass MaxSessions together.
+        while self._closing:
+            with contextlib.suppress(asyncio.TimeoutError, asyncssh.Error, OSError):
+                await asyncio.wait_for(self._closing.pop().wait_closed(), 5)
         if not self._followers:
             return
         paths = sorted({f.path for f in self._followers})
@@ -473,7 +492,6 @@ class _Followers:
             for follower in list(self._followers):
                 follower.close()
             return
-        self._stop()  # another restart may have started one meanwhile
         for follower in self._followers:
             follower._restart()
         self._process = process
@@ -519,6 +537,7 @@ class _Followers:
             with contextlib.suppress(asyncssh.Error, OSError):
                 process.stdin.write_eof()
             process.close()
+            self._closing.append(process)
         if self._reader is not None and self._reader is not asyncio.current_task():
             self._reader.cancel()
         self._reader = None
@@ -551,6 +570,32 @@ async def within(
     task.cancel()
     task.add_done_callback(_forget)
     raise SSHCommandError(message)
+
+
+async def _retry_refused_session(
+    open_and_use: Callable[[], Awaitable[_Result]], tries: int = 6
+) -> _Result:
+    """``open_and_use()``, tried again (after 0.1, 0.2, 0.4... s) while sshd refuses to open its
+    session: it does so beyond its MaxSessions, which may be lower than ``ssh_max_sessions``
+    says, or while a session that ended has not yet closed on its side. The caller's timeout
+    bounds it all."""
+    for attempt in range(tries):
+        try:
+            return await open_and_use()
+        except asyncssh.ChannelOpenError as error:
+            if attempt == tries - 1:
+                raise
+            log.debug("sshd refused a session (%s); trying again", error.reason)
+            await asyncio.sleep(0.1 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _refused(host: str, what: str, error: asyncssh.ChannelOpenError) -> str:
+    return (
+        f"sshd on {host} kept refusing a new session for {what!r} ({error.reason}). It allows "
+        "MaxSessions at once per connection (10 by default): tell an administrator to set "
+        "ssh_max_sessions no higher than the login node's MaxSessions."
+    )
 
 
 class _TooMuchOutput(Exception):

@@ -124,6 +124,53 @@ def test_a_job_id_in_state_of_an_unknown_version_is_never_forgotten(version, cap
     assert spawner.get_state()["job_id"] == "42"
 
 
+@pytest.mark.parametrize("job_id", ["", "42"])
+def test_a_spawn_the_hub_never_finished_ends_at_the_first_poll_and_is_cancelled(job_id, caplog):
+    """The hub died while the job was waiting or starting (its state was saved early, with
+    ``starting``): the restarted hub's first poll says "ended" (no SSH needed), and the stop
+    that JupyterHub then makes cancels the job, by its name if the id never came back."""
+    spawner = make_spawner()
+    spawner.load_state({**STATE_V1, "hub_spawner_version": STATE_VERSION, "job_id": job_id,
+                        "starting": True})
+    assert asyncio.run(spawner.poll()) == 1
+    assert "the hub stopped while job" in caplog.text
+    plan = spawner._cleanup_plan()
+    assert (plan.job_id, plan.by_name) == (job_id, not job_id)
+    assert plan.job_name == STATE_V1["job_name"]
+
+
+def test_a_finished_spawns_state_is_not_starting():
+    spawner = make_spawner()
+    spawner.load_state({**STATE_V1, "hub_spawner_version": STATE_VERSION, "starting": False})
+    assert not spawner._start_interrupted and spawner.get_state()["starting"] is False
+
+
+class FakeDB:
+    def __init__(self, fail: bool = False) -> None:
+        self.fail, self.commits, self.rollbacks = fail, 0, 0
+
+    def commit(self) -> None:
+        if self.fail:
+            raise RuntimeError("database is locked")
+        self.commits += 1
+
+    def rollback(self) -> None:
+        self.rollbacks += 1
+
+
+def test_the_state_is_committed_early_while_the_spawn_runs(caplog):
+    spawner = make_spawner()
+    spawner.db = FakeDB()
+    spawner.job_name, spawner._starting = "jupyterhub-alice-default-0a1b2c3d", True
+    spawner._save_state_now()
+    assert spawner.db.commits == 1
+    assert spawner.orm_spawner.state["job_name"] == spawner.job_name
+    assert spawner.orm_spawner.state["starting"] is True
+    spawner.db = FakeDB(fail=True)
+    spawner._save_state_now()  # never raises: the spawn goes on
+    assert spawner.db.rollbacks == 1 and "could not save the state" in caplog.text
+
+
 def test_state_without_a_job_is_not_an_error(caplog):
     spawner = make_spawner()
     spawner.load_state({})

@@ -98,6 +98,20 @@ async def run_locally(process: asyncssh.SSHServerProcess) -> None:
             pump.cancel()
 
 
+REFUSE = {"sessions": 0}
+
+
+class SometimesFullServer(asyncssh.SSHServer):
+    """Refuses the next ``REFUSE["sessions"]`` session opens, as sshd beyond MaxSessions."""
+
+    def session_requested(self):
+        if REFUSE["sessions"] > 0:
+            REFUSE["sessions"] -= 1
+            return False
+        # What asyncssh makes itself when given process_factory (which skips this method).
+        return asyncssh.SSHServerProcess(fake_command, asyncssh.SFTPServer, 3, False)
+
+
 @pytest.fixture
 async def login(tmp_path):
     """A ``LoginConnection`` to the stand-in server; closed afterwards."""
@@ -108,9 +122,8 @@ async def login(tmp_path):
         server_host_keys=[host_key],
         authorized_client_keys=asyncssh.import_authorized_keys(
             client_key.export_public_key().decode()),
-        process_factory=fake_command,
-        sftp_factory=True,
         encoding=None,
+        server_factory=SometimesFullServer,  # its sessions run fake_command, or SFTP
     )
     port = server.sockets[0].getsockname()[1]
     known_hosts = tmp_path / "known_hosts"
@@ -442,6 +455,30 @@ async def test_commands_wait_for_a_session_slot_beyond_max_sessions(login):
     results = await asyncio.gather(*(connection.run("slot") for _ in range(8)))
     assert [result.exit_status for result in results] == [0] * 8
     assert RUNNING["most"] == 2
+
+
+@pytest.mark.parametrize("operation", ["command", "sftp"])
+async def test_a_session_sshd_refuses_for_a_moment_is_opened_again(login, tmp_path, operation):
+    REFUSE["sessions"] = 3
+    try:
+        if operation == "command":
+            assert (await login.run("true")).exit_status == 0
+        else:
+            (tmp_path / "f").write_text("x")
+            assert await login.read_file(str(tmp_path / "f")) == "x"
+        assert REFUSE["sessions"] == 0
+    finally:
+        REFUSE["sessions"] = 0
+
+
+async def test_a_session_sshd_keeps_refusing_is_an_error_that_says_so(login):
+    REFUSE["sessions"] = 100
+    try:
+        with pytest.raises(SSHCommandError, match="kept refusing a new session for 'true'.*"
+                           "ssh_max_sessions no higher than the login node's MaxSessions"):
+            await login.run("true")
+    finally:
+        REFUSE["sessions"] = 0
 
 
 async def test_a_follower_that_cannot_start_is_ended_not_an_error(login):
