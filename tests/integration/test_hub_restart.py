@@ -312,3 +312,44 @@ def test_hub_that_drops_a_server_after_a_failed_stop_still_cancels_its_job(lab, 
         assert "alice:restart: the hub forgets the server while job " in log
     finally:
         stop_hub(process)
+
+
+@pytest.mark.parametrize("stage", ["pending", "starting"])
+def test_a_hub_killed_mid_spawn_cancels_the_job_when_it_is_back(lab, tmp_path, stage):
+    """SIGKILL the hub while alice's job waits in the queue (bob's job holds both cores) or
+    runs without its ready line yet (the ``never-ready`` scenario): JupyterHub has not saved
+    the spawner's state by then (it does once start() returns), but the spawner did, early.
+    The restarted hub sees a spawn that never finished, says so in its log and cancels the
+    job; nothing of alice's is left running."""
+    env = {"HUB_KEEP_SERVERS": "1", "HUB_POLL_INTERVAL": str(POLL_INTERVAL)}
+    token = secrets.token_hex(24)
+    server = "restart" if stage == "pending" else "never-ready"
+    blocker = ""
+    if stage == "pending":
+        blocker = lab.in_namespace("login", [
+            "runuser", "-u", "bob", "--", "sbatch", "--parsable", "--cpus-per-task=2",
+            "--output=/dev/null", "--wrap=sleep 300"]).stdout.strip()
+        assert wait_for(lambda: any(" RUNNING " in job for job in active_jobs("bob")), 20)
+    try:
+        hub, process = start_hub(tmp_path, PORT, token, env)
+        hub.api("POST", "/users/alice")
+        response = hub.api("POST", f"/users/alice/servers/{server}", json={"cpus": 1})
+        assert response.status_code in (201, 202), response.text
+        state = " PENDING " if stage == "pending" else " RUNNING "
+        assert wait_for(lambda: any(state in job for job in active_jobs("alice")), 30), \
+            active_jobs("alice")
+        process.kill()
+        process.wait()
+        assert active_jobs("alice"), "the job outlives the hub until the hub is back"
+        hub, process = start_hub(tmp_path, PORT, token, env)
+        try:
+            assert wait_for(lambda: not active_jobs("alice"), 30), active_jobs("alice")
+            log = _restart_log(hub)
+            assert "the hub stopped while job" in log and "is cancelled" in log, log[-3000:]
+            model = hub.api("GET", "/users/alice").json()
+            assert server not in model["servers"], model["servers"]
+        finally:
+            stop_hub(process)
+    finally:
+        if blocker:
+            lab.in_namespace("login", ["scancel", blocker], check=False)

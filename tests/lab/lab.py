@@ -447,6 +447,26 @@ def start_slurmctld() -> None:
                 30, "slurmctld answering")
 
 
+def stop_sge_qmaster() -> None:
+    """Stop Grid Engine's qmaster: the scheduler is down (running jobs live on)."""
+    state = json.loads(STATE_FILE.read_text())
+    stop_pid(state["pids"]["sge_qmaster"])
+
+
+def start_sge_qmaster() -> None:
+    """Start Grid Engine's qmaster again on its spool (jobs, queue, hosts)."""
+    state = json.loads(STATE_FILE.read_text())
+    qmaster = subprocess.Popen(
+        host_command("login", f"{SGE_ENV} SGE_ND=1 /usr/sbin/sge_qmaster"),
+        stdout=open(LAB_DIR / "sge" / "qmaster.out", "a"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    state["pids"]["sge_qmaster"] = qmaster.pid
+    _write_state(state)
+    _wait_until(lambda: sge_command("qstat", check=False).returncode == 0, 30,
+                "sge_qmaster answering")
+
+
 def _wait_for_slurm() -> None:
     def idle() -> bool:
         result = in_namespace("login", ["sinfo", "-h", "-o", "%T"], check=False)

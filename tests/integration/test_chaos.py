@@ -1,0 +1,341 @@
+"""Fault injection: spawns and stops of two users' servers (alice's default one, bob's named
+one) on each scheduler while a seeded random schedule breaks things, then a reckoning.
+
+Faults: SIGKILL of an sshd session process of alice or bob on the login node (the hub's own
+SSH connection or the tunnel service's master), the hub killed (SIGTERM or SIGKILL) and
+started again, the tunnel service SIGKILLed, a running job cancelled behind the hub's back
+(``scancel``/``qdel`` as root), and the scheduler's daemon (slurmctld, sge_qmaster) down for
+4-10 s. Spawns are asynchronous (POST, then the next step), so faults hit spawns that wait,
+start or run. The proxy runs as its own process, as in production (``cleanup_servers =
+False``): user connections do not depend on the hub's process.
+
+At the end, with every fault undone and every spawn settled: no job in the scheduler that the
+hub does not list as running; no server the hub lists whose job is gone (after a poll
+interval); the tunnel service holds exactly the running servers' forwards, with one SSH master
+per user with a server and no other ssh process; no job-output ``tail`` left on the login
+node; every kernel opened on a server that still runs answers, on its websocket or (when a
+fault cut it: a killed master carries it) on a new one to the same kernel, as a browser
+reconnects, with its variables intact.
+
+Bounded: each scheduler's phase runs until it has done ``CYCLES`` spawn attempts (and one
+fault of each kind) or for ``BUDGET`` seconds, whichever is later but never past
+``2 * BUDGET``. The seed is printed, and in every failure: ``HUB_CHAOS_SEED=N make test`` (or
+pytest on this file) replays the same schedule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import re
+import secrets
+import signal
+import subprocess
+import time
+
+import pytest
+
+from hub_spawner.tunnels.client import TunnelClient, TunnelError
+
+from .conftest import (
+    REPO,
+    active_jobs,
+    connect_kernel,
+    execute,
+    open_kernel,
+    processes_on,
+    start_hub,
+    stop_hub,
+    wait_for,
+)
+
+SEED = int(os.environ.get("HUB_CHAOS_SEED") or random.SystemRandom().randrange(1 << 30))
+PORT = 29100
+POLL_INTERVAL = 3
+CYCLES = 10
+BUDGET = 150.0
+SERVERS = (("alice", ""), ("bob", "chaos"))
+FAULTS = ("kill-sshd", "kill-hub", "kill-service", "cancel-job", "scheduler-down")
+
+
+class Chaos:
+    """One scheduler's phase: its hub, proxy and tunnel service, and what happened."""
+
+    def __init__(self, lab, tmp_path, scheduler: str, rng: random.Random) -> None:
+        self.lab, self.dir, self.scheduler, self.rng = lab, tmp_path, scheduler, rng
+        self.token = secrets.token_hex(24)
+        self.proxy_token = secrets.token_hex(24)
+        self.env = {"HUB_SCHEDULER": scheduler, "HUB_KEEP_SERVERS": "1",
+                    "CONFIGPROXY_AUTH_TOKEN": self.proxy_token,
+                    "HUB_POLL_INTERVAL": str(POLL_INTERVAL),
+                    "HUB_CLUSTER_STATUS_INTERVAL": "2"}
+        self.events: list[str] = []
+        self.kernels: dict[tuple[str, str], tuple[str, object]] = {}
+        self.attempts = 0
+        self.faults: set[str] = set()
+        self.pending: set[tuple[str, str]] = set()
+        self.proxy = None
+        self.hub = self.process = None
+
+    def note(self, what: str) -> None:
+        self.events.append(f"{time.strftime('%H:%M:%S')} {what}")
+
+    def where(self) -> str:
+        return (f"HUB_CHAOS_SEED={SEED} ({self.scheduler}); what happened:\n  "
+                + "\n  ".join(self.events[-40:]))
+
+    # --- the hub and its proxy -------------------------------------------------------------
+
+    def start(self) -> None:
+        self.proxy = subprocess.Popen(
+            [str(self.lab.LAB_PREFIX / "node_modules/.bin/configurable-http-proxy"),
+             "--ip", "127.0.0.1", "--port", str(PORT), "--api-ip", "127.0.0.1",
+             "--api-port", str(PORT + 1),
+             "--error-target", f"http://127.0.0.1:{PORT + 81}/hub/error"],
+            env=dict(os.environ, CONFIGPROXY_AUTH_TOKEN=self.proxy_token), cwd=REPO,
+            stdout=open(self.dir / "proxy.log", "a"), stderr=subprocess.STDOUT,
+        )
+        time.sleep(1)
+        self.start_hub()
+        for user, _ in SERVERS:
+            self.hub.api("POST", f"/users/{user}")
+
+    def start_hub(self) -> None:
+        self.hub, self.process = start_hub(self.dir, PORT, self.token, self.env)
+
+    def close(self) -> None:
+        for _, connection in self.kernels.values():
+            connection.close()
+        if self.process is not None:
+            stop_hub(self.process)
+        self.lab.stop_tunnel_service(self.dir / "tunnels")
+        if self.proxy is not None:
+            self.lab.stop_pid(self.proxy.pid)
+
+    # --- what the hub says -----------------------------------------------------------------
+
+    def servers(self) -> dict[tuple[str, str], dict]:
+        found = {}
+        for user, _ in SERVERS:
+            model = self.hub.api("GET", f"/users/{user}").json()
+            for name, server in model.get("servers", {}).items():
+                found[(user, name)] = server
+        return found
+
+    def job_ids(self) -> set[str]:
+        return {_number(server.get("state", {}).get("job_id", ""))
+                for server in self.servers().values() if server.get("ready")} - {""}
+
+    # --- one step ---------------------------------------------------------------------------
+
+    def step(self) -> None:
+        servers = self.servers()
+        for key in list(self.pending):
+            server = servers.get(key)
+            if server is None or server.get("ready"):
+                self.pending.discard(key)
+                self.attempts += 1
+                self.note(f"{_label(key)}: {'ready' if server else 'failed or stopped'}")
+        for key, server in servers.items():
+            if server.get("ready") and key not in self.kernels:
+                self.open_kernel(key)
+        choices = ["spawn", "spawn", "stop", *FAULTS]
+        action = self.rng.choice(choices)
+        getattr(self, "do_" + action.replace("-", "_"))(servers)
+        time.sleep(self.rng.uniform(0.3, 2.5))
+
+    def open_kernel(self, key: tuple[str, str]) -> None:
+        user, server = key
+        try:
+            kernel_id, connection = open_kernel(self.hub, user, server)
+            marker = f"{user}{server}{self.rng.randrange(10 ** 6)}"
+            assert execute(connection, f"marker = {marker!r}; print('ok')").strip() == "ok"
+            self.kernels[key] = (kernel_id, connection, marker)
+            self.note(f"{_label(key)}: kernel {kernel_id[:8]} open")
+        except Exception as error:  # a fault cut it: the reckoning asks again
+            self.note(f"{_label(key)}: could not open a kernel yet ({error})")
+
+    def do_spawn(self, servers: dict) -> None:
+        free = [key for key in SERVERS if key not in servers]
+        if not free:
+            return
+        key = self.rng.choice(free)
+        user, server = key
+        path = f"/users/{user}/servers/{server}" if server else f"/users/{user}/server"
+        response = self.hub.api("POST", path, json={"cpus": 1})
+        self.note(f"{_label(key)}: spawn -> {response.status_code}")
+        if response.status_code in (201, 202):
+            self.pending.add(key)
+            self.kernels.pop(key, None)
+
+    def do_stop(self, servers: dict) -> None:
+        ready = [key for key, server in servers.items() if server.get("ready")]
+        if not ready:
+            return
+        key = self.rng.choice(ready)
+        self.drop_kernel(key)
+        self.hub.stop(*key)
+        self.note(f"{_label(key)}: stopped")
+
+    def drop_kernel(self, key) -> None:
+        entry = self.kernels.pop(key, None)
+        if entry is not None:
+            entry[1].close()
+
+    def do_kill_sshd(self, servers: dict) -> None:
+        pids = [pid for user, _ in SERVERS for pid in processes_on("login", user, "sshd")]
+        if pids:
+            pid = self.rng.choice(pids)
+            _kill(pid, signal.SIGKILL)
+            self.faults.add("kill-sshd")
+            self.note(f"fault: SIGKILL sshd session {pid} on the login node")
+
+    def do_kill_hub(self, servers: dict) -> None:
+        signum = self.rng.choice([signal.SIGTERM, signal.SIGKILL])
+        self.process.send_signal(signum)
+        self.process.wait(timeout=60)
+        self.faults.add("kill-hub")
+        self.note(f"fault: hub killed with {signum.name}; starting it again")
+        self.start_hub()
+
+    def do_kill_service(self, servers: dict) -> None:
+        try:
+            pid = asyncio.run(TunnelClient(self.dir / "tunnels").health())["pid"]
+        except TunnelError:
+            return
+        _kill(pid, signal.SIGKILL)
+        self.faults.add("kill-service")
+        self.note(f"fault: SIGKILL the tunnel service {pid}")
+
+    def do_cancel_job(self, servers: dict) -> None:
+        ready = [(key, server) for key, server in servers.items() if server.get("ready")]
+        if not ready:
+            return
+        key, server = self.rng.choice(ready)
+        job = _number(server.get("state", {}).get("job_id", ""))
+        if not job:
+            return
+        if self.scheduler == "sge":
+            self.lab.sge_command(f"qdel {job}", check=False)
+        else:
+            self.lab.in_namespace("login", ["scancel", job], check=False)
+        self.drop_kernel(key)
+        self.faults.add("cancel-job")
+        self.note(f"fault: {_label(key)}'s job {job} cancelled behind the hub's back")
+
+    def do_scheduler_down(self, servers: dict) -> None:
+        seconds = self.rng.uniform(4, 10)
+        self.note(f"fault: the scheduler's daemon down for {seconds:.1f} s")
+        if self.scheduler == "sge":
+            self.lab.stop_sge_qmaster()
+            time.sleep(seconds)
+            self.lab.start_sge_qmaster()
+        else:
+            self.lab.stop_slurmctld()
+            time.sleep(seconds)
+            self.lab.start_slurmctld()
+        self.faults.add("scheduler-down")
+
+    # --- the reckoning ----------------------------------------------------------------------
+
+    def settle(self) -> None:
+        """No spawn or stop pending, then a poll interval and a watch cycle more."""
+        def settled() -> bool:
+            return not any(s.get("pending") for s in self.servers().values())
+
+        assert wait_for(settled, 180, 2), f"spawns still pending; {self.where()}"
+        time.sleep(POLL_INTERVAL + 5)
+
+    def scheduler_jobs(self) -> set[str]:
+        return {_number(line.split()[0]) for user, _ in SERVERS
+                for line in active_jobs(user, self.scheduler)} - {""}
+
+    def check(self) -> None:
+        where = self.where()
+        # The hub and the scheduler agree (a cancelled job may take KillWait to leave).
+        assert wait_for(lambda: self.scheduler_jobs() <= self.job_ids(), 45), (
+            f"jobs the hub does not list: {self.scheduler_jobs() - self.job_ids()}; {where}")
+        assert wait_for(lambda: self.job_ids() <= self.scheduler_jobs(), 30), (
+            f"servers listed whose job is gone: {self.job_ids() - self.scheduler_jobs()}; "
+            f"{where}")
+        running = {key for key, server in self.servers().items() if server.get("ready")}
+        # The tunnel service holds what the running servers need, and nothing else.
+        client = TunnelClient(self.dir / "tunnels")
+        if running:
+            forwards = asyncio.run(client.forwards())
+            expected_names = {name for user, server in running
+                              for name in (f"{user}/{server}", f"{user}/{server}/hub-api")}
+            assert set(forwards) == expected_names, (forwards, running, where)
+            masters = {entry["master_pid"] for entry in forwards.values()}
+            assert len(masters) == len({user for user, _ in running}), (forwards, where)
+            assert all(entry["up"] for entry in forwards.values()), (forwards, where)
+        ssh = _hub_side_ssh_processes()
+        expected = len({user for user, _ in running})
+        assert wait_for(lambda: len(_hub_side_ssh_processes()) == expected, 20), (
+            f"ssh processes on the hub side: {ssh}, expected {expected}; {where}")
+        for user, _ in SERVERS:
+            assert wait_for(lambda u=user: not processes_on("login", u, "tail"), 20), where
+        # Every kernel on a server that still runs answers, with its variables.
+        for key, (kernel_id, connection, marker) in list(self.kernels.items()):
+            if key not in running:
+                continue
+            try:
+                said = execute(connection, "print(marker)").strip()
+            except Exception:
+                connection.close()
+                connection = connect_kernel(self.hub, key[0], kernel_id, key[1])
+                self.kernels[key] = (kernel_id, connection, marker)
+                said = execute(connection, "print(marker)").strip()
+            assert said == marker, (key, said, marker, where)
+        # And everything stops for good.
+        for key in running:
+            self.drop_kernel(key)
+            self.hub.stop(*key)
+        assert wait_for(lambda: not self.scheduler_jobs(), 45), (self.scheduler_jobs(), where)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "torque"])
+def test_random_faults_leave_no_job_no_server_and_no_tunnel_behind(lab, tmp_path, scheduler):
+    rng = random.Random(f"{SEED}-{scheduler}")
+    print(f"fault injection on {scheduler}: HUB_CHAOS_SEED={SEED}", flush=True)
+    chaos = Chaos(lab, tmp_path, scheduler, rng)
+    try:
+        chaos.start()
+        started = time.monotonic()
+        while True:
+            spent = time.monotonic() - started
+            done = chaos.attempts >= CYCLES and chaos.faults >= set(FAULTS)
+            if (spent > BUDGET and done) or spent > 2 * BUDGET:
+                break
+            chaos.step()
+        chaos.note(f"schedule over: {chaos.attempts} spawn attempts, faults {sorted(chaos.faults)}")
+        print("\n".join(chaos.events), flush=True)
+        assert chaos.attempts >= CYCLES, f"only {chaos.attempts} spawn attempts; {chaos.where()}"
+        chaos.settle()
+        chaos.check()
+    finally:
+        chaos.close()
+
+
+def _number(job_id: str) -> str:
+    found = re.match(r"\d+", str(job_id))
+    return found.group(0) if found else ""
+
+
+def _label(key: tuple[str, str]) -> str:
+    return f"{key[0]}/{key[1] or '(default)'}"
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _hub_side_ssh_processes() -> list[str]:
+    """The tunnel service's ssh masters (on this side, in no lab namespace)."""
+    result = subprocess.run(["pgrep", "-a", "-x", "ssh"], capture_output=True, text=True)
+    return [line for line in result.stdout.splitlines() if " -M " in line]
