@@ -5,7 +5,7 @@ Faults: SIGKILL of an sshd session process of alice or bob on the login node (th
 SSH connection or the tunnel service's master), the hub killed (SIGTERM or SIGKILL) and
 started again, the tunnel service SIGKILLed, a running job cancelled behind the hub's back
 (``scancel``/``qdel`` as root), and the scheduler's daemon (slurmctld, sge_qmaster) down for
-4-10 s. Spawns are asynchronous (POST, then the next step), so faults hit spawns that wait,
+3-8 s. Spawns are asynchronous (POST, then the next step), so faults hit spawns that wait,
 start or run. The proxy runs as its own process, as in production (``cleanup_servers =
 False``): user connections do not depend on the hub's process.
 
@@ -54,7 +54,7 @@ SEED = int(os.environ.get("HUB_CHAOS_SEED") or random.SystemRandom().randrange(1
 PORT = 29100
 POLL_INTERVAL = 3
 CYCLES = 10
-BUDGET = 150.0
+BUDGET = 100.0
 SERVERS = (("alice", ""), ("bob", "chaos"))
 FAULTS = ("kill-sshd", "kill-hub", "kill-service", "cancel-job", "scheduler-down")
 
@@ -140,7 +140,7 @@ class Chaos:
         for key, server in servers.items():
             if server.get("ready") and key not in self.kernels:
                 self.open_kernel(key)
-        choices = ["spawn", "spawn", "stop", *FAULTS]
+        choices = ["spawn", "spawn", "spawn", "stop", "stop", *FAULTS]
         action = self.rng.choice(choices)
         getattr(self, "do_" + action.replace("-", "_"))(servers)
         time.sleep(self.rng.uniform(0.3, 2.5))
@@ -225,7 +225,7 @@ class Chaos:
         self.note(f"fault: {_label(key)}'s job {job} cancelled behind the hub's back")
 
     def do_scheduler_down(self, servers: dict) -> None:
-        seconds = self.rng.uniform(4, 10)
+        seconds = self.rng.uniform(3, 8)
         self.note(f"fault: the scheduler's daemon down for {seconds:.1f} s")
         if self.scheduler == "sge":
             self.lab.stop_sge_qmaster()
