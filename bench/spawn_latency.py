@@ -7,7 +7,12 @@ alice's server ``--spawns`` times for each of two ways of waiting, interleaved i
 - ``follow``: the spawner as shipped, which follows the job's output (``tail -F`` over its SSH
   connection) and wakes on the job's first line and on its ready line;
 - ``poll-only``: the same spawner with the follower off (the lab's ``poll-only`` scenario), so
-  it learns of both at its next status check (0.5 s, growing by half while the job waits).
+  it learns of both at its next status check (0.5 s, growing by half while the job waits);
+- ``form``: as ``follow``, but alice first opens the spawn form (logged in, as in a browser)
+  and looks at it for 3 s before Start: showing the form opens her SSH connection and has the
+  tunnel service log in (``warm_up_on_form``). The other two modes start cold: nothing of
+  alice's is connected when they press Start (each stop closed her tunnel master; her hub
+  connection stays open between spawns, as it does within ``ssh_idle_timeout``).
 
 Per spawn, from the wall clock of this machine (the lab's hosts share it):
 - click: just before ``POST /hub/api/users/alice/servers/NAME``; ready: the progress stream's
@@ -35,11 +40,12 @@ import time
 from pathlib import Path
 
 from bench.machine import describe
-from tests.integration.conftest import Hub, start_hub, stop_hub
+from tests.integration.conftest import Hub, login, start_hub, stop_hub
 from tests.lab import lab
 
 HUB_PORT = 18700
-MODES = {"follow": "latency", "poll-only": "poll-only"}  # mode -> named server (scenario)
+MODES = {"follow": "latency", "poll-only": "poll-only", "form": "latency-form"}  # -> server
+FORM_SECONDS = 3.0  # how long the "form" mode's user looks at the spawn form before Start
 _STAMP = re.compile(r"^hub_spawner: (job started on \S+|starting the server|the server listens)"
                     r" at (\d+\.\d+)$", re.MULTILINE)
 
@@ -57,8 +63,14 @@ def main() -> int:
     rows: dict[str, list[dict]] = {mode: [] for mode in MODES}
     try:
         hub.api("POST", "/users/alice")
+        browser = login(hub, "alice", "lab-demo-admin-password-for-alice-only")  # an admin
         for number in range(args.spawns):
             for mode, server in MODES.items():
+                if mode == "form":  # the page with the form, as a browser shows it
+                    page = browser.get(f"{hub.url}/hub/spawn/alice/{server}", timeout=30)
+                    if 'name="cpus"' not in page.text:
+                        raise RuntimeError(f"no spawn form: {page.status_code} {page.text[:300]}")
+                    time.sleep(FORM_SECONDS)
                 row = _spawn(hub, server)
                 rows[mode].append(row)
                 print(f"{mode} #{number + 1}: " + ", ".join(
@@ -159,7 +171,8 @@ def _report(rows: dict[str, list[dict]]) -> None:
     if all(rows.values()):
         ours = {mode: statistics.median(r["overhead"] for r in spawned)
                 for mode, spawned in rows.items()}
-        print(f"overhead median, follow / poll-only: {ours['follow'] / ours['poll-only']:.2f}")
+        print(f"overhead median, follow / poll-only: {ours['follow'] / ours['poll-only']:.2f}; "
+              f"form / poll-only: {ours['form'] / ours['poll-only']:.2f}")
 
 
 if __name__ == "__main__":

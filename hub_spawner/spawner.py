@@ -167,6 +167,14 @@ class SSHBatchSpawner(Spawner):
     ssh_connect_timeout = Float(
         15, config=True, help="Seconds to wait for the SSH connection to the login node."
     )
+    warm_up_on_form = Bool(
+        True,
+        config=True,
+        help="""When the spawn form is shown, open the user's SSH connection to the login node
+        and have the tunnel service log in for the hub API's path, so that Start waits for
+        neither (about 0.2 s). A login that no spawn uses is closed again after
+        ``ssh_idle_timeout`` (the hub's) and 2 minutes (the tunnel service's).""",
+    )
     ssh_max_sessions = Integer(
         10,
         min=2,
@@ -481,9 +489,11 @@ class SSHBatchSpawner(Spawner):
 
     @default("options_form")
     def _options_form_default(self) -> Any:
-        return lambda spawner: render_options_form(
-            spawner.resource_limits(), spawner.scheduler.QUEUE_LABEL
-        )
+        def form(spawner: SSHBatchSpawner) -> str:
+            spawner._warm_up()
+            return render_options_form(spawner.resource_limits(), spawner.scheduler.QUEUE_LABEL)
+
+        return form
 
     # --- state -------------------------------------------------------------------------------
 
@@ -494,6 +504,7 @@ class SSHBatchSpawner(Spawner):
         self._reopen_lock = asyncio.Lock()
         self._tunnel_retry: asyncio.Future | None = None
         self._tunnels_down: set[str] = set()
+        self._warming: asyncio.Future | None = None
         self._reset_job()
 
     def _reset_job(self) -> None:
@@ -742,6 +753,26 @@ class SSHBatchSpawner(Spawner):
         self._emit(90, f"Tunnel open: hub port {self.tunnel_port} -> {self._server_destination}")
         scheme = "https" if self.internal_ssl else "http"
         return f"{scheme}://{self._tunnel_connect_ip}:{self.tunnel_port}"
+
+    def _warm_up(self) -> None:
+        """While the user looks at the spawn form: open the SSH connection and have the tunnel
+        service start its master, so that Start waits for neither (~0.2 s). Best effort."""
+        if not self.warm_up_on_form or self._warming is not None and not self._warming.done():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # rendered outside the hub (the config reference, tests)
+
+        async def warm() -> None:
+            try:
+                await self._connection()
+                if not self.hub_connect_url:
+                    await self._tunnels.warm(await self._login())
+            except Exception as error:  # the spawn will say what is wrong, and how to fix it
+                self.log.debug("%s: warming up for the spawn form: %s", self._log_name, error)
+
+        self._warming = loop.create_task(warm())
 
     async def _prepare_job_dir(self, steps: _Steps) -> tuple[LoginConnection, jobfiles.JobPaths]:
         """Connect, and make the job's own fresh directory (old ones beyond the kept number are

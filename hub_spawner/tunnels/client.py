@@ -108,6 +108,11 @@ class TunnelClient:
             "job_id": job_id, "job_name": job_name, "label": label,
         })
 
+    async def warm(self, login: Login) -> int:
+        """Have the service start ``login``'s master now (it stops it again if no forward
+        takes it within a few minutes); returns the master's pid."""
+        return int((await self.request({"op": "warm", "login": dataclasses.asdict(login)}))["pid"])
+
     async def cancels(self) -> list[str]:
         """Labels of the cancels the service still retries."""
         return (await self.request({"op": "cancels"}))["cancels"]
@@ -193,5 +198,6 @@ class TunnelClient:
 
 def _service_environment() -> dict[str, str]:
     """Only what the service needs: the hub's environment holds secrets (proxy token, ...)."""
-    keep = ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV")
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV",
+            "HUB_TUNNEL_WARM_SECONDS")
     return {name: os.environ[name] for name in keep if name in os.environ}

@@ -36,6 +36,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .forwards import (
@@ -54,6 +55,9 @@ from .forwards import (
 log = logging.getLogger("hub_spawner.tunnels")
 
 SUPERVISE_INTERVAL = 1.0
+#: Seconds a master warmed for a spawn form waits for a forward before it is stopped (the
+#: environment's HUB_TUNNEL_WARM_SECONDS, for tests, else 120).
+WARM_SECONDS = float(os.environ.get("HUB_TUNNEL_WARM_SECONDS") or 120)
 #: Seconds between tries of a handed-over cancel.
 CANCEL_INTERVAL = 5.0
 #: What each scheduler's cancel says of a job it does not know (it ended meanwhile): done.
@@ -181,6 +185,7 @@ class TunnelService:
         self.masters: dict[str, Master] = {}
         self.problems: dict[str, str] = {}  # name -> why it is not up right now
         self.lock = asyncio.Lock()
+        self.warm_until: dict[str, float] = {}  # login key -> when a warmed master may go
         self.cancels_path = directory / "cancels.json"
         self.cancels: dict[str, dict] = (
             json.loads(self.cancels_path.read_text()) if self.cancels_path.exists() else {}
@@ -274,6 +279,14 @@ class TunnelService:
         async with self.lock:
             await self._close(name)
 
+    async def warm(self, login: Login) -> int:
+        """Have ``login``'s master up before a forward needs it (a user looks at the spawn
+        form); one that no forward takes in ``WARM_SECONDS`` is stopped. Returns its pid."""
+        async with self.lock:
+            master = await self._master(login)
+            self.warm_until[login.key] = time.monotonic() + WARM_SECONDS
+            return master.pid
+
     def listing(self) -> dict:
         def master_pid(entry: Entry) -> int:
             master = self.masters.get(entry.forward.login.key)
@@ -327,6 +340,12 @@ class TunnelService:
                 for entry in list(self.table.values()):
                     if entry.forward.name in self.problems:
                         await self._readd(entry)
+                for key, until in list(self.warm_until.items()):
+                    if until < time.monotonic():
+                        del self.warm_until[key]
+                        master = self.masters.get(key)
+                        if master is not None:
+                            await self._stop_unused(master.login)
 
     async def _readd(self, entry: Entry) -> None:
         name = entry.forward.name
@@ -385,7 +404,7 @@ class TunnelService:
         """End the master of ``login`` (and then of its jump) once no forward uses it."""
         in_use = {e.forward.login.key for e in self.table.values()}
         in_use |= {e.forward.login.jump.key for e in self.table.values() if e.forward.login.jump}
-        if login.key in in_use:
+        if login.key in in_use or self.warm_until.get(login.key, 0) > time.monotonic():
             return
         master = self.masters.pop(login.key, None)
         if master is not None:
@@ -473,6 +492,8 @@ async def _dispatch(service: TunnelService, request: dict) -> dict:
         return {"ok": True}
     if op == "cancels":
         return {"ok": True, "cancels": sorted(item["label"] for item in service.cancels.values())}
+    if op == "warm":
+        return {"ok": True, "pid": await service.warm(Login.from_json(request["login"]))}
     if op == "identity":
         login = request["login"]
         path = store_identity(service.directory, str(login["username"]), str(login["host"]),

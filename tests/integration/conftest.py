@@ -20,6 +20,9 @@ import websocket
 from tests.lab import lab as lab_module
 
 REPO = Path(__file__).resolve().parents[2]
+# A tunnel master warmed for a spawn form stays 5 s (not 120): a test that counts a user's
+# sshd sessions on the login node must not see one that another test's form view left.
+os.environ.setdefault("HUB_TUNNEL_WARM_SECONDS", "5")
 HUB_PORTS = {"slurm": 18000, "sge": 18200, "torque": 18400}
 SCHEDULERS = tuple(HUB_PORTS)
 

@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import pwd
 import socket
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .conftest import active_jobs, processes_on, run_in_kernel, user_processes, wait_for
+from .conftest import (
+    active_jobs,
+    login,
+    processes_on,
+    run_in_kernel,
+    user_processes,
+    wait_for,
+)
 
 
 def test_lab_topology_hub_cannot_reach_compute_and_compute_cannot_reach_hub(lab):
@@ -45,6 +53,22 @@ def test_the_jobs_output_wakes_the_spawn_without_a_status_poll(hub, lab):
     finally:
         hub.stop("alice", "slow-polling")
     assert wait_for(lambda: not active_jobs("alice"), 20), active_jobs("alice")
+
+
+def test_the_spawn_form_warms_up_the_ssh_logins(hub, lab):
+    """Showing bob the spawn form opens his SSH connection and has the tunnel service log in
+    (a master for bob), so that Start waits for neither; unused, the master goes again."""
+    def bobs_masters() -> list[str]:
+        result = subprocess.run(["pgrep", "-a", "-x", "ssh"], capture_output=True, text=True)
+        return [line for line in result.stdout.splitlines() if " -M " in line and "bob@" in line]
+
+    assert wait_for(lambda: not bobs_masters(), 15), bobs_masters()
+    session = login(hub, "bob", "lab-demo-password")
+    page = session.get(f"{hub.url}/hub/spawn/bob/form-view", timeout=30)
+    assert 'name="cpus"' in page.text
+    assert wait_for(bobs_masters, 10)
+    assert processes_on("login", "bob", "sshd")
+    assert wait_for(lambda: not bobs_masters(), 15), "the warmed master stays unused"
 
 
 def test_start_timeout_cancels_the_job(hub):

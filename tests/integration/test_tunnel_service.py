@@ -17,7 +17,7 @@ import pytest
 from hub_spawner.tunnels.client import TunnelClient, TunnelError
 from hub_spawner.tunnels.forwards import Login
 
-from .conftest import wait_for
+from .conftest import processes_on, wait_for
 
 ECHO_PORT = 18950
 #: An echo server (one thread per connection) on the compute host.
@@ -217,3 +217,18 @@ def _healthy(client: TunnelClient) -> bool:
         return bool(_run(client.health()))
     except TunnelError:
         return False
+
+
+def test_a_warmed_master_waits_for_a_forward_and_then_goes(lab, tmp_path):
+    """``warm`` (the spawn form is shown): the master logs in at once; when no forward takes
+    it within HUB_TUNNEL_WARM_SECONDS (5 in the tests), it logs out again."""
+    client = TunnelClient(tmp_path / "tunnels")
+    before = len(processes_on("login", "bob", "sshd"))
+    try:
+        pid = _run(client.warm(_login(lab, "bob")))
+        assert os.path.exists(f"/proc/{pid}")
+        assert len(processes_on("login", "bob", "sshd")) == before + 1
+        assert wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 15)
+        assert wait_for(lambda: len(processes_on("login", "bob", "sshd")) == before, 10)
+    finally:
+        lab.stop_tunnel_service(tmp_path / "tunnels")
