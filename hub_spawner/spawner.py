@@ -547,7 +547,7 @@ class SSHBatchSpawner(Spawner):
                 output_path=self.output_path,
                 secrets_path=self.secrets_path,
                 certs_dir=self.certs_dir,
-                starting=self._starting,
+                starting=self._starting or self._start_interrupted,
             )
         return state
 
@@ -703,7 +703,11 @@ class SSHBatchSpawner(Spawner):
             connection, paths = await self._prepare_job_dir(steps)
         except BaseException:
             # Let the service finish what it was asked (the cleanup then closes it by name).
-            await asyncio.wait({api_path})
+            try:
+                await asyncio.wait({api_path})
+            except asyncio.CancelledError:  # cancelled again: close it when it is made
+                api_path.add_done_callback(self._close_late_api_path)
+                raise
             if not api_path.cancelled():
                 api_path.exception()  # the spawn's own error wins
             raise
@@ -773,6 +777,10 @@ class SSHBatchSpawner(Spawner):
                 self.log.debug("%s: warming up for the spawn form: %s", self._log_name, error)
 
         self._warming = loop.create_task(warm())
+
+    def _close_late_api_path(self, api_path: asyncio.Future) -> None:
+        if not api_path.cancelled() and api_path.exception() is None:
+            asyncio.ensure_future(self._tunnels.close(self._api_tunnel_name))
 
     async def _prepare_job_dir(self, steps: _Steps) -> tuple[LoginConnection, jobfiles.JobPaths]:
         """Connect, and make the job's own fresh directory (old ones beyond the kept number are
@@ -1354,9 +1362,25 @@ class SSHBatchSpawner(Spawner):
         debug level only.
         """
         async with self._reopen_lock:
+            if not quiet and not self._tunnels_down and await self._listed_up():
+                return True
+            self._tunnels.forget_listing()
             level = logging.DEBUG if quiet else logging.ERROR
             api_up = await self._ensure_api_tunnel(level)
             return await self._ensure_local_tunnel(level) and api_up
+
+    async def _listed_up(self) -> bool:
+        """Whether the service's recent listing (shared by all spawners, at most
+        ``poll_interval / 2`` old) has both our forwards up on our ports; any doubt is False."""
+        try:
+            listing = await self._tunnels.recent_forwards(max(self.poll_interval / 2, 1))
+        except Exception:  # the ensure path says what is wrong
+            return False
+        wanted = {self._tunnel_name: self.tunnel_port}
+        if self.api_tunnel_port and not self.hub_connect_url:
+            wanted[self._api_tunnel_name] = self.api_tunnel_port
+        entries = [(listing.get(name) or {}, port) for name, port in wanted.items()]
+        return all(entry.get("up") and entry.get("port") == port for entry, port in entries)
 
     async def _ensure_api_tunnel(self, failure_level: int) -> bool:
         if not self.api_tunnel_port or self.hub_connect_url:

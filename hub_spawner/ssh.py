@@ -159,7 +159,7 @@ class LoginConnection:
 
         async def run_to_end() -> CommandOutput:
             async with self._sessions:
-                return await _retry_refused_session(run_in_session)
+                return await _retry_refused_session(run_in_session, self.connection.is_closed)
 
         async def run_in_session() -> CommandOutput:
             nonlocal process
@@ -202,7 +202,11 @@ class LoginConnection:
                 "or tell an administrator."
             ) from None
         except asyncssh.ChannelOpenError as error:
-            raise SSHCommandError(_refused(self.target.host, name, error)) from None
+            if not self.connection.is_closed():
+                raise SSHCommandError(_refused(self.target.host, name, error)) from None
+            raise SSHCommandError(
+                f"Lost the SSH connection to {self.target.host} while running {name!r}: {error}"
+            ) from None
         except (asyncssh.Error, OSError) as error:
             close_process()
             raise SSHCommandError(
@@ -330,9 +334,12 @@ class LoginConnection:
 
         async def session() -> _Result:
             try:
-                async with self._sessions:
-                    return await _retry_refused_session(sftp_session)
+                return await _retry_refused_session(sftp_session, self.connection.is_closed)
             except asyncssh.ChannelOpenError as error:
+                if self.connection.is_closed():
+                    raise SSHCommandError(
+                        f"Lost the SSH connection to {self.target.host} while {what}."
+                    ) from None
                 raise SSHCommandError(_refused(self.target.host, "SFTP", error)) from None
             except (asyncssh.Error, OSError) as error:
                 raise SSHCommandError(
@@ -340,13 +347,27 @@ class LoginConnection:
                 ) from None
 
         with self._in_use():
-            return await within(
-                timeout,
-                session(),
-                f"SFTP on {self.target.host} did not finish {what} within {timeout:g} s; the "
-                "connection was closed. Try again; if it persists, tell an administrator.",
-                on_timeout=self.connection.close,
-            )
+            # Waiting for a free session is bounded on its own: a timeout there is no reason
+            # to close the connection (and every command on it), as a stuck SFTP server is.
+            try:
+                await asyncio.wait_for(self._sessions.acquire(), timeout)
+            except asyncio.TimeoutError:
+                raise SSHCommandError(
+                    f"No SSH session to {self.target.host} became free for {what} within "
+                    f"{timeout:g} s (ssh_max_sessions are all busy). Try again; if it "
+                    "persists, tell an administrator."
+                ) from None
+            try:
+                return await within(
+                    timeout,
+                    session(),
+                    f"SFTP on {self.target.host} did not finish {what} within {timeout:g} s; "
+                    "the connection was closed. Try again; if it persists, tell an "
+                    "administrator.",
+                    on_timeout=self.connection.close,
+                )
+            finally:
+                self._sessions.release()
 
     async def open_session(self, command: str) -> asyncssh.SSHClientProcess:
         """A long-lived session running ``command`` (the followers' ``tail``), in the one
@@ -375,13 +396,15 @@ class LoginConnection:
 
 #: The remote side of the followers: ``tail -F`` of every followed file in the background,
 #: killed as soon as the channel's stdin ends (a closed channel does not end a silent ``tail``
-#: by itself). ``-v``: each file's output comes after a ``==> PATH <==`` header. It waits for
-#: a file to appear, and then polls it every 0.05 s: GNU tail uses inotify only for files that
-#: exist when it starts (a job's output does not yet), and never on NFS; a poll is a ``stat``
-#: per file. Run through ``sh -c`` so that it works in any login shell (csh too); the paths are
-#: its arguments.
+#: by itself). ``-v``: each file's output comes after a ``==> PATH <==`` header; ``/dev/null``
+#: last, because tail prints no header for its last file when that is the first to print. It
+#: waits for a file to appear, and then polls it every 0.05 s: GNU tail uses inotify only for
+#: files that exist when it starts (a job's output does not yet), and never on NFS; a poll is a
+#: ``stat`` per file. Run through ``sh -c`` so that it works in any login shell (csh too); the
+#: paths are its arguments.
 _FOLLOW_SCRIPT = (
-    'tail -v -F -n +1 -s 0.05 -- "$@" 2>/dev/null & t=$!; read -r _; kill "$t" 2>/dev/null'
+    'tail -v -F -n +1 -s 0.05 -- "$@" /dev/null 2>/dev/null & t=$!; read -r _; '
+    'kill "$t" 2>/dev/null'
 )
 
 
@@ -402,7 +425,7 @@ class FileFollower:
     @property
     def text(self) -> str:
         """The file's complete lines so far (UTF-8, undecodable bytes replaced)."""
-        return self._data.decode("utf-8", errors="replace")
+        return self._data[: self._data.rfind(b"\n") + 1].decode("utf-8", errors="replace")
 
     async def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for more text; ``True`` if some arrived."""
@@ -421,14 +444,18 @@ class FileFollower:
         self._owner.remove(self)
         self._end()
 
-    def _append(self, line: bytes) -> None:
+    def _append(self, data: bytes) -> None:
         if self.ended:
             return
-        self._data += line
+        self._data += data
         self.changed.set()
         if len(self._data) > self.max_bytes:
-            self._owner.remove(self)
-            self._end()
+            self.close()
+
+    def _unterminate(self) -> None:
+        """The last line was not complete: tail ended it only to print a header."""
+        if self._data.endswith(b"\n"):
+            del self._data[-1]
 
     def _restart(self) -> None:
         """The shared ``tail`` starts again from the files' first lines."""
@@ -442,45 +469,60 @@ class FileFollower:
 
 class _Followers:
     """The followed files of one connection and the one remote ``tail`` that follows them all,
-    re-started (from the files' first lines) whenever the set of files changes."""
+    re-started (from the files' first lines) whenever the set of files changes. Restarts run
+    one at a time, and each follows the set as it is when its ``tail`` has started."""
 
     def __init__(self, connection: LoginConnection) -> None:
         self._connection = connection
         self._followers: list[FileFollower] = []
         self._process: asyncssh.SSHClientProcess | None = None
+        self._paths: list[str] = []  # what the running tail follows
         self._reader: asyncio.Task | None = None
-        self._restarting: asyncio.Task | None = None
-        self._lock = asyncio.Lock()  # one restart at a time
+        self._lock = asyncio.Lock()
         self._closing: list[asyncssh.SSHClientProcess] = []
+        self._restarts: set[asyncio.Task] = set()
 
     async def add(self, path: str, max_bytes: int) -> FileFollower:
         follower = FileFollower(self, path, max_bytes)
         self._followers.append(follower)
-        await self._restart()
+        try:
+            await self._restart()
+        except BaseException:  # cancelled: nobody else could close it
+            follower.close()
+            raise
         return follower
 
     def remove(self, follower: FileFollower) -> None:
-        if follower in self._followers:
-            self._followers.remove(follower)
-            if not self._followers:
-                self._stop()  # the last one: its session ends now
-            elif self._restarting is None or self._restarting.done():
-                self._restarting = asyncio.ensure_future(self._restart())
+        if follower not in self._followers:
+            return
+        self._followers.remove(follower)
+        if not self._followers:
+            self._stop()  # the last one: its session ends now
+        else:
+            task = asyncio.ensure_future(self._restart())
+            self._restarts.add(task)
+            task.add_done_callback(self._restarts.discard)
+
+    def _wanted(self) -> list[str]:
+        return sorted({f.path for f in self._followers})
 
     async def _restart(self) -> None:
         async with self._lock:
-            await self._restart_now()
+            while self._wanted() != (self._paths if self._process is not None else None):
+                if not await self._start_tail(self._wanted()):
+                    return
 
-    async def _restart_now(self) -> None:
+    async def _start_tail(self, paths: list[str]) -> bool:
+        """Replace the running tail by one of ``paths``; False if it cannot start (then every
+        follower is ended, and falls back to reading its file)."""
         self._stop()
         # sshd counts a session until its channel has closed: the old tail's must be gone
         # before the new one opens, or the two could pass MaxSessions together.
         while self._closing:
             with contextlib.suppress(asyncio.TimeoutError, asyncssh.Error, OSError):
                 await asyncio.wait_for(self._closing.pop().wait_closed(), 5)
-        if not self._followers:
-            return
-        paths = sorted({f.path for f in self._followers})
+        if not paths:
+            return False
         command = f"exec sh -c {shlex.quote(_FOLLOW_SCRIPT)} follow " + " ".join(
             shlex.quote(path) for path in paths
         )
@@ -491,31 +533,35 @@ class _Followers:
             log.debug("cannot follow %s: %s", ", ".join(paths), error)
             for follower in list(self._followers):
                 follower.close()
-            return
+            return False
         for follower in self._followers:
             follower._restart()
-        self._process = process
+        self._process, self._paths = process, paths
         self._connection.busy += 1
-        self._reader = asyncio.ensure_future(self._read(process))
+        self._reader = asyncio.ensure_future(self._read(process, paths))
+        return True
 
-    async def _read(self, process: asyncssh.SSHClientProcess) -> None:
-        headers = {f"==> {f.path} <==".encode(): f.path for f in self._followers}
-        # With one file, tail prints no header for a file that appears after it started.
-        current = next(iter(headers.values())) if len(headers) == 1 else ""
+    async def _read(self, process: asyncssh.SSHClientProcess, paths: list[str]) -> None:
+        headers = {f"==> {path} <==".encode(): path for path in [*paths, "/dev/null"]}
+        current = ""
         pending = b""
         blank = False  # an empty line: tail's own before a header, or the file's
+        ended_line = ""  # the file whose line the last one ended (a header may take it back)
         try:
             while chunk := await process.stdout.read(_READ_CHUNK_BYTES):
                 *lines, pending = (pending + chunk).split(b"\n")
                 for line in lines:
                     if line in headers:
-                        current, blank = headers[line], False
+                        if ended_line and not blank:  # tail ended a partial line for this
+                            self._unterminate(ended_line)
+                        current, blank, ended_line = headers[line], False, ""
                         continue
-                    if blank or not line:
-                        self._deliver(current, b"\n" if blank else b"")
+                    if blank:
+                        self._deliver(current, b"\n")  # the file's own empty line
                     blank = not line
                     if line:
                         self._deliver(current, line + b"\n")
+                    ended_line = current if line else ""
         except (asyncssh.Error, OSError) as error:
             log.debug("stopped following: %s", error)
         if process is self._process:  # it ended by itself (no tail?): followers fall back
@@ -524,14 +570,18 @@ class _Followers:
                 follower.close()
 
     def _deliver(self, path: str, data: bytes) -> None:
-        if data:
-            for follower in list(self._followers):
-                if follower.path == path:
-                    follower._append(data)
+        for follower in list(self._followers):
+            if follower.path == path:
+                follower._append(data)
+
+    def _unterminate(self, path: str) -> None:
+        for follower in self._followers:
+            if follower.path == path:
+                follower._unterminate()
 
     def _stop(self) -> None:
         if self._process is not None:
-            process, self._process = self._process, None
+            process, self._process, self._paths = self._process, None, []
             self._connection.busy -= 1
             self._connection.last_used = time.monotonic()
             with contextlib.suppress(asyncssh.Error, OSError):
@@ -573,17 +623,17 @@ async def within(
 
 
 async def _retry_refused_session(
-    open_and_use: Callable[[], Awaitable[_Result]], tries: int = 6
+    open_and_use: Callable[[], Awaitable[_Result]], is_closed: Callable[[], bool], tries: int = 6
 ) -> _Result:
     """``open_and_use()``, tried again (after 0.1, 0.2, 0.4... s) while sshd refuses to open its
     session: it does so beyond its MaxSessions, which may be lower than ``ssh_max_sessions``
-    says, or while a session that ended has not yet closed on its side. The caller's timeout
-    bounds it all."""
+    says, or while a session that ended has not yet closed on its side. Not once the
+    connection is closed (``is_closed()``). The caller's timeout bounds it all."""
     for attempt in range(tries):
         try:
             return await open_and_use()
         except asyncssh.ChannelOpenError as error:
-            if attempt == tries - 1:
+            if attempt == tries - 1 or is_closed():
                 raise
             log.debug("sshd refused a session (%s); trying again", error.reason)
             await asyncio.sleep(0.1 * 2**attempt)

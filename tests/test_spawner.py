@@ -375,3 +375,52 @@ def test_each_job_gets_a_fresh_directory_and_old_ones_are_removed_at_submit():
     assert ("create", f"{job_dir}/server.env") in calls
     assert ("create", f"{job_dir}/job.sh") in calls
     assert ("run", f"sbatch --parsable {job_dir}/job.sh") in calls
+
+
+def test_the_tunnel_listing_is_asked_once_for_all_polls_of_a_cycle():
+    """Every running server's poll checks its forwards: all of a cycle share one ``list``."""
+    from hub_spawner.tunnels.client import TunnelClient
+
+    client = TunnelClient("/nonexistent-tunnels")
+    calls = []
+
+    async def forwards():
+        calls.append(1)
+        await asyncio.sleep(0.05)
+        return {"alice/": {"up": True, "port": 40001}}
+
+    client.forwards = forwards
+
+    async def polls():
+        first = await asyncio.gather(*(client.recent_forwards(0.5) for _ in range(20)))
+        again = await client.recent_forwards(0.5)  # within max_age: no new request
+        await asyncio.sleep(0.6)
+        later = await client.recent_forwards(0.5)
+        return first, again, later
+
+    first, again, later = asyncio.run(polls())
+    assert len(calls) == 2 and all(f == again == later for f in first)
+
+
+@pytest.mark.parametrize("listing, up", [
+    ({"alice/": {"up": True, "port": 40001}, "alice//hub-api": {"up": True, "port": 40002}}, True),
+    ({"alice/": {"up": True, "port": 40001}}, False),  # the hub API path is missing
+    ({"alice/": {"up": False, "port": 40001}, "alice//hub-api": {"up": True, "port": 40002}},
+     False),
+    ({"alice/": {"up": True, "port": 49999}, "alice//hub-api": {"up": True, "port": 40002}},
+     False),  # another port: ask the service
+])
+def test_a_poll_asks_for_the_forwards_only_when_the_listing_lacks_them(listing, up):
+    spawner = make_spawner()
+    spawner.tunnel_port, spawner.api_tunnel_port = 40001, 40002
+
+    class Listing:
+        async def recent_forwards(self, max_age):
+            return listing
+
+    tunnel_client_of = type(spawner)._tunnels
+    try:
+        type(spawner)._tunnels = property(lambda self: Listing())
+        assert asyncio.run(spawner._listed_up()) is up
+    finally:
+        type(spawner)._tunnels = tunnel_client_of

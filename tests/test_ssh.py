@@ -447,6 +447,72 @@ async def test_the_followers_of_a_connection_share_one_tail(login, tmp_path):
     assert login.busy == 0
 
 
+@pytest.mark.parametrize("first_exists", [True, False])
+async def test_the_last_file_to_appear_gets_its_own_lines(login, tmp_path, first_exists):
+    """GNU tail prints no header for its last file when that one prints first: its lines must
+    not go to another file's follower, nor be lost."""
+    first, last = tmp_path / "a.out", tmp_path / "b.out"
+    if first_exists:
+        first.write_text("a started\n")
+    followers = [await login.follow_file(str(path)) for path in (first, last)]
+    try:
+        if first_exists:
+            await wait_until(lambda: followers[0].text == "a started\n")
+        await asyncio.sleep(0.2)
+        last.write_text('HUB_SPAWNER_READY {"host": "cn1", "port": 4000}\n')
+        await wait_until(lambda: "HUB_SPAWNER_READY" in followers[1].text)
+        assert followers[0].text == ("a started\n" if first_exists else "")
+    finally:
+        for follower in followers:
+            follower.close()
+
+
+async def test_a_line_cut_by_a_header_stays_incomplete_until_its_end(login, tmp_path):
+    one, two = tmp_path / "one.out", tmp_path / "two.out"
+    followers = [await login.follow_file(str(path)) for path in (one, two)]
+    try:
+        with one.open("w") as output:
+            output.write("HUB_SPAWNER_READY {\"ho")
+            output.flush()
+            await asyncio.sleep(0.3)
+            two.write_text("other\n")  # tail switches files in the middle of one's line
+            await wait_until(lambda: followers[1].text == "other\n")
+            assert followers[0].text == ""  # no half line
+            output.write('st": "cn1", "port": 4000}\n')
+        await wait_until(lambda: followers[0].text != "")
+        assert followers[0].text == 'HUB_SPAWNER_READY {"host": "cn1", "port": 4000}\n'
+    finally:
+        for follower in followers:
+            follower.close()
+
+
+async def test_a_follow_cancelled_while_tail_starts_leaves_nothing(login, tmp_path):
+    path = tmp_path / "job.out"
+    task = asyncio.ensure_future(login.follow_file(str(path)))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_until(lambda: login.busy == 0)
+    await wait_until(lambda: not tails_of(path))
+
+
+async def test_followers_removed_while_tail_starts_leave_the_right_tail(login, tmp_path):
+    paths = [tmp_path / f"job{n}.out" for n in range(3)]
+    followers = [await login.follow_file(str(path)) for path in paths[:2]]
+    adding = asyncio.ensure_future(login.follow_file(str(paths[2])))
+    await asyncio.sleep(0)
+    followers[0].close()  # while the tail for all three starts
+    followers.append(await adding)
+    await wait_until(lambda: tails_of(paths[1]) and not tails_of(paths[0]))
+    paths[2].write_text("three\n")
+    await wait_until(lambda: followers[2].text == "three\n")
+    assert followers[1].text == ""
+    for follower in followers:
+        follower.close()
+    await wait_until(lambda: login.busy == 0 and not tails_of(paths[1]))
+
+
 async def test_commands_wait_for_a_session_slot_beyond_max_sessions(login):
     """sshd refuses sessions beyond its MaxSessions: with 3, at most 2 commands run at once
     (one slot is kept for the followers); the others wait, and all complete."""
@@ -479,6 +545,17 @@ async def test_a_session_sshd_keeps_refusing_is_an_error_that_says_so(login):
             await login.run("true")
     finally:
         REFUSE["sessions"] = 0
+
+
+async def test_a_closed_connection_is_not_retried_as_a_full_one(login, tmp_path):
+    login.connection.close()
+    await login.connection.wait_closed()
+    started = time.monotonic()
+    with pytest.raises(SSHCommandError, match="Lost the SSH connection"):
+        await login.run("true")
+    with pytest.raises(SSHCommandError, match="Lost the SSH connection|SFTP on"):
+        await login.read_file(str(tmp_path / "f"))
+    assert time.monotonic() - started < 1.0
 
 
 async def test_a_follower_that_cannot_start_is_ended_not_an_error(login):

@@ -52,6 +52,9 @@ class TunnelClient:
         self.address = address
         self.token = token
         self._start_lock = asyncio.Lock()
+        self._listed: dict[str, dict] | None = None
+        self._listed_at = 0.0
+        self._listing: asyncio.Future | None = None
 
     async def ensure(self, forward: Forward) -> int:
         """Make sure ``forward`` is up; returns its port (the same one for the same spec)."""
@@ -119,6 +122,22 @@ class TunnelClient:
 
     async def forwards(self) -> dict[str, dict]:
         return (await self.request({"op": "list"}))["forwards"]
+
+    async def recent_forwards(self, max_age: float) -> dict[str, dict]:
+        """The service's forward table as listed at most ``max_age`` seconds ago: one
+        ``list`` for every spawner's poll of a cycle, instead of two ``ensure`` each."""
+        loop = asyncio.get_running_loop()
+        if self._listed is not None and loop.time() - self._listed_at <= max_age:
+            return self._listed
+        if self._listing is None or self._listing.done():
+            self._listing = asyncio.ensure_future(self.forwards())
+        listing = await asyncio.shield(self._listing)
+        self._listed, self._listed_at = listing, loop.time()
+        return listing
+
+    def forget_listing(self) -> None:
+        """The next ``recent_forwards`` asks the service again (a forward changed)."""
+        self._listed = None
 
     async def health(self) -> dict:
         return await self.request({"op": "health"}, start=False)

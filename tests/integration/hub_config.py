@@ -163,6 +163,11 @@ if os.environ.get("HUB_FAULT") == "reopen-raises-once":
     from hub_spawner.tunnels.client import TunnelClient
 
     _raise_once(TunnelClient, "ensure_local", "lab fault: injected into the tunnel re-open path")
+
+    async def _no_listing(self, max_age):  # so that each poll takes the re-open path
+        raise RuntimeError("lab fault: no forward listing")
+
+    TunnelClient.recent_forwards = _no_listing
 elif os.environ.get("HUB_FAULT") == "stop-raises-once":
     from hub_spawner.spawner import SSHBatchSpawner
 

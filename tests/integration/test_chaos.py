@@ -20,7 +20,8 @@ reconnects, with its variables intact.
 Bounded: each scheduler's phase runs until it has done ``CYCLES`` spawn attempts (and one
 fault of each kind) or for ``BUDGET`` seconds, whichever is later but never past
 ``2 * BUDGET``. The seed is printed, and in every failure: ``HUB_CHAOS_SEED=N make test`` (or
-pytest on this file) replays the same schedule.
+pytest on this file) replays the same schedule (the faults' timing still varies with the
+machine); ``HUB_CHAOS_SEED=random`` draws a new schedule.
 """
 
 from __future__ import annotations
@@ -50,7 +51,10 @@ from .conftest import (
     wait_for,
 )
 
-SEED = int(os.environ.get("HUB_CHAOS_SEED") or random.SystemRandom().randrange(1 << 30))
+#: The schedule's seed: HUB_CHAOS_SEED=N replays one, HUB_CHAOS_SEED=random draws a new one;
+#: by default a fixed one, so that a CI run fails only for what that schedule finds.
+_SEED = os.environ.get("HUB_CHAOS_SEED", "20261204")
+SEED = random.SystemRandom().randrange(1 << 30) if _SEED == "random" else int(_SEED)
 PORT = 29100
 POLL_INTERVAL = 3
 CYCLES = 10
