@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import re
@@ -44,7 +43,7 @@ from pathlib import Path
 import requests
 
 from bench.machine import describe
-from bench.spawn_latency import _job_stamps
+from bench.spawn_latency import _job_stamps, press_start
 from tests.integration.conftest import Hub, processes_on, start_hub, stop_hub
 from tests.lab import lab
 
@@ -103,30 +102,7 @@ def _names():
 def _spawn_one(hub: Hub, user: str, server: str, delay: float = 0.0) -> dict:
     """Press Start for USER/SERVER after ``delay`` s; follow it to ready. Wall-clock times."""
     time.sleep(delay)
-    path = f"/users/{user}/servers/{server}"
-    pressed = time.time()
-    response = hub.api("POST", path, json={"cpus": 1}, timeout=120)
-    if response.status_code not in (201, 202):
-        return {"error": f"{user}/{server}: POST {response.status_code} {response.text[:200]}"}
-    result = {"pressed": pressed, "user": user, "server": server}
-    stream = hub.api("GET", f"{path}/progress", stream=True, timeout=300)
-    for line in stream.iter_lines(decode_unicode=True):
-        if not line or not line.startswith("data:"):
-            continue
-        event, seen = json.loads(line[5:]), time.time()
-        found = re.search(r"Submitted job (\d+)", event.get("message", ""))
-        if found:
-            result["submitted"], result["job"] = seen, found.group(1)
-        if event.get("failed"):
-            result["error"] = f"{user}/{server}: {event.get('message')}"
-            break
-        if event.get("ready"):
-            result["ready"] = seen
-            break
-    stream.close()
-    if "ready" not in result and "error" not in result:
-        result["error"] = f"{user}/{server}: the progress stream ended without ready"
-    return result
+    return press_start(hub, user, server, timeout=300)
 
 
 def _storm(hub: Hub, args, running: list) -> dict:

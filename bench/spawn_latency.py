@@ -90,33 +90,49 @@ def main() -> int:
     return 0
 
 
-def _spawn(hub: Hub, server: str) -> dict:
-    """One spawn and stop of alice/SERVER; its times in seconds (see the module's text)."""
-    path = f"/users/alice/servers/{server}"
-    click = time.time()
-    response = hub.api("POST", path, json={"cpus": 1}, timeout=60)
+def press_start(hub: Hub, user: str, server: str, timeout: float = 120) -> dict:
+    """Start USER/SERVER over the REST API and follow its progress stream to the end: the
+    wall-clock times of the press (``pressed``) and of the events seen (``submitted``,
+    ``ready_line``, ``tunnel_open``, ``ready``), the ``job`` id, or ``error``."""
+    path = f"/users/{user}/servers/{server}"
+    result: dict = {"pressed": time.time(), "user": user, "server": server}
+    response = hub.api("POST", path, json={"cpus": 1}, timeout=timeout)
     if response.status_code not in (201, 202):
-        raise RuntimeError(f"POST {path}: {response.status_code} {response.text}")
-    submitted = ready = seen_ready_line = tunnel_open = 0.0
-    job = ""
-    stream = hub.api("GET", f"{path}/progress", stream=True, timeout=120)
+        result["error"] = f"{user}/{server}: POST {response.status_code} {response.text[:200]}"
+        return result
+    stream = hub.api("GET", f"{path}/progress", stream=True, timeout=timeout)
     for line in stream.iter_lines(decode_unicode=True):
         if not line or not line.startswith("data:"):
             continue
         event, seen = json.loads(line[5:]), time.time()
-        found = re.search(r"Submitted job (\d+)", event.get("message", ""))
+        message = event.get("message", "")
+        found = re.search(r"Submitted job (\d+)", message)
         if found:
-            submitted, job = seen, found.group(1)
-        if event.get("message", "").startswith("Server listening on"):
-            seen_ready_line = seen
-        if event.get("message", "").startswith("Tunnel open"):
-            tunnel_open = seen
+            result["submitted"], result["job"] = seen, found.group(1)
+        if message.startswith("Server listening on"):
+            result["ready_line"] = seen
+        if message.startswith("Tunnel open"):
+            result["tunnel_open"] = seen
         if event.get("failed"):
-            raise RuntimeError(f"alice/{server} failed: {event.get('message')}")
+            result["error"] = f"{user}/{server}: {message}"
+            break
         if event.get("ready"):
-            ready = seen
+            result["ready"] = seen
             break
     stream.close()
+    if "ready" not in result and "error" not in result:
+        result["error"] = f"{user}/{server}: the progress stream ended without ready"
+    return result
+
+
+def _spawn(hub: Hub, server: str) -> dict:
+    """One spawn and stop of alice/SERVER; its times in seconds (see the module's text)."""
+    result = press_start(hub, "alice", server)
+    if "error" in result:
+        raise RuntimeError(result["error"])
+    click, submitted, job, ready = (result[key] for key in ("pressed", "submitted", "job",
+                                                             "ready"))
+    seen_ready_line, tunnel_open = result["ready_line"], result["tunnel_open"]
     stamps = _job_stamps(job)
     hub.stop("alice", server)
     scheduler = stamps["job started"] - submitted

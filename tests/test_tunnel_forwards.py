@@ -251,3 +251,29 @@ def test_a_handed_over_cancel_with_a_hostile_value_is_refused(tmp_path, schedule
     with pytest.raises(ValueError):
         service.add_cancel(LOGIN, scheduler, job_id, job_name, "x")
     assert service.cancels == {} and not (tmp_path / "cancels.json").exists()
+
+
+def test_a_listing_longer_than_asyncios_default_line_limit_is_read(tmp_path):
+    """200 servers make 400 forwards: an ~80 KB answer, past asyncio's default 64 KiB."""
+    import asyncio
+    import json
+
+    from hub_spawner.tunnels.client import TunnelClient
+
+    forwards = {f"user{n}/server{n}": {"up": True, "port": 40000 + n, "kind": "local",
+                                       "login": "u@login:22", "destination": "cn1:8888",
+                                       "master_pid": 1234, "problem": ""} for n in range(1000)}
+
+    async def serve_and_ask():
+        async def answer(reader, writer):
+            await reader.readline()
+            writer.write(json.dumps({"ok": True, "forwards": forwards}).encode() + b"\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_unix_server(answer, str(tmp_path / "ctl"))
+        async with server:
+            return await TunnelClient(tmp_path).forwards()
+
+    listed = asyncio.run(serve_and_ask())
+    assert len(json.dumps(listed)) > 64 * 1024 and listed == forwards

@@ -35,6 +35,11 @@ class TunnelError(SpawnError):
     """The tunnel service could not do what was asked (or could not be reached)."""
 
 
+#: The longest answer read: a listing of every forward (~200 bytes each; 400 at 200 servers is
+#: 80 KB, past asyncio's default line limit of 64 KiB).
+MAX_REPLY_BYTES = 16 << 20
+
+
 class TunnelClient:
     """Requests to the tunnel service that keeps its state in ``directory`` (over its Unix
     socket; started when not running), or, with ``address`` (``host:port``), to one that runs
@@ -165,10 +170,14 @@ class TunnelClient:
     async def _send(self, request: dict) -> dict:
         if self.address:
             host, _, port = self.address.rpartition(":")
-            reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+            reader, writer = await asyncio.open_connection(
+                host.strip("[]"), int(port), limit=MAX_REPLY_BYTES
+            )
             request = dict(request, token=self.token)
         else:
-            reader, writer = await asyncio.open_unix_connection(str(self.directory / "ctl"))
+            reader, writer = await asyncio.open_unix_connection(
+                str(self.directory / "ctl"), limit=MAX_REPLY_BYTES
+            )
         try:
             writer.write(json.dumps(request).encode() + b"\n")
             await writer.drain()
@@ -176,6 +185,10 @@ class TunnelClient:
         except asyncio.TimeoutError:
             raise TunnelError(
                 f"the tunnel service did not answer within {REQUEST_TIMEOUT:.0f} s"
+            ) from None
+        except ValueError:  # asyncio: a line beyond the reader's limit
+            raise TunnelError(
+                f"the tunnel service's answer is longer than {MAX_REPLY_BYTES >> 20} MiB"
             ) from None
         finally:
             writer.close()
