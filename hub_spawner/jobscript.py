@@ -131,7 +131,12 @@ rm -rf -- "$hub_spawner_socket_dir"
 exit "$hub_spawner_status"
 {% else -%}
 # The address: the one this node uses towards the login node (which dials us), or all of them.
+# A port another process takes between our pick and the server's bind (jobs on one node pick
+# at the same time) is given up for another pick, up to 3 tries, within one ready timeout.
 hub_spawner_route_to={{ route_to }}
+hub_spawner_waited=0
+hub_spawner_try=1
+while :; do
 hub_spawner_address=$("$hub_spawner_python" - "$hub_spawner_route_to" {{ listen_ip }} \
     <<'HUB_SPAWNER_PY'
 import socket, sys
@@ -159,11 +164,15 @@ hub_spawner_server=$!
 trap 'kill -TERM "$hub_spawner_server" 2>/dev/null' TERM INT HUP
 hub_spawner_dial=$hub_spawner_ip
 [ "$hub_spawner_dial" = 0.0.0.0 ] && hub_spawner_dial=127.0.0.1
-hub_spawner_waited=0
+hub_spawner_taken=0
 until (exec 3<>"/dev/tcp/$hub_spawner_dial/$hub_spawner_port") 2>/dev/null; do
     if ! kill -0 "$hub_spawner_server" 2>/dev/null; then
         wait "$hub_spawner_server"
         hub_spawner_status=$?
+        if (exec 3<>"/dev/tcp/$hub_spawner_dial/$hub_spawner_port") 2>/dev/null; then
+            hub_spawner_taken=1  # it could not bind: another process holds the port
+            break
+        fi
         echo "hub_spawner: the server exited with status $hub_spawner_status before it listened" >&2
         exit "$hub_spawner_status"
     fi
@@ -175,6 +184,7 @@ until (exec 3<>"/dev/tcp/$hub_spawner_dial/$hub_spawner_port") 2>/dev/null; do
     sleep 0.1
     hub_spawner_waited=$((hub_spawner_waited + 1))
 done
+if [ "$hub_spawner_taken" -eq 0 ]; then
 # Whoever answers must be our server: another user may have taken the port in between.
 "$hub_spawner_python" - "$hub_spawner_port" "$hub_spawner_server" <<'HUB_SPAWNER_PY'
 import os, sys
@@ -209,12 +219,19 @@ while pids:
             pass
 sys.exit(1)
 HUB_SPAWNER_PY
-if [ $? -ne 0 ]; then
+[ $? -eq 0 ] || hub_spawner_taken=1
+fi
+[ "$hub_spawner_taken" -eq 0 ] && break
+kill -TERM "$hub_spawner_server" 2>/dev/null
+wait "$hub_spawner_server" 2>/dev/null
+if [ "$hub_spawner_try" -ge 3 ]; then
     echo "hub_spawner: port $hub_spawner_port answers, but not from the server's own" \
-        "process: another process took it; giving up" >&2
-    kill -TERM "$hub_spawner_server" 2>/dev/null
+        "process: another process took it; giving up after $hub_spawner_try tries" >&2
     exit 1
 fi
+echo "hub_spawner: port $hub_spawner_port was taken by another process; trying another port" >&2
+hub_spawner_try=$((hub_spawner_try + 1))
+done
 echo "hub_spawner: the server listens at $(date +%s.%N)"
 echo "{{ ready_marker }} {\\"host\\": \\"$(hostname)\\", \\"port\\": $hub_spawner_port}"
 wait "$hub_spawner_server"

@@ -277,7 +277,8 @@ def test_the_server_listens_on_the_address_towards_the_login_node(tmp_path):
 
 def test_a_port_taken_by_another_process_is_not_reported_ready(tmp_path):
     """Between the port probe and the server's bind, another process takes the port: it
-    answers the launcher's connection test, but it is not the server, so no ready line."""
+    answers the launcher's connection test, but it is not the server, so no ready line for
+    it; the launcher tries another port (where this stand-in never listens: it times out)."""
     stand_in = ("import os, time, urllib.parse\n"
                 'url = urllib.parse.urlparse(os.environ["JUPYTERHUB_SERVICE_URL"])\n'
                 "open('port', 'w').write(str(url.port))\n"
@@ -298,7 +299,42 @@ def test_a_port_taken_by_another_process_is_not_reported_ready(tmp_path):
             process.kill()
     assert process.returncode == 1
     assert READY_MARKER not in out
-    assert "answers, but not from the server's own process" in err
+    assert "was taken by another process; trying another port" in err
+    assert "did not listen on port" in err
+
+
+def test_a_server_that_loses_its_port_to_another_process_gets_another(tmp_path):
+    """Two jobs on one node drew the same free port: the other one's listener holds it when
+    our server binds, and ours exits. The launcher picks another port and starts the server
+    again; the ready line names the new port."""
+    server = ("import os, http.server, time, urllib.parse\n"
+              'url = urllib.parse.urlparse(os.environ["JUPYTERHUB_SERVICE_URL"])\n'
+              "open('port', 'a').write(f'{url.port}\\n')\n"
+              "while not os.path.exists('go'):\n"
+              "    time.sleep(0.05)\n"
+              "http.server.HTTPServer((url.hostname, url.port), "
+              "http.server.SimpleHTTPRequestHandler).serve_forever()\n")
+    process = _run_launch_until(tmp_path, ["python3", "-c", server])
+    squatter = socket.socket()
+    try:
+        for _ in range(100):
+            if (tmp_path / "port").exists() and (tmp_path / "port").read_text():
+                break
+            time.sleep(0.1)
+        first = int((tmp_path / "port").read_text().split()[0])
+        squatter.bind(("0.0.0.0", first))
+        squatter.listen()
+        (tmp_path / "go").write_text("")
+        ready = parse_ready_line(lines_until_ready(process)[-1])
+        assert ready is not None and ready.port != first
+        assert [int(p) for p in (tmp_path / "port").read_text().split()] == [first, ready.port]
+        with urllib.request.urlopen(f"http://127.0.0.1:{ready.port}/") as response:
+            assert response.status == 200
+    finally:
+        squatter.close()
+        process.terminate()
+        process.wait(timeout=20)
+    assert "was taken by another process; trying another port" in process.stderr.read()
 
 
 def test_a_route_that_is_not_a_host_name_is_refused():
