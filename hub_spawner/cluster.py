@@ -1,5 +1,5 @@
 """One scheduler listing per cluster per cycle, shared by every spawner (kubespawner's
-reflector, for batch jobs).
+reflector, for batch jobs); and the cluster's live load for the spawn form, cached the same way.
 
 Requirements:
 - while it tracks jobs, a watch runs, every ``interval`` seconds, one listing of all of them
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 
 from .errors import ClusterUnreachable
-from .schedulers import JobState, JobStatus
+from .schedulers import JobState, JobStatus, QueueLoad, SchedulerUnavailable
 from .ssh import ConnectionPool, SSHTarget
 
 log = logging.getLogger("hub_spawner.cluster")
@@ -223,3 +223,90 @@ def watch_for(
     if logger is not None:
         found.log = logger
     return found
+
+
+@dataclass(frozen=True)
+class LoadReading:
+    """The free/total cores per partition (``loads``), or ``None`` with ``error`` saying why."""
+
+    loads: list[QueueLoad] | None
+    fetched_at: float  # time.time() of the answer
+    error: str = ""
+
+
+@dataclass
+class _LoadEntry:
+    reading: LoadReading | None = None
+    at: float = 0.0  # time.monotonic() of the reading
+    task: asyncio.Task | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    calls: int = 0  # scheduler commands run, for tests
+
+
+_loads: dict[tuple, _LoadEntry] = {}
+
+
+async def load_for(
+    scheduler: ModuleType,
+    target: SSHTarget,
+    pool: ConnectionPool,
+    interval: float,
+    command_timeout: float,
+    wait: float = 2.0,
+    logger: logging.Logger | None = None,
+) -> LoadReading:
+    """The cluster's load as of at most ``interval`` seconds ago, shared by every user: one
+    scheduler command per cluster per interval, however many forms are shown (one at a time;
+    callers meanwhile wait for it). Waits at most ``wait`` seconds for a fresh answer, then
+    says it is still being fetched; a failure is remembered for the interval too. Never raises.
+    """
+    key = (scheduler.NAME, target.host, target.port)
+    loop = asyncio.get_running_loop()
+    entry = _loads.get(key)
+    if entry is None or entry.loop is not loop:
+        entry = _loads[key] = _LoadEntry(loop=loop)
+    if entry.reading is not None and time.monotonic() - entry.at < interval:
+        return entry.reading
+    if entry.task is None or entry.task.done():
+        entry.task = loop.create_task(_fetch_load(entry, scheduler, target, pool,
+                                                  command_timeout, logger or log))
+    try:
+        await asyncio.wait_for(asyncio.shield(entry.task), wait)
+    except asyncio.TimeoutError:
+        pass
+    if entry.reading is not None and time.monotonic() - entry.at < interval + wait:
+        return entry.reading
+    return LoadReading(None, time.time(), "still being fetched; reload the page in a moment")
+
+
+def load_calls(scheduler: ModuleType, host: str, port: int) -> int:
+    """How many load commands ran for this cluster (tests, benchmarks)."""
+    entry = _loads.get((scheduler.NAME, host, port))
+    return entry.calls if entry else 0
+
+
+async def _fetch_load(
+    entry: _LoadEntry,
+    scheduler: ModuleType,
+    target: SSHTarget,
+    pool: ConnectionPool,
+    command_timeout: float,
+    logger: logging.Logger,
+) -> None:
+    started = time.monotonic()
+    try:
+        entry.calls += 1
+        connection = await pool.get(target)
+        output = await connection.run(scheduler.load_command(), timeout=command_timeout)
+        reading = LoadReading(scheduler.parse_load_output(output), time.time())
+        logger.debug("%s load at %s: %d rows in %.3f s", scheduler.DISPLAY_NAME, target.host,
+                     len(reading.loads or ()), time.monotonic() - started)
+    except (ClusterUnreachable, SchedulerUnavailable, ValueError) as error:
+        reading = LoadReading(None, time.time(), str(error))
+        logger.warning("%s at %s: cannot read the free cores for the spawn form: %s",
+                       scheduler.DISPLAY_NAME, target.host, error)
+    except Exception as error:  # the form must work whatever happens here
+        reading = LoadReading(None, time.time(), f"unexpected error ({error})")
+        logger.error("%s at %s: reading the free cores failed", scheduler.DISPLAY_NAME,
+                     target.host, exc_info=True)
+    entry.reading, entry.at = reading, time.monotonic()

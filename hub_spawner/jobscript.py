@@ -44,6 +44,10 @@ set -u
 # started and when it listened; the first line also tells a hub that follows the output that
 # the job runs.
 echo "hub_spawner: job started on $(hostname) at $(date +%s.%N)"
+{% if walltime_seconds -%}
+# When the scheduler will end the job (seconds since the epoch), for the user's own code.
+export HUB_SPAWNER_WALLTIME_END=$(( $(date +%s) + {{ walltime_seconds }} ))
+{% endif -%}
 umask 077
 hub_spawner_secrets={{ secrets_path }}
 if [ ! -r "$hub_spawner_secrets" ]; then
@@ -259,6 +263,7 @@ def render_launch(
     tls: bool = False,
     route_to: str = "",
     socket: bool = False,
+    walltime_seconds: int = 0,
 ) -> str:
     """The launcher part of the job script; every argument is quoted for bash.
 
@@ -266,7 +271,9 @@ def render_launch(
     never a place for values from users. ``python`` is one word (a path or a command name); it
     is assigned, quoted, to a variable before the prologue runs and only used as ``"$var"``.
     ``socket``: the server listens on a Unix socket (``--sock``, jupyter-server's) instead of
-    a TCP port; ``listen_ip`` and ``route_to`` are then unused.
+    a TCP port; ``listen_ip`` and ``route_to`` are then unused. ``walltime_seconds`` (when
+    not 0) sets ``HUB_SPAWNER_WALLTIME_END`` (when the job's time is up, seconds since the
+    epoch) in the server's environment.
     """
     if not command:
         raise ValueError("the server command is empty")
@@ -283,6 +290,7 @@ def render_launch(
         ready_marker=READY_MARKER,
         socket=socket,
         max_socket_path=MAX_SOCKET_PATH,
+        walltime_seconds=int(walltime_seconds),
     )
 
 

@@ -27,6 +27,14 @@ _WALLTIME = re.compile(r"(?:([0-9]{1,3})-)?([0-9]{1,6})(?::([0-9]{1,2}))?(?::([0
 OPTION_NAMES = ("partition", "cpus", "memory", "gpus", "walltime", "account")
 
 
+class OptionError(ValueError):
+    """A bad option; ``field`` names it (``"cpus"``; ``""`` when no one option is to blame)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class Limits:
     """What an admin allows; the defaults fill options a user left out."""
@@ -71,19 +79,22 @@ def resources_from_options(options: Any, limits: Limits) -> Resources:
     """Validate ``user_options`` against ``limits``; missing options take the defaults.
 
     Guarantees, for any JSON value (the REST API passes the request body through): the result
-    is a ``Resources`` or a ``ValueError`` whose message names the first bad option and says
-    what to give instead; never another exception. Values are taken exactly as given (the form
+    is a ``Resources`` or an ``OptionError`` (a ``ValueError``; ``field`` names the option)
+    whose message names the first bad option and says what to give instead; never another
+    exception. Values are taken exactly as given (the form
     strips its own fields first): ``"debug\\n"`` is refused, not trimmed. A missing option,
     ``None`` or ``""`` means the default.
     """
     if not isinstance(options, dict):
-        raise ValueError(
+        raise OptionError(
+            "",
             f"The server options must be a JSON object ({{\"cpus\": 2, ...}}), not "
             f"{_json_type(options)}."
         )
     unknown = sorted(str(name) for name in set(options) - set(OPTION_NAMES))
     if unknown:
-        raise ValueError(
+        raise OptionError(
+            "",
             f"Unknown option {_shown(unknown[0])}. Known options: {', '.join(OPTION_NAMES)}."
         )
 
@@ -91,29 +102,44 @@ def resources_from_options(options: Any, limits: Limits) -> Resources:
         value = options.get(name)
         return None if value is None or value == "" else value
 
-    partition = parse_name("partition", _or(given("partition"), limits.default_partition))
+    def checked(name: str, parse: Any, *args: Any) -> Any:
+        try:
+            return parse(*args)
+        except ValueError as error:
+            raise OptionError(name, str(error)) from None
+
+    partition = checked(
+        "partition", parse_name, "partition", _or(given("partition"), limits.default_partition)
+    )
     if partition and limits.partitions and partition not in limits.partitions:
-        raise ValueError(
+        raise OptionError(
+            "partition",
             f"Partition {partition!r} is not offered here. Choose one of: "
-            f"{', '.join(limits.partitions)}."
+            f"{', '.join(limits.partitions)}.",
         )
     cpus = given("cpus")
-    cpus = parse_cpus(limits.default_cpus if cpus is None else cpus, limits.max_cpus)
+    cpus = checked("cpus", parse_cpus, limits.default_cpus if cpus is None else cpus,
+                   limits.max_cpus)
     memory = given("memory")
     memory_mb = (
         limits.default_memory_mb
         if memory is None
-        else parse_memory_mb(memory, limits.max_memory_mb)
+        else checked("memory", parse_memory_mb, memory, limits.max_memory_mb)
     )
     walltime = given("walltime")
     walltime_seconds = (
         limits.default_walltime_seconds
         if walltime is None
-        else parse_walltime_seconds(walltime, limits.max_walltime_seconds)
+        else checked("walltime", parse_walltime_seconds, walltime, limits.max_walltime_seconds)
     )
-    account = parse_name("account", _or(given("account"), limits.default_account))
+    account = checked(
+        "account", parse_name, "account", _or(given("account"), limits.default_account)
+    )
     gpus = given("gpus")
-    gpus = limits.default_gpus if gpus is None else parse_gpus(gpus, limits.max_gpus)
+    gpus = (
+        limits.default_gpus if gpus is None
+        else checked("gpus", parse_gpus, gpus, limits.max_gpus)
+    )
     return Resources(partition, cpus, memory_mb, walltime_seconds, account, gpus)
 
 
@@ -174,7 +200,7 @@ def parse_memory_mb(value: Any, max_memory_mb: int) -> int:
         raise ValueError(f"Memory {value!r} is too small: ask for at least 1M.")
     if memory_mb > max_memory_mb:
         raise ValueError(
-            f"Memory {value!r} is more than the {max_memory_mb // 1024} GB allowed here."
+            f"Memory {value!r} is more than the {_megabytes(max_memory_mb)} allowed here."
         )
     return memory_mb
 
@@ -231,6 +257,10 @@ def _whole_number(label: str, value: Any) -> int:
         return int(value)
     shown = _shown(value) if isinstance(value, str) else _json_type(value)
     raise ValueError(f"{label} must be a whole number, not {shown}.")
+
+
+def _megabytes(memory_mb: int) -> str:
+    return f"{memory_mb / 1024:g} GB" if memory_mb >= 1024 else f"{memory_mb} MB"
 
 
 def _or(value: Any, default: str) -> Any:

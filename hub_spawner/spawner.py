@@ -11,8 +11,10 @@ reaches the same cleanup, which cancels the job.
 from __future__ import annotations
 
 import asyncio
+import calendar
 import dataclasses
 import errno
+import html
 import logging
 import os
 import posixpath
@@ -33,6 +35,7 @@ from traitlets import (
     Bool,
     Callable,
     CaselessStrEnum,
+    Dict,
     Float,
     Integer,
     List,
@@ -44,6 +47,7 @@ from traitlets import (
 )
 
 from . import cluster, jobfiles, jobscript
+from .choices import Choices, Request, choices_for, resolve
 from .errors import (
     BadOptions,
     BadReadyLine,
@@ -52,14 +56,14 @@ from .errors import (
     JobRejected,
     SpawnError,
 )
-from .form import options_from_form, render_options_form
+from .form import form_values, load_note, options_from_form, render_options_form
 from .resources import (
     Limits,
+    OptionError,
     Resources,
     parse_memory_mb,
     parse_name,
     parse_walltime_seconds,
-    resources_from_options,
 )
 from .schedulers import JobState, JobStatus, SubmitRejected, sge, slurm, torque
 from .ssh import FileFollower, LoginConnection, SSHTarget, client_identity, default_pool
@@ -67,6 +71,9 @@ from .tunnels.client import TunnelClient, TunnelError
 from .tunnels.forwards import Login
 
 STATE_VERSION = 2
+
+#: A refused spawn form's values and error, by user name, until the form is shown again.
+_form_retries: dict[str, tuple[dict[str, str], OptionError]] = {}
 
 _CLUSTER_USERNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
 
@@ -390,10 +397,79 @@ class SSHBatchSpawner(Spawner):
     # --- resources offered -------------------------------------------------------------------
 
     partitions = List(
-        Unicode(),
+        Union([Unicode(), Dict()]),
         config=True,
-        help="""Partitions (queues) users may choose. Empty: any valid name, or the cluster's
-        default when left blank.""",
+        help="""Partitions (queues) users may choose, in the order the form lists them. Empty:
+        any valid name, or the cluster's default when left blank.
+
+        Each is a name, or a dict with ``name``, ``description`` (shown on the form), ``groups``
+        (JupyterHub groups that see it; empty: everyone) and any of ``default_cpus``,
+        ``max_cpus``, ``default_memory``, ``max_memory``, ``default_gpus``, ``max_gpus``,
+        ``default_walltime``, ``max_walltime``, which hold when it is chosen (they win over
+        ``group_limits``). Example::
+
+            c.SSHBatchSpawner.partitions = [
+                {"name": "short", "description": "up to 4 h, starts fast",
+                 "max_walltime": "04:00:00"},
+                {"name": "gpu", "description": "A100 nodes", "groups": ["gpu"],
+                 "max_gpus": 2, "default_gpus": 1},
+            ]
+        """,
+    )
+    presets = List(
+        Dict(),
+        config=True,
+        help="""Named sets of resources offered at the top of the form, in this order; the
+        first is selected by default, and "Custom" (the advanced fields) comes last. Each is a
+        dict with ``name`` (its key in ``user_options["preset"]``), ``display_name``,
+        ``description``, ``groups`` (who sees it; empty: everyone) and any resource options:
+        ``partition``, ``cpus``, ``memory``, ``gpus``, ``walltime``, ``account``. They are
+        checked against the limits like any request. Example::
+
+            c.SSHBatchSpawner.presets = [
+                {"name": "small", "display_name": "Small", "description": "1 core, 4 GB, 8 h",
+                 "cpus": 1, "memory": "4G", "walltime": "08:00:00"},
+                {"name": "gpu", "display_name": "GPU", "description": "1 GPU, 8 cores",
+                 "partition": "gpu", "gpus": 1, "cpus": 8, "groups": ["gpu"]},
+            ]
+        """,
+    )
+    accounts = List(
+        Union([Unicode(), Dict()]),
+        config=True,
+        help="""Accounts users may charge, shown as a select (the first is the default unless
+        ``default_account`` is listed). Each is a name or a dict with ``name``,
+        ``description`` and ``groups`` (who sees it). Empty: a text field (any valid name;
+        empty means the user's default account).""",
+    )
+    group_limits = Dict(
+        config=True,
+        help="""Limits per JupyterHub group: group name -> a dict of ``default_cpus``,
+        ``max_cpus``, ``default_memory``, ``max_memory``, ``default_gpus``, ``max_gpus``,
+        ``default_walltime``, ``max_walltime``. They replace the spawner's own for members;
+        for a user in several such groups the largest value wins; a partition's own settings
+        win over them. Example: ``{"power-users": {"max_cpus": 32, "max_walltime":
+        "3-00:00:00"}}``.""",
+    )
+    cluster_display_name = Unicode(
+        "",
+        config=True,
+        help="""The cluster's name for people (the admin page's server state, the hub log).
+        Empty: the login node's host name.""",
+    )
+    walltime_warning = Float(
+        600.0,
+        config=True,
+        help="""Seconds before a running job's walltime ends at which the hub log says so (once
+        per job; 0: never). The user's server sees the end as ``HUB_SPAWNER_WALLTIME_END``
+        (seconds since the epoch) in its environment.""",
+    )
+    cluster_load_interval = Float(
+        30.0,
+        config=True,
+        help="""Seconds the live free/total cores per partition shown on the spawn form are
+        reused (one scheduler call per cluster per interval, shared by every user: ``sinfo``,
+        ``qstat -g c``, ``pbsnodes -a``). 0 hides the table.""",
     )
     default_partition = Unicode("", config=True, help="Partition used when the user names none.")
     default_cpus = Integer(1, config=True, help="Cores requested when the user names none.")
@@ -489,9 +565,9 @@ class SSHBatchSpawner(Spawner):
 
     @default("options_form")
     def _options_form_default(self) -> Any:
-        def form(spawner: SSHBatchSpawner) -> str:
+        async def form(spawner: SSHBatchSpawner) -> str:
             spawner._warm_up()
-            return render_options_form(spawner.resource_limits(), spawner.scheduler.QUEUE_LABEL)
+            return await spawner.render_form()
 
         return form
 
@@ -522,6 +598,10 @@ class SSHBatchSpawner(Spawner):
         self.secrets_path = ""
         self.certs_dir = ""
         self._submission_sent = False
+        self.job_submitted_at = 0.0  # time.time() of the submission
+        self.job_started_at = 0.0  # time.time() when the job was first seen running
+        self.walltime_seconds = 0  # the job's walltime (0: the scheduler's default)
+        self._walltime_warned = False
         self._end_reported = ""
         self._starting = False  # a start() is between submission and its return
         self._start_interrupted = False  # the state says a start never returned: a dead hub's
@@ -548,6 +628,12 @@ class SSHBatchSpawner(Spawner):
                 secrets_path=self.secrets_path,
                 certs_dir=self.certs_dir,
                 starting=self._starting or self._start_interrupted,
+                # For admins (the API's server state, the admin page's details):
+                cluster=self.cluster_display_name or self.job_login_host or self.login_host,
+                submitted_at=_iso_time(self.job_submitted_at),
+                started_at=_iso_time(self.job_started_at),
+                walltime_seconds=self.walltime_seconds,
+                ends_at=_iso_time(self._walltime_end),
             )
         return state
 
@@ -600,6 +686,10 @@ class SSHBatchSpawner(Spawner):
         self.output_path = _state_text(state, "output_path")
         self.secrets_path = _state_text(state, "secrets_path")
         self.certs_dir = _state_text(state, "certs_dir")
+        self.job_submitted_at = _state_time(state, "submitted_at")
+        self.job_started_at = _state_time(state, "started_at")
+        walltime = state.get("walltime_seconds")
+        self.walltime_seconds = walltime if isinstance(walltime, int) and walltime > 0 else 0
         if version == STATE_VERSION:
             self.job_cluster_username = _state_text(state, "cluster_username")
             if state.get("scheduler") not in ("", None, self.scheduler.NAME):
@@ -645,10 +735,82 @@ class SSHBatchSpawner(Spawner):
             default_account=self.default_account,
         )
 
+    def user_choices(self) -> Choices:
+        """What this user may choose (their JupyterHub groups decide partitions, presets,
+        accounts and limits); ``ValueError`` for a bad setting."""
+        return choices_for(
+            self.resource_limits(),
+            self._user_groups(),
+            partitions=self.partitions,
+            presets=self.presets,
+            accounts=self.accounts,
+            group_limits=self.group_limits,
+        )
+
+    def _user_groups(self) -> set[str]:
+        try:
+            return {group.name for group in self.user.groups}
+        except AttributeError:  # no hub user (the config reference, some tests)
+            return set()
+
+    async def render_form(self) -> str:
+        """The spawn form for this user: their choices, the cluster's live free cores, and
+        after a refusal their own values with the message next to the field."""
+        values, error = _form_retries.pop(self._form_key, ({}, None))
+        try:
+            choices = self.user_choices()
+        except ValueError as problem:
+            self.log.error("%s: cannot offer the spawn form: %s", self._log_name, problem)
+            return (
+                f'<div class="alert alert-danger">The spawn form is misconfigured: '
+                f"{html.escape(str(problem))} Tell the hub's admins.</div>"
+            )
+        load, note = await self._cluster_load()
+        return render_options_form(
+            choices, self.scheduler.QUEUE_LABEL, values=values, error=error, load=load,
+            load_note=note,
+        )
+
+    async def _cluster_load(self) -> tuple[list[Any] | None, str]:
+        """The cluster's free/total cores per partition (shared cache), and a note on it."""
+        if not self.cluster_load_interval or not hasattr(self.scheduler, "load_command"):
+            return None, "not offered here"
+        try:
+            target = await self._ssh_target()
+        except Exception as error:
+            return None, f"cannot connect ({error})"
+        reading = await cluster.load_for(
+            self.scheduler, target, default_pool, self.cluster_load_interval,
+            self.command_timeout, wait=2.0, logger=self.log,
+        )
+        if reading.loads is None:
+            return None, reading.error or "still being fetched; reload the page in a moment"
+        return reading.loads, load_note(reading.fetched_at)
+
+    @property
+    def _form_key(self) -> str:
+        # JupyterHub re-renders a refused form with the user's *default* server's spawner.
+        return getattr(self.user, "name", "")
+
     def options_from_form(self, formdata: dict[str, list[str]]) -> dict[str, Any]:
-        options = options_from_form(formdata, self.resource_limits())
-        self._template_variables(resources_from_options(options, self.resource_limits()))
+        try:
+            choices = self.user_choices()
+            options = options_from_form(formdata, choices)
+            self._template_variables(resolve(options, choices).resources)
+        except ValueError as error:
+            field = error.field if isinstance(error, OptionError) else ""
+            _form_retries[self._form_key] = (form_values(formdata), OptionError(field, str(error)))
+            raise
         return options
+
+    def _show_request(self, request: Request) -> None:
+        """Keep ``user_options`` as validated, with the ``profile`` summary the admin page
+        shows (``debug · 2 cores · 4 GB · 8 h``, or the preset's name)."""
+        options = request.to_user_options()
+        self.user_options = options
+        if self.orm_spawner is not None:
+            self.orm_spawner.user_options = options  # committed with the spawn's state
+        self.walltime_seconds = request.resources.walltime_seconds
 
     def scheduler_settings(self) -> dict[str, Any]:
         """The admin's settings for this scheduler, as ``template_variables`` takes them."""
@@ -670,10 +832,12 @@ class SSHBatchSpawner(Spawner):
         """Submit the job, wait for its ready line, open the tunnel; return the tunnel's URL."""
         self._progress_events = []
         try:
-            resources = resources_from_options(self.user_options or {}, self.resource_limits())
+            request = resolve(self.user_options or {}, self.user_choices())
+            resources = request.resources
             self._template_variables(resources)
         except ValueError as error:
             raise BadOptions(str(error)) from None
+        self._show_request(request)
         certs_dir = self.certs_dir  # move_certs ran just before start()
         self._reset_job()
         self.certs_dir = certs_dir
@@ -728,6 +892,7 @@ class SSHBatchSpawner(Spawner):
         steps.done("submit")
         try:
             self.job_id = scheduler.parse_submit_output(output)
+            self.job_submitted_at = time.time()
         except SubmitRejected as error:
             self._submission_sent = output.exit_status == 0  # rejected: there is no job
             raise JobRejected(
@@ -855,6 +1020,8 @@ class SSHBatchSpawner(Spawner):
                 why = f": {status.reason}" if status.reason else ""
                 self._emit(30, f"Job {self.job_id} is waiting in the queue{why}")
             elif status.state is JobState.RUNNING:
+                if not self.job_started_at:
+                    self.job_started_at = time.time()
                 if reported != ("running", status.node):
                     reported = ("running", status.node)
                     self._emit(
@@ -973,10 +1140,33 @@ class SSHBatchSpawner(Spawner):
                 status.reason,
             )
             return None
+        if status.state is JobState.RUNNING:
+            self._warn_near_walltime()
         if status.state is JobState.RUNNING and self.job_host and self.tunnel_port:
             if not await self._reopen_tunnels():
                 self._retry_tunnels_soon()
         return None
+
+    @property
+    def _walltime_end(self) -> float:
+        """When the job's walltime ends (``time.time()``), or 0 when unknown."""
+        if not (self.job_started_at and self.walltime_seconds):
+            return 0.0
+        return self.job_started_at + self.walltime_seconds
+
+    def _warn_near_walltime(self) -> None:
+        """Log once when the job has less than ``walltime_warning`` seconds left."""
+        end = self._walltime_end
+        if not end or self._walltime_warned or not self.walltime_warning:
+            return
+        left = end - time.time()
+        if left <= self.walltime_warning:
+            self._walltime_warned = True
+            self.log.warning(
+                "%s: job %s reaches its walltime at %s (in %d min); %s will stop the server "
+                "then", self._log_name, self.job_id, _iso_time(end), max(0, left) // 60,
+                self.scheduler.DISPLAY_NAME,
+            )
 
     async def _watch(self) -> cluster.Watch:
         """This cluster's shared status watch, with our job tracked on it."""
@@ -1293,6 +1483,8 @@ class SSHBatchSpawner(Spawner):
         env = self.get_env()
         env.pop("JUPYTERHUB_SERVICE_URL", None)  # the job sets it once it has chosen a port
         env["JUPYTERHUB_API_URL"] = api_url
+        if isinstance(self.user_options, dict) and self.user_options.get("profile"):
+            env["HUB_SPAWNER_PROFILE"] = str(self.user_options["profile"])
         env["JUPYTERHUB_ACTIVITY_URL"] = url_path_join(
             api_url, "users", getattr(self.user, "escaped_name", self.user.name), "activity"
         )
@@ -1309,6 +1501,7 @@ class SSHBatchSpawner(Spawner):
             route_to="" if self.server_listens_on_all_addresses or self.hub_connect_url
             else self.hub_api_tunnel_host,
             socket=self.server_transport == "socket",
+            walltime_seconds=resources.walltime_seconds,
         )
         return jobscript.render_job_script(
             self.job_script_template or self.scheduler.JOB_SCRIPT_TEMPLATE,
@@ -1827,6 +2020,22 @@ class TorqueSSHSpawner(SSHBatchSpawner):
     """Single-user servers as Torque/PBS jobs (``qsub``/``qstat``/``qdel`` over SSH)."""
 
     scheduler = torque
+
+
+def _iso_time(seconds: float) -> str:
+    """``2026-12-04T21:30:00Z``, or ``""`` for 0."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds)) if seconds else ""
+
+
+def _state_time(state: dict[str, Any], key: str) -> float:
+    """A time saved by ``_iso_time``; 0 when missing or unreadable."""
+    text = state.get(key)
+    if not isinstance(text, str) or not text:
+        return 0.0
+    try:
+        return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
+    except ValueError:
+        return 0.0
 
 
 def _state_text(state: dict[str, Any], key: str) -> str:

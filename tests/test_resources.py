@@ -2,6 +2,7 @@
 
 import pytest
 
+from hub_spawner.choices import Choices, choices_for
 from hub_spawner.form import options_from_form, render_options_form
 from hub_spawner.resources import (
     Limits,
@@ -71,24 +72,27 @@ def test_walltime_format_has_unbounded_hours():
 
 def test_form_parses_first_values_and_ignores_empty_fields():
     options = options_from_form({"partition": ["gpu"], "cpus": ["2"], "memory": [""],
-                                 "walltime": ["02:00:00"], "account": [""]}, LIMITS)
+                                 "walltime": ["02:00:00"], "account": [""]}, Choices(LIMITS))
     assert options == {"partition": "gpu", "cpus": 2, "memory": "", "gpus": 0,
-                       "walltime": "02:00:00", "account": ""}
+                       "walltime": "02:00:00", "account": "", "preset": "",
+                       "profile": "gpu · 2 cores · 2 h"}
 
 
 def test_form_ignores_the_pages_own_xsrf_field():
-    assert options_from_form({"_xsrf": ["token"], "cpus": ["2"]}, LIMITS)["cpus"] == 2
+    assert options_from_form({"_xsrf": ["token"], "cpus": ["2"]}, Choices(LIMITS))["cpus"] == 2
 
 
 def test_form_rejects_bad_value():
     with pytest.raises(ValueError, match="Cores"):
-        options_from_form({"cpus": ["-1"]}, LIMITS)
+        options_from_form({"cpus": ["-1"]}, Choices(LIMITS))
 
 
 def test_form_escapes_values_and_offers_partitions():
-    html = render_options_form(Limits(partitions=("debug", '"><script>'),
-                                      default_account='"><b>'))
-    assert "<script>" not in html and "<b>" not in html
+    html = render_options_form(choices_for(Limits(default_account='"><b>'), set(),
+                                           partitions=["debug", {"name": "gpu",
+                                                       "description": '"><script>'}]))
+    assert html.count("<script>") == 1  # the form's own
+    assert '"><script>' not in html and "<b>" not in html
     assert '<select class="form-select"' in html and 'value="debug"' in html
 
 
@@ -102,6 +106,7 @@ HOSTILE_JSON = [-1, 10**400, float("nan"), float("inf"), float("-inf"), 1.5, [],
                 {"cpus": 1}, True, False]
 GPU_LIMITS = Limits(partitions=(), max_cpus=8, max_memory_mb=64 * 1024, max_gpus=2,
                     max_walltime_seconds=2 * 86400)
+GPU_CHOICES = Choices(GPU_LIMITS)
 
 
 def assert_refused_naming(field, options, limits=GPU_LIMITS):
@@ -140,15 +145,15 @@ def test_false_is_not_a_value_of_any_field(field):
 def test_the_form_refuses_the_same_values(field, value):
     if value == " debug" and field in ("partition", "account"):
         # the form drops spaces around a typed value: " debug" is the name "debug"
-        assert options_from_form({field: [value]}, GPU_LIMITS)[field] == "debug"
+        assert options_from_form({field: [value]}, GPU_CHOICES)[field] == "debug"
         return
     if value.strip(" \t") == "":
         return  # an empty field means the default
     if field in ("partition", "account") and is_plain_name(value):
-        assert options_from_form({field: [value]}, GPU_LIMITS)[field] == value
+        assert options_from_form({field: [value]}, GPU_CHOICES)[field] == value
         return
     with pytest.raises(ValueError) as raised:
-        options_from_form({field: [value]}, GPU_LIMITS)
+        options_from_form({field: [value]}, GPU_CHOICES)
     assert FIELD_WORDS[field] in str(raised.value).lower()
 
 

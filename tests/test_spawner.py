@@ -192,12 +192,12 @@ def test_cluster_username_template_must_give_a_unix_name():
 @pytest.mark.parametrize(("scheduler", "label"),
                          [("slurm", "Partition"), ("sge", "Queue"), ("torque", "Queue")])
 def test_form_speaks_the_schedulers_language_and_offers_gpus_only_when_allowed(scheduler, label):
-    spawner = make_spawner(scheduler=scheduler)
-    form = spawner.options_form(spawner)
+    spawner = make_spawner(scheduler=scheduler, cluster_load_interval=0)
+    form = asyncio.run(spawner.options_form(spawner))
     assert f">{label}</label>" in form
     assert 'name="gpus"' not in form
-    spawner = make_spawner(scheduler=scheduler, max_gpus=2)
-    assert 'name="gpus"' in spawner.options_form(spawner)
+    spawner = make_spawner(scheduler=scheduler, max_gpus=2, cluster_load_interval=0)
+    assert 'name="gpus"' in asyncio.run(spawner.options_form(spawner))
 
 
 def test_gpus_are_refused_where_none_are_offered():

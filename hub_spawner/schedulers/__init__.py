@@ -143,3 +143,17 @@ def parse_xml(text: str, what: str, max_bytes: int = MAX_OUTPUT_BYTES) -> Elemen
 def _element_name(name: str) -> str:
     """ElementTree's ``{namespace}tag`` form of expat's ``namespace}tag``."""
     return "{" + name if "}" in name else name
+
+
+@dataclass(frozen=True)
+class QueueLoad:
+    """The live load of one partition (queue): free and total cores, GPUs and nodes where the
+    scheduler says (``None``: it does not)."""
+
+    name: str
+    cores_free: int
+    cores_total: int
+    gpus_free: int | None = None
+    gpus_total: int | None = None
+    nodes_free: int | None = None
+    nodes_total: int | None = None
