@@ -8,6 +8,7 @@ cookie secret), HUB_PORT (default 8000), HUB_SPAWNER_LAB_DIR, LAB_PREFIX.
 """
 
 import os
+import sys
 
 c = get_config()  # noqa: F821 - provided by JupyterHub
 
@@ -56,14 +57,54 @@ c.SSHBatchSpawner.hub_api_tunnel_host = "login"
 c.SSHBatchSpawner.job_python = f"{lab_prefix}/venv/bin/python"
 c.SSHBatchSpawner.cmd = [f"{lab_prefix}/venv/bin/jupyterhub-singleuser"]
 c.SSHBatchSpawner.default_url = "/lab"
-# Slurm partition "debug" (also what the Torque wrappers' queues map to); Grid Engine "all.q".
+# What users choose on the spawn form. Slurm: partitions "debug" and "long" (both on the lab's one
+# node; "long" only for the group "long-jobs", which alice is in); the Torque wrappers' queue
+# "debug" maps to the Slurm partition; Grid Engine: queue "all.q".
 queue = "all.q" if scheduler == "sge" else "debug"
-c.SSHBatchSpawner.partitions = [queue]
+c.SSHBatchSpawner.partitions = [
+    {"name": queue, "description": "quick interactive work, up to 8 h"},
+] + ([
+    {"name": "long", "description": "one core, up to 2 days", "groups": ["long-jobs"],
+     "max_cpus": 1, "max_walltime": "2-00:00:00", "default_walltime": "1-00:00:00"},
+] if scheduler == "slurm" else [])
 c.SSHBatchSpawner.default_partition = queue
+c.SSHBatchSpawner.presets = [
+    {"name": "small", "display_name": "Small", "description": "1 core, 256 MB, 1 h",
+     "cpus": 1, "memory": "256M", "walltime": "01:00:00"},
+    {"name": "two-cores", "display_name": "Two cores", "description": "2 cores, 512 MB, 2 h",
+     "cpus": 2, "memory": "512M", "walltime": "02:00:00"},
+]
 c.SSHBatchSpawner.max_cpus = 2
 c.SSHBatchSpawner.max_memory = "900M"
 c.SSHBatchSpawner.default_walltime = "01:00:00"
+c.SSHBatchSpawner.max_walltime = "08:00:00"
+c.SSHBatchSpawner.cluster_display_name = f"lab ({scheduler})"
+c.JupyterHub.load_groups = {"long-jobs": {"users": ["alice"]}}
+# Several servers per user (each its own job and tunnel), e.g. alice's "analysis" beside her
+# default one.
+c.JupyterHub.allow_named_servers = True
 c.SSHBatchSpawner.start_timeout = 120
 c.SSHBatchSpawner.http_timeout = 60
 # Grid Engine: the lab's parallel environment for several cores on one host.
 c.SGESSHSpawner.parallel_environment = "smp"
+
+# --- idle servers ------------------------------------------------------------------------------
+# jupyterhub-idle-culler stops servers nobody has used for an hour (their jobs are cancelled like
+# any stopped server's). HUB_CULL_TIMEOUT and HUB_CULL_EVERY (seconds) shorten it for tests.
+c.JupyterHub.services = [
+    {
+        "name": "idle-culler",
+        "command": [
+            sys.executable, "-m", "jupyterhub_idle_culler",
+            f"--timeout={int(os.environ.get('HUB_CULL_TIMEOUT', '3600'))}",
+            f"--cull-every={int(os.environ.get('HUB_CULL_EVERY', '300'))}",
+        ],
+    }
+]
+c.JupyterHub.load_roles = [
+    {
+        "name": "idle-culler",
+        "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"],
+        "services": ["idle-culler"],
+    }
+]

@@ -209,7 +209,7 @@ def resolve(options: Any, choices: Choices) -> Request:
         p.name for p in choices.partitions
     }:
         raise OptionError(
-            "partition", f"{partition[:40]!r} is not offered to you. Choose one of: "
+            "partition", f"Partition {partition[:40]!r} is not offered to you. Choose one of: "
             f"{', '.join(p.name for p in choices.partitions)}."
         )
     limits = choices.limits_for(partition if isinstance(partition, str) else "")

@@ -445,6 +445,15 @@ _SCRIPT = """<script>
       if (radio.value === "") { advanced.open = true; }
     });
   });
+  var outer = form.closest("form");
+  function validateAdvanced() {
+    // A preset ignores the advanced fields: their browser checks must not block it.
+    var chosen = form.querySelector('input[name="preset"]:checked');
+    if (outer) { outer.noValidate = !!(chosen && chosen.value !== ""); }
+  }
+  form.addEventListener("change", validateAdvanced);
+  form.addEventListener("input", validateAdvanced);
+  validateAdvanced();
   follow();
 })();
 </script>"""

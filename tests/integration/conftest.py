@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 os.environ.setdefault("HUB_TUNNEL_WARM_SECONDS", "5")
 HUB_PORTS = {"slurm": 18000, "sge": 18200, "torque": 18400}
 SCHEDULERS = tuple(HUB_PORTS)
+DEMO_HUB_PORT = 18600
 
 
 def pytest_collection_modifyitems(items):
@@ -152,14 +153,19 @@ def stop_hub(process: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="session")
 def hub_for(lab, tmp_path_factory):
-    """``hub_for(scheduler)``: the session's real JupyterHub for that scheduler's spawner."""
+    """``hub_for(scheduler)``: the session's real JupyterHub for that scheduler's spawner;
+    ``hub_for("demo")``: a Slurm one with the demo's spawn form as it is (the others widen the
+    form's limits for their tests)."""
     hubs: dict[str, tuple[Hub, subprocess.Popen]] = {}
 
     def get(scheduler: str) -> Hub:
         if scheduler not in hubs:
-            hub, process = start_hub(tmp_path_factory.mktemp(f"hub-{scheduler}"),
-                                     HUB_PORTS[scheduler], secrets.token_hex(24),
-                                     {"HUB_SCHEDULER": scheduler})
+            if scheduler == "demo":  # the demo's own spawn form: presets, partitions, groups
+                port, env = DEMO_HUB_PORT, {"HUB_SCHEDULER": "slurm", "HUB_DEMO_FORM": "1"}
+            else:
+                port, env = HUB_PORTS[scheduler], {"HUB_SCHEDULER": scheduler}
+            hub, process = start_hub(tmp_path_factory.mktemp(f"hub-{scheduler}"), port,
+                                     secrets.token_hex(24), env)
             for user in lab_module.USERS:
                 hub.api("POST", f"/users/{user}")
             hubs[scheduler] = (hub, process)

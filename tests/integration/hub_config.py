@@ -35,8 +35,11 @@ import os
 c = get_config()  # noqa: F821
 load_subconfig(os.environ["HUB_LAB_CONFIG"])  # noqa: F821
 
-c.JupyterHub.services = [{"name": "lab-tests", "api_token": os.environ["HUB_TEST_TOKEN"]}]
-c.JupyterHub.load_roles = [
+# Beside the lab config's own services and roles (the idle culler).
+c.JupyterHub.services = list(c.JupyterHub.services) + [
+    {"name": "lab-tests", "api_token": os.environ["HUB_TEST_TOKEN"]}
+]
+c.JupyterHub.load_roles = list(c.JupyterHub.load_roles) + [
     {
         "name": "lab-tests",
         "scopes": ["admin:users", "admin:servers", "admin:server_state", "access:servers", "tokens",
@@ -69,9 +72,12 @@ if os.environ.get("HUB_AUTH_STATE_KEYS"):
     c.Authenticator.enable_auth_state = True  # JUPYTERHUB_CRYPT_KEY comes from the test
     c.SSHBatchSpawner.auth_state_ssh_key = "ssh_key"
     c.SSHBatchSpawner.ssh_key_path_template = "/nonexistent/hub-spawner-keys/{username}"
-c.SSHBatchSpawner.partitions = []  # let any well-formed queue name reach the scheduler
-c.SSHBatchSpawner.max_memory = "100G"  # so a test can ask for more than the node has
-c.SSHBatchSpawner.max_gpus = 2  # so a test can ask for GPUs the lab does not have
+if not os.environ.get("HUB_DEMO_FORM"):  # HUB_DEMO_FORM=1: the demo's spawn form as it is
+    c.SSHBatchSpawner.partitions = []  # let any well-formed queue name reach the scheduler
+    c.SSHBatchSpawner.presets = []  # the form's fields as the tests post them
+    c.SSHBatchSpawner.max_memory = "100G"  # so a test can ask for more than the node has
+    c.SSHBatchSpawner.max_walltime = "7-00:00:00"
+    c.SSHBatchSpawner.max_gpus = 2  # so a test can ask for GPUs the lab does not have
 
 
 def scenario(spawner):

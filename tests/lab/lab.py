@@ -143,6 +143,7 @@ SlurmctldLogFile={run}/slurm/log/slurmctld.log
 SlurmdLogFile={run}/slurm/log/slurmd.log
 {slurmd_parameters}NodeName=compute NodeAddr={compute_ip} CPUs={cpus} RealMemory=1000 State=UNKNOWN
 PartitionName=debug Nodes=compute Default=YES MaxTime=INFINITE State=UP
+PartitionName=long Nodes=compute MaxTime=INFINITE State=UP
 """
 
 SSHD_CONFIG_TEXT = """\
@@ -470,7 +471,7 @@ def start_sge_qmaster() -> None:
 def _wait_for_slurm() -> None:
     def idle() -> bool:
         result = in_namespace("login", ["sinfo", "-h", "-o", "%T"], check=False)
-        return result.stdout.strip() == "idle"
+        return set(result.stdout.split()) == {"idle"}  # one line per partition
 
     _wait_until(idle, 30, "Slurm node 'compute' idle")
 
