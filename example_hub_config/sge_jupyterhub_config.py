@@ -14,6 +14,8 @@ Cluster-side requirements (login node):
   them; ``python3`` is on the job's PATH (after ``job_prologue``).
 """
 
+import sys
+
 c = get_config()  # noqa: F821 - provided by JupyterHub
 
 c.JupyterHub.spawner_class = "sge-ssh"
@@ -38,11 +40,27 @@ c.SGESSHSpawner.job_prologue = "module load jupyter"  # EDIT: whatever puts it o
 c.SGESSHSpawner.cmd = ["jupyterhub-singleuser"]
 c.SGESSHSpawner.default_url = "/lab"
 
-c.SGESSHSpawner.partitions = ["interactive.q", "gpu.q"]  # EDIT: queues users may choose
+# What users choose on the spawn form. EDIT: your queues, who sees them, their limits.
+c.SGESSHSpawner.partitions = [
+    {"name": "interactive.q", "description": "interactive work, starts fast"},
+    {"name": "gpu.q", "description": "GPU nodes", "groups": ["gpu"], "max_gpus": 2,
+     "default_gpus": 1},
+]
+c.SGESSHSpawner.presets = [  # EDIT: named sets, shown first ("Custom" opens the advanced part)
+    {"name": "small", "display_name": "Small", "description": "1 core, 4 GB, 8 h", "cpus": 1,
+     "memory": "4G", "walltime": "08:00:00"},
+    {"name": "medium", "display_name": "Medium", "description": "4 cores, 16 GB, 8 h",
+     "cpus": 4, "memory": "16G", "walltime": "08:00:00"},
+    {"name": "gpu", "display_name": "GPU", "description": "1 GPU, 8 cores, 32 GB, 4 h",
+     "partition": "gpu.q", "gpus": 1, "cpus": 8, "memory": "32G", "walltime": "04:00:00",
+     "groups": ["gpu"]},
+]
+# c.SGESSHSpawner.accounts = ["proj-a", "proj-b"]  # a select instead of a text field
+# c.SGESSHSpawner.group_limits = {"power-users": {"max_cpus": 32}}
 c.SGESSHSpawner.default_partition = "interactive.q"
 c.SGESSHSpawner.max_cpus = 16
 c.SGESSHSpawner.max_memory = "128G"
-c.SGESSHSpawner.default_walltime = "04:00:00"
+c.SGESSHSpawner.default_walltime = "08:00:00"
 c.SGESSHSpawner.max_walltime = "1-00:00:00"
 # More than one core: -pe <parallel_environment> N (a PE with allocation_rule $pe_slots).  # EDIT
 c.SGESSHSpawner.parallel_environment = "smp"
@@ -54,3 +72,18 @@ c.SGESSHSpawner.gpu_resource = "gpu"  # EDIT: your consumable GPU complex
 # Queue waits count against start_timeout: allow for a busy cluster.
 c.SGESSHSpawner.start_timeout = 600
 c.SGESSHSpawner.http_timeout = 120
+
+# Idle servers are stopped (and their jobs cancelled) after an hour without use.
+c.JupyterHub.services = [
+    {
+        "name": "idle-culler",
+        "command": [sys.executable, "-m", "jupyterhub_idle_culler", "--timeout=3600"],
+    }
+]
+c.JupyterHub.load_roles = [
+    {
+        "name": "idle-culler",
+        "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"],
+        "services": ["idle-culler"],
+    }
+]

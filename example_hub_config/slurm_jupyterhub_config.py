@@ -12,6 +12,8 @@ Cluster-side requirements (login node):
   them; ``python3`` is on the job's PATH (after ``job_prologue``).
 """
 
+import sys
+
 c = get_config()  # noqa: F821 - provided by JupyterHub
 
 c.JupyterHub.spawner_class = "slurm-ssh"
@@ -36,11 +38,27 @@ c.SlurmSSHSpawner.job_prologue = "module load jupyter"  # EDIT: whatever puts it
 c.SlurmSSHSpawner.cmd = ["jupyterhub-singleuser"]
 c.SlurmSSHSpawner.default_url = "/lab"
 
-c.SlurmSSHSpawner.partitions = ["interactive", "gpu"]  # EDIT
+# What users choose on the spawn form. EDIT: your partitions, who sees them, their limits.
+c.SlurmSSHSpawner.partitions = [
+    {"name": "interactive", "description": "interactive work, starts fast"},
+    {"name": "gpu", "description": "GPU nodes", "groups": ["gpu"], "max_gpus": 2,
+     "default_gpus": 1},
+]
+c.SlurmSSHSpawner.presets = [  # EDIT: named sets, shown first ("Custom" opens the advanced part)
+    {"name": "small", "display_name": "Small", "description": "1 core, 4 GB, 8 h", "cpus": 1,
+     "memory": "4G", "walltime": "08:00:00"},
+    {"name": "medium", "display_name": "Medium", "description": "4 cores, 16 GB, 8 h",
+     "cpus": 4, "memory": "16G", "walltime": "08:00:00"},
+    {"name": "gpu", "display_name": "GPU", "description": "1 GPU, 8 cores, 32 GB, 4 h",
+     "partition": "gpu", "gpus": 1, "cpus": 8, "memory": "32G", "walltime": "04:00:00",
+     "groups": ["gpu"]},
+]
+# c.SlurmSSHSpawner.accounts = ["proj-a", "proj-b"]  # a select instead of a text field
+# c.SlurmSSHSpawner.group_limits = {"power-users": {"max_cpus": 32}}
 c.SlurmSSHSpawner.default_partition = "interactive"
 c.SlurmSSHSpawner.max_cpus = 16
 c.SlurmSSHSpawner.max_memory = "128G"
-c.SlurmSSHSpawner.default_walltime = "04:00:00"
+c.SlurmSSHSpawner.default_walltime = "08:00:00"
 c.SlurmSSHSpawner.max_walltime = "1-00:00:00"
 c.SlurmSSHSpawner.max_gpus = 2  # 0 hides the GPU field; N GPUs become --gres=gpu:N
 c.SlurmSSHSpawner.gpu_gres = "gpu"
@@ -49,3 +67,18 @@ c.SlurmSSHSpawner.qos = ""  # EDIT: e.g. "interactive" for a QOS with a short qu
 # Queue waits count against start_timeout: allow for a busy cluster.
 c.SlurmSSHSpawner.start_timeout = 600
 c.SlurmSSHSpawner.http_timeout = 120
+
+# Idle servers are stopped (and their jobs cancelled) after an hour without use.
+c.JupyterHub.services = [
+    {
+        "name": "idle-culler",
+        "command": [sys.executable, "-m", "jupyterhub_idle_culler", "--timeout=3600"],
+    }
+]
+c.JupyterHub.load_roles = [
+    {
+        "name": "idle-culler",
+        "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"],
+        "services": ["idle-culler"],
+    }
+]

@@ -12,6 +12,8 @@ Cluster-side requirements (login node):
   them; ``python3`` is on the job's PATH (after ``job_prologue``).
 """
 
+import sys
+
 c = get_config()  # noqa: F821 - provided by JupyterHub
 
 c.JupyterHub.spawner_class = "torque-ssh"
@@ -36,11 +38,27 @@ c.TorqueSSHSpawner.job_prologue = "module load jupyter"  # EDIT: whatever puts i
 c.TorqueSSHSpawner.cmd = ["jupyterhub-singleuser"]
 c.TorqueSSHSpawner.default_url = "/lab"
 
-c.TorqueSSHSpawner.partitions = ["batch", "gpu"]  # EDIT: queues users may choose
+# What users choose on the spawn form. EDIT: your queues, who sees them, their limits.
+c.TorqueSSHSpawner.partitions = [
+    {"name": "batch", "description": "interactive work, starts fast"},
+    {"name": "gpu", "description": "GPU nodes", "groups": ["gpu"], "max_gpus": 2,
+     "default_gpus": 1},
+]
+c.TorqueSSHSpawner.presets = [  # EDIT: named sets, shown first ("Custom" opens the advanced part)
+    {"name": "small", "display_name": "Small", "description": "1 core, 4 GB, 8 h", "cpus": 1,
+     "memory": "4G", "walltime": "08:00:00"},
+    {"name": "medium", "display_name": "Medium", "description": "4 cores, 16 GB, 8 h",
+     "cpus": 4, "memory": "16G", "walltime": "08:00:00"},
+    {"name": "gpu", "display_name": "GPU", "description": "1 GPU, 8 cores, 32 GB, 4 h",
+     "partition": "gpu", "gpus": 1, "cpus": 8, "memory": "32G", "walltime": "04:00:00",
+     "groups": ["gpu"]},
+]
+# c.TorqueSSHSpawner.accounts = ["proj-a", "proj-b"]  # a select instead of a text field
+# c.TorqueSSHSpawner.group_limits = {"power-users": {"max_cpus": 32}}
 c.TorqueSSHSpawner.default_partition = "batch"
 c.TorqueSSHSpawner.max_cpus = 16
 c.TorqueSSHSpawner.max_memory = "128G"
-c.TorqueSSHSpawner.default_walltime = "04:00:00"
+c.TorqueSSHSpawner.default_walltime = "08:00:00"
 c.TorqueSSHSpawner.max_walltime = "1-00:00:00"
 c.TorqueSSHSpawner.max_gpus = 2  # 0 hides the GPU field; N GPUs become nodes=1:ppn=C:gpus=N
 # PBS Pro uses select statements instead of nodes=...: replace the resource lines, e.g.
@@ -49,3 +67,18 @@ c.TorqueSSHSpawner.max_gpus = 2  # 0 hides the GPU field; N GPUs become nodes=1:
 # Queue waits count against start_timeout: allow for a busy cluster.
 c.TorqueSSHSpawner.start_timeout = 600
 c.TorqueSSHSpawner.http_timeout = 120
+
+# Idle servers are stopped (and their jobs cancelled) after an hour without use.
+c.JupyterHub.services = [
+    {
+        "name": "idle-culler",
+        "command": [sys.executable, "-m", "jupyterhub_idle_culler", "--timeout=3600"],
+    }
+]
+c.JupyterHub.load_roles = [
+    {
+        "name": "idle-culler",
+        "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"],
+        "services": ["idle-culler"],
+    }
+]

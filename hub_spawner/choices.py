@@ -170,7 +170,13 @@ def choices_for(
     offered_presets = tuple(
         preset for entry in presets if (preset := _preset(entry, groups)) is not None
     )
-    return dataclasses.replace(choices, presets=offered_presets)
+    choices = dataclasses.replace(choices, presets=offered_presets)
+    for preset in offered_presets:  # a preset the limits refuse is the admin's mistake
+        try:
+            resolve({"preset": preset.key}, choices)
+        except ValueError as error:
+            raise ValueError(f"Bad spawner setting presets[{preset.key!r}]: {error}") from None
+    return choices
 
 
 def resolve(options: Any, choices: Choices) -> Request:

@@ -179,3 +179,27 @@ def test_callables_and_dotted_class_paths_pass(tmp_path):
 def test_an_unknown_spawner_class_is_reported(tmp_path):
     path = write_config(tmp_path, 'c.JupyterHub.spawner_class = "slurm-shh"')
     assert "slurm-shh" in config_problems(path)[0]
+
+
+@pytest.mark.parametrize("name", EXAMPLE_NAMES)
+def test_every_example_form_offers_valid_choices_to_every_group(name, lab_environment):
+    """Partitions, presets and accounts are checked when the form is built: each example's
+    must build for a user in no group and in each group it names, and each preset must fit
+    its limits."""
+    from hub_spawner.choices import choices_for, resolve
+    from hub_spawner.spawner import SlurmSSHSpawner
+
+    config = PyFileConfigLoader(name, path=str(EXAMPLES_DIR)).load_config()
+    spawner_config = Config()
+    for section in config:
+        if section.endswith("Spawner"):
+            spawner_config.merge(Config({"SlurmSSHSpawner": config[section]}))
+    spawner = SlurmSSHSpawner(config=spawner_config)
+    entries = [*spawner.partitions, *spawner.presets, *spawner.accounts]
+    groups = {g for e in entries if isinstance(e, dict) for g in e.get("groups", [])}
+    for member_of in [set(), *({g} for g in sorted(groups))]:
+        choices = choices_for(spawner.resource_limits(), member_of, partitions=spawner.partitions,
+                              presets=spawner.presets, accounts=spawner.accounts,
+                              group_limits=spawner.group_limits)
+        for preset in choices.presets:
+            assert resolve({"preset": preset.key}, choices).summary == preset.title
