@@ -42,8 +42,9 @@ from traitlets.config import Config, PyFileConfigLoader
 from traitlets.utils.importstring import import_item
 
 from . import identity
+from .choices import resolve
 from .errors import BadReadyLine, JobEndedEarly, SpawnError
-from .resources import format_walltime, resources_from_options
+from .resources import format_walltime
 from .schedulers import SchedulerUnavailable, parse_check_output
 from .spawner import SSHBatchSpawner, pending_cancels
 from .ssh import SSHTarget, default_pool
@@ -185,7 +186,7 @@ def _load_spawner(
     spawner._server = Server(base_url=f"{user.url}{CHECK_SERVER}/")  # no database row here
     spawner.log = logging.getLogger("hub_spawner.check.spawner")
     try:
-        resources = resources_from_options({}, spawner.resource_limits())
+        resources = resolve({}, spawner.user_choices()).resources
         spawner.job_name, spawner.output_path = "check", "/tmp/check.out"
         spawner.secrets_path = "/tmp/check.env"
         spawner._job_script(resources)

@@ -17,6 +17,7 @@ import json
 import re
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from html import escape
 
 from .choices import Choices, Partition, format_duration, format_memory, resolve
@@ -46,6 +47,89 @@ def render_options_form(
     the refusal (shown next to its field); ``load`` the cluster's live free/total cores per
     partition, or ``None`` with ``load_note`` saying why there is none.
     """
+    return _section(choices, queue_label, values, error, load, load_note) + "\n" + _SCRIPT
+
+
+def render_cluster_forms(
+    clusters: Sequence[ClusterSection],
+    chosen: str,
+    *,
+    values: Mapping[str, str] | None = None,
+    error: OptionError | None = None,
+) -> str:
+    """The form for several clusters: a choice of cluster, then each cluster's own part (its
+    fields named ``<cluster>--<field>``). Without JavaScript every part is shown and the chosen
+    cluster's is used; the script shows only the chosen one. ``values`` and ``error`` belong to
+    the ``chosen`` cluster's part."""
+    radios = []
+    for cluster in clusters:
+        ident = f"hub-spawner-cluster-{escape(cluster.key)}"
+        detail = escape(" · ".join(x for x in (cluster.description, cluster.scheduler) if x))
+        radios.append(
+            '<div class="form-check">'
+            f'<input class="form-check-input" type="radio" name="cluster" id="{ident}" '
+            f'value="{escape(cluster.key)}"{" checked" if cluster.key == chosen else ""}>'
+            f'<label class="form-check-label" for="{ident}"><strong>{escape(cluster.title)}'
+            f'</strong> <span class="text-body-secondary">{detail}</span></label></div>'
+        )
+    parts = [
+        '<fieldset class="mb-3" id="hub-spawner-clusters">\n'
+        '<legend class="form-label fs-6 fw-semibold">Cluster</legend>\n'
+        + "\n".join(radios) + "\n</fieldset>"
+    ]
+    for cluster in clusters:
+        mine = cluster.key == chosen
+        section = _section(
+            cluster.choices, cluster.queue_label, values if mine else {},
+            error if mine else None, cluster.load, cluster.load_note,
+            prefix=f"{cluster.key}{CLUSTER_SEPARATOR}", cluster=cluster.key,
+        )
+        parts.append(
+            f'<section class="hub-spawner-cluster border rounded p-3 mb-3" '
+            f'aria-label="{escape(cluster.title)}">\n'
+            f'<h2 class="h6">{escape(cluster.title)}</h2>\n<fieldset>\n{section}\n'
+            "</fieldset></section>"
+        )
+    return "\n".join(parts) + "\n" + _SCRIPT
+
+
+@dataclass(frozen=True)
+class ClusterSection:
+    """One cluster's part of a several-cluster form."""
+
+    key: str
+    title: str
+    description: str
+    scheduler: str  # its DISPLAY_NAME
+    queue_label: str
+    choices: Choices
+    load: Sequence[QueueLoad] | None
+    load_note: str
+
+
+#: Between a cluster's key and a field's name in a several-cluster form (``hpc1--cpus``).
+CLUSTER_SEPARATOR = "--"
+
+
+def cluster_fields(formdata: Mapping[str, list[str]], key: str) -> dict[str, list[str]]:
+    """The chosen cluster's own fields of a several-cluster form, without their prefix."""
+    prefix = f"{key}{CLUSTER_SEPARATOR}"
+    return {
+        name[len(prefix):]: posted for name, posted in formdata.items()
+        if name.startswith(prefix)
+    }
+
+
+def _section(
+    choices: Choices,
+    queue_label: str,
+    values: Mapping[str, str] | None,
+    error: OptionError | None,
+    load: Sequence[QueueLoad] | None,
+    load_note: str,
+    prefix: str = "",
+    cluster: str = "",
+) -> str:
     values = dict(values or {})
     field = error.field if error is not None else ""
     chosen_preset = values.get("preset", "" if not choices.presets else None)
@@ -53,7 +137,10 @@ def render_options_form(
         chosen_preset = choices.presets[0].key
     partition = values.get("partition") or choices.limits.default_partition
     limits = choices.limits_for(partition)
-    parts = ['<div id="hub-spawner-form">']
+    parts = [
+        f'<div class="hub-spawner-form" id="hub-spawner-form" '
+        f'data-prefix="{escape(prefix)}" data-cluster="{escape(cluster)}">'
+    ]
     if error is not None and field not in FORM_FIELDS:
         parts.append(f'<div class="alert alert-danger" role="alert">{escape(str(error))}</div>')
     parts.append(_load_table(choices, queue_label, load, load_note))
@@ -77,8 +164,12 @@ def render_options_form(
     parts.append(_account_field(choices, values, _for(error, "account")))
     parts.append("</div></details>")
     parts.append("</div>")
-    parts.append(_SCRIPT)
-    return "\n".join(parts)
+    html = "\n".join(parts)
+    if prefix:  # our own attributes: the values in them are escaped, so none holds a '"'
+        html = re.sub(r'\b(id|for|aria-describedby)="hub-spawner-', rf'\1="hub-spawner-{prefix}',
+                      html)
+        html = re.sub(r'\bname="', f'name="{prefix}', html)
+    return html
 
 
 def options_from_form(formdata: Mapping[str, list[str]], choices: Choices) -> dict[str, object]:
@@ -217,7 +308,7 @@ def _radio(key: str, title: str, description: str, checked: bool) -> str:
     )
     return (
         '<div class="form-check">'
-        f'<input class="form-check-input" type="radio" name="preset" id="{ident}" '
+        f'<input class="form-check-input" type="radio" name="preset" id="{ident}" data-preset '
         f'value="{escape(key)}"{" checked" if checked else ""}>'
         f'<label class="form-check-label" for="{ident}"><strong>{escape(title)}</strong>'
         f"{detail}</label></div>"
@@ -395,20 +486,7 @@ def load_note(fetched_at: float) -> str:
 # The script only improves a form that works without it.
 _SCRIPT = """<script>
 (function () {
-  var form = document.getElementById("hub-spawner-form");
-  if (!form) { return; }
-  function $(id) { return document.getElementById("hub-spawner-" + id); }
   function short(n) { return String(Math.round(n * 1000) / 1000); }
-  function limits() {
-    var select = $("partition");
-    if (!select || select.tagName !== "SELECT") { return null; }
-    var option = select.options[select.selectedIndex];
-    return option ? JSON.parse(option.getAttribute("data-limits")) : null;
-  }
-  function help(name, text) {
-    var span = form.querySelector('[data-help="' + name + '"]');
-    if (span) { span.textContent = text; }
-  }
   function memoryText(mb) {
     return mb >= 1024 ? short(mb / 1024) + " GB" : mb + " MB";
   }
@@ -416,44 +494,80 @@ _SCRIPT = """<script>
     var d = Math.floor(s / 86400), h = Math.floor((s % 86400) / 3600);
     return (d ? d + " d" : "") + (h || !d ? (d ? " " : "") + h + " h" : "");
   }
-  function follow() {
-    var l = limits();
-    if (!l) { return; }
-    if ($("cpus")) { $("cpus").max = l.max_cpus; help("cpus", "1 to " + l.max_cpus); }
-    if ($("gpus")) { $("gpus").max = l.max_gpus; help("gpus", "0 to " + l.max_gpus); }
-    var unit = $("memory_unit").value === "M" ? 1 : 1024;
-    $("memory").max = short(l.max_memory_mb / unit);
-    help("memory", "at most " + memoryText(l.max_memory_mb));
-    var per = $("walltime_unit").value === "d" ? 86400 : 3600;
-    $("walltime").max = (l.max_walltime_seconds / per).toFixed(3);
-    help("walltime", "at most " + hoursText(l.max_walltime_seconds));
-  }
-  function custom() {
-    var radio = $("preset-custom");
-    if (radio) { radio.checked = true; }
-  }
-  var advanced = $("advanced");
-  advanced.addEventListener("change", function (event) {
-    if (event.target.id === "hub-spawner-partition" || /_unit$/.test(event.target.name)) {
-      follow();
+  var outer = null;
+  var forms = document.querySelectorAll(".hub-spawner-form");
+  function chosenForm() {  // the chosen cluster's part (or the only one)
+    var cluster = document.querySelector('input[name="cluster"]:checked');
+    for (var i = 0; i < forms.length; i++) {
+      if (!cluster || forms[i].getAttribute("data-cluster") === cluster.value) { return forms[i]; }
     }
-    custom();
-  });
-  advanced.addEventListener("input", custom);
-  form.querySelectorAll('input[name="preset"]').forEach(function (radio) {
-    radio.addEventListener("change", function () {
-      if (radio.value === "") { advanced.open = true; }
-    });
-  });
-  var outer = form.closest("form");
+    return null;
+  }
   function validateAdvanced() {
     // A preset ignores the advanced fields: their browser checks must not block it.
-    var chosen = form.querySelector('input[name="preset"]:checked');
+    var form = chosenForm();
+    var chosen = form && form.querySelector('input[type="radio"][data-preset]:checked');
     if (outer) { outer.noValidate = !!(chosen && chosen.value !== ""); }
   }
-  form.addEventListener("change", validateAdvanced);
-  form.addEventListener("input", validateAdvanced);
-  validateAdvanced();
-  follow();
+  function showCluster() {
+    var form = chosenForm();
+    forms.forEach(function (each) {
+      var section = each.closest(".hub-spawner-cluster");
+      if (section) {
+        section.hidden = each !== form;
+        section.querySelector("fieldset").disabled = each !== form;
+      }
+    });
+    validateAdvanced();
+  }
+  forms.forEach(function (form) {
+    var prefix = form.getAttribute("data-prefix") || "";
+    outer = outer || form.closest("form");
+    function $(id) { return document.getElementById("hub-spawner-" + prefix + id); }
+    function limits() {
+      var select = $("partition");
+      if (!select || select.tagName !== "SELECT") { return null; }
+      var option = select.options[select.selectedIndex];
+      return option ? JSON.parse(option.getAttribute("data-limits")) : null;
+    }
+    function help(name, text) {
+      var span = form.querySelector('[data-help="' + name + '"]');
+      if (span) { span.textContent = text; }
+    }
+    function follow() {
+      var l = limits();
+      if (!l) { return; }
+      if ($("cpus")) { $("cpus").max = l.max_cpus; help("cpus", "1 to " + l.max_cpus); }
+      if ($("gpus")) { $("gpus").max = l.max_gpus; help("gpus", "0 to " + l.max_gpus); }
+      var unit = $("memory_unit").value === "M" ? 1 : 1024;
+      $("memory").max = short(l.max_memory_mb / unit);
+      help("memory", "at most " + memoryText(l.max_memory_mb));
+      var per = $("walltime_unit").value === "d" ? 86400 : 3600;
+      $("walltime").max = (l.max_walltime_seconds / per).toFixed(3);
+      help("walltime", "at most " + hoursText(l.max_walltime_seconds));
+    }
+    function custom() {
+      var radio = $("preset-custom");
+      if (radio) { radio.checked = true; }
+    }
+    var advanced = $("advanced");
+    advanced.addEventListener("change", function (event) {
+      if (event.target === $("partition") || /_unit$/.test(event.target.name)) { follow(); }
+      custom();
+    });
+    advanced.addEventListener("input", custom);
+    form.querySelectorAll("input[data-preset]").forEach(function (radio) {
+      radio.addEventListener("change", function () {
+        if (radio.value === "") { advanced.open = true; }
+      });
+    });
+    form.addEventListener("change", validateAdvanced);
+    form.addEventListener("input", validateAdvanced);
+    follow();
+  });
+  document.querySelectorAll('input[name="cluster"]').forEach(function (radio) {
+    radio.addEventListener("change", showCluster);
+  });
+  showCluster();
 })();
 </script>"""

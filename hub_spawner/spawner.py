@@ -717,7 +717,10 @@ class SSHBatchSpawner(Spawner):
         max_walltime = parse_walltime_seconds(self.max_walltime, 1 << 40)
         return Limits(
             default_partition=self.default_partition,
-            partitions=tuple(self.partitions),
+            partitions=tuple(
+                str(entry.get("name", "")) if isinstance(entry, dict) else entry
+                for entry in self.partitions
+            ),
             default_cpus=self.default_cpus,
             max_cpus=self.max_cpus,
             default_memory_mb=(
@@ -837,10 +840,10 @@ class SSHBatchSpawner(Spawner):
             self._template_variables(resources)
         except ValueError as error:
             raise BadOptions(str(error)) from None
-        self._show_request(request)
         certs_dir = self.certs_dir  # move_certs ran just before start()
         self._reset_job()
         self.certs_dir = certs_dir
+        self._show_request(request)
         self._starting = True
         try:
             url = await self._start_job(resources)

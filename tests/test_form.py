@@ -61,7 +61,7 @@ def test_a_refused_form_comes_back_with_the_message_next_to_its_field_and_values
     assert '<option value="long" selected' in html
     assert '<option value="d" selected>' in field_html(html, "walltime")
     assert "<details class=\"mb-3 border rounded p-2\" id=\"hub-spawner-advanced\" open>" in html
-    assert 'id="hub-spawner-preset-custom" value="" checked' in html
+    assert 'id="hub-spawner-preset-custom" data-preset value="" checked' in html
 
 
 def test_numbers_are_joined_with_their_units():
@@ -91,7 +91,7 @@ def test_live_load_is_shown_for_the_users_partitions_only():
     html = render_options_form(choices_for(BASE, set(), partitions=PARTITIONS), load=load,
                                load_note="as of 12:00:00 UTC")
     assert "<td>short</td><td>3 of 8</td>" in html
-    assert "hidden" not in html and "<td>gpu</td>" not in html
+    assert "<td>hidden</td>" not in html and "<td>gpu</td>" not in html
     assert "short (3 of 8 cores free)" in html
 
 
@@ -104,4 +104,4 @@ def test_unavailable_load_says_so_and_the_form_still_works():
 def test_free_text_partition_and_account_without_lists():
     html = render_options_form(choices_for(Limits(), set()))
     assert 'name="partition" type="text"' in html and 'name="account" type="text"' in html
-    assert 'type="radio"' not in html
+    assert 'name="preset"' not in html

@@ -8,6 +8,7 @@ run once, on Slurm."""
 from __future__ import annotations
 
 import pwd
+import re
 import socket
 import subprocess
 import time
@@ -100,6 +101,12 @@ def test_unknown_host_key_fails_the_spawn_and_is_never_accepted(hub):
 def test_walltime_end_stops_the_server_and_says_why(hub):
     events, _ = hub.spawn("alice", "short-walltime", options={"walltime": "1"})
     assert events[-1].get("ready"), events
+    state = hub.api("GET", "/users/alice").json()["servers"]["short-walltime"]["state"]
+    assert state["walltime_seconds"] == 60 and state["ends_at"].endswith("Z"), state
+    # Less than walltime_warning (10 min) is left from the start: the first poll says so.
+    assert wait_for(lambda: re.search(
+        rf"short-walltime.*: job {state['job_id']} reaches its walltime at "
+        rf"{state['ends_at']} \(in 0 min\); Slurm will stop the server then", hub.log()), 30)
 
     def stopped() -> bool:
         servers = hub.api("GET", "/users/alice").json()["servers"]
