@@ -22,7 +22,7 @@ from html import escape
 
 from .choices import Choices, Partition, format_duration, format_memory, resolve
 from .resources import Limits, OptionError, format_walltime
-from .schedulers import QueueLoad
+from .schedulers import ALL_NODES, QueueLoad
 
 _NUMBER = re.compile(r"([0-9]{1,9})(?:\.([0-9]{1,3}))?")
 _WALLTIME_UNITS = {"h": 3600, "d": 86400}
@@ -276,7 +276,7 @@ def _load_table(
 def _visible_load(choices: Choices, load: Sequence[QueueLoad]) -> list[QueueLoad]:
     if not choices.partitions:
         return list(load)
-    names = {p.name for p in choices.partitions}
+    names = {p.name for p in choices.partitions} | {ALL_NODES}
     return [row for row in load if row.name in names]
 
 

@@ -65,7 +65,7 @@ from .resources import (
     parse_name,
     parse_walltime_seconds,
 )
-from .schedulers import JobState, JobStatus, SubmitRejected, sge, slurm, torque
+from .schedulers import JobState, JobStatus, QueuePlace, SubmitRejected, sge, slurm, torque
 from .ssh import FileFollower, LoginConnection, SSHTarget, client_identity, default_pool
 from .tunnels.client import TunnelClient, TunnelError
 from .tunnels.forwards import Login
@@ -1003,7 +1003,8 @@ class SSHBatchSpawner(Spawner):
 
     async def _follow_job(self, follower: FileFollower | None) -> jobscript.ReadyLine:
         interval = self.status_interval
-        reported = None
+        reported: Any = None
+        pending_since, last_said = 0.0, 0.0
         while True:
             status = await self._job_status()
             if status.state is JobState.ERROR:
@@ -1018,10 +1019,16 @@ class SSHBatchSpawner(Spawner):
                     f"{await self._explain_end(status)}."
                     + (f" Last output of the job:\n{tail}" if tail else " It printed nothing.")
                 )
-            if status.state is JobState.PENDING and reported != ("pending", status.reason):
-                reported = ("pending", status.reason)
-                why = f": {status.reason}" if status.reason else ""
-                self._emit(30, f"Job {self.job_id} is waiting in the queue{why}")
+            if status.state is JobState.PENDING:
+                pending_since = pending_since or time.monotonic()
+                waited = time.monotonic() - pending_since
+                said = (status.reason, await self._queue_place())
+                if reported != ("pending", said) or waited - last_said >= 60:
+                    reported, last_said = ("pending", said), waited
+                    # The bar creeps from 30 to 45 while the job waits, a step per message.
+                    creep = min(30 + sum(1 for e in self._progress_events
+                                         if e["progress"] >= 30), 45)
+                    self._emit(creep, self._pending_message(status.reason, said[1], waited))
             elif status.state is JobState.RUNNING:
                 if not self.job_started_at:
                     self.job_started_at = time.time()
@@ -1048,6 +1055,37 @@ class SSHBatchSpawner(Spawner):
                 # asked in between only to see a job that ends or waits without a word.
                 interval = min(interval * 1.5, self.status_interval_max)
                 await follower.wait(interval)
+
+    async def _queue_place(self) -> QueuePlace | None:
+        """The pending job's place in its queue and estimated start, where the scheduler
+        tells (Slurm); ``None`` otherwise or when it cannot be asked."""
+        scheduler = self.scheduler
+        if not hasattr(scheduler, "pending_queue_command"):
+            return None
+        try:
+            connection = await self._connection()
+            output = await connection.run(
+                scheduler.pending_queue_command(), timeout=self.command_timeout
+            )
+        except ClusterUnreachable:
+            return None
+        return scheduler.parse_pending_queue(output, self.job_id)
+
+    def _pending_message(self, reason: str, place: QueuePlace | None, waited: float) -> str:
+        """``Job 12 is waiting in the queue: waiting for free cores (Slurm: Resources); 2nd
+        of 3 waiting in its partition; Slurm expects it to start around 14:05``."""
+        parts = [self.scheduler.explain_pending(reason)]
+        if place is not None:
+            parts.append(f"{_ordinal(place.position)} of {place.waiting} waiting in its "
+                         f"{self.scheduler.QUEUE_LABEL.lower()}")
+            if place.estimated_start:
+                parts.append(f"{self.scheduler.DISPLAY_NAME} expects it to start around "
+                             f"{_readable_start(place.estimated_start)}")
+        text = "; ".join(part for part in parts if part)
+        head = f"Job {self.job_id} is waiting in the queue"
+        if waited >= 60:
+            head = f"Job {self.job_id} is still waiting in the queue ({int(waited // 60)} min)"
+        return f"{head}: {text}" if text else head
 
     async def _read_ready_line(
         self, scheduled_node: str, follower: FileFollower | None = None
@@ -2039,6 +2077,26 @@ def _state_time(state: dict[str, Any], key: str) -> float:
         return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
     except ValueError:
         return 0.0
+
+
+def _ordinal(number: int) -> str:
+    """``1st``, ``2nd``, ``3rd``, ``4th``, ``11th``, ``21st``."""
+    if 10 <= number % 100 <= 20:
+        return f"{number}th"
+    return f"{number}{ {1: 'st', 2: 'nd', 3: 'rd'}.get(number % 10, 'th') }"
+
+
+def _readable_start(text: str) -> str:
+    """A scheduler's ``2026-12-05T14:05:00`` (the cluster's local time) as ``14:05`` when it
+    is today there and ``2026-12-05 14:05`` otherwise; anything else as it is."""
+    try:
+        when = time.strptime(text, "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        return text
+    today = time.localtime()
+    if (when.tm_year, when.tm_yday) == (today.tm_year, today.tm_yday):
+        return time.strftime("%H:%M", when)
+    return time.strftime("%Y-%m-%d %H:%M", when)
 
 
 def _state_text(state: dict[str, Any], key: str) -> str:

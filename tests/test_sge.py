@@ -194,3 +194,68 @@ def test_entity_expansion_and_oversized_listings_are_unknown_without_hanging():
         status = sge.parse_status_output(CommandOutput(0, stdout, ""), "1")
         assert status.state is JobState.UNKNOWN
         assert "unreadable qstat -xml output" in status.reason
+
+
+# --- the spawn form's live load (qstat -g c) ----------------------------------------------
+
+
+def test_load_command_is_the_cluster_queue_summary():
+    assert sge.load_command() == "qstat -g c"
+
+
+def test_load_of_the_lab_gives_available_and_total_slots():
+    (idle,) = sge.parse_load_output(recorded("sge", "load_idle"))
+    (busy,) = sge.parse_load_output(recorded("sge", "load_one_core_used"))
+    assert (idle.name, idle.cores_free, idle.cores_total) == ("all.q", 2, 2)
+    assert (busy.name, busy.cores_free, busy.cores_total) == ("all.q", 1, 2)
+    assert idle.gpus_total is None and idle.nodes_total is None
+
+
+def test_load_reads_columns_by_name_and_leaves_disabled_slots_out():
+    # Grid Engine 6.1's summary has no RES column; gpu.q has 8 of its 16 slots disabled.
+    output = CommandOutput(0, (
+        "CLUSTER QUEUE                   CQLOAD   USED  AVAIL  TOTAL aoACDS  cdsuE  \n"
+        "-------------------------------------------------------------------------------\n"
+        "all.q                             0.52     40     24     64      0      0 \n"
+        "gpu.q                             -NA-      0      8     16      0      8 \n"), "")
+    assert [(row.name, row.cores_free, row.cores_total)
+            for row in sge.parse_load_output(output)] == [("all.q", 24, 64), ("gpu.q", 8, 16)]
+
+
+def test_load_when_the_qmaster_is_down_raises_with_grid_engines_words():
+    with pytest.raises(ValueError, match="unable to send message to qmaster"):
+        sge.parse_load_output(recorded("sge", "load_controller_down"))
+
+
+@pytest.mark.parametrize("text", ["all.q 0.1 0 0 2 2 0 0\n",  # no header
+                                  "CLUSTER QUEUE CQLOAD USED RES AVAIL TOTAL aoACDS cdsuE\n"
+                                  "all.q 0.1 0 0 two 2 0 0\n",
+                                  "CLUSTER QUEUE CQLOAD USED RES AVAIL TOTAL aoACDS cdsuE\n"
+                                  "all.q 0.1 0\n", ""])
+def test_an_unreadable_summary_is_a_value_error(text):
+    with pytest.raises(ValueError, match="qstat -g c"):
+        sge.parse_load_output(CommandOutput(0, text, ""))
+
+
+# --- a pending job in words ----------------------------------------------------------------
+
+
+def test_the_recorded_pending_reason_reads_as_waiting_for_free_slots():
+    reason = sge.parse_pending_reason(recorded("sge", "qstat_j_pending"))
+    assert reason
+    assert sge.explain_pending(reason).startswith("waiting for free slots")
+    assert "(Grid Engine: " in sge.explain_pending(reason)
+
+
+@pytest.mark.parametrize("reason, words", [
+    ('cannot run because it exceeds limit "alice/////" in rule "per_user/1"',
+     "your limit (a resource quota) is reached"),
+    ("job dropped because of job dependencies", "Grid Engine says: job dropped"),
+    ("", ""),
+])
+def test_grid_engine_reasons_in_plain_words(reason, words):
+    assert sge.explain_pending(reason).startswith(words)
+
+
+def test_a_long_grid_engine_reason_is_shortened():
+    assert len(sge.explain_pending("x" * 1000)) < 200

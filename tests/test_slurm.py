@@ -162,3 +162,98 @@ def test_job_id_with_a_line_break_or_junk_is_refused(job_id):
 def test_submit_output_whose_id_has_junk_after_it_is_rejected():
     with pytest.raises(SubmitRejected, match="no job id"):
         slurm.parse_submit_output(CommandOutput(0, "1234 x\n", ""))
+
+
+# --- the spawn form's live load (sinfo) ---------------------------------------------------
+
+
+def test_load_command_asks_sinfo_for_one_line_per_node_and_partition():
+    words = shlex.split(slurm.load_command())
+    assert words[:3] == ["sinfo", "--noheader", "--Node"]
+    assert words[3] == ("--Format=PartitionName:|,NodeHost:|,CPUsState:|,Gres:|,GresUsed:|,"
+                        "StateLong:")
+
+
+def test_load_of_the_idle_lab_is_every_core_free_in_both_partitions():
+    loads = slurm.parse_load_output(recorded("load_idle"))
+    assert [(row.name, row.cores_free, row.cores_total, row.nodes_free, row.nodes_total)
+            for row in loads] == [("debug", 2, 2, 1, 1), ("long", 2, 2, 1, 1)]
+    assert all(row.gpus_total is None and row.gpus_free is None for row in loads)
+
+
+def test_load_with_one_core_used_counts_the_mixed_node_as_not_idle():
+    loads = slurm.parse_load_output(recorded("load_one_core_used"))
+    assert [(row.name, row.cores_free, row.cores_total, row.nodes_free) for row in loads] == [
+        ("debug", 1, 2, 0), ("long", 1, 2, 0)]
+
+
+def test_load_when_the_controller_is_down_raises_with_slurms_words():
+    with pytest.raises(ValueError, match="Unable to contact slurm controller"):
+        slurm.parse_load_output(recorded("load_controller_down"))
+
+
+def test_load_sums_gpus_per_partition_and_counts_none_free_on_a_down_or_full_node():
+    # sinfo lines as Slurm 22.05 prints them for GPU nodes (GRES with types and sockets).
+    output = CommandOutput(0, "\n".join([
+        "gpu|g01|4/28/0/32|gpu:a100:4(S:0-1)|gpu:a100:1(IDX:0)|mixed",
+        "gpu|g02|0/0/32/32|gpu:a100:4(S:0-1)|gpu:a100:0(IDX:N/A)|down*",
+        "gpu|g03|32/0/0/32|gpu:a100:2(S:0),gpu:v100:2(S:1)|gpu:a100:0(IDX:N/A),gpu:v100:0(IDX:N/A)|allocated",
+        "cpu|c01|0/64/0/64|(null)|(null)|idle",
+        "cpu|c02|0/0/64/64|(null)|(null)|drained",
+    ]) + "\n", "")
+    gpu, cpu = slurm.parse_load_output(output)
+    assert (gpu.name, gpu.cores_free, gpu.cores_total) == ("gpu", 28, 96)
+    assert (gpu.gpus_free, gpu.gpus_total) == (3, 12)
+    assert (gpu.nodes_free, gpu.nodes_total) == (0, 3)
+    assert (cpu.cores_free, cpu.cores_total, cpu.nodes_free, cpu.nodes_total) == (64, 128, 1, 2)
+    assert cpu.gpus_total is None
+
+
+@pytest.mark.parametrize("line", ["debug|compute|0/2/0|(null)|(null)|idle", "debug|compute",
+                                  "debug|compute|a/b/c/d|(null)|(null)|idle"])
+def test_an_unreadable_load_line_is_a_value_error(line):
+    with pytest.raises(ValueError, match="unreadable sinfo"):
+        slurm.parse_load_output(CommandOutput(0, line + "\n", ""))
+
+
+# --- a pending job in words, its place and start estimate ---------------------------------
+
+
+@pytest.mark.parametrize("reason, words", [
+    ("Resources", "waiting for free cores, memory or GPUs (Slurm: Resources)"),
+    ("Priority", "other jobs are ahead of it in the queue (Slurm: Priority)"),
+    ("AssocGrpCpuLimit", "your group's (account's) limit is reached"),
+    ("QOSMaxCpuPerUserLimit", "your limit is reached; it starts when your other jobs end"),
+    ("ReqNodeNotAvail, UnavailableNodes:compute", "the nodes it needs are down, drained or"),
+    ("PartitionTimeLimit", "choose a shorter walltime"),
+    ("SomethingNew", "Slurm says: SomethingNew"),
+])
+def test_pending_reasons_are_explained_in_plain_words_with_the_code_kept(reason, words):
+    assert words in slurm.explain_pending(reason)
+
+
+@pytest.mark.parametrize("reason", ["", "None", "(None)"])
+def test_no_pending_reason_explains_to_nothing(reason):
+    assert slurm.explain_pending(reason) == ""
+
+
+def test_pending_queue_gives_the_place_by_priority_and_slurms_start_estimate():
+    # Recorded: a 2-core job running on the 2-core node, two more waiting (bf_interval=5).
+    output = recorded("squeue_pending_queue")
+    first = slurm.parse_pending_queue(output, "7")
+    second = slurm.parse_pending_queue(output, "8")
+    assert (first.position, first.waiting) == (1, 2)
+    assert (second.position, second.waiting) == (2, 2)
+    assert first.estimated_start == "2026-12-05T13:05:31"
+    assert second.estimated_start == "2026-12-05T13:15:00"
+    assert slurm.parse_pending_queue(output, "99") is None
+
+
+def test_pending_queue_counts_only_the_jobs_partition_and_sorts_by_priority():
+    output = CommandOutput(0, "30|debug|100|N/A\n31|long|900|N/A\n32|debug,long|500|N/A\n"
+                              "33|debug|500|2026-12-05T14:00:00\n", "")
+    place = slurm.parse_pending_queue(output, "33")
+    assert (place.position, place.waiting, place.estimated_start) == (
+        2, 3, "2026-12-05T14:00:00")  # 32 (same priority, older) first, then 33, then 30
+    assert slurm.parse_pending_queue(output, "30").estimated_start == ""
+    assert slurm.parse_pending_queue(CommandOutput(1, "", "error"), "33") is None

@@ -1,7 +1,9 @@
 """hub_spawner/spawner.py pieces that need no cluster: job scripts for hostile names, state."""
 
 import asyncio
+import logging
 import subprocess
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -10,12 +12,14 @@ from traitlets import TraitError
 from hub_spawner.errors import BadOptions, BadReadyLine, ClusterUnreachable, JobRejected
 from hub_spawner.jobfiles import RemoteEntry
 from hub_spawner.resources import Resources
-from hub_spawner.schedulers import CommandOutput
+from hub_spawner.schedulers import CommandOutput, QueuePlace
 from hub_spawner.spawner import (
     STATE_VERSION,
     SGESSHSpawner,
     SlurmSSHSpawner,
     TorqueSSHSpawner,
+    _ordinal,
+    _readable_start,
     _slug,
 )
 
@@ -424,3 +428,48 @@ def test_a_poll_asks_for_the_forwards_only_when_the_listing_lacks_them(listing, 
         assert asyncio.run(spawner._listed_up()) is up
     finally:
         type(spawner)._tunnels = tunnel_client_of
+
+
+# --- what the spawn page says while the job waits, and near the walltime -------------------
+
+
+def test_a_pending_message_puts_the_reason_place_and_estimate_in_words():
+    spawner = make_spawner()
+    spawner.job_id = "12"
+    today = time.strftime("%Y-%m-%dT14:05:00")
+    message = spawner._pending_message("Resources", QueuePlace(2, 3, today), 0)
+    assert message == (
+        "Job 12 is waiting in the queue: waiting for free cores, memory or GPUs (Slurm: "
+        "Resources); 2nd of 3 waiting in its partition; Slurm expects it to start around 14:05")
+    later = spawner._pending_message("Priority", QueuePlace(1, 1, "2031-01-02T03:04:05"), 130)
+    assert later.startswith("Job 12 is still waiting in the queue (2 min): other jobs")
+    assert later.endswith("expects it to start around 2031-01-02 03:04")
+    assert spawner._pending_message("", None, 0) == "Job 12 is waiting in the queue"
+
+
+@pytest.mark.parametrize("number, text", [(1, "1st"), (2, "2nd"), (3, "3rd"), (4, "4th"),
+                                          (11, "11th"), (12, "12th"), (13, "13th"),
+                                          (21, "21st"), (102, "102nd"), (111, "111th")])
+def test_ordinals(number, text):
+    assert _ordinal(number) == text
+
+
+def test_an_unreadable_start_estimate_is_shown_as_the_scheduler_wrote_it():
+    assert _readable_start("soon") == "soon"
+
+
+def test_the_walltime_warning_is_logged_once_when_the_end_is_near(caplog):
+    spawner = make_spawner()
+    spawner.job_id, spawner.walltime_seconds = "12", 3600
+    spawner.walltime_warning = 600
+    spawner.job_started_at = time.time() - 3600 + 1200  # 20 min left: no warning yet
+    with caplog.at_level(logging.WARNING):
+        spawner._warn_near_walltime()
+        assert "reaches its walltime" not in caplog.text
+        spawner.job_started_at = time.time() - 3600 + 300  # 5 min left
+        spawner._warn_near_walltime()
+        spawner._warn_near_walltime()
+    warnings = [r.getMessage() for r in caplog.records if "reaches its walltime" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "job 12 reaches its walltime at " in warnings[0] and "(in 4 min)" in warnings[0]
+    assert "Slurm will stop the server then" in warnings[0]

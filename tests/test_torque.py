@@ -167,3 +167,73 @@ def test_entity_expansion_and_oversized_xml_are_unknown_without_hanging():
         status = torque.parse_status_output(CommandOutput(0, stdout, ""), "1.s")
         assert status.state is JobState.UNKNOWN
         assert "unreadable qstat -x output" in status.reason
+
+
+# --- the spawn form's live load (pbsnodes -a) ---------------------------------------------
+
+
+def test_load_command_lists_every_node():
+    assert torque.load_command() == "pbsnodes -a"
+
+
+def test_load_of_the_labs_wrapper_is_one_all_nodes_row():
+    (idle,) = torque.parse_load_output(recorded("torque", "load_idle"))
+    assert (idle.name, idle.cores_free, idle.cores_total, idle.nodes_free) == (
+        "all nodes", 2, 2, 1)
+    # The wrapper prints Slurm's "mixed" and no job list: the node counts as full.
+    (busy,) = torque.parse_load_output(recorded("torque", "load_one_core_used"))
+    assert (busy.cores_free, busy.cores_total, busy.nodes_free) == (0, 2, 0)
+
+
+def test_load_of_torque6_counts_the_cores_its_job_lists_name():
+    # n001: 16 cores, 0-3 and 4 in use; n002 down,offline; n003 job-exclusive; n004 free.
+    (row,) = torque.parse_load_output(recorded("torque", "torque6_pbsnodes"))
+    assert (row.cores_free, row.cores_total) == (11 + 8, 48)
+    assert (row.nodes_free, row.nodes_total) == (1, 4)
+    assert row.gpus_total is None  # Torque's "gpus" has no used count
+
+
+def test_load_of_pbs_pro_uses_assigned_resources_and_counts_gpus():
+    # cn01: 8 of 32 cores and 1 of 4 GPUs assigned; cn02 job-busy; cn03 offline.
+    (row,) = torque.parse_load_output(recorded("torque", "pbspro_pbsnodes"))
+    assert (row.cores_free, row.cores_total) == (24, 96)
+    assert (row.gpus_free, row.gpus_total) == (3, 12)
+    assert (row.nodes_free, row.nodes_total) == (0, 3)
+
+
+def test_load_when_the_server_is_down_raises_with_its_words():
+    with pytest.raises(ValueError, match="cannot connect to server"):
+        torque.parse_load_output(recorded("torque", "torque6_pbsnodes_no_server"))
+
+
+def test_a_node_without_a_core_count_is_a_value_error():
+    with pytest.raises(ValueError, match="no readable np"):
+        torque.parse_load_output(CommandOutput(0, "n1\n     state = free\n", ""))
+
+
+def test_no_nodes_is_no_rows():
+    assert torque.parse_load_output(CommandOutput(0, "", "")) == []
+
+
+# --- a pending job in words ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reason, words", [
+    ("", ""),
+    ("Not Running: Insufficient amount of resource: ncpus (R: 4 A: 2 T: 2)",
+     "waiting for free cores, memory or GPUs (Torque/PBS: Not Running: Insufficient"),
+    ("Not Running: User has reached queue workq running job limit.",
+     "your (or your group's) limit is reached"),
+    ("Can Never Run: Insufficient amount of queue resource: ncpus",
+     "it can never run as asked for"),
+    ("Something else entirely", "Torque/PBS says: Something else entirely"),
+])
+def test_pbs_comments_in_plain_words(reason, words):
+    assert torque.explain_pending(reason).startswith(words)
+
+
+def test_a_held_jobs_reason_stays_plain():
+    status = torque.parse_status_output(recorded("torque", "torque6_qstat_f_held"),
+                                        "1235.torque-server.example.org")
+    explained = torque.explain_pending(status.reason)
+    assert explained.startswith("the job is held")

@@ -19,6 +19,14 @@ Every module provides:
   then asks the controller about the user's jobs (fails when the controller is down);
   ``parse_check_output`` reads it.
 
+A scheduler that can say what is free provides ``load_command()`` and
+``parse_load_output(output)`` (a ``QueueLoad`` per partition or queue, or one ``ALL_NODES`` row;
+``ValueError`` with the scheduler's words when it failed), for the spawn form.
+
+Every scheduler provides ``explain_pending(reason)``: the reason a job waits, in words a
+researcher understands. One that can tell a pending job's place in the queue provides
+``pending_queue_command()`` and ``parse_pending_queue(output, job_id)`` (``QueuePlace``).
+
 A scheduler whose jobs can stop in an error state (``JobState.ERROR``) also provides
 ``detail_command(job_id)`` and ``parse_error_reason(output)``, and, if its status listing has no
 pending reason, ``parse_pending_reason(output)`` of the same details; one that forgets ended
@@ -157,3 +165,17 @@ class QueueLoad:
     gpus_total: int | None = None
     nodes_free: int | None = None
     nodes_total: int | None = None
+
+
+@dataclass(frozen=True)
+class QueuePlace:
+    """Where a pending job stands: its ``position`` among the ``waiting`` jobs of its
+    partition (by priority, 1 is next) and the scheduler's estimated start (``""``: none)."""
+
+    position: int
+    waiting: int
+    estimated_start: str = ""
+
+
+#: The name of the one load row of a scheduler whose nodes are not tied to queues (Torque).
+ALL_NODES = "all nodes"

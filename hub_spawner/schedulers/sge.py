@@ -21,7 +21,7 @@ import shlex
 from typing import Any
 
 from ..resources import Resources, format_walltime
-from . import CommandOutput, JobState, JobStatus, SubmitRejected, parse_xml
+from . import CommandOutput, JobState, JobStatus, QueueLoad, SubmitRejected, parse_xml
 
 NAME = "sge"
 DISPLAY_NAME = "Grid Engine"
@@ -179,7 +179,7 @@ def _status_from_letters(state_name: str, node: str) -> JobStatus:
         return JobStatus(
             JobState.PENDING,
             state_name=state_name,
-            reason="the job is held (by you, an administrator or a dependency); "
+            reason=_HELD_WORDS + " (by you, an administrator or a dependency); "
             "it starts once released (qrls)",
             node=node,
         )
@@ -214,6 +214,36 @@ def parse_pending_reason(output: CommandOutput) -> str:
     if not text or "turned off" in text or "no messages available" in text:
         return ""
     return text
+
+
+_HELD_WORDS = "the job is held"
+
+# Grid Engine's scheduling info messages (sge_schedd's), by the words that mark them, in plain
+# words; the first that matches wins.
+_PENDING_WORDS = (
+    ("hold state", "it is held (by you or an administrator); it starts once released (qrls)"),
+    ("exceeds limit", "your limit (a resource quota) is reached; it starts when your other "
+                      "jobs end"),
+    ("has no permission", "you may not use that queue; stop it and choose another"),
+    ("is full", "waiting for free slots"),
+    ("overload", "waiting for free slots (the nodes are full or overloaded)"),
+    ("only offers", "waiting for free slots in its parallel environment"),
+    ("offers only", "no node has enough of what it asks for free now"),
+    ("is not allowed to run in any queue", "no queue takes it as asked for; stop it and ask "
+                                           "for less"),
+    ("start time", "waiting for its requested start time"),
+    ("predecessor", "waiting for the jobs it depends on"),
+)
+
+
+def explain_pending(reason: str) -> str:
+    """Grid Engine's scheduling info in plain words, the start of its text kept for admins."""
+    text = reason.strip()
+    if not text or text.startswith(_HELD_WORDS):  # ours already (a hold, from the status)
+        return text
+    words = next((plain for marker, plain in _PENDING_WORDS if marker in text), "")
+    short = text if len(text) <= 160 else text[:157] + "..."
+    return f"{words} (Grid Engine: {short})" if words else f"Grid Engine says: {short}"
 
 
 def parse_error_reason(output: CommandOutput) -> str:
@@ -292,6 +322,42 @@ def cancel_command(job_id: str) -> str:
 def cancel_by_name_command(job_name: str, cluster_username: str) -> str:
     """Command line that deletes the user's jobs with this (unique) name."""
     return f"qdel -u {shlex.quote(cluster_username)} {shlex.quote(job_name)}"
+
+
+def load_command() -> str:
+    """The cluster queue summary: used, reserved, available and total slots per queue."""
+    return "qstat -g c"
+
+
+def parse_load_output(output: CommandOutput) -> list[QueueLoad]:
+    """Read ``qstat -g c``: free (``AVAIL``) and total (``TOTAL``) slots per cluster queue.
+
+    Guarantees: columns are found by the header's names (Grid Engine 6.1 has no ``RES``);
+    slots of disabled, suspended or alarmed queue instances are not ``AVAIL``, so never free;
+    GPUs and nodes are ``None`` (the summary has neither); ``ValueError`` when qstat failed or
+    printed no header or a row we cannot read.
+    """
+    if output.exit_status != 0:
+        raise ValueError(f"qstat -g c failed: {_error_text(output) or output.exit_status}")
+    columns: list[str] = []
+    loads = []
+    for line in output.stdout.splitlines():
+        if not line.strip() or set(line.strip()) == {"-"}:
+            continue
+        if line.startswith("CLUSTER QUEUE"):
+            columns = ["QUEUE", *line.split()[2:]]
+            continue
+        values = line.split()
+        if not columns or len(values) != len(columns):
+            raise ValueError(f"unreadable qstat -g c line {line!r}")
+        row = dict(zip(columns, values, strict=True))
+        try:
+            loads.append(QueueLoad(row["QUEUE"], int(row["AVAIL"]), int(row["TOTAL"])))
+        except (KeyError, ValueError):
+            raise ValueError(f"unreadable qstat -g c line {line!r}") from None
+    if not columns:
+        raise ValueError("qstat -g c printed no header")
+    return loads
 
 
 def quote_job_id(job_id: str) -> str:

@@ -17,7 +17,7 @@ import shlex
 from typing import Any
 
 from ..resources import Resources
-from . import CommandOutput, JobState, JobStatus, SubmitRejected
+from . import CommandOutput, JobState, JobStatus, QueueLoad, QueuePlace, SubmitRejected
 
 NAME = "slurm"
 DISPLAY_NAME = "Slurm"
@@ -217,6 +217,89 @@ def explain_end(status: JobStatus) -> str:
     return status.reason or "Slurm no longer lists it"
 
 
+# Slurm's pending reasons (squeue(1) "JOB REASON CODES"), in plain words; prefixes cover the
+# families (AssocGrp*, QOSMax*...).
+_PENDING_WORDS = {
+    "Resources": "waiting for free cores, memory or GPUs",
+    "Priority": "other jobs are ahead of it in the queue",
+    "ReqNodeNotAvail": "the nodes it needs are down, drained or reserved",
+    "PartitionDown": "the partition is down; an administrator has to bring it back",
+    "PartitionInactive": "the partition is inactive; an administrator has to bring it back",
+    "PartitionNodeLimit": "it asks for more nodes than the partition allows; it will not start: "
+    "stop it and ask for fewer",
+    "PartitionTimeLimit": "its walltime is longer than the partition allows; it will not start: "
+    "stop it and choose a shorter walltime",
+    "JobHeldUser": "it is held (by you); release it with scontrol release",
+    "JobHeldAdmin": "it is held by an administrator",
+    "BeginTime": "waiting for its requested start time",
+    "Dependency": "waiting for the jobs it depends on",
+    "DependencyNeverSatisfied": "the jobs it depends on failed; it will never start",
+    "Reservation": "waiting for its reservation",
+    "Licenses": "waiting for free licenses",
+    "NodeDown": "a node it needs is down",
+    "BadConstraints": "no node has the features it asks for; it will not start",
+    "InvalidAccount": "the account is not valid for you; stop it and choose another",
+    "InvalidQOS": "the QOS is not valid for you; stop it and choose another",
+    "Cleaning": "being requeued after a previous run",
+    "launch failed requeued held": "its start failed and an administrator has to release it",
+}
+_PENDING_PREFIXES = (
+    ("AssocGrp", "your group's (account's) limit is reached; it starts when your group's "
+                 "other jobs end"),
+    ("AssocMax", "your account's per-job limit is exceeded; it will not start: ask for less"),
+    ("QOSGrp", "the QOS's limit for everyone is reached; it starts when other jobs end"),
+    ("QOSMax", "your limit is reached; it starts when your other jobs end"),
+    ("QOSMin", "it asks for less than the QOS's minimum"),
+)
+
+
+def explain_pending(reason: str) -> str:
+    """Slurm's pending reason in plain words, its code kept for admins (``""`` for none)."""
+    code = reason.strip().strip("()")
+    if not code or code == "None":
+        return ""
+    key = code.split(",")[0].strip()  # "ReqNodeNotAvail, UnavailableNodes:node01"
+    words = _PENDING_WORDS.get(key)
+    if words is None:
+        words = next((text for prefix, text in _PENDING_PREFIXES if key.startswith(prefix)), "")
+    return f"{words} (Slurm: {code})" if words else f"Slurm says: {code}"
+
+
+def pending_queue_command() -> str:
+    """Every pending job the user may see: ``ID|PARTITION|PRIORITY|EXPECTED START``."""
+    fmt = _FIELD_SEPARATOR.join(["%i", "%P", "%Q", "%S"])
+    return f"squeue --noheader --states=PENDING --format={shlex.quote(fmt)}"
+
+
+def parse_pending_queue(output: CommandOutput, job_id: str) -> QueuePlace | None:
+    """The job's place among the pending jobs of its (first) partition, by priority then age
+    (job id), and Slurm's expected start (set by the backfill scheduler; ``""`` when it has
+    none). ``None`` when squeue failed or does not list the job (``PrivateData=jobs`` hides
+    the others: then the place counts only the user's jobs)."""
+    if output.exit_status != 0:
+        return None
+    jobs = []
+    for line in output.stdout.splitlines():
+        fields = [field.strip() for field in line.split(_FIELD_SEPARATOR)]
+        if len(fields) != 4 or not fields[2].isdigit():
+            continue
+        listed, partitions, priority, start = fields
+        jobs.append((listed, partitions.split(",")[0], int(priority), start))
+    mine = next((job for job in jobs if job[0] == job_id), None)
+    if mine is None:
+        return None
+    queue = sorted((job for job in jobs if job[1] == mine[1]),
+                   key=lambda job: (-job[2], _job_number(job[0])))
+    position = 1 + [job[0] for job in queue].index(job_id)
+    start = "" if mine[3] in ("N/A", "Unknown", "") else mine[3]
+    return QueuePlace(position, len(queue), start)
+
+
+def _job_number(job_id: str) -> int:
+    digits = re.match(r"[0-9]+", job_id)
+    return int(digits.group(0)) if digits else 0
+
+
 def check_command(cluster_username: str) -> str:
     """For ``python -m hub_spawner check``, in any login shell (csh too): ``sinfo
     --version`` (answers without a controller), then ``squeue``, which needs slurmctld."""
@@ -235,6 +318,72 @@ def cancel_by_name_command(job_name: str, cluster_username: str) -> str:
     Used when a submission was sent but its job id never came back.
     """
     return f"scancel --name={shlex.quote(job_name)} --user={shlex.quote(cluster_username)}"
+
+
+def load_command() -> str:
+    """One sinfo line per node and partition: partition, node, CPUs as
+    ``allocated/idle/other/total``, configured and used GRES, and the node's state."""
+    fields = ["PartitionName", "NodeHost", "CPUsState", "Gres", "GresUsed", "StateLong"]
+    fmt = ",".join(f"{field}:{_FIELD_SEPARATOR}" for field in fields[:-1]) + f",{fields[-1]}:"
+    return f"sinfo --noheader --Node --Format={shlex.quote(fmt)}"
+
+
+def parse_load_output(output: CommandOutput) -> list[QueueLoad]:
+    """Read ``load_command`` output: free and total cores, GPUs and whole idle nodes per
+    partition, in sinfo's order.
+
+    Guarantees: free cores are Slurm's idle CPUs (a down or drained node's are "other", never
+    free); a node's GPUs are free only while it takes jobs and has an idle core; GPU columns
+    are ``None`` when no node of the partition has a ``gpu`` GRES; ``ValueError`` when sinfo
+    failed or printed a line we cannot read.
+    """
+    if output.exit_status != 0:
+        raise ValueError(f"sinfo failed: {_error_text(output) or output.exit_status}")
+    rows: dict[str, dict[str, Any]] = {}
+    for line in output.stdout.splitlines():
+        if not line.strip():
+            continue
+        fields = [field.strip() for field in line.split(_FIELD_SEPARATOR)]
+        if len(fields) != 6:
+            raise ValueError(f"unreadable sinfo line {line!r}")
+        partition, _node, cpus, gres, gres_used, state = fields
+        try:
+            allocated, idle, _other, total = (int(n) for n in cpus.split("/"))
+        except ValueError:
+            raise ValueError(f"unreadable sinfo CPU counts {cpus!r}") from None
+        row = rows.setdefault(partition, {"cores_free": 0, "cores_total": 0, "gpus_free": None,
+                                          "gpus_total": None, "nodes_free": 0,
+                                          "nodes_total": 0})
+        row["cores_free"] += idle
+        row["cores_total"] += total
+        row["nodes_total"] += 1
+        usable = state.rstrip("*~#!%$@^-+").split("+")[0] in _USABLE_NODE_STATES
+        if usable and allocated == 0 and idle == total:
+            row["nodes_free"] += 1
+        gpus = _gpu_count(gres)
+        if gpus is not None:
+            used = _gpu_count(gres_used) or 0
+            row["gpus_total"] = (row["gpus_total"] or 0) + gpus
+            takes_job = usable and idle > 0  # a GPU needs a free core beside it
+            row["gpus_free"] = (row["gpus_free"] or 0) + (max(gpus - used, 0) if takes_job else 0)
+    return [QueueLoad(name, **counts) for name, counts in rows.items()]
+
+
+# sinfo's long state names of nodes that take jobs (after its flag suffixes are stripped).
+_USABLE_NODE_STATES = {"idle", "mixed", "allocated", "completing", "planned"}
+
+
+def _gpu_count(gres: str) -> int | None:
+    """The number of GPUs in a GRES string (``gpu:2``, ``gpu:a100:4(S:0-1)``,
+    ``gpu:a100:1(IDX:0),gpu:v100:0(IDX:N/A)``); ``None`` when it names no GPU."""
+    found = None
+    for item in re.split(r",(?![^(]*\))", gres):
+        name, _, rest = item.strip().partition(":")
+        if name != "gpu":
+            continue
+        count = re.match(r"(?:[^:(]+:)?([0-9]+)", rest)
+        found = (found or 0) + (int(count.group(1)) if count else 0)
+    return found
 
 
 def quote_job_id(job_id: str) -> str:

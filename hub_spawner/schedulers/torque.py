@@ -18,7 +18,15 @@ import shlex
 from typing import Any
 
 from ..resources import Resources, format_walltime
-from . import CommandOutput, JobState, JobStatus, SubmitRejected, parse_xml
+from . import (
+    ALL_NODES,
+    CommandOutput,
+    JobState,
+    JobStatus,
+    QueueLoad,
+    SubmitRejected,
+    parse_xml,
+)
 
 NAME = "torque"
 DISPLAY_NAME = "Torque/PBS"
@@ -256,6 +264,32 @@ def _status_from_attributes(attributes: dict[str, str]) -> JobStatus:
     return JobStatus(JobState.UNKNOWN, state_name=state_name, reason=f"state {state_name!r}")
 
 
+# PBS Pro's and Moab's "Not Running" comments, by the words that mark them, in plain words.
+_COMMENT_WORDS = (
+    ("Can Never Run", "it can never run as asked for; stop it and ask for less"),
+    ("Insufficient amount of resource", "waiting for free cores, memory or GPUs"),
+    ("limit", "your (or your group's) limit is reached; it starts when other jobs end"),
+    ("Queue not started", "the queue is stopped; an administrator has to start it"),
+    ("Not enough free nodes", "waiting for free nodes"),
+)
+
+
+def explain_pending(reason: str) -> str:
+    """The job's pending reason (its state's meaning and the server's comment) in plain words,
+    the comment kept for admins."""
+    text = reason.strip()
+    if not text:
+        return ""
+    state_words = next((w for w in _PENDING_STATES.values() if w and text.startswith(w)), "")
+    comment = text[len(state_words):].lstrip("; ").strip()
+    if not comment:
+        return state_words or text
+    words = next((plain for marker, plain in _COMMENT_WORDS if marker in comment), "")
+    parts = [part for part in (state_words, words) if part]
+    return (f"{'; '.join(parts)} (Torque/PBS: {comment})" if parts
+            else f"Torque/PBS says: {comment}")
+
+
 def _exit_reason(exit_status: str) -> str:
     exit_status = exit_status.strip()
     if not exit_status:
@@ -304,6 +338,92 @@ def cancel_by_name_command(job_name: str, cluster_username: str) -> str:
         f"qselect -u {user} -N {name} | xargs -r qdel; "
         f"else scancel --name={name} --user={user}; fi"
     )
+
+
+def load_command() -> str:
+    """Every node with its attributes (Torque, PBS Pro, and the lab's Slurm wrapper)."""
+    return "pbsnodes -a"
+
+
+def parse_load_output(output: CommandOutput) -> list[QueueLoad]:
+    """Read ``pbsnodes -a``: free and total cores, GPUs and idle nodes over all nodes, as one
+    ``ALL_NODES`` row (Torque's nodes are not tied to queues).
+
+    Cores: PBS Pro's ``resources_available.ncpus`` less ``resources_assigned.ncpus``; Torque's
+    ``np`` less the cores its ``jobs`` list names (``0/12.srv,1/12.srv`` or ``0-3/12.srv``).
+    GPUs: PBS Pro's ``ngpus`` the same way, free only on a node with a free core (Torque's
+    ``gpus`` has no used count: ``None``).
+    Guarantees: a node that is down, offline, busy or unknown has nothing free; so has a node
+    that runs jobs but lists none (the lab's Slurm wrapper prints ``mixed`` and no ``jobs``:
+    free cores are then a lower bound); ``ValueError`` when pbsnodes failed or printed a node
+    without a core count.
+    """
+    if output.exit_status != 0:
+        raise ValueError(f"pbsnodes failed: {_error_text(output) or output.exit_status}")
+    nodes: list[dict[str, str]] = []
+    for line in output.stdout.splitlines():
+        if not line.strip():
+            continue
+        if not line[0].isspace():
+            nodes.append({"": line.strip()})
+        elif nodes and " = " in line:
+            key, _, value = line.strip().partition(" = ")
+            nodes[-1][key] = value.strip()
+    counts = {"cores_free": 0, "cores_total": 0, "nodes_free": 0, "nodes_total": len(nodes)}
+    gpus_free = gpus_total = None
+    for node in nodes:
+        total, used = _node_cores(node)
+        usable = not set(node.get("state", "").split(",")) & _UNUSABLE_NODE_STATES
+        counts["cores_total"] += total
+        counts["cores_free"] += max(total - used, 0) if usable else 0
+        counts["nodes_free"] += 1 if usable and used == 0 and total else 0
+        if "resources_available.ngpus" in node:
+            gpus = _integer(node, "resources_available.ngpus")
+            gpus_used = _integer(node, "resources_assigned.ngpus", 0)
+            gpus_total = (gpus_total or 0) + gpus
+            takes_job = usable and total > used  # a GPU needs a free core beside it
+            gpus_free = (gpus_free or 0) + (max(gpus - gpus_used, 0) if takes_job else 0)
+    if not nodes:
+        return []
+    return [QueueLoad(ALL_NODES, gpus_free=gpus_free, gpus_total=gpus_total, **counts)]
+
+
+# Node states (Torque and PBS Pro) in which a node takes no new job.
+_UNUSABLE_NODE_STATES = {
+    "down", "offline", "unknown", "state-unknown", "busy", "stale", "provisioning",
+    "wait-provisioning", "sleep", "maintenance", "unresolvable", "initializing",
+}
+
+
+# States of a node that runs jobs; the lab's Slurm wrapper prints Slurm's "mixed" as it is.
+_BUSY_NODE_STATES = {"job-exclusive", "job-busy", "job-sharing", "mixed", "allocated"}
+
+
+def _node_cores(node: dict[str, str]) -> tuple[int, int]:
+    """A node's (total, used) cores."""
+    if "resources_available.ncpus" in node:  # PBS Pro
+        return (_integer(node, "resources_available.ncpus"),
+                _integer(node, "resources_assigned.ncpus", 0))
+    total = _integer(node, "np")
+    if "jobs" not in node and set(node.get("state", "").split(",")) & _BUSY_NODE_STATES:
+        return total, total  # in use, but no job list says how much (the lab's Slurm wrapper)
+    used = 0
+    for entry in filter(None, (item.strip() for item in node.get("jobs", "").split(","))):
+        cores, _, _job = entry.partition("/")
+        first, _, last = cores.partition("-")
+        if first.isdigit() and (not last or last.isdigit()):
+            used += int(last or first) - int(first) + 1
+    return total, used
+
+
+def _integer(node: dict[str, str], key: str, default: int | None = None) -> int:
+    value = node.get(key)
+    if value is None and default is not None:
+        return default
+    try:
+        return int(value or "")
+    except ValueError:
+        raise ValueError(f"pbsnodes: node {node['']!r} has no readable {key} ({value!r})") from None
 
 
 def quote_job_id(job_id: str) -> str:

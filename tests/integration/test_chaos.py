@@ -19,7 +19,7 @@ reconnects, with its variables intact.
 
 Bounded: each scheduler's phase runs until it has done ``CYCLES`` spawn attempts (and one
 fault of each kind) or for ``BUDGET`` seconds, whichever is later but never past
-``2 * BUDGET``. The seed is printed, and in every failure: ``HUB_CHAOS_SEED=N make test`` (or
+``3 * BUDGET``. The seed is printed, and in every failure: ``HUB_CHAOS_SEED=N make test`` (or
 pytest on this file) replays the same schedule (the faults' timing still varies with the
 machine); ``HUB_CHAOS_SEED=random`` draws a new schedule.
 """
@@ -109,10 +109,24 @@ class Chaos:
         self.hub, self.process = start_hub(self.dir, PORT, self.token, self.env)
 
     def close(self) -> None:
-        for _, connection in self.kernels.values():
+        """Stop everything this phase started, also after a failure: its servers (so no job
+        outlives the phase), its hub, its tunnel service and its proxy."""
+        for _, connection, _ in self.kernels.values():
             connection.close()
-        if self.process is not None:
+        self.kernels.clear()
+        if self.process is not None and self.process.poll() is None:
+            try:
+                for key in self.servers():
+                    self.hub.stop(*key)
+            except Exception as error:  # the phase failed already; say why cleanup is partial
+                print(f"chaos cleanup: could not stop the servers through the hub: {error}")
             stop_hub(self.process)
+        for job in self.scheduler_jobs():  # what the hub could not stop (the test says so)
+            print(f"chaos cleanup: job {job} left behind; cancelling it", flush=True)
+            if self.scheduler == "sge":
+                self.lab.sge_command(f"qdel {job}", check=False)
+            else:
+                self.lab.in_namespace("login", ["scancel", job], check=False)
         self.lab.stop_tunnel_service(self.dir / "tunnels")
         if self.proxy is not None:
             self.lab.stop_pid(self.proxy.pid)
@@ -311,7 +325,7 @@ def test_random_faults_leave_no_job_no_server_and_no_tunnel_behind(lab, tmp_path
         while True:
             spent = time.monotonic() - started
             done = chaos.attempts >= CYCLES and chaos.faults >= set(FAULTS)
-            if (spent > BUDGET and done) or spent > 2 * BUDGET:
+            if (spent > BUDGET and done) or spent > 3 * BUDGET:
                 break
             chaos.step()
         chaos.note(f"schedule over: {chaos.attempts} spawn attempts, faults {sorted(chaos.faults)}")

@@ -239,8 +239,8 @@ def test_grid_engine_waiting_job_shows_the_schedulers_reason_then_starts(hub_for
         lab.sge_command(f"qdel {blocker}")
         events = hub.progress("alice")
         messages = [event.get("message", "") for event in events]
-        assert any("is waiting in the queue: " in m and "all.q@compute" in m
-                   for m in messages), messages
+        assert any("is waiting in the queue: waiting for free slots" in m
+                   and "(Grid Engine: " in m and "all.q@compute" in m for m in messages), messages
         assert events[-1].get("ready"), messages
         hub.stop("alice")
         assert wait_for(lambda: not active_jobs("alice", "sge"), 30)

@@ -11,7 +11,6 @@ import pwd
 import re
 import socket
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -130,27 +129,38 @@ def test_hostile_option_is_refused_before_anything_reaches_the_cluster(hub):
 
 
 def occupy_the_compute_node(lab) -> str:
-    """bob's job takes both cores, so the next job waits with reason 'Resources'."""
+    """bob's job takes both cores for at most 10 minutes, so the next job waits with reason
+    'Resources' and the backfill scheduler can estimate when it starts."""
     result = lab.in_namespace("login", ["runuser", "-u", "bob", "--", "sbatch", "--parsable",
-                                        "--cpus-per-task=2", "--output=/dev/null",
+                                        "--cpus-per-task=2", "--time=10", "--output=/dev/null",
                                         "--wrap=sleep 300"])
     job_id = result.stdout.strip()
     assert wait_for(lambda: any(" RUNNING " in job for job in active_jobs("bob")), 20)
     return job_id
 
 
-def test_pending_job_shows_the_queue_reason_then_starts(hub, lab):
+def test_pending_job_shows_the_queue_reason_place_and_start_estimate_then_starts(hub, lab):
     blocker = occupy_the_compute_node(lab)
     try:
         with ThreadPoolExecutor(1) as pool:
             spawn = pool.submit(hub.spawn, "alice")
             assert wait_for(lambda: any(" PENDING " in job for job in active_jobs("alice")), 30)
-            time.sleep(2)  # let a status poll see the reason
+            # The lab's backfill pass (bf_interval=5) sets the estimate; a poll then says it.
+            assert wait_for(lambda: "expects it to start around" in hub.log(), 40), \
+                hub.log()[-3000:]
             lab.in_namespace("login", ["scancel", blocker])
             events, _ = spawn.result(timeout=150)
         messages = [event.get("message", "") for event in events]
-        assert any("is waiting in the queue: Resources" in message for message in messages), \
-            messages
+        waiting = [m for m in messages if "is waiting in the queue: " in m]
+        assert any("waiting for free cores, memory or GPUs (Slurm: Resources); 1st of 1 "
+                   "waiting in its partition" in m for m in waiting), messages
+        assert any(re.search(r"Slurm expects it to start around \d\d:\d\d", m)
+                   for m in waiting), messages
+        # The bar moves while the job waits, and never backwards.
+        progress = [event["progress"] for event in events if "progress" in event]
+        assert progress == sorted(progress), progress
+        assert len({event["progress"] for event in events
+                    if "is waiting in the queue" in event.get("message", "")}) >= 2, events
         assert events[-1].get("ready"), messages
         hub.stop("alice")
         assert wait_for(lambda: not active_jobs("alice"), 20), active_jobs("alice")

@@ -132,7 +132,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
 MpiDefault=none
-SchedulerParameters=sched_interval=1
+SchedulerParameters=sched_interval=1,bf_interval=5
 MinJobAge=300
 KillWait=5
 StateSaveLocation={run}/slurm/state
