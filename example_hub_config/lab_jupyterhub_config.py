@@ -4,7 +4,8 @@ The three-host lab (tests/lab/lab.py) must be up. Everything cluster-specific fo
 in the spawner block; compare ``slurm_jupyterhub_config.py``, ``sge_jupyterhub_config.py`` and
 ``torque_jupyterhub_config.py`` for real clusters.
 Environment: HUB_SCHEDULER (slurm, sge or torque; default slurm), HUB_STATE_DIR (database,
-cookie secret), HUB_PORT (default 8000), HUB_SPAWNER_LAB_DIR, LAB_PREFIX.
+cookie secret), HUB_PORT (default 8000), HUB_SPAWNER_LAB_DIR, LAB_PREFIX, HUB_MULTI_CLUSTER=1
+(the lab's Slurm and Grid Engine as two clusters on one form).
 """
 
 import os
@@ -87,6 +88,26 @@ c.SSHBatchSpawner.start_timeout = 120
 c.SSHBatchSpawner.http_timeout = 60
 # Grid Engine: the lab's parallel environment for several cores on one host.
 c.SGESSHSpawner.parallel_environment = "smp"
+
+# --- several clusters behind one hub (HUB_MULTI_CLUSTER=1) -----------------------------------
+# The form offers a choice of cluster: the lab's Slurm for everyone, its Grid Engine only for the
+# group "grid-engine" (alice). Each has its own scheduler, login node and choices; what is not
+# in a cluster's "config" is the spawner's own (above).
+if os.environ.get("HUB_MULTI_CLUSTER") == "1":
+    c.SSHBatchSpawner.clusters = [
+        {"name": "slurm", "display_name": "Lab Slurm", "scheduler": "slurm",
+         "description": "partitions debug and long",
+         "config": {"login_port": 22, "cluster_display_name": "lab (slurm)",
+                    "default_partition": "debug",
+                    "partitions": [{"name": "debug", "description": "quick interactive work"}]}},
+        {"name": "sge", "display_name": "Lab Grid Engine", "scheduler": "sge",
+         "description": "queue all.q", "groups": ["grid-engine"],
+         "settings": {"parallel_environment": "smp"},
+         "config": {"login_port": 22, "cluster_display_name": "lab (sge)",
+                    "default_partition": "all.q",
+                    "partitions": [{"name": "all.q", "description": "the lab's one queue"}]}},
+    ]
+    c.JupyterHub.load_groups = {**c.JupyterHub.load_groups, "grid-engine": {"users": ["alice"]}}
 
 # --- idle servers ------------------------------------------------------------------------------
 # jupyterhub-idle-culler stops servers nobody has used for an hour (their jobs are cancelled like

@@ -64,6 +64,16 @@ c.SlurmSSHSpawner.max_gpus = 2  # 0 hides the GPU field; N GPUs become --gres=gp
 c.SlurmSSHSpawner.gpu_gres = "gpu"
 c.SlurmSSHSpawner.qos = ""  # EDIT: e.g. "interactive" for a QOS with a short queue wait
 
+# A second cluster on the same form (e.g. a Grid Engine GPU farm for the group "gpu"): each
+# entry has its scheduler and its own options over the ones above (README "Several clusters").
+# c.SlurmSSHSpawner.clusters = [
+#     {"name": "hpc", "display_name": "HPC (Slurm)", "scheduler": "slurm", "config": {}},
+#     {"name": "farm", "display_name": "GPU farm", "scheduler": "sge", "groups": ["gpu"],
+#      "settings": {"parallel_environment": "smp"},
+#      "config": {"login_host": "farm-login.example.org", "partitions": ["gpu.q"],
+#                 "default_partition": "gpu.q", "presets": []}},
+# ]
+
 # Queue waits count against start_timeout: allow for a busy cluster.
 c.SlurmSSHSpawner.start_timeout = 600
 c.SlurmSSHSpawner.http_timeout = 120

@@ -33,7 +33,7 @@ from .resources import (
 
 #: Options of ``user_options`` besides the resources: the preset chosen, and the summary (which
 #: the spawner writes, and ignores when given).
-EXTRA_OPTION_NAMES = ("preset", "profile")
+EXTRA_OPTION_NAMES = ("preset", "profile", "cluster")
 
 #: The limit settings a partition or a group may override, as in the spawner's traits.
 LIMIT_SETTINGS = (

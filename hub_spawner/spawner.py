@@ -56,7 +56,15 @@ from .errors import (
     JobRejected,
     SpawnError,
 )
-from .form import form_values, load_note, options_from_form, render_options_form
+from .form import (
+    ClusterSection,
+    cluster_fields,
+    form_values,
+    load_note,
+    options_from_form,
+    render_cluster_forms,
+    render_options_form,
+)
 from .resources import (
     Limits,
     OptionError,
@@ -451,6 +459,28 @@ class SSHBatchSpawner(Spawner):
         win over them. Example: ``{"power-users": {"max_cpus": 32, "max_walltime":
         "3-00:00:00"}}``.""",
     )
+    clusters = List(
+        Dict(),
+        config=True,
+        help="""Several clusters behind one hub: the form offers a choice of cluster, and each
+        spawn goes to the chosen one (``user_options["cluster"]``). Each is a dict with
+        ``name`` (its key: letters, digits, ``_``, ``-``), ``display_name``, ``description``,
+        ``groups`` (JupyterHub groups that see it; empty: everyone), ``scheduler`` (``slurm``,
+        ``sge`` or ``torque``), ``settings`` (that scheduler's own: ``qos``, ``gpu_gres``;
+        ``parallel_environment``, ``memory_resource``, ``gpu_resource``) and ``config``: any
+        of this spawner's options for that cluster (``login_host``, ``login_port``,
+        ``known_hosts_path``, ``partitions``, ``presets``, limits...), over the spawner's own.
+        The first the user may see is the default. Empty: one cluster, this spawner's.
+        Example::
+
+            c.SSHBatchSpawner.clusters = [
+                {"name": "hpc", "display_name": "HPC (Slurm)", "scheduler": "slurm",
+                 "config": {"login_host": "login.hpc.example.org", "partitions": ["cpu"]}},
+                {"name": "gpu", "display_name": "GPU farm (Grid Engine)", "scheduler": "sge",
+                 "groups": ["gpu"], "settings": {"parallel_environment": "smp"},
+                 "config": {"login_host": "gpu-login.example.org", "max_gpus": 4}},
+            ]""",
+    )
     cluster_display_name = Unicode(
         "",
         config=True,
@@ -630,6 +660,7 @@ class SSHBatchSpawner(Spawner):
                 starting=self._starting or self._start_interrupted,
                 # For admins (the API's server state, the admin page's details):
                 cluster=self.cluster_display_name or self.job_login_host or self.login_host,
+                cluster_key=getattr(self, "_cluster_key", ""),
                 submitted_at=_iso_time(self.job_submitted_at),
                 started_at=_iso_time(self.job_started_at),
                 walltime_seconds=self.walltime_seconds,
@@ -692,6 +723,16 @@ class SSHBatchSpawner(Spawner):
         self.walltime_seconds = walltime if isinstance(walltime, int) and walltime > 0 else 0
         if version == STATE_VERSION:
             self.job_cluster_username = _state_text(state, "cluster_username")
+            cluster_key = _state_text(state, "cluster_key")
+            if cluster_key:
+                try:
+                    self.use_cluster(cluster_key)  # its scheduler and settings: poll, stop
+                except ValueError as error:
+                    self.log.error(
+                        "%s: job %s ran on cluster %r, which the config no longer has (%s); "
+                        "following it with the spawner's own settings", self._log_name,
+                        self.job_id, cluster_key, error,
+                    )
             if state.get("scheduler") not in ("", None, self.scheduler.NAME):
                 self.log.error(
                     "%s: job %s was submitted to %s, but this spawner is for %s; it is polled "
@@ -738,6 +779,43 @@ class SSHBatchSpawner(Spawner):
             default_account=self.default_account,
         )
 
+    # --- several clusters ----------------------------------------------------------------
+
+    def offered_clusters(self) -> list[ClusterChoice]:
+        """The clusters this user may choose (``clusters``, by their groups), checked; empty
+        when the hub has one cluster. ``ValueError`` for a bad entry."""
+        groups = self._user_groups()
+        return [entry for entry in _cluster_choices(self.clusters, self)
+                if not entry.groups or entry.groups & groups]
+
+    def use_cluster(self, key: str) -> None:
+        """Make this spawner the one for cluster ``key`` (its scheduler, settings and config,
+        over the spawner's own); ``""``: the spawner's own. Restores what the previous call
+        changed first. ``ValueError`` when no such cluster is configured."""
+        entry = None
+        if key:
+            entry = next((c for c in _cluster_choices(self.clusters, self) if c.key == key), None)
+            if entry is None:
+                raise ValueError(f"no cluster {key!r} is configured")
+        base = self.__dict__.setdefault("_cluster_base", {})
+        for name, value in base.items():
+            setattr(self, name, value)
+        base.clear()
+        self.__dict__.pop("scheduler", None)
+        self._cluster_key = ""
+        if entry is None:
+            return
+        for name, value in entry.config.items():
+            base[name] = getattr(self, name)
+            setattr(self, name, value)
+        self.scheduler = entry.scheduler
+        self._cluster_key = entry.key
+
+    @property
+    def _cluster(self) -> ClusterChoice | None:
+        key = getattr(self, "_cluster_key", "")
+        return next((c for c in _cluster_choices(self.clusters, self) if c.key == key), None)
+
     def user_choices(self) -> Choices:
         """What this user may choose (their JupyterHub groups decide partitions, presets,
         accounts and limits); ``ValueError`` for a bad setting."""
@@ -760,6 +838,8 @@ class SSHBatchSpawner(Spawner):
         """The spawn form for this user: their choices, the cluster's live free cores, and
         after a refusal their own values with the message next to the field."""
         values, error = _form_retries.pop(self._form_key, ({}, None))
+        if self.clusters:
+            return await self._render_cluster_form(values, error)
         try:
             choices = self.user_choices()
         except ValueError as problem:
@@ -773,6 +853,35 @@ class SSHBatchSpawner(Spawner):
             choices, self.scheduler.QUEUE_LABEL, values=values, error=error, load=load,
             load_note=note,
         )
+
+    async def _render_cluster_form(self, values: dict[str, str], error: Any) -> str:
+        """The form for several clusters: each one this user may use, with its own choices
+        and live load; the chosen (or first) one open."""
+        before = getattr(self, "_cluster_key", "")
+        sections = []
+        try:
+            offered = self.offered_clusters()
+            if not offered:
+                return ('<div class="alert alert-warning">No cluster is offered to you here. '
+                        "Ask the hub's admins for access.</div>")
+            for entry in offered:
+                self.use_cluster(entry.key)
+                load, note = await self._cluster_load()
+                sections.append(ClusterSection(
+                    entry.key, entry.title, entry.description, self.scheduler.DISPLAY_NAME,
+                    self.scheduler.QUEUE_LABEL, self.user_choices(), load, note,
+                ))
+        except ValueError as problem:
+            self.log.error("%s: cannot offer the spawn form: %s", self._log_name, problem)
+            return (
+                f'<div class="alert alert-danger">The spawn form is misconfigured: '
+                f"{html.escape(str(problem))} Tell the hub's admins.</div>"
+            )
+        finally:
+            self.use_cluster(before)
+        keys = [section.key for section in sections]
+        chosen = values.get("cluster") if values.get("cluster") in keys else keys[0]
+        return render_cluster_forms(sections, chosen, values=values, error=error)
 
     async def _cluster_load(self) -> tuple[list[Any] | None, str]:
         """The cluster's free/total cores per partition (shared cache), and a note on it."""
@@ -796,20 +905,49 @@ class SSHBatchSpawner(Spawner):
         return getattr(self.user, "name", "")
 
     def options_from_form(self, formdata: dict[str, list[str]]) -> dict[str, Any]:
+        key = (formdata.get("cluster") or [""])[0] if self.clusters else ""
+        fields = cluster_fields(formdata, key) if key else formdata
+        before = getattr(self, "_cluster_key", "")
         try:
+            if self.clusters:
+                self._choose_cluster(key)
             choices = self.user_choices()
-            options = options_from_form(formdata, choices)
+            options = options_from_form(fields, choices)
             self._template_variables(resolve(options, choices).resources)
         except ValueError as error:
             field = error.field if isinstance(error, OptionError) else ""
-            _form_retries[self._form_key] = (form_values(formdata), OptionError(field, str(error)))
+            values = {**form_values(fields), **({"cluster": key} if key else {})}
+            _form_retries[self._form_key] = (values, OptionError(field, str(error)))
             raise
-        return options
+        finally:
+            if self.clusters:
+                self.use_cluster(before)
+        return {**options, "cluster": key} if key else options
+
+    def _choose_cluster(self, key: Any) -> None:
+        """Use the cluster ``key`` names if this user may (the first they may, for none);
+        ``OptionError`` otherwise."""
+        offered = self.offered_clusters()
+        if key in (None, ""):
+            if not offered:
+                raise OptionError("cluster", "No cluster is offered to you here. Ask the "
+                                             "hub's admins for access.")
+            key = offered[0].key
+        if not isinstance(key, str) or key not in {entry.key for entry in offered}:
+            raise OptionError(
+                "cluster", f"Cluster {str(key)[:40]!r} is not offered to you. Choose one of: "
+                f"{', '.join(entry.key for entry in offered) or 'none'}."
+            )
+        self.use_cluster(key)
 
     def _show_request(self, request: Request) -> None:
         """Keep ``user_options`` as validated, with the ``profile`` summary the admin page
         shows (``debug · 2 cores · 4 GB · 8 h``, or the preset's name)."""
         options = request.to_user_options()
+        entry = self._cluster
+        if entry is not None:
+            options["cluster"] = entry.key
+            options["profile"] = f"{entry.title} · {options.get('profile', '')}".rstrip(" ·")
         self.user_options = options
         if self.orm_spawner is not None:
             self.orm_spawner.user_options = options  # committed with the spawn's state
@@ -822,7 +960,9 @@ class SSHBatchSpawner(Spawner):
     def _template_variables(self, resources: Resources) -> dict[str, Any]:
         """The scheduler's template variables; ``ValueError`` for a request it cannot take."""
         settings = {}
-        for key, value in self.scheduler_settings().items():
+        entry = self._cluster
+        own = entry.settings if entry is not None else self.scheduler_settings()
+        for key, value in own.items():
             try:
                 settings[key] = parse_name(key, value) if isinstance(value, str) else value
             except ValueError as error:
@@ -834,8 +974,14 @@ class SSHBatchSpawner(Spawner):
     async def start(self) -> str:
         """Submit the job, wait for its ready line, open the tunnel; return the tunnel's URL."""
         self._progress_events = []
+        options = dict(self.user_options or {}) if isinstance(self.user_options, dict) else {}
+        cluster_key = options.pop("cluster", None)
         try:
-            request = resolve(self.user_options or {}, self.user_choices())
+            if self.clusters:
+                self._choose_cluster(cluster_key)
+            elif cluster_key not in (None, ""):
+                raise OptionError("cluster", "This hub has one cluster: leave out 'cluster'.")
+            request = resolve(options, self.user_choices())
             resources = request.resources
             self._template_variables(resources)
         except ValueError as error:
@@ -2061,6 +2207,72 @@ class TorqueSSHSpawner(SSHBatchSpawner):
     """Single-user servers as Torque/PBS jobs (``qsub``/``qstat``/``qdel`` over SSH)."""
 
     scheduler = torque
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterChoice:
+    """One entry of ``clusters``, checked."""
+
+    key: str
+    title: str
+    description: str
+    groups: frozenset[str]
+    scheduler: ModuleType
+    settings: dict[str, Any]
+    config: dict[str, Any]
+
+
+_SCHEDULERS = {"slurm": slurm, "sge": sge, "torque": torque}
+# Each scheduler's own settings (its spawner class's options) and their defaults.
+_SCHEDULER_SETTINGS: dict[str, dict[str, Any]] = {
+    "slurm": {"qos": "", "gpu_gres": "gpu"},
+    "sge": {"parallel_environment": "smp", "memory_resource": "h_vmem", "gpu_resource": "gpu"},
+    "torque": {},
+}
+_CLUSTER_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,39}")
+_CLUSTER_FIELDS = {"name", "display_name", "description", "groups", "scheduler", "settings",
+                   "config"}
+
+
+def _cluster_choices(entries: list[dict[str, Any]], spawner: Spawner) -> list[ClusterChoice]:
+    """``clusters`` checked against the spawner's options; ``ValueError`` naming the entry."""
+    found: list[ClusterChoice] = []
+    for index, entry in enumerate(entries):
+        where = f"Bad spawner setting clusters[{index}]"
+        key = entry.get("name")
+        if not isinstance(key, str) or not _CLUSTER_KEY.fullmatch(key):
+            raise ValueError(f"{where}: 'name' must be letters, digits, '_' or '-' ({key!r})")
+        if key in {c.key for c in found}:
+            raise ValueError(f"{where}: a second cluster named {key!r}")
+        unknown = sorted(set(entry) - _CLUSTER_FIELDS)
+        if unknown:
+            raise ValueError(f"{where}: unknown field {unknown[0]!r}; known: "
+                             f"{', '.join(sorted(_CLUSTER_FIELDS))}")
+        kind = entry.get("scheduler")
+        if kind not in _SCHEDULERS:
+            raise ValueError(f"{where}: 'scheduler' must be slurm, sge or torque ({kind!r})")
+        settings = dict(_SCHEDULER_SETTINGS[kind])
+        for name, value in dict(entry.get("settings") or {}).items():
+            if name not in settings:
+                raise ValueError(f"{where}: {kind} has no setting {name!r}; it has: "
+                                 f"{', '.join(settings) or 'none'}")
+            settings[name] = value
+        config = dict(entry.get("config") or {})
+        for name, value in config.items():
+            trait = spawner.traits().get(name)
+            if name == "clusters" or trait is None or not trait.metadata.get("config"):
+                raise ValueError(f"{where}: 'config' names {name!r}, which is not an option "
+                                 "of this spawner")
+            try:
+                trait.validate(spawner, value)
+            except TraitError as error:
+                raise ValueError(f"{where}: config {name!r}: {error}") from None
+        groups = entry.get("groups") or []
+        found.append(ClusterChoice(
+            key, str(entry.get("display_name") or key), str(entry.get("description") or ""),
+            frozenset(str(group) for group in groups), _SCHEDULERS[kind], settings, config,
+        ))
+    return found
 
 
 def _iso_time(seconds: float) -> str:

@@ -12,7 +12,7 @@ from traitlets import TraitError
 from hub_spawner.errors import BadOptions, BadReadyLine, ClusterUnreachable, JobRejected
 from hub_spawner.jobfiles import RemoteEntry
 from hub_spawner.resources import Resources
-from hub_spawner.schedulers import CommandOutput, QueuePlace
+from hub_spawner.schedulers import CommandOutput, QueuePlace, sge, slurm
 from hub_spawner.spawner import (
     STATE_VERSION,
     SGESSHSpawner,
@@ -473,3 +473,116 @@ def test_the_walltime_warning_is_logged_once_when_the_end_is_near(caplog):
     assert len(warnings) == 1, warnings
     assert "job 12 reaches its walltime at " in warnings[0] and "(in 4 min)" in warnings[0]
     assert "Slurm will stop the server then" in warnings[0]
+
+
+# --- several clusters behind one hub ------------------------------------------------------
+
+CLUSTERS = [
+    {"name": "hpc", "display_name": "HPC", "description": "CPU nodes", "scheduler": "slurm",
+     "config": {"login_host": "login.hpc.example", "partitions": ["cpu", "long"],
+                "max_cpus": 32}},
+    {"name": "farm", "display_name": "GPU farm", "scheduler": "sge", "groups": ["gpu"],
+     "settings": {"parallel_environment": "mpi-smp"},
+     "config": {"login_host": "farm.example", "login_port": 2200, "max_gpus": 2}},
+]
+
+
+def cluster_spawner(groups=(), user="alice"):
+    spawner = make_spawner(clusters=CLUSTERS, login_host="own.example", cluster_load_interval=0)
+    spawner.user = SimpleNamespace(name=user, groups=[SimpleNamespace(name=g) for g in groups])
+    return spawner
+
+
+def test_a_user_sees_only_the_clusters_their_groups_may_use():
+    assert [c.key for c in cluster_spawner().offered_clusters()] == ["hpc"]
+    assert [c.key for c in cluster_spawner(["gpu"]).offered_clusters()] == ["hpc", "farm"]
+
+
+def test_using_a_cluster_switches_scheduler_settings_and_login_node_and_restores_them():
+    spawner = cluster_spawner(["gpu"])
+    spawner.use_cluster("farm")
+    assert spawner.scheduler is sge
+    assert (spawner.login_host, spawner.login_port, spawner.max_gpus) == ("farm.example", 2200, 2)
+    assert "-pe mpi-smp 2" in spawner._job_script(Resources(cpus=2))
+    spawner.use_cluster("hpc")
+    assert spawner.scheduler is slurm
+    assert (spawner.login_host, spawner.login_port, spawner.max_cpus) == (
+        "login.hpc.example", 22, 32)
+    spawner.use_cluster("")
+    assert spawner.scheduler is slurm and spawner.login_host == "own.example"
+    assert spawner.max_cpus == 64
+    with pytest.raises(ValueError, match="no cluster 'nosuch'"):
+        spawner.use_cluster("nosuch")
+
+
+def test_the_form_data_of_the_chosen_cluster_becomes_its_options():
+    spawner = cluster_spawner(["gpu"])
+    formdata = {"cluster": ["farm"], "farm--preset": [""], "farm--cpus": ["2"],
+                "hpc--cpus": ["30"], "hpc--partition": ["cpu"]}
+    options = spawner.options_from_form(formdata)
+    assert options["cluster"] == "farm" and options["cpus"] == 2
+    assert spawner.scheduler is slurm and spawner.login_host == "own.example"  # restored
+
+
+def test_a_cluster_the_user_may_not_use_is_refused_on_the_form_and_by_start():
+    spawner = cluster_spawner()
+    with pytest.raises(ValueError, match="Cluster 'farm' is not offered to you"):
+        spawner.options_from_form({"cluster": ["farm"], "farm--cpus": ["1"]})
+    spawner.user_options = {"cluster": "farm", "cpus": 1}
+    with pytest.raises(BadOptions, match="Cluster 'farm' is not offered to you"):
+        asyncio.run(spawner.start())
+
+
+def test_a_hub_with_one_cluster_refuses_a_cluster_option():
+    spawner = make_spawner()
+    spawner.user_options = {"cluster": "hpc"}
+    with pytest.raises(BadOptions, match="one cluster"):
+        asyncio.run(spawner.start())
+
+
+def test_the_jobs_cluster_is_in_its_state_and_a_restarted_hub_follows_it_there():
+    spawner = cluster_spawner(["gpu"])
+    spawner.use_cluster("farm")
+    spawner.job_id, spawner.job_cluster_username = "12", "alice"
+    spawner.job_login_host, spawner.job_login_port = "farm.example", 2200
+    state = spawner.get_state()
+    assert (state["cluster_key"], state["scheduler"], state["login_host"]) == (
+        "farm", "sge", "farm.example")
+    fresh = cluster_spawner()  # even a user no longer in the group: the job is followed
+    fresh.load_state(state)
+    assert fresh.scheduler is sge and fresh.job_id == "12"
+    assert fresh.login_host == "farm.example"
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"name": "a b", "scheduler": "slurm"}, "'name' must be"),
+    ({"name": "x", "scheduler": "lsf"}, "'scheduler' must be slurm, sge or torque"),
+    ({"name": "x", "scheduler": "slurm", "settings": {"parallel_environment": "smp"}},
+     "slurm has no setting 'parallel_environment'"),
+    ({"name": "x", "scheduler": "slurm", "config": {"no_such_option": 1}},
+     "not an option of this spawner"),
+    ({"name": "x", "scheduler": "slurm", "config": {"max_cpus": "many"}}, "config 'max_cpus'"),
+    ({"name": "x", "scheduler": "slurm", "colour": "red"}, "unknown field 'colour'"),
+])
+def test_a_bad_cluster_entry_is_a_clear_config_error(entry, message):
+    spawner = make_spawner(clusters=[entry])
+    with pytest.raises(ValueError, match=message):
+        spawner.offered_clusters()
+
+
+def test_the_form_offers_each_visible_cluster_with_its_own_choices():
+    html = asyncio.run(cluster_spawner(["gpu"], user="carol").render_form())
+    assert 'name="cluster"' in html and 'value="hpc" checked' in html
+    assert 'name="hpc--partition"' in html and 'name="farm--gpus"' in html
+    assert "GPU farm" in html and "Grid Engine" in html
+    assert "farm--" not in asyncio.run(cluster_spawner(user="dave").render_form())
+
+
+def test_a_refused_cluster_form_comes_back_with_that_cluster_open_and_the_message():
+    spawner = cluster_spawner(["gpu"], user="erin")
+    with pytest.raises(ValueError):
+        spawner.options_from_form({"cluster": ["farm"], "farm--cpus": ["999"]})
+    html = asyncio.run(spawner.render_form())
+    assert 'value="farm" checked' in html
+    assert 'name="farm--cpus"' in html and 'value="999"' in html
+    assert "invalid-feedback" in html

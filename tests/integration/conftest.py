@@ -26,6 +26,7 @@ os.environ.setdefault("HUB_TUNNEL_WARM_SECONDS", "5")
 HUB_PORTS = {"slurm": 18000, "sge": 18200, "torque": 18400}
 SCHEDULERS = tuple(HUB_PORTS)
 DEMO_HUB_PORT = 18600
+CLUSTERS_HUB_PORT = 19200
 
 
 def pytest_collection_modifyitems(items):
@@ -155,13 +156,17 @@ def stop_hub(process: subprocess.Popen) -> None:
 def hub_for(lab, tmp_path_factory):
     """``hub_for(scheduler)``: the session's real JupyterHub for that scheduler's spawner;
     ``hub_for("demo")``: a Slurm one with the demo's spawn form as it is (the others widen the
-    form's limits for their tests)."""
+    form's limits for their tests); ``hub_for("clusters")``: the demo's form with the lab's
+    Slurm and Grid Engine as two clusters (``HUB_MULTI_CLUSTER=1``)."""
     hubs: dict[str, tuple[Hub, subprocess.Popen]] = {}
 
     def get(scheduler: str) -> Hub:
         if scheduler not in hubs:
             if scheduler == "demo":  # the demo's own spawn form: presets, partitions, groups
                 port, env = DEMO_HUB_PORT, {"HUB_SCHEDULER": "slurm", "HUB_DEMO_FORM": "1"}
+            elif scheduler == "clusters":  # the lab's Slurm and Grid Engine on one form
+                port, env = CLUSTERS_HUB_PORT, {"HUB_SCHEDULER": "slurm", "HUB_DEMO_FORM": "1",
+                                                "HUB_MULTI_CLUSTER": "1"}
             else:
                 port, env = HUB_PORTS[scheduler], {"HUB_SCHEDULER": scheduler}
             hub, process = start_hub(tmp_path_factory.mktemp(f"hub-{scheduler}"), port,
