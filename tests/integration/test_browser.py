@@ -12,6 +12,7 @@ import pytest
 from playwright.sync_api import sync_playwright
 
 from .conftest import active_jobs, wait_for
+from .test_slurm_spawn import occupy_the_compute_node
 
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -188,6 +189,27 @@ def test_alice_picks_a_preset_watches_her_job_start_and_the_admin_stops_it(
     row.locator(".stop-button").click()
     assert wait_for(lambda: not active_jobs("alice"), 30), active_jobs("alice")
     assert wait_for(lambda: "" not in hub.api("GET", "/users/alice").json()["servers"], 30)
+
+
+def test_a_waiting_job_says_why_on_the_spawn_page_and_its_cancel_cancels_the_job(demo_hub, lab):
+    """bob's job fills the node; alice's spawn waits, the page says why in plain words and
+    where it stands in the queue; the page's Stop button cancels her pending job."""
+    blocker = occupy_the_compute_node(lab)
+    try:
+        with logged_in(demo_hub, "alice") as page:
+            submit(page)  # "Small": one core, none free
+            page.get_by_text("is waiting in the queue").first.wait_for(timeout=60_000)
+            assert wait_for(lambda: any(" PENDING " in job for job in active_jobs("alice")), 30)
+            page.evaluate("document.querySelector('#progress-details').open = true")
+            log = page.inner_text("#progress-log")
+            assert "waiting in its partition" in log, log
+            page.click("#stop-server-btn")
+            assert wait_for(lambda: not active_jobs("alice"), 30), active_jobs("alice")
+            assert wait_for(
+                lambda: "" not in demo_hub.api("GET", "/users/alice").json()["servers"], 30)
+    finally:
+        lab.in_namespace("login", ["scancel", blocker], check=False)
+    assert "cancelling job" in demo_hub.log()
 
 
 def test_two_named_servers_run_on_two_jobs_and_stopping_one_leaves_the_other(demo_hub):
