@@ -39,10 +39,13 @@ def test_alice_chooses_grid_engine_in_the_browser_and_her_job_runs_there(cluster
     preset is posted, and the job is Grid Engine's, not Slurm's; stop cancels it there."""
     hub = clusters_hub
     with logged_in(hub, "alice") as page:
-        assert page.is_visible("[name='slurm--partition']") or page.is_visible(
-            "#hub-spawner-presets")
+        # The script shows only the chosen cluster's part: Slurm's, the first, at first.
+        assert page.is_visible("#hub-spawner-slurm--presets")
+        assert not page.is_visible("#hub-spawner-sge--presets")
         page.check("#hub-spawner-cluster-sge")
-        assert wait_for(lambda: not page.is_visible("[aria-label='Lab Slurm']"), 5)
+        assert wait_for(lambda: page.is_visible("#hub-spawner-sge--presets"), 5)
+        assert not page.is_visible("#hub-spawner-slurm--presets")
+        assert page.is_checked("#hub-spawner-sge--preset-small")
         submit(page)  # Grid Engine's first preset ("Small")
         page.wait_for_url("**/user/alice/lab**", timeout=150_000)
     try:
