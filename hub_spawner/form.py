@@ -386,13 +386,9 @@ def _memory_field(limits: Limits, values: Mapping[str, str], error: str) -> str:
     else:
         value, unit = "", "G" if limits.max_memory_mb >= 1024 else "M"
     maximum = limits.max_memory_mb / _MEMORY_UNITS.get(unit, 1024)
-    control = (
-        '<div class="input-group">'
-        + _input("memory", "number", value, error,
-                 f'min="0" max="{maximum:g}" step="any" placeholder="scheduler default"')
-        + _unit_select("memory_unit", "Memory unit", {"M": "MB", "G": "GB"}, unit)
-        + "</div>"
-    )
+    control = _with_unit("memory", value, error,
+                         f'min="0" max="{maximum:g}" step="any" placeholder="scheduler default"',
+                         {"M": "MB", "G": "GB"}, unit)
     return _field(
         "memory", "Memory", control,
         f'<span data-help="memory">at most {format_memory(limits.max_memory_mb)}</span>; '
@@ -409,17 +405,25 @@ def _walltime_field(limits: Limits, values: Mapping[str, str], error: str) -> st
     else:
         value, unit = (f"{seconds / 3600:g}" if seconds else ""), "h"
     maximum = limits.max_walltime_seconds / _WALLTIME_UNITS.get(unit, 3600)
-    control = (
-        '<div class="input-group">'
-        + _input("walltime", "number", value, error,
-                 f'min="0.017" max="{maximum:.3f}" step="any" required')
-        + _unit_select("walltime_unit", "Walltime unit", {"h": "hours", "d": "days"}, unit)
-        + "</div>"
-    )
+    control = _with_unit("walltime", value, error,
+                         f'min="0.017" max="{maximum:.3f}" step="any" required',
+                         {"h": "hours", "d": "days"}, unit)
     return _field(
         "walltime", "Walltime", control,
         f'<span data-help="walltime">at most {format_duration(limits.max_walltime_seconds)}'
         "</span>; the server stops when it ends", error,
+    )
+
+
+def _with_unit(
+    field: str, value: str, error: str, attributes: str, units: Mapping[str, str], unit: str
+) -> str:
+    """A number input with its unit select beside it (``<field>_unit``)."""
+    return (
+        '<div class="input-group">'
+        + _input(field, "number", value, error, attributes)
+        + _unit_select(f"{field}_unit", f"{field.capitalize()} unit", units, unit)
+        + "</div>"
     )
 
 
