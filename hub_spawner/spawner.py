@@ -906,11 +906,13 @@ class SSHBatchSpawner(Spawner):
 
     def options_from_form(self, formdata: dict[str, list[str]]) -> dict[str, Any]:
         key = (formdata.get("cluster") or [""])[0] if self.clusters else ""
-        fields = cluster_fields(formdata, key) if key else formdata
+        fields = formdata
         before = getattr(self, "_cluster_key", "")
         try:
             if self.clusters:
-                self._choose_cluster(key)
+                self._choose_cluster(key)  # none posted: the first the user may use
+                key = self._cluster_key
+                fields = cluster_fields(formdata, key)
             choices = self.user_choices()
             options = options_from_form(fields, choices)
             self._template_variables(resolve(options, choices).resources)

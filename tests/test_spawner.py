@@ -586,3 +586,9 @@ def test_a_refused_cluster_form_comes_back_with_that_cluster_open_and_the_messag
     assert 'value="farm" checked' in html
     assert 'name="farm--cpus"' in html and 'value="999"' in html
     assert "invalid-feedback" in html
+
+
+def test_a_form_posted_without_a_cluster_goes_to_the_first_the_user_may_use():
+    options = cluster_spawner(["gpu"], user="fay").options_from_form(
+        {"hpc--cpus": ["3"], "farm--cpus": ["2"]})
+    assert options["cluster"] == "hpc" and options["cpus"] == 3
