@@ -20,7 +20,7 @@ fresh-check:
 	LAB_PREFIX=$(LAB_PREFIX) tests/fresh_check.sh
 
 lint: install
-	$(LAB_PREFIX)/venv/bin/ruff check hub_spawner tests bench
+	$(LAB_PREFIX)/venv/bin/ruff check hub_spawner tests bench example_hub_config
 
 # Benchmarks (bench/RESULTS.md): tunnel vs ssh -L, then the hub's load while servers download.
 bench: bench-tunnel bench-hub bench-spawn bench-scale

@@ -35,7 +35,8 @@ c.JupyterHub.cleanup_servers = True
 
 # Demo users: real Unix users on the lab's login and compute hosts, with their own SSH keys.
 c.JupyterHub.authenticator_class = "shared-password"
-c.SharedPasswordAuthenticator.user_password = os.environ.get("HUB_DEMO_PASSWORD", "lab-demo-password")
+c.SharedPasswordAuthenticator.user_password = os.environ.get(
+    "HUB_DEMO_PASSWORD", "lab-demo-password")
 c.Authenticator.allowed_users = {"alice", "bob"}
 # alice is also a hub admin (admin page): she logs in with the admin password.
 c.Authenticator.admin_users = {"alice"}

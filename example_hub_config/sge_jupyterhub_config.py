@@ -1,4 +1,6 @@
-"""JupyterHub config for a real Grid Engine (SGE, Son of Grid Engine, Univa/Altair) cluster reached over SSH. Copy, then edit the marked lines.
+"""JupyterHub config for a real Grid Engine cluster (SGE, Son of Grid Engine, Univa/Altair).
+
+The hub reaches the cluster over SSH. Copy, then edit the marked lines.
 
 Cluster-side requirements (login node):
 - sshd accepts the hub's per-user keys (each user's ~/.ssh/authorized_keys holds the public key

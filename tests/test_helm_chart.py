@@ -429,6 +429,23 @@ def test_user_provided_secrets_are_used(values):
     assert chart.tunnels_env(manifests)["HUB_SPAWNER_TUNNEL_TOKEN"] == "t" * 48
 
 
+def test_a_checksum_of_only_digits_stays_a_string(values):
+    """A restart checksum is an annotation, which Kubernetes takes only as a string.
+
+    These tokens were picked so that their hash's first 16 hex digits are all decimal digits:
+    unquoted, YAML reads them as a number and the API server refuses the Deployment (a random
+    token does this about once in 2000 installs; `make fresh-check` met one).
+    """
+    given = {"proxy": {"secretToken": f"{0xce2:040x}"}, "tunnels": {"token": f"{0x1145:040x}"}}
+    manifests = chart.render(with_changes(values, given))
+    proxy = chart.proxy_deployment(manifests)["spec"]["template"]["metadata"]["annotations"]
+    tunnels = chart.tunnels_deployment(manifests)["spec"]["template"]["metadata"]["annotations"]
+    assert proxy["checksum/auth-token"] == "7655580372585772"
+    assert tunnels["checksum/token"] == "2691570495963755"
+    hub = chart.hub_deployment(manifests)["spec"]["template"]["metadata"]["annotations"]
+    assert all(isinstance(value, str) for value in {**proxy, **tunnels, **hub}.values())
+
+
 def test_upgrade_keeps_the_secrets(values):
     first = chart.render(values)
     stored = chart.find(first, "Secret", f"{FULLNAME}-secret")
