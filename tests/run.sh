@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 LAB_PREFIX=${LAB_PREFIX:-/opt/hub-spawner-lab}
 VENV=$LAB_PREFIX/venv
 
-"$VENV/bin/ruff" check hub_spawner tests bench || exit 1
+"$VENV/bin/ruff" check hub_spawner tests bench example_hub_config || exit 1
 
 "$VENV/bin/python" -m pytest -p no:cacheprovider -rA "$@"
 status=$?
