@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--hub-port", type=int, default=0,
                        help="port for the stand-in hub API (default: any free port; the Helm "
                        "chart's NetworkPolicy opens hub.checkPort, 8082, for it)")
+    check.add_argument("--cluster", default="", metavar="NAME",
+                       help="with several clusters (c.SSHBatchSpawner.clusters), check only "
+                       "this one (default: each in turn)")
     check.add_argument("-v", "--verbose", action="store_true", help="also print the spawner's log")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -67,12 +70,12 @@ async def _check(args: argparse.Namespace) -> int:
     checks = Checklist(sys.stdout)
     try:
         passed = await run_check(args.config, args.user, args.submit, args.hub_ip,
-                                 args.hub_port, checks)
+                                 args.hub_port, checks, args.cluster)
     except asyncio.CancelledError:
-        if "cleanup" in checks.failed:
+        if checks.ended("FAIL", "cleanup"):
             print("interrupted; the cleanup did not finish: see the cleanup line above",
                   file=sys.stderr)
-        elif "cleanup" in checks.passed_names:
+        elif checks.ended("ok", "cleanup"):
             print("interrupted; the test job and its forwards are gone", file=sys.stderr)
         else:
             print("interrupted; no test job had been submitted", file=sys.stderr)

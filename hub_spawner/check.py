@@ -8,6 +8,8 @@ line, opens its tunnel through the tunnel service and asks the server for ``/api
 server checks our token against a small stand-in for the hub API that this command serves
 (reached by the job through the same reverse tunnel the hub's API would be). Whatever happens,
 Ctrl-C included, the job is cancelled and the forwards are closed before the command returns.
+With several clusters (``clusters``) every step runs for each of them in turn, or for the one
+``--cluster`` names; the check cannot know the user's hub groups, so it does not filter by them.
 
 Exit status: 0 when every step passed, 1 otherwise, 130 when interrupted.
 """
@@ -46,7 +48,7 @@ from .choices import resolve
 from .errors import BadReadyLine, JobEndedEarly, SpawnError
 from .resources import format_walltime
 from .schedulers import SchedulerUnavailable, parse_check_output
-from .spawner import SSHBatchSpawner, pending_cancels
+from .spawner import ClusterChoice, SSHBatchSpawner, pending_cancels
 from .ssh import SSHTarget, default_pool
 
 #: The named server the check's job and forwards use: never one of the user's real servers.
@@ -64,24 +66,46 @@ class Checklist:
     failed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     passed_names: list[str] = field(default_factory=list)
+    #: The cluster the steps are for (several clusters), recorded as ``"KEY: step"``.
+    scope: str = ""
 
     @property
     def passed(self) -> int:
         return len(self.passed_names)
 
+    def scoped(self, name: str) -> str:
+        return f"{self.scope}: {name}" if self.scope else name
+
+    def did_not_pass(self, name: str) -> bool:
+        """Step ``name`` of the current scope failed or was skipped."""
+        return self.scoped(name) in self.failed or self.scoped(name) in self.skipped
+
+    def failed_here(self) -> bool:
+        """Anything failed that the current scope's steps depend on (its own, or global)."""
+        prefix = f"{self.scope}: " if self.scope else ""
+        return any(": " not in name or name.startswith(prefix) for name in self.failed)
+
+    def ended(self, status: str, step: str) -> bool:
+        """Step ``step`` of any scope has ``status`` (``"ok"`` or ``"FAIL"``)."""
+        names = self.passed_names if status == "ok" else self.failed
+        return any(name == step or name.endswith(f": {step}") for name in names)
+
     def ok(self, name: str, detail: str) -> None:
-        self.passed_names.append(name)
+        self.passed_names.append(self.scoped(name))
         self._line("ok", name, detail)
 
     def fail(self, name: str, detail: str, advice: str = "") -> None:
-        self.failed.append(name)
+        self.failed.append(self.scoped(name))
         self._line("FAIL", name, detail)
         if advice:
             print(f"{'':17}-> {advice}", file=self.out, flush=True)
 
     def skip(self, name: str, why: str) -> None:
-        self.skipped.append(name)
+        self.skipped.append(self.scoped(name))
         self._line("skip", name, why)
+
+    def heading(self, text: str) -> None:
+        print(f"\n{text}", file=self.out, flush=True)
 
     def note(self, text: str) -> None:
         print(f"{'':17}{text}", file=self.out, flush=True)
@@ -101,34 +125,36 @@ async def run_check(
     hub_ip: str = "127.0.0.1",
     hub_port: int = 0,
     checks: Checklist | None = None,
+    cluster: str = "",
 ) -> bool:
-    """Run every check for ``username``; True if all passed. Cancelling it (a signal) still
-    cleans up the test job and its forwards before the cancellation goes on."""
+    """Run every check for ``username`` (on each configured cluster, or on ``cluster``); True
+    if all passed. Cancelling it (a signal) still cleans up the test job and its forwards before
+    the cancellation goes on."""
     checks = checks or Checklist(sys.stdout)
     out = checks.out
     print(f"hub_spawner check: {username}, config {config_file}", file=out, flush=True)
     token = secrets.token_hex(32)
     spawner = _load_spawner(checks, config_file, username, token)
-    target = await _config_target(checks, spawner) if spawner is not None else None
-    steps = [  # name, check, the steps it needs
-        ("key", _check_key, ()),
-        ("reachable", _check_reachable, ()),
-        ("host key", _check_host_key, ("reachable",)),
-        ("login", _check_login, ("key", "reachable", "host key")),
-        ("scheduler", _check_scheduler, ("login",)),
-    ]
-    for name, step, needs in steps:
-        missing = [need for need in needs if need in checks.failed or need in checks.skipped]
-        if target is None or missing:
-            checks.skip(name, f"needs {', '.join(missing) or 'config'}")
-            continue
-        await step(checks, spawner, target)
-    if submit:
-        if checks.failed:
-            for name in ("job", "tunnel", "server", "cleanup"):
-                checks.skip(name, "needs every step above")
-        else:
-            await _check_submit(checks, spawner, token, hub_ip, hub_port)
+    clusters = _clusters_to_check(checks, spawner, cluster) if spawner is not None else [None]
+    for entry in clusters:
+        if entry is not None:
+            checks.scope = entry.key
+            spawner.use_cluster(entry.key)
+            groups = (f"; offered to the group(s) {', '.join(sorted(entry.groups))}"
+                      if entry.groups else "")
+            checks.heading(f"cluster {entry.key} ({entry.title}): "
+                           f"{entry.scheduler.DISPLAY_NAME}{groups}")
+        target = None
+        if spawner is not None and _job_script_renders(checks, spawner):
+            target = await _config_target(checks, spawner)
+        await _check_steps(checks, spawner, target)
+        if submit:
+            if checks.failed_here():
+                for name in ("job", "tunnel", "server", "cleanup"):
+                    checks.skip(name, "needs every step above")
+            else:
+                await _check_submit(checks, spawner, token, hub_ip, hub_port)
+    checks.scope = ""
     total = checks.passed + len(checks.failed)
     if checks.failed:
         print(f"\n{len(checks.failed)} of {total} checks failed: {', '.join(checks.failed)}",
@@ -137,6 +163,49 @@ async def run_check(
         print(f"\nall {total} checks passed", file=out, flush=True)
     default_pool.close_all()
     return not checks.failed
+
+
+async def _check_steps(checks: Checklist, spawner: SSHBatchSpawner | None,
+                       target: SSHTarget | None) -> None:
+    """Key, login node, host key, login and scheduler, each skipped when one it needs did not
+    pass."""
+    steps = [  # name, check, the steps it needs
+        ("key", _check_key, ()),
+        ("reachable", _check_reachable, ()),
+        ("host key", _check_host_key, ("reachable",)),
+        ("login", _check_login, ("key", "reachable", "host key")),
+        ("scheduler", _check_scheduler, ("login",)),
+    ]
+    for name, step, needs in steps:
+        missing = [need for need in needs if checks.did_not_pass(need)]
+        if target is None or missing:
+            checks.skip(name, f"needs {', '.join(missing) or 'config'}")
+            continue
+        await step(checks, spawner, target)
+
+
+def _clusters_to_check(checks: Checklist, spawner: SSHBatchSpawner,
+                       wanted: str) -> list[ClusterChoice | None]:
+    """The entries of ``clusters`` to check (``[None]``: the spawner's own, one cluster)."""
+    try:
+        entries = spawner.configured_clusters()
+    except ValueError as error:
+        checks.fail("config", str(error), "fix that entry of c.SSHBatchSpawner.clusters "
+                    "(docs/configuration.md)")
+        return [None]
+    if not entries:
+        if wanted:
+            checks.fail("config", f"--cluster {wanted}: this hub has one cluster (clusters is "
+                        "not set)", "leave out --cluster")
+        return [None]
+    if not wanted:
+        return entries
+    chosen = [entry for entry in entries if entry.key == wanted]
+    if not chosen:
+        checks.fail("config", f"no cluster {wanted!r} in clusters",
+                    f"pass one of: {', '.join(entry.key for entry in entries)}")
+        return [None]
+    return chosen
 
 
 def _load_spawner(
@@ -185,6 +254,13 @@ def _load_spawner(
         return None
     spawner._server = Server(base_url=f"{user.url}{CHECK_SERVER}/")  # no database row here
     spawner.log = logging.getLogger("hub_spawner.check.spawner")
+    spawner._class_label = f"{spawner_class.__name__} ({config.JupyterHub.spawner_class})"
+    return spawner
+
+
+def _job_script_renders(checks: Checklist, spawner: SSHBatchSpawner) -> bool:
+    """The job script for the default resources builds (on the cluster in use); else a
+    failed ``config`` line."""
     try:
         resources = resolve({}, spawner.user_choices()).resources
         spawner.job_name, spawner.output_path = "check", "/tmp/check.out"
@@ -193,16 +269,15 @@ def _load_spawner(
     except TemplateError as error:
         checks.fail("config", f"job_script_template does not render: {error}",
                     "fix the Jinja2 template (variables: docs/configuration.md)")
-        return None
+        return False
     except Exception as error:  # ValueError from the resources, cmd, the settings, ...
         checks.fail("config", f"the job script for the default resources cannot be built: "
                     f"{type(error).__name__}: {error}",
                     "check the default_*, max_*, partitions, cmd and scheduler settings")
-        return None
+        return False
     finally:
         spawner._reset_job()
-    spawner._class_label = f"{spawner_class.__name__} ({config.JupyterHub.spawner_class})"
-    return spawner
+    return True
 
 
 def _spawner_class(config: Config) -> tuple[type[SSHBatchSpawner] | None, str]:
@@ -254,7 +329,9 @@ async def _config_target(checks: Checklist, spawner: SSHBatchSpawner) -> SSHTarg
                     "a cluster_username callable gets a spawner whose user has only .name "
                     "here; make it work with that, or check with the hub's own logs")
         return None
-    checks.ok("config", f"{spawner._class_label}: {spawner.user.name} is cluster user "
+    label = (f"{spawner.scheduler.DISPLAY_NAME} cluster {checks.scope}" if checks.scope
+             else spawner._class_label)
+    checks.ok("config", f"{label}: {spawner.user.name} is cluster user "
               f"{target.username} on {target.host}:{target.port}")
     return target
 

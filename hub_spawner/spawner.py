@@ -781,11 +781,16 @@ class SSHBatchSpawner(Spawner):
 
     # --- several clusters ----------------------------------------------------------------
 
+    def configured_clusters(self) -> list[ClusterChoice]:
+        """Every entry of ``clusters``, checked, whoever may use it; empty when the hub has one
+        cluster. ``ValueError`` for a bad entry."""
+        return _cluster_choices(self.clusters, self)
+
     def offered_clusters(self) -> list[ClusterChoice]:
         """The clusters this user may choose (``clusters``, by their groups), checked; empty
         when the hub has one cluster. ``ValueError`` for a bad entry."""
         groups = self._user_groups()
-        return [entry for entry in _cluster_choices(self.clusters, self)
+        return [entry for entry in self.configured_clusters()
                 if not entry.groups or entry.groups & groups]
 
     def use_cluster(self, key: str) -> None:

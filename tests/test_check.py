@@ -135,3 +135,69 @@ def test_a_good_key_shows_its_fingerprint(tmp_path):
     _, output = check(write_config(tmp_path))
     assert f"ok    key        {path}: ssh-ed25519 {fingerprint}, mode 0600" in output
     assert "skip  login      needs reachable" in output
+
+
+# --- several clusters ----------------------------------------------------------------------------
+
+
+def two_clusters(tmp_path: Path, *lines: str) -> Path:
+    """Two clusters, each with a login node where nothing listens; Grid Engine only for a group."""
+    return write_config(tmp_path, "c.SSHBatchSpawner.clusters = [", *lines,
+                        "  {'name': 'main', 'scheduler': 'slurm', 'display_name': 'Main',",
+                        f"   'config': {{'login_port': {closed_port()}}}}},",
+                        "  {'name': 'ge', 'scheduler': 'sge', 'display_name': 'Old GE',",
+                        "   'groups': ['grid'], 'settings': {'parallel_environment': 'smp'},",
+                        f"   'config': {{'login_port': {closed_port()}, 'max_cpus': 2}}}},",
+                        "]")
+
+
+def check_cluster(config: Path, cluster: str) -> tuple[bool, str]:
+    out = io.StringIO()
+    passed = asyncio.run(run_check(str(config), "alice", checks=Checklist(out), cluster=cluster))
+    return passed, out.getvalue()
+
+
+def test_each_cluster_is_checked_under_its_own_heading(tmp_path):
+    a_key(tmp_path)
+    passed, output = check(two_clusters(tmp_path))
+    assert not passed and "Traceback" not in output
+    main, ge = output.split("\ncluster main (Main): Slurm\n")[1].split(
+        "\ncluster ge (Old GE): Grid Engine; offered to the group(s) grid\n")
+    for part in (main, ge):
+        assert "ok    config     " in part and "ok    key        " in part
+        assert "FAIL  reachable  cannot connect to 127.0.0.1:" in part
+        assert "skip  login      needs reachable" in part
+    assert "Slurm cluster main: alice is cluster user alice" in main
+    assert "Grid Engine cluster ge: alice is cluster user alice" in ge
+    # each cluster's own login port, and the failures named by cluster in the summary
+    assert main.split("127.0.0.1:")[1][:5] != ge.split("127.0.0.1:")[1][:5]
+    assert "checks failed: main: reachable, ge: reachable" in output
+
+
+def test_cluster_picks_one(tmp_path):
+    _, output = check_cluster(two_clusters(tmp_path), "ge")
+    assert "cluster ge (Old GE)" in output and "cluster main" not in output
+    assert "checks failed: ge: key, ge: reachable" in output
+
+
+@pytest.mark.parametrize("cluster,lines,expected,advice", [
+    ("nope", (), "no cluster 'nope' in clusters", "-> pass one of: main, ge"),
+    ("", ("  {'name': 'main', 'scheduler': 'lsf'},",),
+     "clusters[0]: 'scheduler' must be slurm, sge or torque ('lsf')",
+     "-> fix that entry of c.SSHBatchSpawner.clusters"),
+    ("x", ("  {'name': 'x', 'scheduler': 'slurm', 'config': {'default_cpus': 4, 'max_cpus': 2}},",),
+     "the job script for the default resources cannot be built", "-> check the default_*"),
+])
+def test_a_bad_cluster_choice_or_entry_is_a_config_failure(tmp_path, cluster, lines, expected,
+                                                           advice):
+    passed, output = check_cluster(two_clusters(tmp_path, *lines), cluster)
+    assert not passed and "Traceback" not in output
+    assert expected in output, output
+    assert advice in output, output
+
+
+def test_cluster_on_a_hub_with_one_cluster(tmp_path):
+    passed, output = check_cluster(write_config(tmp_path), "main")
+    assert not passed
+    assert "--cluster main: this hub has one cluster" in output
+    assert "skip  login" in output

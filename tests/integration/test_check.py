@@ -34,8 +34,8 @@ def check_command(config: Path, user: str = "alice", *extra: str) -> list[str]:
 
 
 def run_check(tmp_path: Path, config: Path, *extra: str, user: str = "alice",
-              scheduler: str = "slurm") -> tuple[int, str]:
-    env = dict(os.environ, HUB_STATE_DIR=str(tmp_path), HUB_SCHEDULER=scheduler)
+              scheduler: str = "slurm", **more_env: str) -> tuple[int, str]:
+    env = dict(os.environ, HUB_STATE_DIR=str(tmp_path), HUB_SCHEDULER=scheduler, **more_env)
     result = subprocess.run(check_command(config, user, *extra), cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=240)
     assert "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
@@ -220,4 +220,48 @@ def test_a_signal_during_the_test_job_cancels_it(lab, tmp_path, signum):
     assert "interrupted; the test job and its forwards are gone" in errors
     assert wait_for(lambda: check_jobs() == [], timeout=20)
     assert "hub-spawner-check" not in (tmp_path / "tunnels" / "forwards.json").read_text()
+    assert wait_for(lambda: service_processes(tmp_path) == [], timeout=10)
+
+
+# --- several clusters ----------------------------------------------------------------------------
+
+
+def cluster_parts(output: str) -> dict[str, str]:
+    """The checklist lines under each ``cluster KEY (...)`` heading."""
+    parts = re.split(r"^cluster (\S+) \(.*\n", output, flags=re.MULTILINE)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def test_every_cluster_is_checked_and_a_broken_one_fails_alone(lab, tmp_path):
+    """The lab's two clusters (Slurm, Grid Engine) pass each step on their own scheduler; a
+    third whose login node does not answer fails its own "reachable" only."""
+    config = write_config(
+        tmp_path,
+        "c.SSHBatchSpawner.clusters = c.SSHBatchSpawner.clusters + [",
+        "  {'name': 'gone', 'scheduler': 'torque', 'config': {'login_port': 1,",
+        "   'ssh_connect_timeout': 3}}]")
+    code, output = run_check(tmp_path, config, HUB_MULTI_CLUSTER="1")
+    assert code == 1, output
+    parts = cluster_parts(output)
+    assert list(parts) == ["slurm", "sge", "gone"], output
+    for key, scheduler in (("slurm", "Slurm slurm-wlm 22.05"), ("sge", "Grid Engine SGE 8.1")):
+        for step in ("config", "key", "reachable", "host key", "login"):
+            line(parts[key], "ok", step)
+        assert scheduler in line(parts[key], "ok", "scheduler")
+    assert "cannot connect to" in line(parts["gone"], "FAIL", "reachable")
+    line(parts["gone"], "skip", "scheduler")
+    assert output.rstrip().endswith("1 of 15 checks failed: gone: reachable"), output
+
+
+def test_a_test_job_on_the_chosen_cluster_leaves_nothing_behind(lab, tmp_path):
+    code, output = run_check(tmp_path, write_config(tmp_path), "--submit", "--cluster", "sge",
+                             HUB_MULTI_CLUSTER="1")
+    assert code == 0, output
+    assert list(cluster_parts(output)) == ["sge"]
+    assert "Submitted job" in output and "to Grid Engine" in output, output
+    line(output, "ok", "job")
+    assert "checked our token with the hub API" in line(output, "ok", "server")
+    line(output, "ok", "cleanup")
+    assert "all 10 checks passed" in output
+    assert active_jobs("alice", "sge") == [] and active_jobs("alice") == []
     assert wait_for(lambda: service_processes(tmp_path) == [], timeout=10)
