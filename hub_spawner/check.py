@@ -9,7 +9,8 @@ server checks our token against a small stand-in for the hub API that this comma
 (reached by the job through the same reverse tunnel the hub's API would be). Whatever happens,
 Ctrl-C included, the job is cancelled and the forwards are closed before the command returns.
 With several clusters (``clusters``) every step runs for each of them in turn, or for the one
-``--cluster`` names; the check cannot know the user's hub groups, so it does not filter by them.
+``--cluster`` names; the check cannot know the user's hub groups, so it checks each cluster as a
+member of the groups that cluster is offered to.
 
 Exit status: 0 when every step passed, 1 otherwise, 130 when interrupted.
 """
@@ -140,6 +141,7 @@ async def run_check(
         if entry is not None:
             checks.scope = entry.key
             spawner.use_cluster(entry.key)
+            spawner.check_groups = entry.groups
             groups = (f"; offered to the group(s) {', '.join(sorted(entry.groups))}"
                       if entry.groups else "")
             checks.heading(f"cluster {entry.key} ({entry.title}): "
@@ -238,9 +240,12 @@ def _load_spawner(
     user = SimpleNamespace(name=username, escaped_name=quote(username, safe=""),
                            url=f"/user/{quote(username, safe='')}/")
     # JupyterHub's Spawner.name reads the database row, which we have not got: the same class
-    # (same name, so the same config sections apply) with the check's server name.
-    checking_class = type(spawner_class.__name__, (spawner_class,),
-                          {"name": property(lambda self: CHECK_SERVER)})
+    # (same name, so the same config sections apply) with the check's server name. Nor have we
+    # the user's groups: the check acts as a member of the groups of the cluster it checks.
+    checking_class = type(spawner_class.__name__, (spawner_class,), {
+        "name": property(lambda self: CHECK_SERVER),
+        "_user_groups": lambda self: set(getattr(self, "check_groups", ())),
+    })
     try:
         spawner = checking_class(
             config=config, user=user, hub=Hub(ip="127.0.0.1", port=1, base_url="/hub/"),
@@ -573,6 +578,8 @@ async def _check_submit(checks: Checklist, spawner: SSHBatchSpawner, token: str,
     limits = spawner.resource_limits()
     walltime = min(CHECK_WALLTIME_SECONDS, limits.max_walltime_seconds)
     spawner.user_options = {"walltime": format_walltime(walltime)}
+    if checks.scope:  # start() goes to the cluster user_options names
+        spawner.user_options["cluster"] = checks.scope
     tunnels = spawner._tunnels
     service_was_running = await _service_running(tunnels)
     if service_was_running:
