@@ -41,6 +41,7 @@ def lab(tmp_path_factory):
     the test hubs started (they outlive hubs by design) are stopped before it goes down."""
     lab_module.up()
     yield lab_module
+    stop_orphaned_services()
     for control in Path(tmp_path_factory.getbasetemp()).glob("*/tunnels/ctl"):
         lab_module.stop_tunnel_service(control.parent)
     lab_module.down()
@@ -134,6 +135,7 @@ def start_hub(state_dir: Path, port: int, token: str, extra_env: dict | None = N
         cwd=state_dir, env=env, stdout=open(log_path, "a"), stderr=subprocess.STDOUT,
     )
     hub = Hub(f"http://127.0.0.1:{port}", token, log_path)
+    started_hub_api_urls.add(f"http://127.0.0.1:{port + 81}/hub/api")  # hub_port: port + 81
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -150,6 +152,25 @@ def start_hub(state_dir: Path, port: int, token: str, extra_env: dict | None = N
 
 def stop_hub(process: subprocess.Popen) -> None:
     lab_module.stop_pid(process.pid, timeout=60)
+
+
+#: The hub API URLs of the hubs this session started (their services' JUPYTERHUB_API_URL).
+started_hub_api_urls: set[str] = set()
+
+
+def stop_orphaned_services() -> None:
+    """Stop, by PID, the managed services (the idle culler) of this session's hubs that a
+    SIGKILLed hub left running: it runs them in their own session and a killed hub cannot stop
+    them (a SIGTERMed one does)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours to read
+            continue
+        urls = {line.split(b"=", 1)[1].decode(errors="replace") for line in environ
+                if line.startswith(b"JUPYTERHUB_API_URL=")}
+        if urls & started_hub_api_urls and b"JUPYTERHUB_SERVICE_NAME=idle-culler" in environ:
+            lab_module.stop_pid(int(proc.name), timeout=10)
 
 
 @pytest.fixture(scope="session")
