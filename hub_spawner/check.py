@@ -141,7 +141,8 @@ async def run_check(
         if entry is not None:
             checks.scope = entry.key
             spawner.use_cluster(entry.key)
-            spawner.check_groups = entry.groups
+            # Nor have we the user's groups: act as a member of those the cluster is offered to.
+            spawner.user.groups = [SimpleNamespace(name=group) for group in entry.groups]
             groups = (f"; offered to the group(s) {', '.join(sorted(entry.groups))}"
                       if entry.groups else "")
             checks.heading(f"cluster {entry.key} ({entry.title}): "
@@ -240,12 +241,9 @@ def _load_spawner(
     user = SimpleNamespace(name=username, escaped_name=quote(username, safe=""),
                            url=f"/user/{quote(username, safe='')}/")
     # JupyterHub's Spawner.name reads the database row, which we have not got: the same class
-    # (same name, so the same config sections apply) with the check's server name. Nor have we
-    # the user's groups: the check acts as a member of the groups of the cluster it checks.
-    checking_class = type(spawner_class.__name__, (spawner_class,), {
-        "name": property(lambda self: CHECK_SERVER),
-        "_user_groups": lambda self: set(getattr(self, "check_groups", ())),
-    })
+    # (same name, so the same config sections apply) with the check's server name.
+    checking_class = type(spawner_class.__name__, (spawner_class,),
+                          {"name": property(lambda self: CHECK_SERVER)})
     try:
         spawner = checking_class(
             config=config, user=user, hub=Hub(ip="127.0.0.1", port=1, base_url="/hub/"),

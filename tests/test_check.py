@@ -40,9 +40,9 @@ def write_config(tmp_path: Path, *lines: str, spawner_class: str = "slurm-ssh") 
     return config
 
 
-def check(config: Path, user: str = "alice") -> tuple[bool, str]:
+def check(config: Path, user: str = "alice", cluster: str = "") -> tuple[bool, str]:
     out = io.StringIO()
-    passed = asyncio.run(run_check(str(config), user, checks=Checklist(out)))
+    passed = asyncio.run(run_check(str(config), user, checks=Checklist(out), cluster=cluster))
     return passed, out.getvalue()
 
 
@@ -151,12 +151,6 @@ def two_clusters(tmp_path: Path, *lines: str) -> Path:
                         "]")
 
 
-def check_cluster(config: Path, cluster: str) -> tuple[bool, str]:
-    out = io.StringIO()
-    passed = asyncio.run(run_check(str(config), "alice", checks=Checklist(out), cluster=cluster))
-    return passed, out.getvalue()
-
-
 def test_each_cluster_is_checked_under_its_own_heading(tmp_path):
     a_key(tmp_path)
     passed, output = check(two_clusters(tmp_path))
@@ -175,7 +169,7 @@ def test_each_cluster_is_checked_under_its_own_heading(tmp_path):
 
 
 def test_cluster_picks_one(tmp_path):
-    _, output = check_cluster(two_clusters(tmp_path), "ge")
+    _, output = check(two_clusters(tmp_path), cluster="ge")
     assert "cluster ge (Old GE)" in output and "cluster main" not in output
     assert "checks failed: ge: key, ge: reachable" in output
 
@@ -190,14 +184,14 @@ def test_cluster_picks_one(tmp_path):
 ])
 def test_a_bad_cluster_choice_or_entry_is_a_config_failure(tmp_path, cluster, lines, expected,
                                                            advice):
-    passed, output = check_cluster(two_clusters(tmp_path, *lines), cluster)
+    passed, output = check(two_clusters(tmp_path, *lines), cluster=cluster)
     assert not passed and "Traceback" not in output
     assert expected in output, output
     assert advice in output, output
 
 
 def test_cluster_on_a_hub_with_one_cluster(tmp_path):
-    passed, output = check_cluster(write_config(tmp_path), "main")
+    passed, output = check(write_config(tmp_path), cluster="main")
     assert not passed
     assert "--cluster main: this hub has one cluster" in output
     assert "skip  login" in output
