@@ -2,6 +2,8 @@
 LAB_PREFIX ?= /opt/hub-spawner-lab
 PYTHON := $(LAB_PREFIX)/venv/bin/python
 SCHEDULER ?= slurm
+# make test PYTEST_ARGS='tests/test_form.py -x': only those (the default is the whole suite).
+PYTEST_ARGS ?=
 
 .PHONY: install demo test fresh-check lint bench bench-tunnel bench-hub bench-spawn bench-scale
 
@@ -12,12 +14,13 @@ demo: install
 	LAB_PREFIX=$(LAB_PREFIX) $(PYTHON) -m tests.lab.demo --scheduler $(SCHEDULER)
 
 test: install
-	LAB_PREFIX=$(LAB_PREFIX) tests/run.sh
+	LAB_PREFIX=$(LAB_PREFIX) tests/run.sh $(PYTEST_ARGS)
 
-# make test with a brand-new /run and empty munge state (see tests/fresh_check.sh); run it before a
-# change that touches the lab or the installer.
+# README's two commands in a really fresh Debian 12 root (see tests/fresh_check.sh): make test, then
+# make demo driven through a browser. Run it before a change to the lab, installer, Makefile or
+# fixtures lands. Not while another lab is up.
 fresh-check:
-	LAB_PREFIX=$(LAB_PREFIX) tests/fresh_check.sh
+	PYTEST_ARGS="$(PYTEST_ARGS)" tests/fresh_check.sh
 
 lint: install
 	$(LAB_PREFIX)/venv/bin/ruff check hub_spawner tests bench example_hub_config

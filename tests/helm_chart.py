@@ -44,7 +44,8 @@ NAMESPACE = "jhub"
 Manifest = dict[str, Any]
 
 
-def _helm():
+def sdk():
+    """helm-python-sdk's module, imported on first use (never at collection time)."""
     try:
         import helm_python
     except ImportError as error:  # pragma: no cover - the test suite's venv has it
@@ -94,7 +95,7 @@ def render_templates(
     finds, as on a ``helm upgrade``; served by a local stand-in for the Kubernetes API (see
     ``fake_api``). Without it, ``lookup`` finds nothing, as on a first install.
     """
-    helm = _helm()
+    helm = sdk()
     with helm.Chart.load(CHART_DIR) as chart:
         if existing is None:
             return chart.render(values, name=release, namespace=namespace, is_install=True)
@@ -155,13 +156,13 @@ def notes(values: dict[str, Any], **kwargs: Any) -> str:
 
 def lint(values: dict[str, Any], *, kube_version: str | None = None) -> dict[str, Any]:
     """``helm lint --strict`` with ``values``: ``{"messages": [...], "errors": [...]}``."""
-    return _helm().lint(CHART_DIR, values, strict=True, namespace=NAMESPACE,
+    return sdk().lint(CHART_DIR, values, strict=True, namespace=NAMESPACE,
                         kube_version=kube_version)
 
 
 def validate_schema(values: dict[str, Any]) -> None:
     """Check ``values`` against values.schema.json; raises ``HelmValuesError``."""
-    helm = _helm()
+    helm = sdk()
     with helm.Chart.load(CHART_DIR) as chart:
         chart.validate_schema(values)
 

@@ -9,7 +9,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import sync_playwright
 
 from .conftest import active_jobs, wait_for
 from .test_slurm_spawn import occupy_the_compute_node
@@ -26,6 +25,8 @@ PASSWORDS = {"bob": "lab-demo-password", "alice": "lab-demo-admin-password-for-a
 @contextmanager
 def logged_in(hub, user: str):
     """A chromium page, logged in to ``hub`` as ``user``, showing the spawn form."""
+    from playwright.sync_api import sync_playwright  # the lab's venv has it; not at collection
+
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium",
                                              args=CHROMIUM_ARGS)

@@ -17,21 +17,25 @@ from hub_spawner.ssh import ConnectionPool, SSHCommandError, SSHTarget
 
 from .conftest import active_jobs, wait_for
 
-ALICE = pwd.getpwnam("alice")
-STATE_DIR = Path(ALICE.pw_dir) / ".hub-spawner"
 DAY = 86400
 
 
-def _as_alice(path: Path) -> Path:
-    os.chown(path, ALICE.pw_uid, ALICE.pw_gid, follow_symlinks=False)
+@pytest.fixture
+def alice(lab) -> pwd.struct_passwd:
+    """alice's account, read once the lab (which creates it) is up."""
+    return pwd.getpwnam("alice")
+
+
+def _as(user: pwd.struct_passwd, path: Path) -> Path:
+    os.chown(path, user.pw_uid, user.pw_gid, follow_symlinks=False)
     return path
 
 
-async def test_the_secrets_file_is_created_exclusively_through_openssh_sftp(lab, tmp_path):
+async def test_the_secrets_file_is_created_exclusively_through_openssh_sftp(lab, alice):
     """``write_private_file`` over the lab's real sshd: an existing file is neither truncated
     nor rewritten, a symbolic link in its place (dangling, or to a file of alice's) is not
     followed, and a new file is 0600 from its first byte."""
-    directory = Path(ALICE.pw_dir) / f".excl-test-{os.getpid()}"
+    directory = Path(alice.pw_dir) / f".excl-test-{os.getpid()}"
     directory.mkdir(mode=0o700)
     existing = directory / "existing"
     existing.write_text("keep me")
@@ -40,7 +44,7 @@ async def test_the_secrets_file_is_created_exclusively_through_openssh_sftp(lab,
     (directory / "to-target").symlink_to(target_file)
     (directory / "dangling").symlink_to(directory / "created-through-link")
     for path in (directory, *directory.iterdir()):
-        _as_alice(path)
+        _as(alice, path)
     pool = ConnectionPool()
     try:
         connection = await pool.get(SSHTarget(
@@ -58,44 +62,45 @@ async def test_the_secrets_file_is_created_exclusively_through_openssh_sftp(lab,
         assert not (directory / "created-through-link").exists()
         assert (directory / "new").read_text() == "SECRET=1\n"
         assert stat.S_IMODE((directory / "new").stat().st_mode) == 0o600
-        assert (directory / "new").stat().st_uid == ALICE.pw_uid
+        assert (directory / "new").stat().st_uid == alice.pw_uid
     finally:
         for path in directory.iterdir():
             path.unlink()
         directory.rmdir()
 
 
-def test_old_job_directories_beyond_the_newest_ten_are_removed_at_the_next_submit(hub, lab):
+def test_old_job_directories_beyond_the_newest_ten_are_removed_at_the_next_submit(hub, alice):
     """Backdated directories of alice's (older than max_walltime + start_timeout, which the
     spawner requires before it deletes anything) beyond the newest ``job_files_keep`` = 10 go
     at the next submit, and so does an old job's file of the earlier layout; a directory of
     another owner, one with another name, and a recent one beyond the ten stay."""
-    STATE_DIR.mkdir(mode=0o700, exist_ok=True)
-    ours = [d for d in STATE_DIR.iterdir()
+    state_dir = Path(alice.pw_dir) / ".hub-spawner"
+    state_dir.mkdir(mode=0o700, exist_ok=True)
+    ours = [d for d in state_dir.iterdir()
             if d.is_dir() and jobfiles.JOB_NAME.fullmatch(d.name) and d.stat().st_uid ==
-            ALICE.pw_uid]
+            alice.pw_uid]
     now = time.time()
     # The newest first: alice's existing job directories (all recent), then these, oldest last.
     old = []
     for index in range(14):
-        path = STATE_DIR / f"jupyterhub-alice-backdated-{index:08x}"
+        path = state_dir / f"jupyterhub-alice-backdated-{index:08x}"
         path.mkdir(mode=0o700)
         (path / "job.out").write_text("old output\n")
         age = (30 + index) * DAY
         for each in (path / "job.out", path):
-            _as_alice(each)
+            _as(alice, each)
             os.utime(each, (now - age, now - age))
         old.append(path)
-    legacy = STATE_DIR / "jupyterhub-alice-legacy-0000abcd.out"
+    legacy = state_dir / "jupyterhub-alice-legacy-0000abcd.out"
     legacy.write_text("old layout\n")
-    _as_alice(legacy)
+    _as(alice, legacy)
     os.utime(legacy, (now - 60 * DAY, now - 60 * DAY))
-    foreign = STATE_DIR / "jupyterhub-alice-foreign-0000beef"  # root's, old
+    foreign = state_dir / "jupyterhub-alice-foreign-0000beef"  # root's, old
     foreign.mkdir()
     os.utime(foreign, (now - 90 * DAY, now - 90 * DAY))
-    other_name = STATE_DIR / "notes"
+    other_name = state_dir / "notes"
     other_name.mkdir(exist_ok=True)
-    _as_alice(other_name)
+    _as(alice, other_name)
     os.utime(other_name, (now - 90 * DAY, now - 90 * DAY))
     try:
         events, _ = hub.spawn("alice", "retention")
@@ -105,7 +110,7 @@ def test_old_job_directories_beyond_the_newest_ten_are_removed_at_the_next_submi
         assert [p.exists() for p in old] == [True] * kept + [False] * (14 - kept), (
             len(ours), [p.name for p in old if p.exists()])
         assert not legacy.exists()
-        removed = f"alice:retention: removed {14 - kept + 1} old job file(s) in {STATE_DIR}"
+        removed = f"alice:retention: removed {14 - kept + 1} old job file(s) in {state_dir}"
         assert removed in hub.log()
         assert foreign.exists() and other_name.exists()
         assert all(d.exists() for d in ours), "a recent job directory was removed"
