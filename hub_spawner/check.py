@@ -34,7 +34,6 @@ from types import SimpleNamespace
 from typing import Any, TextIO
 from urllib.parse import quote
 
-import asyncssh
 from jinja2 import TemplateError
 from tornado import web
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
@@ -51,6 +50,7 @@ from .resources import format_walltime
 from .schedulers import SchedulerUnavailable, parse_check_output
 from .spawner import ClusterChoice, SSHBatchSpawner, pending_cancels
 from .ssh import SSHTarget, default_pool
+from .sshlib import asyncssh
 
 #: The named server the check's job and forwards use: never one of the user's real servers.
 CHECK_SERVER = "hub-spawner-check"

@@ -15,9 +15,8 @@ import stat
 import time
 from dataclasses import dataclass
 
-import asyncssh
-
 from .errors import ClusterUnreachable
+from .sshlib import asyncssh
 
 #: Certificates start this long before "now", for clocks a little behind the hub's.
 CLOCK_SKEW_SECONDS = 60

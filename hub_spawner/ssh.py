@@ -32,12 +32,11 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-import asyncssh
-
 from . import identity
 from .errors import ClusterUnreachable
 from .jobfiles import RemoteEntry
 from .schedulers import MAX_OUTPUT_BYTES, CommandOutput
+from .sshlib import asyncssh
 
 log = logging.getLogger(__name__)
 

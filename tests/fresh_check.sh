@@ -162,7 +162,8 @@ copy_in /etc/apt/sources.list /etc/apt/sources.list.d
     env | grep '^PIP_' | cut -d= -f2- || true
     cat /etc/pip.conf /etc/xdg/pip/pip.conf /root/.config/pip/pip.conf /root/.pip/pip.conf \
         2>/dev/null | grep -E '^[[:space:]]*[a-z-]+[[:space:]]*=' | cut -d= -f2- || true
-} | tr ' ,' '\n\n' | sed -e 's|^file://||' | grep '^/' | sort -u | while read -r path; do
+} | tr ' ,' '\n\n' | sed -e 's|^file://||' -e 's|/simple/*$||' | grep '^/' | sort -u |
+while read -r path; do  # an index's .../simple links to files beside it: mount its parent
     if [ -d "$path" ] && [ ! -e "$root$path" ]; then echo "$path"; fi
 done > "$root/.registry-directories"
 

@@ -13,10 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import asyncssh
 import pytest
 
 from hub_spawner.check import Checklist, run_check
+from hub_spawner.sshlib import asyncssh
 
 
 def closed_port() -> int:

@@ -13,7 +13,6 @@ import os
 import stat
 import time
 
-import asyncssh
 import pytest
 
 from hub_spawner.errors import ClusterUnreachable
@@ -26,6 +25,7 @@ from hub_spawner.ssh import (
     client_identity,
     within,
 )
+from hub_spawner.sshlib import asyncssh
 
 RUNNING = {"now": 0, "most": 0}
 

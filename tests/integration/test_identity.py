@@ -12,12 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-import asyncssh
 import pytest
 
 from hub_spawner.errors import ClusterUnreachable
 from hub_spawner.identity import mint
 from hub_spawner.ssh import ConnectionPool, SSHTarget, connect
+from hub_spawner.sshlib import asyncssh
 
 from .conftest import (
     REPO,

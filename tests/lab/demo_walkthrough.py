@@ -55,12 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         demo = subprocess.Popen(["make", "demo"], cwd=REPO, stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        step("make demo prints its banner")
+        step("make demo: waiting for its banner")
         wait_until(lambda: BANNER in log_path.read_text(errors="replace"), args.timeout,
                    "make demo printed no banner", demo)
-        step("bob logs in, starts a server from the form, sees JupyterLab and stops it")
+        step("in chromium: bob logs in, starts from the form, waits for JupyterLab, stops")
         use_the_hub_as_bob()
-        step("Ctrl-C stops the demo")
+        step("Ctrl-C: waiting for the demo to stop")
         os.killpg(demo.pid, signal.SIGINT)
         try:
             status = demo.wait(timeout=240)
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         if status not in (0, -signal.SIGINT, 128 + signal.SIGINT) or STOPPED not in output:
             raise WalkthroughFailed(f"make demo exited with status {status} after Ctrl-C"
                                     f"{'' if STOPPED in output else f' without {STOPPED!r}'}")
-        step("nothing of the demo is left running")
+        step("looking for anything of the demo left running")
         left = leftovers()
         if left:
             raise WalkthroughFailed("left running after the demo stopped:\n  " + "\n  ".join(left))
