@@ -76,18 +76,25 @@ def main(argv: list[str] | None = None) -> int:
         if left:
             raise WalkthroughFailed("left running after the demo stopped:\n  " + "\n  ".join(left))
     except WalkthroughFailed as failure:
-        print(f"demo walkthrough: FAILED: {failure}", flush=True)
+        stop_demo(demo)
         print(f"--- the last lines of make demo's output ({log_path}):", flush=True)
         print("\n".join(log_path.read_text(errors="replace").splitlines()[-40:]), flush=True)
-        stop_demo(demo)
+        print(f"demo walkthrough: FAILED: {failure}", flush=True)
         return 1
+    print("demo walkthrough: what the hub said of bob's server:", flush=True)
+    for line in log_path.read_text(errors="replace").splitlines():
+        if "bob" in line and any(word in line for word in ("job", "ready", "Stopping", "stopped")):
+            print(f"  {line.strip()[:160]}", flush=True)
     print(f"demo walkthrough: passed in {time.monotonic() - started:.0f} s", flush=True)
     log_path.unlink()
     return 0
 
 
+_STARTED = time.monotonic()
+
+
 def step(what: str) -> None:
-    print(f"demo walkthrough: {what}", flush=True)
+    print(f"demo walkthrough: [{time.monotonic() - _STARTED:5.0f} s] {what}", flush=True)
 
 
 def use_the_hub_as_bob() -> None:
@@ -110,6 +117,7 @@ def use_the_hub_as_bob() -> None:
             page.wait_for_selector(".jp-LabShell", timeout=120_000)
             if page.title() != "JupyterLab":
                 raise WalkthroughFailed(f"the server's page is titled {page.title()!r}")
+            step(f"JupyterLab is open at {page.url}")
             page.goto(f"{HUB_URL}/hub/home")
             page.click("#stop", timeout=30_000)
             page.wait_for_selector("#start", state="visible", timeout=120_000)
