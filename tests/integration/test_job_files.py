@@ -75,7 +75,9 @@ def test_old_job_directories_beyond_the_newest_ten_are_removed_at_the_next_submi
     at the next submit, and so does an old job's file of the earlier layout; a directory of
     another owner, one with another name, and a recent one beyond the ten stay."""
     state_dir = Path(alice.pw_dir) / ".hub-spawner"
-    state_dir.mkdir(mode=0o700, exist_ok=True)
+    if not state_dir.exists():  # a fresh machine: alice's, as the spawner would make it
+        state_dir.mkdir(mode=0o700)
+        _as(alice, state_dir)
     ours = [d for d in state_dir.iterdir()
             if d.is_dir() and jobfiles.JOB_NAME.fullmatch(d.name) and d.stat().st_uid ==
             alice.pw_uid]
