@@ -1002,6 +1002,14 @@ class SSHBatchSpawner(Spawner):
             url = await self._start_job(resources)
             self._starting = False  # JupyterHub saves the state now
             return url
+        except asyncio.CancelledError:
+            # Stop pressed during the spawn (or start_timeout): JupyterHub cancels start(),
+            # waits one second, then calls stop(). A start() still cleaning up by then makes
+            # that stop fail ("pending spawn", a 500) and leaves the server listed as running.
+            # So end now: the job and tunnels go to a cleanup in the background, taken from
+            # the state at once, and the stop() that follows finds nothing left to do.
+            self._release_in_background("the spawn was cancelled")
+            raise
         except BaseException:
             # JupyterHub logs the error itself (one line for our SpawnErrors); we clean up.
             cleanup = asyncio.ensure_future(self._release("the spawn failed or was cancelled"))
@@ -1933,11 +1941,37 @@ class SSHBatchSpawner(Spawner):
         forgets the job id after ``stop()`` whatever happens, so the job must not depend on this
         spawner's state.
         """
-        self._stop_tunnel_retry()
+        cleanup = self._take_cleanup(why)
         await self._close_tunnels()
+        await self._carry_out(cleanup, wait)
+
+    def _release_in_background(self, why: str) -> None:
+        """``_release`` without waiting for it: what to clean up is taken from the state now
+        (so a ``stop()`` or a new ``start()`` after this finds nothing of it), the work goes on
+        in a task kept until it is done."""
+        cleanup = self._take_cleanup(why)
+
+        async def release() -> None:
+            await self._close_tunnels()
+            await self._carry_out(cleanup, wait=True)
+
+        try:
+            task = asyncio.get_running_loop().create_task(release())
+        except RuntimeError:  # no event loop (not inside a hub): nothing can send it
+            if cleanup is not None:
+                self.log.error("%s: cannot cancel %s: no event loop", self._log_name,
+                               cleanup.label)
+            return
+        _background_tasks.add(task)
+        task.add_done_callback(_background_tasks.discard)
+
+    def _take_cleanup(self, why: str) -> _Cleanup | None:
+        """What to cancel and delete, taken out of the state (synchronously: no other
+        coroutine can take it too); None if there is nothing."""
+        self._stop_tunnel_retry()
         cleanup = self._cleanup_plan()
         if cleanup is None:
-            return
+            return None
         if cleanup.job_id:
             self._untrack(cleanup.job_id)  # no poll will ask again; the cancel has its own path
         if cleanup.job_id or cleanup.by_name:
@@ -1946,6 +1980,13 @@ class SSHBatchSpawner(Spawner):
         self._submission_sent = False
         self.secrets_path = ""
         self.certs_dir = ""
+        return cleanup
+
+    async def _carry_out(self, cleanup: _Cleanup | None, wait: bool) -> None:
+        """Send the cancel and deletions of ``cleanup``; with ``wait``, wait (``stop_wait``)
+        for the scheduler to stop listing the job."""
+        if cleanup is None:
+            return
         if await self._send_cancel(cleanup) and cleanup.job_id and wait:
             await self._wait_until_gone(cleanup.job_id, cleanup.where)
 
@@ -2034,19 +2075,7 @@ class SSHBatchSpawner(Spawner):
                 self._log_name,
                 cleanup.label,
             )
-            self._stop_tunnel_retry()
-
-            async def close_and_cancel() -> None:
-                await self._close_tunnels()
-                await self._send_cancel(cleanup)
-
-            try:
-                task = asyncio.get_running_loop().create_task(close_and_cancel())
-            except RuntimeError:  # no event loop (not inside a hub): nothing can send it
-                self.log.error("%s: cannot cancel %s: no event loop", self._log_name, cleanup.label)
-            else:
-                _background_tasks.add(task)
-                task.add_done_callback(_background_tasks.discard)
+            self._release_in_background("the hub forgot the server")
         if self.job_id:
             self._untrack(self.job_id)
         super().clear_state()
@@ -2097,7 +2126,8 @@ class _Cleanup:
     where: tuple[str, int, str] = ("", 0, "")  # the job's login node and cluster user
 
 
-#: Cleanups started from synchronous hooks (``clear_state``), kept until done.
+#: Cleanups that run on in the background (``clear_state``, a cancelled ``start()``), kept
+#: until done.
 _background_tasks: set[asyncio.Future] = set()
 
 

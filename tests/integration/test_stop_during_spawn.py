@@ -1,0 +1,111 @@
+"""Stop pressed while a spawn runs (issue 27). JupyterHub cancels the spawn, waits one second,
+then stops the server; a ``start()`` still running after that second made the stop fail
+("RuntimeError: alice pending spawn", a 500) and left the server listed as running with its job
+cancelled, every visit looping between /user/alice and /hub/user/alice.
+
+Each round: Start, then Stop at a random moment 0-3 s later (seeded; the seed is printed), on the
+REST API (the POST answers at once: ``slow_spawn_timeout`` is 0 in the test hubs) and through the
+spawn form and its pending page's Stop button. After each round: no 5xx, the server no longer
+listed within 60 s, no job left, and the user's URL says the server is not running (no
+redirect loop).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import pytest
+import requests
+
+from .conftest import active_jobs, login, wait_for
+from .test_browser import PASSWORDS, logged_in, submit
+
+ROUNDS = 20
+SEED = int(os.environ.get("HUB_STOP_SEED", "20261206"))
+
+
+def _settled(hub, user: str, scheduler: str) -> None:
+    """The round is over: nothing listed, no job, and the user's URL is not a loop."""
+    assert wait_for(lambda: "" not in hub.api("GET", f"/users/{user}").json()["servers"], 60), (
+        hub.api("GET", f"/users/{user}").json())
+    assert wait_for(lambda: not active_jobs(user, scheduler), 30), active_jobs(user, scheduler)
+
+
+def _not_a_loop(hub, session: requests.Session, user: str) -> None:
+    """The user's URL ends on JupyterHub's "server not running" page (424), with a Launch
+    button; a server the hub wrongly lists as running loops between /user/NAME and
+    /hub/user/NAME instead ("Redirect loop detected")."""
+    response = session.get(f"{hub.url}/user/{user}/", timeout=30)  # follows redirects (30 max)
+    assert "Redirect loop" not in response.text, response.url
+    assert response.status_code == 424, (response.status_code, response.url)
+
+
+def _new_lines(hub, since: int) -> str:
+    return hub.log()[since:]
+
+
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "torque"])
+def test_stop_at_random_moments_after_a_rest_start_leaves_nothing(hub_for, scheduler):
+    hub = hub_for(scheduler)
+    rng = random.Random(f"{SEED}-rest-{scheduler}")
+    print(f"stop during spawn ({scheduler}, REST): HUB_STOP_SEED={SEED}", flush=True)
+    session = login(hub, "alice", PASSWORDS["alice"])
+    since = len(hub.log())
+    interrupted = 0
+    for round_number in range(ROUNDS):
+        delay = rng.uniform(0, 3)
+        started = time.monotonic()
+        response = hub.api("POST", "/users/alice/server", json={"cpus": 1})
+        assert response.status_code in (201, 202), response.text
+        time.sleep(max(0.0, delay - (time.monotonic() - started)))
+        pending = hub.api("GET", "/users/alice").json()["servers"].get("", {}).get("pending")
+        interrupted += pending == "spawn"
+        stop = hub.api("DELETE", "/users/alice/server")
+        assert stop.status_code in (202, 204), (round_number, delay, stop.status_code, stop.text)
+        _settled(hub, "alice", scheduler)
+        _not_a_loop(hub, session, "alice")
+    log = _new_lines(hub, since)
+    assert "RuntimeError" not in log and "Traceback" not in log, log[-3000:]
+    # The rounds really hit spawns in flight (else this proves nothing).
+    assert interrupted >= ROUNDS // 2, interrupted
+    assert log.count("Interrupting spawner") >= interrupted, log.count("Interrupting spawner")
+
+
+def test_stop_at_random_moments_on_the_spawn_pending_page_leaves_nothing(hub):
+    """Through the browser: the spawn form's Start, then the pending page's Stop button."""
+    rng = random.Random(f"{SEED}-form")
+    print(f"stop during spawn (form): HUB_STOP_SEED={SEED}", flush=True)
+    session = login(hub, "bob", PASSWORDS["bob"])
+    since = len(hub.log())
+    with logged_in(hub, "bob") as page:
+        for _ in range(ROUNDS):
+            delay = rng.uniform(0, 3)
+            page.goto(f"{hub.url}/hub/spawn")
+            started = time.monotonic()
+            submit(page)
+            time.sleep(max(0.0, delay - (time.monotonic() - started)))
+            if not _press_stop(page):  # the server was ready first: stop it as usual
+                hub.api("DELETE", "/users/bob/server")
+            _settled(hub, "bob", "slurm")
+            _not_a_loop(hub, session, "bob")
+    log = _new_lines(hub, since)
+    assert "RuntimeError" not in log and "Traceback" not in log, log[-3000:]
+    assert " 500 " not in log, [line for line in log.splitlines() if " 500 " in line]
+    # Rounds whose Stop landed while the spawn ran (else this proves nothing).
+    assert log.count("Interrupting spawner bob") >= ROUNDS // 4, log.count("Interrupting spawner")
+
+
+def _press_stop(page) -> bool:
+    """Press the pending page's Stop button as a user does, if the page still shows it (the
+    check and the click in one step in the page: it may move on to JupyterLab any moment)."""
+    try:
+        return page.evaluate("""() => {
+            const button = document.getElementById('stop-server-btn');
+            if (!button || button.disabled) { return false; }
+            button.click();
+            return true;
+        }""")
+    except Exception:  # the page navigated away meanwhile: the server was ready
+        return False
