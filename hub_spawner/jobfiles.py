@@ -27,7 +27,8 @@ SCRIPT_NAME = "job.sh"
 OUTPUT_NAME = "job.out"
 SECRETS_NAME = "server.env"
 
-# Used with ``fullmatch``. A job name is ``jupyterhub-<user slug>-<server slug>-<8 hex digits>``.
+# Used with ``fullmatch``. A job name is ``jupyterhub-<hub id>-<user slug>-<server slug>-<8 hex
+# digits>`` (``spawner.job_name``; jobs submitted before hub ids lack ``<hub id>-``).
 JOB_NAME = re.compile(r"jupyterhub-[A-Za-z0-9_.-]{1,60}-[0-9a-f]{8}")
 _LEGACY_FILE = re.compile(r"(?P<job>jupyterhub-[A-Za-z0-9_.-]{1,60}-[0-9a-f]{8})\.(?:out|sh|env)")
 _REMOTE_PATH = re.compile(r"/[A-Za-z0-9_./@+-]*")

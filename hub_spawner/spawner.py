@@ -14,6 +14,7 @@ import asyncio
 import calendar
 import dataclasses
 import errno
+import hashlib
 import html
 import logging
 import os
@@ -401,6 +402,33 @@ class SSHBatchSpawner(Spawner):
         directly in ``remote_state_dir``) count and are removed the same way.
         """,
     )
+
+    hub_id = Unicode(
+        "",
+        config=True,
+        help="""This hub's mark in the name of every job it submits:
+        ``jupyterhub-<hub_id>-<user>-<server>-<8 hex digits>``. It tells this hub's jobs from
+        another hub's on the same cluster (a staging and a production hub) and from a user's
+        own batch jobs, so that what the hub does to "its" jobs by name (cancelling a job whose
+        id never came back) never touches anyone else's. 1 to 8 lower-case letters or digits,
+        e.g. ``"prod"``.
+
+        Default (empty): 8 hex digits derived from the hub's cookie secret, so it stays the
+        same across restarts as long as the secret does, and differs between hubs (the secret
+        cannot be recovered from it). Set it when the cookie secret is rotated while jobs run,
+        or to have readable job names.
+        """,
+    )
+
+    @validate("hub_id")
+    def _valid_hub_id(self, proposal):
+        value = proposal["value"]
+        if value and not re.fullmatch(r"[a-z0-9]{1,8}", value):
+            raise TraitError(
+                f"hub_id must be 1 to 8 lower-case letters or digits (it is part of every "
+                f"job's name), not {value!r}"
+            )
+        return value
 
     # --- resources offered -------------------------------------------------------------------
 
@@ -1122,9 +1150,7 @@ class SSHBatchSpawner(Spawner):
 
         state_dir = await self._state_dir(connection)
         nonce = secrets.token_hex(4)
-        self.job_name = (
-            f"jupyterhub-{_slug(self.user.name)}-{_slug(self.name) or 'default'}-{nonce}"
-        )
+        self.job_name = job_name(self._hub_id, self.user.name, self.name, nonce)
         try:
             paths = jobfiles.job_paths(state_dir, self.job_name)
         except ValueError as error:
@@ -1324,7 +1350,10 @@ class SSHBatchSpawner(Spawner):
             return None
 
     async def _poll_job(self) -> int | None:
+        job_id = self.job_id
         status = await self._listed_status()
+        if self.job_id != job_id:  # stopped while the listing was awaited: not ours to touch
+            return 0
         if status.ended:
             if self._end_reported != self.job_id:  # JupyterHub polls again while stopping
                 self._end_reported = self.job_id
@@ -1448,6 +1477,14 @@ class SSHBatchSpawner(Spawner):
                 pass
 
     # --- helpers -----------------------------------------------------------------------------
+
+    @property
+    def _hub_id(self) -> str:
+        """``hub_id``, or the one derived from the hub's cookie secret."""
+        if self.hub_id:
+            return self.hub_id
+        settings = getattr(self.user, "settings", None) or {}
+        return derived_hub_id(settings.get("cookie_secret"))
 
     @property
     def _tunnel_name(self) -> str:
@@ -1757,6 +1794,8 @@ class SSHBatchSpawner(Spawner):
         debug level only.
         """
         async with self._reopen_lock:
+            if not self.job_id:  # stopped meanwhile: a released server's forwards stay closed
+                return False
             if not quiet and not self._tunnels_down and await self._listed_up():
                 return True
             self._tunnels.forget_listing()
@@ -1903,12 +1942,18 @@ class SSHBatchSpawner(Spawner):
         return True
 
     async def _close_tunnels(self) -> None:
-        """Ask the tunnel service to drop both forwards; a failure is logged, never raised."""
-        for name in (self._tunnel_name, self._api_tunnel_name):
-            try:
-                await self._tunnels.close(name)
-            except Exception as error:
-                self.log.warning("%s: could not close tunnel %s: %s", self._log_name, name, error)
+        """Ask the tunnel service to drop both forwards; a failure is logged, never raised.
+
+        Under the re-open lock: a re-open already under way (a poll's) ends first, and one
+        that starts later finds the job released (``_reopen_tunnels``), so no forward of a
+        stopped server comes back after this."""
+        async with self._reopen_lock:
+            for name in (self._tunnel_name, self._api_tunnel_name):
+                try:
+                    await self._tunnels.close(name)
+                except Exception as error:
+                    self.log.warning("%s: could not close tunnel %s: %s", self._log_name, name,
+                                     error)
 
     async def _move_route(self, port: int) -> None:
         """Point the server's stored address and the proxy's route at a new tunnel port."""
@@ -2351,6 +2396,26 @@ def _readable_start(text: str) -> str:
 def _state_text(state: dict[str, Any], key: str) -> str:
     value = state.get(key)
     return value if isinstance(value, str) else ""
+
+
+def job_name(hub_id: str, user_name: str, server_name: str, nonce: str) -> str:
+    """The scheduler's name for a job: ``jupyterhub-<hub id>-<user>-<server>-<nonce>``.
+
+    Guarantees: it fullmatches ``jobfiles.JOB_NAME`` (for a valid ``hub_id`` and an 8-hex-digit
+    ``nonce``), every character is a letter, digit or one of ``_.-`` (safe in a job directive
+    and a file name), and the default server is named ``default``.
+    """
+    return f"jupyterhub-{hub_id}-{_slug(user_name)}-{_slug(server_name) or 'default'}-{nonce}"
+
+
+def derived_hub_id(cookie_secret: bytes | str | None) -> str:
+    """8 hex digits that name a hub: a hash of its cookie secret (stable while the secret is,
+    different between hubs, and saying nothing about the secret), or ``"00000000"`` outside a
+    hub (no secret: ``python -m hub_spawner check``, unit tests)."""
+    if not cookie_secret:
+        return "00000000"
+    secret = cookie_secret.encode() if isinstance(cookie_secret, str) else bytes(cookie_secret)
+    return hashlib.sha256(b"hub_spawner hub id\0" + secret).hexdigest()[:8]
 
 
 def _slug(name: str) -> str:

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import re
 import subprocess
 import time
 from types import SimpleNamespace
@@ -10,9 +11,9 @@ import pytest
 from traitlets import TraitError
 
 from hub_spawner.errors import BadOptions, BadReadyLine, ClusterUnreachable, JobRejected
-from hub_spawner.jobfiles import RemoteEntry
+from hub_spawner.jobfiles import JOB_NAME, RemoteEntry
 from hub_spawner.resources import Resources
-from hub_spawner.schedulers import CommandOutput, QueuePlace, sge, slurm
+from hub_spawner.schedulers import CommandOutput, JobState, JobStatus, QueuePlace, sge, slurm
 from hub_spawner.spawner import (
     STATE_VERSION,
     SGESSHSpawner,
@@ -21,6 +22,8 @@ from hub_spawner.spawner import (
     _ordinal,
     _readable_start,
     _slug,
+    derived_hub_id,
+    job_name,
 )
 
 SPAWNERS = {"slurm": SlurmSSHSpawner, "sge": SGESSHSpawner, "torque": TorqueSSHSpawner}
@@ -39,6 +42,42 @@ def test_slug_is_always_safe(name):
     slug = _slug(name)
     assert len(slug) <= 24
     assert all(ch.isascii() and (ch.isalnum() or ch in "_.-") for ch in slug)
+
+
+@pytest.mark.parametrize(("user", "server"), [
+    ("alice", ""), ("a" * 100, "s" * 100), ("eve';touch /tmp/pwned;'", "srv$(id)"),
+    ("ünïcode name", "-"), ("x", "."),
+])
+def test_a_job_name_carries_the_hub_id_and_is_always_one_of_ours(user, server):
+    name = job_name("prod", user, server, "0a1b2c3d")
+    assert name.startswith("jupyterhub-prod-") and name.endswith("-0a1b2c3d")
+    assert JOB_NAME.fullmatch(name), name
+    longest = job_name("abcd1234", "u" * 100, "s" * 100, "0a1b2c3d")
+    assert JOB_NAME.fullmatch(longest), longest
+    assert job_name("prod", "alice", "", "0a1b2c3d") == "jupyterhub-prod-alice-default-0a1b2c3d"
+
+
+def test_the_derived_hub_id_is_stable_per_secret_and_differs_between_hubs():
+    first, second = bytes(range(32)), bytes(range(1, 33))
+    assert derived_hub_id(first) == derived_hub_id(first)
+    assert derived_hub_id(first) != derived_hub_id(second)
+    assert re.fullmatch(r"[0-9a-f]{8}", derived_hub_id(first))
+    assert derived_hub_id(first.hex()) != derived_hub_id(first)  # a str is taken as its text
+    assert derived_hub_id(None) == derived_hub_id(b"") == "00000000"
+
+
+def test_the_spawner_names_jobs_with_its_hubs_id_or_the_configured_one():
+    spawner = make_spawner()
+    spawner.user.settings = {"cookie_secret": bytes(range(32))}
+    assert spawner._hub_id == derived_hub_id(bytes(range(32)))
+    spawner.hub_id = "staging"
+    assert spawner._hub_id == "staging"
+
+
+@pytest.mark.parametrize("value", ["PROD", "prod-1", "toolongid", "a b", "$(id)", "é"])
+def test_a_hub_id_that_cannot_be_part_of_a_job_name_is_refused(value):
+    with pytest.raises(TraitError, match="hub_id must be 1 to 8 lower-case letters or digits"):
+        make_spawner(hub_id=value)
 
 
 @pytest.mark.parametrize("scheduler", SPAWNERS)
@@ -428,6 +467,105 @@ def test_a_poll_asks_for_the_forwards_only_when_the_listing_lacks_them(listing, 
         assert asyncio.run(spawner._listed_up()) is up
     finally:
         type(spawner)._tunnels = tunnel_client_of
+
+
+class _RecordingTunnels:
+    """A fake tunnel service that records what it is asked, in order; ``recent_forwards``
+    waits for ``release`` (a re-open under way) when one is given. A fake, not the lab's
+    service: the race needs a re-open held at one exact await while stop() runs, which real
+    timing cannot pin down; the lab's chaos and stop-during-spawn tests check the outcome (the
+    service's table holds exactly the running servers' forwards)."""
+
+    def __init__(self, release: asyncio.Event | None = None) -> None:
+        self.calls: list[str] = []
+        self.release = release
+
+    async def recent_forwards(self, max_age):
+        self.calls.append("listing")
+        if self.release is not None:
+            await self.release.wait()
+        return {}
+
+    def forget_listing(self):
+        self.calls.append("forget")
+
+    async def close(self, name):
+        self.calls.append(f"close {name}")
+
+    def __getattr__(self, name):  # any other request would (re)open a forward
+        raise AssertionError(f"the tunnel service was asked to {name}")
+
+
+def _with_tunnels(spawner, tunnels):
+    """``spawner`` with ``tunnels`` as its tunnel service, until the returned undo is called."""
+    original = type(spawner)._tunnels
+    type(spawner)._tunnels = property(lambda self: tunnels)
+    return lambda: setattr(type(spawner), "_tunnels", original)
+
+
+def test_a_released_server_never_has_its_forwards_reopened():
+    spawner = make_spawner()
+    spawner.job_id, spawner.tunnel_port = "", 40001  # stop() took the job
+    undo = _with_tunnels(spawner, _RecordingTunnels())
+    try:
+        assert asyncio.run(spawner._reopen_tunnels()) is False
+    finally:
+        undo()
+
+
+def test_a_close_waits_for_a_reopen_under_way_and_a_later_reopen_finds_the_job_released():
+    """The race of issue 27: a poll re-opening forwards while stop() closes them. The close
+    comes after the re-open's requests, never before them."""
+    spawner = make_spawner()
+    spawner.job_id, spawner.tunnel_port, spawner.api_tunnel_port = "12", 40001, 40002
+
+    async def race():
+        tunnels = _RecordingTunnels(asyncio.Event())
+        undo = _with_tunnels(spawner, tunnels)
+        try:
+            reopen = asyncio.ensure_future(spawner._reopen_tunnels())
+            await asyncio.sleep(0.05)  # the re-open holds the lock, waiting for its listing
+            spawner.job_id = ""  # stop() takes the job ...
+            close = asyncio.ensure_future(spawner._close_tunnels())  # ... and closes
+            await asyncio.sleep(0.05)
+            assert tunnels.calls == ["listing"]  # the close waits for the re-open
+            tunnels.release.set()
+            await asyncio.gather(reopen, close, return_exceptions=True)
+            assert tunnels.calls[-2:] == ["close alice/", "close alice//hub-api"]
+            assert await spawner._reopen_tunnels() is False  # and nothing comes back
+            assert tunnels.calls[-2:] == ["close alice/", "close alice//hub-api"]
+        finally:
+            undo()
+
+    asyncio.run(race())
+
+
+def test_a_poll_whose_server_is_stopped_meanwhile_reopens_nothing():
+    spawner = make_spawner()
+    spawner.job_id, spawner.job_host, spawner.tunnel_port = "12", "compute", 40001
+    listed = asyncio.Event()
+    reopened = []
+
+    async def listed_status():
+        await listed.wait()
+        return JobStatus(JobState.RUNNING)
+
+    async def reopen(quiet=False):
+        reopened.append(quiet)
+        return True
+
+    spawner._listed_status = listed_status
+    spawner._reopen_tunnels = reopen
+
+    async def poll_during_stop():
+        poll = asyncio.ensure_future(spawner.poll())
+        await asyncio.sleep(0.05)
+        spawner.job_id = ""  # stop() took the job while the listing was awaited
+        listed.set()
+        return await poll
+
+    assert asyncio.run(poll_during_stop()) == 0
+    assert reopened == []
 
 
 # --- what the spawn page says while the job waits, and near the walltime -------------------

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from hub_spawner.spawner import derived_hub_id
+
 from .conftest import SCHEDULERS, active_jobs, run_in_kernel, user_processes, wait_for
 
 DISPLAY_NAMES = {"slurm": "Slurm", "sge": "Grid Engine", "torque": "Torque/PBS"}
@@ -59,6 +61,11 @@ def test_spawn_runs_on_compute_as_the_user_and_stop_leaves_nothing(scheduler, hu
 
     jobs = active_jobs("alice", scheduler)
     assert len(jobs) == 1, jobs
+    # The job's name carries this hub's id (from its cookie secret), and the scheduler has it.
+    secret = bytes.fromhex((hub.log_path.parent / "jupyterhub_cookie_secret").read_text().strip())
+    assert state["job_name"].startswith(f"jupyterhub-{derived_hub_id(secret)}-alice-default-")
+    views = job_views(lab, scheduler, jobs[0].split()[0])
+    assert any(state["job_name"] in text for text in views.values()), state["job_name"]
     assert_server_token_does_not_leak(hub, lab, scheduler, job_id=jobs[0].split()[0])
     hub.stop("alice")
     assert wait_for(lambda: not active_jobs("alice", scheduler), 30), active_jobs("alice",
@@ -76,7 +83,7 @@ def job_views(lab, scheduler: str, job_id: str) -> dict[str, str]:
         for spool in spools:
             for path in spool.glob("*"):
                 views[str(path)] = path.read_text(errors="replace")
-        assert any("#$ -N jupyterhub-alice" in text for text in views.values())  # can fail
+        assert any("#$ -N jupyterhub-" in text for text in views.values())  # can fail
         return views
     views = {
         "scontrol show job": lab.in_namespace("login", ["scontrol", "-dd", "show", "job",
