@@ -636,6 +636,7 @@ class SSHBatchSpawner(Spawner):
         self._progress_events: list[dict[str, Any]] = []
         self._progress_changed = asyncio.Event()
         self._reopen_lock = asyncio.Lock()
+        self._background_release: asyncio.Task | None = None  # see _release_in_background
         self._tunnel_retry: asyncio.Future | None = None
         self._tunnels_down: set[str] = set()
         self._warming: asyncio.Future | None = None
@@ -1460,8 +1461,14 @@ class SSHBatchSpawner(Spawner):
         return remote
 
     async def stop(self, now: bool = False) -> None:
-        """Cancel the job, close the tunnels, delete the secrets file. Idempotent."""
+        """Cancel the job, close the tunnels, delete the secrets file. Idempotent.
+
+        A cleanup still running in the background (a cancelled ``start()`` handed it there)
+        is waited for too: when ``stop()`` returns, the job has been cancelled either way."""
         await self._release("the server was stopped", wait=not now)
+        background = self._background_release
+        if background is not None and not background.done():
+            await asyncio.shield(background)
 
     async def progress(self) -> AsyncIterator[dict[str, Any]]:
         """Progress events of the current spawn, as they happen."""
@@ -2009,6 +2016,7 @@ class SSHBatchSpawner(Spawner):
             return
         _background_tasks.add(task)
         task.add_done_callback(_background_tasks.discard)
+        self._background_release = task
 
     def _take_cleanup(self, why: str) -> _Cleanup | None:
         """What to cancel and delete, taken out of the state (synchronously: no other

@@ -53,24 +53,23 @@ def test_stop_at_random_moments_after_a_rest_start_leaves_nothing(hub_for, sched
     print(f"stop during spawn ({scheduler}, REST): HUB_STOP_SEED={SEED}", flush=True)
     session = login(hub, "alice", PASSWORDS["alice"])
     since = len(hub.log())
-    interrupted = 0
     for round_number in range(ROUNDS):
         delay = rng.uniform(0, 3)
         started = time.monotonic()
         response = hub.api("POST", "/users/alice/server", json={"cpus": 1})
         assert response.status_code in (201, 202), response.text
         time.sleep(max(0.0, delay - (time.monotonic() - started)))
-        pending = hub.api("GET", "/users/alice").json()["servers"].get("", {}).get("pending")
-        interrupted += pending == "spawn"
         stop = hub.api("DELETE", "/users/alice/server")
         assert stop.status_code in (202, 204), (round_number, delay, stop.status_code, stop.text)
         _settled(hub, "alice", scheduler)
         _not_a_loop(hub, session, "alice")
     log = _new_lines(hub, since)
     assert "RuntimeError" not in log and "Traceback" not in log, log[-3000:]
-    # The rounds really hit spawns in flight (else this proves nothing).
+    # The rounds really hit spawns in flight, by the hub's own account (else this proves
+    # nothing): JupyterHub logs each stop that interrupts a pending spawn.
+    interrupted = log.count("Interrupting spawner alice")
+    print(f"{interrupted} of {ROUNDS} stops interrupted a spawn in flight", flush=True)
     assert interrupted >= ROUNDS // 2, interrupted
-    assert log.count("Interrupting spawner") >= interrupted, log.count("Interrupting spawner")
 
 
 def test_stop_at_random_moments_on_the_spawn_pending_page_leaves_nothing(hub):
@@ -82,7 +81,7 @@ def test_stop_at_random_moments_on_the_spawn_pending_page_leaves_nothing(hub):
     with logged_in(hub, "bob") as page:
         for _ in range(ROUNDS):
             delay = rng.uniform(0, 3)
-            page.goto(f"{hub.url}/hub/spawn")
+            _goto(page, f"{hub.url}/hub/spawn")
             started = time.monotonic()
             submit(page)
             time.sleep(max(0.0, delay - (time.monotonic() - started)))
@@ -94,7 +93,22 @@ def test_stop_at_random_moments_on_the_spawn_pending_page_leaves_nothing(hub):
     assert "RuntimeError" not in log and "Traceback" not in log, log[-3000:]
     assert " 500 " not in log, [line for line in log.splitlines() if " 500 " in line]
     # Rounds whose Stop landed while the spawn ran (else this proves nothing).
-    assert log.count("Interrupting spawner bob") >= ROUNDS // 4, log.count("Interrupting spawner")
+    interrupted = log.count("Interrupting spawner bob")
+    print(f"{interrupted} of {ROUNDS} stops interrupted a spawn in flight", flush=True)
+    assert interrupted >= ROUNDS // 4, interrupted
+
+
+def _goto(page, url: str) -> None:
+    """``page.goto``, again when the last round's pending page was still redirecting (JupyterHub
+    lists the server as ready for the second before it stops it) and took over the navigation."""
+    for attempt in range(5):
+        try:
+            page.goto(url)
+            return
+        except Exception as error:
+            if "interrupted by another navigation" not in str(error) or attempt == 4:
+                raise
+            time.sleep(1)
 
 
 def _press_stop(page) -> bool:
