@@ -48,7 +48,7 @@ from .choices import resolve
 from .errors import BadReadyLine, JobEndedEarly, SpawnError
 from .resources import format_walltime
 from .schedulers import SchedulerUnavailable, parse_check_output
-from .spawner import ClusterChoice, SSHBatchSpawner, pending_cancels
+from .spawner import ClusterChoice, SSHBatchSpawner
 from .ssh import SSHTarget, default_pool
 from .sshlib import asyncssh
 
@@ -693,13 +693,10 @@ async def _clean_up(checks: Checklist, spawner: SSHBatchSpawner, watch: _Watch, 
     left, advice = [], []
     try:
         await spawner.stop()
-    except Exception as error:  # stop() logs and hands cancels on; say what we saw
+    except Exception as error:  # stop() logs what it could not do; say what we saw
         left.append(f"stop failed: {error}")
     by_hand = f"cancel job {job_id or watch.job_name} by hand on the cluster"
-    if pending_cancels.labels():  # the cancel could not be sent; this process will not retry
-        left.append(f"the cancel could not be sent ({', '.join(pending_cancels.labels())})")
-        advice.append(by_hand)
-    elif job_id:
+    if job_id:  # the check has no reconciler behind it: ask the scheduler
         try:
             status = await spawner._job_status(job_id)
         except Exception as error:

@@ -2,9 +2,11 @@
 reflector, for batch jobs); and the cluster's live load for the spawn form, cached the same way.
 
 Requirements:
-- while it tracks jobs, a watch runs, every ``interval`` seconds, one listing of all of them
-  (the scheduler module's ``list_command``): through one connection of the status identity when
-  one is configured, else one per cluster user, on the pooled connections;
+- while it tracks jobs or knows cluster users, a watch runs, every ``interval`` seconds, one
+  listing of every job of those users (the scheduler module's ``list_command``): through one
+  connection of the status identity when one is configured, else one per cluster user, on the
+  pooled connections; after each cycle it hands what it saw to ``after_cycle`` (the
+  reconciler, ``hub_spawner.reconciler``);
 - ``status()`` answers from memory, with no SSH round trip; a job that no listing has covered
   yet waits for the next completed cycle (bounded), then is ``UNKNOWN`` if that failed. An
   entry older than ``stale_after`` is ``UNKNOWN``, never "gone": only the scheduler saying so
@@ -21,11 +23,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 
 from .errors import ClusterUnreachable
-from .schedulers import JobState, JobStatus, QueueLoad, SchedulerUnavailable
+from .schedulers import (
+    JobState,
+    JobStatus,
+    ListedJob,
+    QueueLoad,
+    SchedulerUnavailable,
+    statuses_of,
+)
 from .ssh import ConnectionPool, SSHTarget
 
 log = logging.getLogger("hub_spawner.cluster")
@@ -35,6 +45,14 @@ log = logging.getLogger("hub_spawner.cluster")
 class _Entry:
     status: JobStatus
     at: float  # time.monotonic() of the listing
+
+
+@dataclass
+class Listing:
+    """The jobs of one cluster user as the last listing that answered showed them."""
+
+    at: float  # time.monotonic() of that listing
+    jobs: list[ListedJob]
 
 
 @dataclass
@@ -49,26 +67,43 @@ class Watch:
     command_timeout: float = 60.0
     status_target: SSHTarget | None = None
     owners: dict[str, SSHTarget] = field(default_factory=dict)  # job id -> its user's target
+    users: dict[str, SSHTarget] = field(default_factory=dict)  # more users to list (reconciler)
     entries: dict[str, _Entry] = field(default_factory=dict)
+    listed: dict[str, Listing] = field(default_factory=dict)  # cluster user -> their jobs
     listings: int = 0  # scheduler commands run, for tests and benchmarks
     failing: str = ""
     cycles: int = 0  # completed listing cycles
+    cycle_started: float = 0.0  # time.monotonic() when the last completed cycle began
+    after_cycle: Callable[[Watch], Awaitable[None]] | None = None  # the reconciler
     loop: asyncio.AbstractEventLoop | None = None
     log: logging.Logger = log
     _task: asyncio.Task | None = None
 
     def track(self, job_id: str, owner: SSHTarget) -> None:
         """List ``job_id`` from now on (``owner``: the connection to use when there is no
-        status identity; the latest one given is used). Raises ``ValueError`` for an id the
-        scheduler's commands refuse, which would otherwise spoil every listing."""
-        self.scheduler.list_command([job_id], [owner.username])
+        status identity; the latest one given is used). Raises ``ValueError`` for an owner
+        the scheduler's commands refuse, which would otherwise spoil every listing."""
+        self.scheduler.quote_job_id(job_id)
+        self.scheduler.list_command([owner.username])
         self.owners[job_id] = owner
-        if self._task is None or self._task.done():
-            self._task = asyncio.ensure_future(self._run())
+        self.start()
 
     def untrack(self, job_id: str) -> None:
         self.owners.pop(job_id, None)
         self.entries.pop(job_id, None)
+
+    def list_users(self, users: dict[str, SSHTarget]) -> None:
+        """List these cluster users' jobs too, every cycle, whether or not a server of theirs
+        is tracked (the reconciler's view); replaces the previous set."""
+        for username in users:
+            self.scheduler.list_command([username])
+        self.users = dict(users)
+        if users:
+            self.start()
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
 
     async def status(self, job_id: str, wait: float | None = None) -> JobStatus:
         """The job's last listed status; ``UNKNOWN`` (with why) when that is older than
@@ -97,60 +132,76 @@ class Watch:
 
     async def _run(self) -> None:
         delay = self.interval
-        while self.owners:
+        while self.owners or self.users:
             try:
                 ok = await self.list_once()
             except Exception as error:  # never let the watch die: poll() depends on it
                 self.log.error("%s: listing failed unexpectedly: %s", self.name, error,
                                exc_info=True)
                 ok = False
+            if self.after_cycle is not None:
+                try:
+                    await self.after_cycle(self)
+                except Exception as error:  # the reconciler must not stop the listings
+                    self.log.error("%s: reconciling failed unexpectedly: %s", self.name, error,
+                                   exc_info=True)
             delay = self.interval if ok else min(delay * 2, self.max_interval)
             await asyncio.sleep(delay)
         self._task = None
 
     async def list_once(self) -> bool:
-        """One cycle: one listing per connection group. True if every listing answered."""
-        groups: dict[str, tuple[SSHTarget, list[str]]] = {}
-        for job_id, owner in list(self.owners.items()):
-            target = self.status_target or owner
+        """One cycle: one listing per connection group (every user of the group at once).
+        True if every listing answered."""
+        started = time.monotonic()
+        groups: dict[str, tuple[SSHTarget, set[str], list[str]]] = {}
+        for username, user_target in [
+            *((owner.username, owner) for owner in self.owners.values()),
+            *self.users.items(),
+        ]:
+            target = self.status_target or user_target
             key = repr((target.host, target.port, target.username))
-            groups.setdefault(key, (target, []))[1].append(job_id)
+            groups.setdefault(key, (target, set(), []))[1].add(username)
+        for job_id, owner in self.owners.items():
+            target = self.status_target or owner
+            groups[repr((target.host, target.port, target.username))][2].append(job_id)
         ok = True
-        for target, job_ids in groups.values():
-            usernames = sorted({self.owners[j].username for j in job_ids if j in self.owners})
-            started = time.monotonic()
-            try:
-                command = self.scheduler.list_command(job_ids, usernames)
-                connection = await self.pool.get(target)
-                output = await connection.run(command, timeout=self.command_timeout)
-                statuses = self.scheduler.parse_list_output(output, job_ids)
-            except (ClusterUnreachable, ValueError) as error:
-                self._failed(str(error))
+        for target, usernames, job_ids in groups.values():
+            if not await self._list_group(target, sorted(usernames), job_ids):
                 ok = False
-                continue
-            self.listings += 1
-            seconds = time.monotonic() - started
-            self.log.debug(
-                "%s: %s for %d job(s) as %s: %.3f s, %d bytes, exit %d", self.name,
-                command.split()[0], len(job_ids), target.username, seconds,
-                len(output.stdout) + len(output.stderr), output.exit_status,
-            )
-            await self._confirm_ends(statuses)
-            now = time.monotonic()
-            if output.exit_status != 0 and all(
-                s.state is JobState.UNKNOWN for s in statuses.values()
-            ):
-                self._failed(next(iter(statuses.values())).reason)
-                ok = False
-                continue
-            for job_id, job_status in statuses.items():
-                if job_id in self.owners:
-                    self.entries[job_id] = _Entry(job_status, now)
         if ok and self.failing:
             self.log.info("%s: the scheduler answers again", self.name)
             self.failing = ""
         self.cycles += 1
+        self.cycle_started = started
         return ok
+
+    async def _list_group(self, target: SSHTarget, usernames: list[str],
+                          job_ids: list[str]) -> bool:
+        started = time.monotonic()
+        try:
+            command = self.scheduler.list_command(usernames)
+            connection = await self.pool.get(target)
+            output = await connection.run(command, timeout=self.command_timeout)
+            jobs = self.scheduler.parse_list_output(output)
+        except (ClusterUnreachable, SchedulerUnavailable, ValueError) as error:
+            self._failed(str(error))
+            return False
+        self.listings += 1
+        self.log.debug(
+            "%s: %s for %d user(s), %d job(s) of ours, as %s: %.3f s, %d bytes, %d jobs",
+            self.name, command.split()[0], len(usernames), len(job_ids), target.username,
+            time.monotonic() - started, len(output.stdout) + len(output.stderr), len(jobs),
+        )
+        gone = f"{self.scheduler.DISPLAY_NAME} no longer lists the job"
+        statuses = statuses_of(jobs, job_ids, self.scheduler.job_key, gone)
+        await self._confirm_ends(statuses)
+        now = time.monotonic()
+        for job_id, job_status in statuses.items():
+            if job_id in self.owners:
+                self.entries[job_id] = _Entry(job_status, now)
+        for username in usernames:
+            self.listed[username] = Listing(now, [j for j in jobs if j.owner == username])
+        return True
 
     async def _confirm_ends(self, statuses: dict[str, JobStatus]) -> None:
         """A job the status identity's listing calls ended is asked about once more over its
@@ -191,7 +242,8 @@ class Watch:
 
     @property
     def name(self) -> str:
-        target = self.status_target or next(iter(self.owners.values()), None)
+        target = (self.status_target or next(iter(self.owners.values()), None)
+                  or next(iter(self.users.values()), None))
         where = f"{target.host}:{target.port}" if target else "?"
         return f"{self.scheduler.DISPLAY_NAME} at {where}"
 

@@ -66,6 +66,8 @@ from .form import (
     render_cluster_forms,
     render_options_form,
 )
+from .hub import hub_of, start_with_the_hub
+from .reconciler import MODES as RECONCILE_MODES
 from .resources import (
     Limits,
     OptionError,
@@ -600,15 +602,42 @@ class SSHBatchSpawner(Spawner):
     stop_wait = Float(
         20,
         config=True,
-        help="Seconds ``stop()`` waits for the scheduler to confirm the job has ended.",
+        help="""Seconds ``stop()`` waits for the scheduler to confirm the job has ended, while
+        the scheduler answers (a job it cannot list is the reconciler's at once).""",
+    )
+    stop_cancel_timeout = Float(
+        8,
+        config=True,
+        help="""Seconds ``stop()`` tries to send the job's cancel (connection included). A
+        cancel that does not get through in that time is left to the reconciler, so a stop
+        answers promptly while the login node or the scheduler's controller is down.""",
     )
 
-    cancel_retry_interval = Float(
+    reconcile = Unicode(
+        "cancel",
+        config=True,
+        help="""What the reconciler does with a job of this hub that no running or starting
+        server owns (a stop whose cancel did not get through, a hub that died, a job submitted
+        by hand with this hub's job name): ``"cancel"`` (the default) cancels it as its owner
+        and sends the cancel again, backing off, until a listing no longer shows the job;
+        ``"log"`` only logs, once per job, what it would cancel: for a cautious first week on
+        a real site. Jobs of other hubs (see ``hub_id``) and users' own jobs are never
+        touched.""",
+    )
+    reconcile_grace = Float(
         30,
         config=True,
-        help="""Seconds between retries of a cancel that could not reach the login node. Such a
-        job is retried for as long as the hub runs, so that no job is left behind.""",
+        help="""Seconds a job of this hub must go unowned, in every listing, before the
+        reconciler cancels it (covers the moment between a submission and its state being
+        saved).""",
     )
+
+    @validate("reconcile")
+    def _valid_reconcile(self, proposal: Any) -> str:
+        if proposal["value"] not in RECONCILE_MODES:
+            raise TraitError(f"reconcile must be one of {RECONCILE_MODES}, not "
+                             f"{proposal['value']!r}")
+        return proposal["value"]
 
     @default("env_keep")
     def _env_keep_default(self) -> list[str]:
@@ -640,7 +669,9 @@ class SSHBatchSpawner(Spawner):
         self._tunnel_retry: asyncio.Future | None = None
         self._tunnels_down: set[str] = set()
         self._warming: asyncio.Future | None = None
+        self.cluster_username_on_record = ""  # who this user last was on the cluster (kept)
         self._reset_job()
+        hub_of().register(self)
 
     def _reset_job(self) -> None:
         self.job_id = ""
@@ -695,7 +726,25 @@ class SSHBatchSpawner(Spawner):
                 walltime_seconds=self.walltime_seconds,
                 ends_at=_iso_time(self._walltime_end),
             )
+        elif self.cluster_username_on_record:
+            # Kept after a stop: the reconciler lists (and cancels as) the cluster users on
+            # record, also after a restart with no server running.
+            state.update(
+                hub_spawner_version=STATE_VERSION,
+                scheduler=self.scheduler.NAME,
+                login_host=self.job_login_host or self.login_host,
+                login_port=self.job_login_port or self.login_port,
+                cluster_username=self.cluster_username_on_record,
+                cluster_key=getattr(self, "_cluster_key", ""),
+            )
         return state
+
+    def cluster_record(self) -> tuple[str, str, int, str]:
+        """(scheduler, login host, login port, cluster user) this spawner has on record:
+        its job's, or its last job's; the user part is empty when it never had one."""
+        return (self.scheduler.NAME, self.job_login_host or self.login_host,
+                self.job_login_port or self.login_port,
+                self.job_cluster_username or self.cluster_username_on_record)
 
     def _save_state_now(self) -> None:
         """Commit this state to the hub's database at once. JupyterHub saves it only after
@@ -752,6 +801,9 @@ class SSHBatchSpawner(Spawner):
         self.walltime_seconds = walltime if isinstance(walltime, int) and walltime > 0 else 0
         if version == STATE_VERSION:
             self.job_cluster_username = _state_text(state, "cluster_username")
+            self.cluster_username_on_record = self.job_cluster_username
+            if not (self.job_id or self.job_name):
+                self.job_cluster_username = ""
             cluster_key = _state_text(state, "cluster_key")
             if cluster_key:
                 try:
@@ -1147,6 +1199,7 @@ class SSHBatchSpawner(Spawner):
         steps.done("connect")
         self._emit(5, f"Connected to {self.login_host} as {connection.target.username}")
         self.job_cluster_username = connection.target.username
+        self.cluster_username_on_record = connection.target.username
         self.job_login_host, self.job_login_port = connection.target.host, connection.target.port
 
         state_dir = await self._state_dir(connection)
@@ -1417,9 +1470,33 @@ class SSHBatchSpawner(Spawner):
             self.scheduler, owner.host, owner.port, status_target, default_pool,
             self.cluster_status_interval, self.command_timeout, self.log,
         )
+        hub = hub_of()
+        hub.register(self)
+        hub.reconcile(watch, (self.scheduler.NAME, owner.host, owner.port), {
+            "hub_id": self._hub_id, "mode": self.reconcile, "grace": self.reconcile_grace,
+            "command_timeout": self.command_timeout, "log": self.log,
+        })
+        hub.start_from_database()
         if job_id and job_id == self.job_id:  # not released while we awaited
             watch.track(job_id, owner)  # refreshed every poll (keys from auth_state change)
+        elif not watch.users:  # the reconciler's listings of the users on record
+            watch.list_users(await hub.users_to_list(
+                (self.scheduler.NAME, owner.host, owner.port), watch))
         return watch
+
+    async def watch_cluster(self) -> None:
+        """Start this cluster's watch and reconciler (at the hub's start, for the clusters
+        on record); a failure is logged, and the next poll or spawn tries again."""
+        try:
+            await self._watch()
+        except Exception as error:
+            self.log.warning("%s: cannot watch %s yet: %s", self._log_name,
+                             self.scheduler.DISPLAY_NAME, error)
+
+    async def ssh_target(self, where: tuple[str, int, str]) -> SSHTarget:
+        """How to reach the cluster at ``where`` (login host, port, cluster user) with this
+        user's identity; ``ClusterUnreachable`` when there is none now."""
+        return await self._ssh_target(where)
 
     async def _listed_status(self) -> JobStatus:
         """The job's status from the cluster's shared listing: no SSH round trip of its own
@@ -1430,7 +1507,10 @@ class SSHBatchSpawner(Spawner):
             return JobStatus(JobState.UNKNOWN, reason=str(error))
         if self.job_id not in watch.owners:  # released while we awaited
             return JobStatus(JobState.UNKNOWN, reason="the job is being released")
-        return await watch.status(self.job_id)
+        # JupyterHub polls once before it stops a server: answer from what is listed, at
+        # once (a controller that is down must not hold the stop; the job is the reconciler's).
+        wait = 0 if getattr(self, "_stop_pending", False) else None
+        return await watch.status(self.job_id, wait=wait)
 
     def _untrack(self, job_id: str) -> None:
         for watch in list(cluster._watches.values()):
@@ -1988,10 +2068,9 @@ class SSHBatchSpawner(Spawner):
         """Cancel the job (by id, or by its unique name if the id never came back), close the
         tunnels and delete the secrets file.
 
-        If the cancel cannot be sent (login node down, or anything else), it is handed to
-        ``pending_cancels``, which retries it in the background until it gets through: JupyterHub
-        forgets the job id after ``stop()`` whatever happens, so the job must not depend on this
-        spawner's state.
+        One try, bounded: if the cancel does not get through (login node or controller
+        down), the job is the reconciler's, which cancels every job of this hub that no server
+        owns until a listing no longer shows it (``hub_spawner.reconciler``).
         """
         cleanup = self._take_cleanup(why)
         await self._close_tunnels()
@@ -2014,8 +2093,7 @@ class SSHBatchSpawner(Spawner):
                 self.log.error("%s: cannot cancel %s: no event loop", self._log_name,
                                cleanup.label)
             return
-        _background_tasks.add(task)
-        task.add_done_callback(_background_tasks.discard)
+        hub_of().keep(task)
         self._background_release = task
 
     def _take_cleanup(self, why: str) -> _Cleanup | None:
@@ -2060,75 +2138,55 @@ class SSHBatchSpawner(Spawner):
         )
 
     async def _send_cancel(self, cleanup: _Cleanup) -> bool:
-        """Run the cleanup now, or hand it to the background retrier; True if it ran now."""
+        """Send the cancel and deletions once (bounded by ``stop_cancel_timeout``); True if
+        the scheduler took the cancel. Whatever happens, the job is no longer this server's:
+        one that is still listed is the reconciler's."""
         label = cleanup.label
+        commands = []
         try:
             target = await self._ssh_target(cleanup.where)
+            if cleanup.job_id:
+                commands.append(self.scheduler.cancel_command(cleanup.job_id))
+            elif cleanup.by_name:
+                commands.append(self.scheduler.cancel_by_name_command(cleanup.job_name,
+                                                                      target.username))
+            cancel = "; ".join(commands) or "true"
+            cancel = f"{cancel}; hub_spawner_cancel=$?"
+            if cleanup.secrets_path:
+                cancel += f"; rm -f -- {shlex.quote(cleanup.secrets_path)}"
+            if cleanup.certs_dir:
+                cancel += f"; rm -rf -- {shlex.quote(cleanup.certs_dir)}"
+            cancel += "; exit $hub_spawner_cancel"
+
+            async def send() -> Any:
+                connection = await default_pool.get(target)
+                return await connection.run(cancel, timeout=self.stop_cancel_timeout)
+
+            output = await asyncio.wait_for(send(), self.stop_cancel_timeout)
         except Exception as error:
-            self.log.error(
-                "%s: cannot cancel %s: %s Cancel it on the cluster by hand.",
-                self._log_name,
-                label,
-                error,
+            said = str(error) or f"no answer within {self.stop_cancel_timeout:g} s"
+        else:
+            said = "" if output.exit_status == 0 else (
+                (output.stderr.strip() or output.stdout.strip())[-300:]
+                or f"exit status {output.exit_status}")
+        if said:
+            self.log.warning(
+                "%s: the cancel of %s did not get through (%s); the reconciler cancels it "
+                "once the cluster answers (reconcile = %r)", self._log_name, label, said,
+                self.reconcile,
             )
-            return False
-        commands = []
-        if cleanup.job_id:
-            commands.append(self.scheduler.cancel_command(cleanup.job_id))
-        elif cleanup.by_name:
-            by_name = self.scheduler.cancel_by_name_command(cleanup.job_name, target.username)
-            commands.append(by_name)
-        if cleanup.secrets_path:
-            commands.append(f"rm -f -- {shlex.quote(cleanup.secrets_path)}")
-        if cleanup.certs_dir:
-            commands.append(f"rm -rf -- {shlex.quote(cleanup.certs_dir)}")
-        try:
-            connection = await default_pool.get(target)
-            await connection.run("; ".join(commands), timeout=self.command_timeout)
-        except Exception as error:
-            self.log.error(
-                "%s: could not cancel %s: %s Retrying every %g s in the background.",
-                self._log_name,
-                label,
-                error,
-                self.cancel_retry_interval,
-            )
-            pending_cancels.add(
-                target, "; ".join(commands), label, self.cancel_retry_interval, self.log
-            )
-            await self._hand_over_cancel(cleanup, target)
             return False
         return True
 
-    async def _hand_over_cancel(self, cleanup: _Cleanup, target: SSHTarget) -> None:
-        """Give the cancel to the tunnel service too, which keeps it on disk and retries it
-        until the scheduler answers: the in-memory retrier dies with the hub process."""
-        try:
-            await self._tunnels.hand_over_cancel(
-                await self._login(target), self.scheduler.NAME, cleanup.job_id,
-                cleanup.job_name if cleanup.by_name else "", cleanup.label,
-            )
-        except Exception as error:
-            self.log.error(
-                "%s: the tunnel service did not take the cancel of %s either (%s); it is "
-                "retried only while this hub process runs", self._log_name, cleanup.label, error,
-            )
-        else:
-            self.log.info("%s: the tunnel service also retries the cancel of %s (it survives a "
-                          "hub restart)", self._log_name, cleanup.label)
-
     def clear_state(self) -> None:
         """JupyterHub forgets this server. A job still known here (the hub dropped the server
-        without a ``stop()`` that cancelled it) is cancelled in the background first, so no job
-        outlives the hub's memory of it."""
-        cleanup = self._cleanup_plan()
-        if cleanup is not None and (cleanup.job_id or cleanup.by_name):
+        without a ``stop()``) is no server's any more: the reconciler cancels it."""
+        if self.job_id or self.job_name:
             self.log.warning(
-                "%s: the hub forgets the server while %s still exists; cancelling it",
-                self._log_name,
-                cleanup.label,
+                "%s: the hub forgets the server while job %s may still exist; the reconciler "
+                "cancels it (reconcile = %r)", self._log_name, self.job_id or self.job_name,
+                self.reconcile,
             )
-            self._release_in_background("the hub forgot the server")
         if self.job_id:
             self._untrack(self.job_id)
         super().clear_state()
@@ -2140,12 +2198,14 @@ class SSHBatchSpawner(Spawner):
             status = await self._job_status(job_id, where)
             if status.state is JobState.DONE:
                 return
+            if status.state is JobState.UNKNOWN:
+                self.log.warning("%s: cannot see whether job %s has ended (%s); the reconciler "
+                                 "makes sure it does", self._log_name, job_id, status.reason)
+                return
             await asyncio.sleep(0.5)
         self.log.warning(
-            "%s: job %s still listed %.0f s after cancelling",
-            self._log_name,
-            job_id,
-            self.stop_wait,
+            "%s: job %s still listed %.0f s after cancelling; the reconciler cancels it again "
+            "until no listing shows it", self._log_name, job_id, self.stop_wait,
         )
 
 
@@ -2179,11 +2239,6 @@ class _Cleanup:
     where: tuple[str, int, str] = ("", 0, "")  # the job's login node and cluster user
 
 
-#: Cleanups that run on in the background (``clear_state``, a cancelled ``start()``), kept
-#: until done.
-_background_tasks: set[asyncio.Future] = set()
-
-
 def _port_taken(ip: str, port: int) -> bool:
     """Whether another process listens on ``ip:port`` here (a bind test; False if free)."""
     probe = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
@@ -2205,43 +2260,6 @@ def tunnel_client(directory: str, python: str, address: str = "", token: str = "
     if key not in _tunnel_clients:
         _tunnel_clients[key] = TunnelClient(key[0], python, address, token)
     return _tunnel_clients[key]
-
-
-class PendingCancels:
-    """Cancels that could not be sent (login node down); retried until they get through.
-
-    Lives as long as the hub process; one background task serves all spawners.
-    """
-
-    def __init__(self) -> None:
-        self._commands: dict[tuple[SSHTarget, str], str] = {}
-        self._task: asyncio.Future | None = None
-
-    def add(
-        self, target: SSHTarget, command: str, label: str, interval: float, log: logging.Logger
-    ) -> None:
-        self._commands[(target, command)] = label
-        if self._task is None or self._task.done():
-            self._task = asyncio.ensure_future(self._retry(interval, log))
-
-    def labels(self) -> list[str]:
-        return sorted(self._commands.values())
-
-    async def _retry(self, interval: float, log: logging.Logger) -> None:
-        while self._commands:
-            await asyncio.sleep(interval)
-            for (target, command), label in list(self._commands.items()):
-                try:
-                    connection = await default_pool.get(target)
-                    await connection.run(command)
-                except ClusterUnreachable as error:
-                    log.warning("still cannot cancel %s: %s", label, error)
-                    continue
-                del self._commands[(target, command)]
-                log.info("cancelled %s (after an earlier failure)", label)
-
-
-pending_cancels = PendingCancels()
 
 
 class SlurmSSHSpawner(SSHBatchSpawner):
@@ -2429,3 +2447,7 @@ def derived_hub_id(cookie_secret: bytes | str | None) -> str:
 def _slug(name: str) -> str:
     """A job-name-safe form of a hub user or server name (``[A-Za-z0-9_.-]``, <= 24 chars)."""
     return re.sub(r"[^A-Za-z0-9_.-]", "-", name)[:24]
+
+
+# Inside a starting JupyterHub: reconcile the clusters on record once the hub has started.
+start_with_the_hub()

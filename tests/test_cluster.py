@@ -13,10 +13,16 @@ import pytest
 
 from hub_spawner.cluster import Watch
 from hub_spawner.errors import ClusterUnreachable
-from hub_spawner.schedulers import CommandOutput, JobState, sge, slurm, torque
+from hub_spawner.schedulers import (
+    CommandOutput,
+    JobState,
+    SchedulerUnavailable,
+    sge,
+    slurm,
+    statuses_of,
+    torque,
+)
 from hub_spawner.ssh import SSHTarget
-
-from .fixture_output import recorded
 
 
 def target(user: str) -> SSHTarget:
@@ -45,7 +51,8 @@ class RecordingPool:
         return Connection()
 
 
-SQUEUE = CommandOutput(0, "11|RUNNING|compute|None\n12|PENDING||Resources\n", "")
+SQUEUE = CommandOutput(0, "11|RUNNING|compute|None|alice|jupyterhub-a1-alice--0a1b2c3d\n"
+                           "12|PENDING||Resources|bob|my own job\n", "")
 
 
 async def test_one_listing_serves_every_job_with_a_status_identity():
@@ -63,7 +70,7 @@ async def test_one_listing_serves_every_job_with_a_status_identity():
         await watch.status("11")  # from memory
     assert len(pool.commands) == first
     assert pool.commands[0][0] == "status"
-    assert "--jobs=11,12,13" in pool.commands[0][1]
+    assert "--users=alice,bob" in pool.commands[0][1]
     await asyncio.sleep(0.12)
     listings = [user for user, command in pool.commands if "%i" in command]
     assert len(listings) >= 2 and set(listings) == {"status"}  # one listing per cycle
@@ -120,75 +127,85 @@ async def test_a_job_no_listing_covered_yet_waits_for_one_and_then_is_unknown():
 
 
 def test_slurm_list_parsing():
-    ids = ["11", "12", "13"]
-    statuses = slurm.parse_list_output(SQUEUE, ids)
-    assert [statuses[i].state for i in ids] == [JobState.RUNNING, JobState.PENDING,
-                                                 JobState.DONE]
-    failed = slurm.parse_list_output(CommandOutput(1, "", "slurm_load_jobs error: Socket timed "
-                                                          "out"), ids)
-    assert all(s.state is JobState.UNKNOWN for s in failed.values())
-    invalid_one = slurm.parse_list_output(
-        CommandOutput(1, "", "slurm_load_jobs error: Invalid job id specified"), ["11"])
-    assert invalid_one["11"].state is JobState.DONE
+    jobs = slurm.parse_list_output(SQUEUE)
+    assert [(j.job_id, j.owner, j.name, j.status.state) for j in jobs] == [
+        ("11", "alice", "jupyterhub-a1-alice--0a1b2c3d", JobState.RUNNING),
+        ("12", "bob", "my own job", JobState.PENDING),
+    ]
+    assert jobs[0].status.node == "compute" and jobs[1].status.reason == "Resources"
+    with pytest.raises(SchedulerUnavailable, match="Socket timed out"):
+        slurm.parse_list_output(CommandOutput(1, "", "slurm_load_jobs error: Socket timed out"))
+    with pytest.raises(SchedulerUnavailable, match="unreadable"):
+        slurm.parse_list_output(CommandOutput(0, "11|RUNNING\n", ""))
+    banner = slurm.parse_list_output(CommandOutput(0, "Welcome to the cluster\n", ""))
+    assert banner == []
+    name_with_bars = slurm.parse_list_output(CommandOutput(0, "7|RUNNING|n|None|al|a|b\n", ""))
+    assert name_with_bars[0].name == "a|b"
+    assert slurm.list_command(["bob", "alice", "bob"]) == (
+        "squeue --noheader --states=all --users=alice,bob --format='%i|%T|%N|%r|%u|%j'")
     with pytest.raises(ValueError):
-        slurm.list_command(["11", "12; id"], [])
+        slurm.list_command(["alice;id"])
+    with pytest.raises(ValueError):
+        slurm.list_command([])
 
 
 def test_sge_list_parsing_and_command():
     xml = """<?xml version='1.0'?>
 <job_info>
   <queue_info>
-    <job_list state="running"><JB_job_number>7</JB_job_number><state>r</state>
+    <job_list state="running"><JB_job_number>7</JB_job_number><JB_name>jupyterhub-a1-x</JB_name>
+      <JB_owner>alice</JB_owner><state>r</state>
       <queue_name>all.q@compute</queue_name></job_list>
   </queue_info>
   <job_info>
-    <job_list state="pending"><JB_job_number>8</JB_job_number><state>qw</state>
+    <job_list state="pending"><JB_job_number>8</JB_job_number><JB_name>mine</JB_name>
+      <JB_owner>bob</JB_owner><state>qw</state>
       <queue_name></queue_name></job_list>
   </job_info>
 </job_info>
 """
-    statuses = sge.parse_list_output(CommandOutput(0, xml, ""), ["7", "8", "9"])
-    assert statuses["7"].state is JobState.RUNNING and statuses["7"].node == "compute"
-    assert statuses["8"].state is JobState.PENDING
-    assert statuses["9"].state is JobState.DONE
-    assert sge.list_command(["7", "8"], ["bob", "alice"]) == "qstat -xml -u alice,bob"
+    jobs = sge.parse_list_output(CommandOutput(0, xml, ""))
+    assert [(j.job_id, j.owner, j.name, j.status.state) for j in jobs] == [
+        ("7", "alice", "jupyterhub-a1-x", JobState.RUNNING), ("8", "bob", "mine", JobState.PENDING)]
+    assert jobs[0].status.node == "compute"
+    assert sge.list_command(["bob", "alice"]) == "qstat -xml -u alice,bob"
     with pytest.raises(ValueError):
-        sge.list_command(["7"], ["alice;id"])
+        sge.list_command(["alice;id"])
+    with pytest.raises(SchedulerUnavailable):
+        sge.parse_list_output(CommandOutput(1, "", "error: commlib error"))
+    with pytest.raises(SchedulerUnavailable):
+        sge.parse_list_output(CommandOutput(0, "<job_info", ""))
 
 
-def test_torque_list_parsing_names_unknown_jobs_done_and_the_rest_by_block():
-    text = ("Job Id: 21.login\n    job_state = R\n    exec_host = compute/0\n\n"
-            "Job Id: 22.login\n    job_state = Q\n")
-    output = CommandOutput(153, text, "qstat: Unknown Job Id 23.login\n")
-    statuses = torque.parse_list_output(output, ["21", "22", "23", "24"])
-    assert statuses["21"].state is JobState.RUNNING and statuses["21"].node == "compute"
-    assert statuses["22"].state is JobState.PENDING
-    assert statuses["23"].state is JobState.DONE
-    assert statuses["24"].state is JobState.UNKNOWN  # qstat failed and says nothing of it
-    assert torque.list_command(["21", "22.login"], []) == "qstat -f 21 22.login"
-    down = torque.parse_list_output(CommandOutput(1, "", "cannot connect to server"), ["21"])
-    assert down["21"].state is JobState.UNKNOWN
+def test_torque_list_parsing_keeps_owner_and_name_and_fails_loudly():
+    text = ("Job Id: 21.login\n    Job_Name = jupyterhub-a1-x\n    Job_Owner = alice@login\n"
+            "    job_state = R\n    exec_host = compute/0\n\n"
+            "Job Id: 22.login\n    Job_Name = mine\n    Job_Owner = bob@login\n"
+            "    job_state = Q\n")
+    jobs = torque.parse_list_output(CommandOutput(0, text, ""))
+    assert [(j.job_id, j.owner, j.name, j.status.state) for j in jobs] == [
+        ("21.login", "alice", "jupyterhub-a1-x", JobState.RUNNING),
+        ("22.login", "bob", "mine", JobState.PENDING)]
+    assert torque.parse_list_output(CommandOutput(0, "", "")) == []
+    assert torque.list_command(["alice"]) == "qstat -f"
+    with pytest.raises(SchedulerUnavailable, match="cannot connect"):
+        torque.parse_list_output(CommandOutput(1, "", "cannot connect to server"))
+    assert torque.job_key("21.login") == torque.job_key("21") == "21"
 
 
-@pytest.mark.parametrize("scheduler, module, running, pending", [
-    ("slurm", slurm, "70", "71"), ("sge", sge, "1", "2"), ("torque", torque, "72", "73"),
-])
-def test_recorded_lab_listings_of_a_running_a_pending_and_an_unknown_job(
-        scheduler, module, running, pending):
-    """``python -m tests.fixtures.record_lab_output lists``: each scheduler's real answer to
-    its own ``list_command`` (Slurm and the Torque wrappers leave an unknown id out silently)."""
-    output = recorded(scheduler, "list_running_pending_unknown")
-    statuses = module.parse_list_output(output, [running, pending, "99999"])
-    assert statuses[running].state is JobState.RUNNING and statuses[running].node == "compute"
-    assert statuses[pending].state is JobState.PENDING
-    assert statuses["99999"].state is JobState.DONE
+def test_statuses_of_a_listing_call_an_unlisted_job_done():
+    jobs = torque.parse_list_output(CommandOutput(
+        0, "Job Id: 21.login\n    job_state = R\n    Job_Owner = alice@login\n", ""))
+    statuses = statuses_of(jobs, ["21", "23"], torque.job_key, "gone")
+    assert statuses["21"].state is JobState.RUNNING
+    assert statuses["23"].state is JobState.DONE and statuses["23"].reason == "gone"
 
 
 async def test_an_end_seen_only_by_the_status_identity_is_confirmed_by_the_owner(caplog):
     """A site that hides other users' jobs (Slurm PrivateData=jobs) lists nothing of bob's to
     the status identity; bob's own squeue still sees his job running, so it is not ended."""
     def answer(command: str) -> CommandOutput:
-        if "--jobs=21" in command and "%i" in command:
+        if "--users=" in command:
             return CommandOutput(0, "", "")  # the status identity's listing: nothing
         return CommandOutput(0, "RUNNING|compute|None\n", "")  # bob's own status_command
 

@@ -307,7 +307,8 @@ def test_every_spawner_value_reaches_its_trait(values, tmp_path):
     examples = {"string": "x", "integer": 3, "number": 2.5, "array": ["a"]}
     special = {"defaultMemory": "4G", "maxMemory": "8G", "defaultWalltime": "01:00:00",
                "maxWalltime": "2-00:00:00", "remoteStateDir": ".hs", "jobPython": "python3",
-               "cmd": ["jupyterhub-singleuser"], "defaultUrl": "/lab"}
+               "cmd": ["jupyterhub-singleuser"], "defaultUrl": "/lab", "reconcile": "log",
+               "hubId": "prod"}
     spawner_values = {key: special.get(key, examples.get(spec.get("type")))
                       for key, spec in keys.items() if key not in ("slurm", "sge")}
     spawner_values["slurm"] = {"qos": "short", "gpuGres": "gpu"}

@@ -13,6 +13,10 @@ Every module provides:
 - ``submit_command(script_path, output_path)`` and ``parse_submit_output(output)`` (job id, or
   ``SubmitRejected`` with the scheduler's own words);
 - ``status_command(job_id)`` and ``parse_status_output(output, job_id)`` (``JobStatus``);
+- ``list_command(cluster_usernames)`` and ``parse_list_output(output)``: every job of these
+  users, each a ``ListedJob`` (id, name, owner, status), in one command; a listing that failed
+  or cannot be read raises ``SchedulerUnavailable`` (never an empty list); ``job_key(job_id)``
+  says which listed id is which job (Torque may add the server's name);
 - ``explain_end(status)``, ``cancel_command(job_id)``,
   ``cancel_by_name_command(job_name, cluster_username)``, ``quote_job_id(job_id)``;
 - ``check_command(cluster_username)``: prints the scheduler's version (its last line of output),
@@ -39,6 +43,7 @@ from __future__ import annotations
 import enum
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
+from typing import Any
 from xml.parsers import expat
 
 #: The most output a scheduler command may print on stdout, and on stderr (4 MiB): the SSH
@@ -83,6 +88,28 @@ class CommandOutput:
     exit_status: int
     stdout: str
     stderr: str
+
+
+@dataclass(frozen=True)
+class ListedJob:
+    """One job in a listing of users' jobs (``list_command``): its id, name, owner (cluster
+    user name) and status."""
+
+    job_id: str
+    name: str
+    owner: str
+    status: JobStatus
+
+
+def statuses_of(
+    jobs: list[ListedJob], job_ids: list[str], job_key: Any, gone: str
+) -> dict[str, JobStatus]:
+    """The status of each of ``job_ids`` in a listing that succeeded: a job the listing does
+    not show has ended (``DONE``, with ``gone`` as its reason); ``job_key`` maps ids that name
+    the same job (``123`` and ``123.server``) to one key."""
+    listed = {job_key(job.job_id): job.status for job in jobs}
+    done = JobStatus(JobState.DONE, reason=gone)
+    return {job_id: listed.get(job_key(job_id), done) for job_id in job_ids}
 
 
 class SubmitRejected(Exception):

@@ -21,7 +21,16 @@ import shlex
 from typing import Any
 
 from ..resources import Resources, format_walltime
-from . import CommandOutput, JobState, JobStatus, QueueLoad, SubmitRejected, parse_xml
+from . import (
+    CommandOutput,
+    JobState,
+    JobStatus,
+    ListedJob,
+    QueueLoad,
+    SchedulerUnavailable,
+    SubmitRejected,
+    parse_xml,
+)
 
 NAME = "sge"
 DISPLAY_NAME = "Grid Engine"
@@ -136,37 +145,47 @@ def parse_status_output(output: CommandOutput, job_id: str) -> JobStatus:
     return JobStatus(JobState.DONE, reason="Grid Engine no longer lists the job")
 
 
-def list_command(job_ids: list[str], cluster_usernames: list[str]) -> str:
-    """One ``qstat -xml`` of the users who own ``job_ids`` (Grid Engine lists only the
-    caller's jobs unless asked for others: ``-u``)."""
-    if not job_ids or not cluster_usernames:
-        raise ValueError("no jobs to list")
-    for job_id in job_ids:
-        quote_job_id(job_id)
-    for name in cluster_usernames:
+def list_command(cluster_usernames: list[str]) -> str:
+    """One ``qstat -xml`` of every job of these users (Grid Engine lists only the caller's
+    jobs unless asked for others: ``-u``)."""
+    users = sorted(set(cluster_usernames))
+    if not users:
+        raise ValueError("no cluster users to list")
+    for name in users:
         if not _USER.fullmatch(name):
             raise ValueError(f"not a cluster user name: {name!r}")
-    return f"qstat -xml -u {shlex.quote(','.join(sorted(set(cluster_usernames))))}"
+    return f"qstat -xml -u {shlex.quote(','.join(users))}"
 
 
-def parse_list_output(output: CommandOutput, job_ids: list[str]) -> dict[str, JobStatus]:
-    """Read ``list_command`` output: a status for every one of ``job_ids``, with the same
-    guarantees as ``parse_status_output`` (one reading of the XML for all of them)."""
+def parse_list_output(output: CommandOutput) -> list[ListedJob]:
+    """Read ``list_command`` output.
+
+    Guarantees: ``SchedulerUnavailable`` when qstat failed or printed XML that ``parse_xml``
+    refuses; a job it lists twice (one line per task of an array job) is listed once.
+    """
     if output.exit_status != 0:
-        return dict.fromkeys(job_ids, JobStatus(JobState.UNKNOWN, reason=_error_text(output)))
+        raise SchedulerUnavailable(_error_text(output) or f"qstat exit status "
+                                   f"{output.exit_status}")
     try:
         root = parse_xml(output.stdout, "qstat -xml")
     except ValueError as error:
-        return dict.fromkeys(job_ids, JobStatus(JobState.UNKNOWN, reason=str(error)))
-    listed: dict[str, JobStatus] = {}
+        raise SchedulerUnavailable(str(error)) from None
+    jobs: dict[str, ListedJob] = {}
     for job in root.iter("job_list"):
         job_id = (job.findtext("JB_job_number") or "").strip()
-        if job_id in job_ids and job_id not in listed:
-            queue = (job.findtext("queue_name") or "").strip()
-            node = queue.split("@", 1)[1] if "@" in queue else ""
-            listed[job_id] = _status_from_letters((job.findtext("state") or "").strip(), node)
-    gone = JobStatus(JobState.DONE, reason="Grid Engine no longer lists the job")
-    return {job_id: listed.get(job_id, gone) for job_id in job_ids}
+        if not job_id or job_id in jobs:
+            continue
+        queue = (job.findtext("queue_name") or "").strip()
+        node = queue.split("@", 1)[1] if "@" in queue else ""
+        status = _status_from_letters((job.findtext("state") or "").strip(), node)
+        jobs[job_id] = ListedJob(job_id, (job.findtext("JB_name") or "").strip(),
+                                 (job.findtext("JB_owner") or "").strip(), status)
+    return list(jobs.values())
+
+
+def job_key(job_id: str) -> str:
+    """Grid Engine's job numbers are the same wherever they are printed."""
+    return job_id
 
 
 def _status_from_letters(state_name: str, node: str) -> JobStatus:

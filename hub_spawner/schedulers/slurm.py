@@ -17,7 +17,16 @@ import shlex
 from typing import Any
 
 from ..resources import Resources
-from . import CommandOutput, JobState, JobStatus, QueueLoad, QueuePlace, SubmitRejected
+from . import (
+    CommandOutput,
+    JobState,
+    JobStatus,
+    ListedJob,
+    QueueLoad,
+    QueuePlace,
+    SchedulerUnavailable,
+    SubmitRejected,
+)
 
 NAME = "slurm"
 DISPLAY_NAME = "Slurm"
@@ -90,6 +99,7 @@ _END_EXPLANATIONS = {
 
 _JOB_ID = re.compile(r"[0-9]+(_[0-9]+)?")
 _FIELD_SEPARATOR = "|"
+_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
 
 
 def template_variables(resources: Resources, settings: dict[str, Any]) -> dict[str, Any]:
@@ -176,37 +186,49 @@ def parse_status_output(output: CommandOutput, job_id: str) -> JobStatus:
     return JobStatus(state, state_name=state_name, reason=reason, node=node)
 
 
-def list_command(job_ids: list[str], cluster_usernames: list[str]) -> str:
-    """One command that lists all of ``job_ids`` (whoever owns them: Slurm shows every
-    user's jobs unless ``PrivateData=jobs``): one ``ID|STATE|NODE|REASON`` line each."""
-    if not job_ids:
-        raise ValueError("no jobs to list")
-    fmt = _FIELD_SEPARATOR.join(["%i", "%T", "%N", "%r"])
-    ids = ",".join(quote_job_id(job_id) for job_id in job_ids)
-    return f"squeue --noheader --states=all --jobs={ids} --format={shlex.quote(fmt)}"
+def list_command(cluster_usernames: list[str]) -> str:
+    """One command that lists every job of these users, ended ones too until Slurm purges
+    them (MinJobAge): one ``ID|STATE|NODE|REASON|USER|NAME`` line each."""
+    users = sorted(set(cluster_usernames))
+    if not users:
+        raise ValueError("no cluster users to list")
+    for name in users:
+        if not _USER.fullmatch(name):
+            raise ValueError(f"not a cluster user name: {name!r}")
+    fmt = _FIELD_SEPARATOR.join(["%i", "%T", "%N", "%r", "%u", "%j"])
+    return (f"squeue --noheader --states=all --users={shlex.quote(','.join(users))} "
+            f"--format={shlex.quote(fmt)}")
 
 
-def parse_list_output(output: CommandOutput, job_ids: list[str]) -> dict[str, JobStatus]:
-    """Read ``list_command`` output: a status for every one of ``job_ids``.
+def parse_list_output(output: CommandOutput) -> list[ListedJob]:
+    """Read ``list_command`` output.
 
-    Guarantees: a job is ``DONE`` only when squeue succeeded and does not list it (Slurm
-    purged it after MinJobAge), or says the only job asked for is invalid; a failed squeue
-    makes every job ``UNKNOWN``, and so does an unreadable line for its job.
+    Guarantees: ``SchedulerUnavailable`` (with Slurm's words) when squeue failed, and when a
+    line that starts with a job id cannot be read, so no job is ever missed and taken for
+    ended; lines that are not job lines at all (a login shell's banner) are skipped.
     """
     if output.exit_status != 0:
-        if len(job_ids) == 1 and "Invalid job id" in output.stderr:
-            return {job_ids[0]: JobStatus(JobState.DONE, reason="Slurm no longer knows the job")}
-        unknown = JobStatus(JobState.UNKNOWN, reason=_error_text(output))
-        return dict.fromkeys(job_ids, unknown)
-    listed: dict[str, JobStatus] = {}
+        raise SchedulerUnavailable(_error_text(output) or f"squeue exit status "
+                                   f"{output.exit_status}")
+    jobs = []
     for line in output.stdout.splitlines():
-        job_id, _, rest = line.strip().partition(_FIELD_SEPARATOR)
-        if job_id in job_ids:
-            listed[job_id] = parse_status_output(
-                CommandOutput(0, rest + "\n", ""), job_id
-            )
-    gone = JobStatus(JobState.DONE, reason="Slurm no longer lists the job")
-    return {job_id: listed.get(job_id, gone) for job_id in job_ids}
+        fields = line.strip().split(_FIELD_SEPARATOR, 5)
+        if not _JOB_ID.fullmatch(fields[0]):
+            continue
+        if len(fields) != 6:
+            raise SchedulerUnavailable(f"unreadable squeue line {line.strip()!r}")
+        job_id, state_name, node, reason, owner, name = fields
+        status = parse_status_output(
+            CommandOutput(0, _FIELD_SEPARATOR.join([state_name, node, reason]) + "\n", ""),
+            job_id,
+        )
+        jobs.append(ListedJob(job_id, name, owner.strip(), status))
+    return jobs
+
+
+def job_key(job_id: str) -> str:
+    """Slurm's ids are the same wherever they are printed."""
+    return job_id
 
 
 def explain_end(status: JobStatus) -> str:

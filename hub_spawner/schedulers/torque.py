@@ -23,7 +23,9 @@ from . import (
     CommandOutput,
     JobState,
     JobStatus,
+    ListedJob,
     QueueLoad,
+    SchedulerUnavailable,
     SubmitRejected,
     parse_xml,
 )
@@ -148,45 +150,43 @@ def parse_status_output(output: CommandOutput, job_id: str) -> JobStatus:
     return _status_from_attributes(attributes)
 
 
-def list_command(job_ids: list[str], cluster_usernames: list[str]) -> str:
-    """One ``qstat -f`` of all of ``job_ids`` (PBS shows every user's jobs by default)."""
-    if not job_ids:
-        raise ValueError("no jobs to list")
-    return "qstat -f " + " ".join(quote_job_id(job_id) for job_id in job_ids)
+def list_command(cluster_usernames: list[str]) -> str:
+    """One ``qstat -f`` of every job (Torque's ``-u`` does not combine with ``-f``, and PBS
+    shows every user's jobs by default); ``parse_list_output`` keeps their owners' own."""
+    if not cluster_usernames:
+        raise ValueError("no cluster users to list")
+    return "qstat -f"
 
 
-def parse_list_output(output: CommandOutput, job_ids: list[str]) -> dict[str, JobStatus]:
-    """Read ``list_command`` output: a status for every one of ``job_ids``.
+def parse_list_output(output: CommandOutput) -> list[ListedJob]:
+    """Read ``list_command`` output (``qstat -f`` text of Torque, PBS Pro or the Slurm
+    wrappers, or Torque's ``qstat -x`` XML).
 
-    qstat prints the jobs it knows and, for each it does not, ``Unknown Job Id ID`` (exit 153
-    or 35). Guarantees: a job is ``DONE`` when its block says it finished, when qstat names it
-    unknown, or when qstat succeeded without listing it; when qstat failed otherwise, every job
-    it did not list is ``UNKNOWN``.
+    Guarantees: ``SchedulerUnavailable`` when qstat failed or printed something unreadable;
+    no output with exit status 0 is no job at all; a job's owner is ``Job_Owner`` without
+    its ``@host``.
     """
+    if output.exit_status != 0:
+        raise SchedulerUnavailable(_error_text(output) or f"qstat exit status "
+                                   f"{output.exit_status}")
     text = output.stdout.lstrip()
-    jobs: dict[str, dict[str, str]] = {}
-    if text:
-        try:
-            jobs = (_xml_attributes if text.startswith("<") else _text_attributes)(text, "")
-        except ValueError as error:
-            return dict.fromkeys(job_ids, JobStatus(JobState.UNKNOWN, reason=str(error)))
-    said = f"{output.stdout}\n{output.stderr}"
-    failed = output.exit_status != 0 and output.exit_status not in _GONE_EXIT_CODES
-    statuses = {}
-    for job_id in job_ids:
-        attributes = _find_job(jobs, job_id)
-        number = job_id.split(".", 1)[0]
-        if attributes is not None:
-            statuses[job_id] = _status_from_attributes(attributes)
-        elif re.search(rf"(Unknown Job Id|Job has finished)[^\n]*\b{re.escape(number)}\b", said):
-            statuses[job_id] = JobStatus(JobState.DONE, reason="the scheduler no longer knows "
-                                         "the job")
-        elif output.exit_status == 0:
-            statuses[job_id] = JobStatus(JobState.DONE, reason="qstat does not list the job")
-        else:
-            reason = _error_text(output) if failed else "qstat neither lists nor names the job"
-            statuses[job_id] = JobStatus(JobState.UNKNOWN, reason=reason)
-    return statuses
+    if not text:
+        return []
+    try:
+        jobs = (_xml_attributes if text.startswith("<") else _text_attributes)(text, "")
+    except ValueError as error:
+        raise SchedulerUnavailable(str(error)) from None
+    return [
+        ListedJob(job_id, attributes.get("Job_Name", ""),
+                  attributes.get("Job_Owner", "").split("@", 1)[0],
+                  _status_from_attributes(attributes))
+        for job_id, attributes in jobs.items()
+    ]
+
+
+def job_key(job_id: str) -> str:
+    """The job's sequence number: qstat may add the server's name (``123.login``) or not."""
+    return job_id.split(".", 1)[0]
 
 
 def _text_attributes(text: str, job_id: str) -> Any:

@@ -106,24 +106,10 @@ class TunnelClient:
         })
         return str(reply["path"])
 
-    async def hand_over_cancel(
-        self, login: Login, scheduler: str, job_id: str, job_name: str, label: str
-    ) -> None:
-        """Have the service retry a job's cancel until the scheduler answers (it keeps the
-        request on disk, so a hub restart does not lose it)."""
-        await self.request({
-            "op": "cancel", "login": dataclasses.asdict(login), "scheduler": scheduler,
-            "job_id": job_id, "job_name": job_name, "label": label,
-        })
-
     async def warm(self, login: Login) -> int:
         """Have the service start ``login``'s master now (it stops it again if no forward
         takes it within a few minutes); returns the master's pid."""
         return int((await self.request({"op": "warm", "login": dataclasses.asdict(login)}))["pid"])
-
-    async def cancels(self) -> list[str]:
-        """Labels of the cancels the service still retries."""
-        return (await self.request({"op": "cancels"}))["cancels"]
 
     async def forwards(self) -> dict[str, dict]:
         return (await self.request({"op": "list"}))["forwards"]

@@ -12,10 +12,8 @@ Requirements:
 - one service per directory (a lock file); the control socket is in a 0700 directory, mode 0600;
   control over TCP (``--listen``, for a hub in another pod) needs the token in
   ``HUB_SPAWNER_TUNNEL_TOKEN``, compared in constant time on every request;
-- a job cancel the hub could not send (login node down) can be handed over (``cancel``): it is
-  on disk (``cancels.json``, 0600) before the answer and retried until the scheduler answers,
-  across restarts of the hub and of this service. The service builds the command itself from
-  the scheduler module (``cancel_command``), so no caller's shell text is ever run.
+- it knows forwards, not schedulers: cancelling jobs is the hub's reconciler's (a
+  ``cancels.json`` an older version left is read by nobody).
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import fcntl
 import hashlib
 import hmac
@@ -47,9 +44,7 @@ from .forwards import (
     forward_spec,
     load_table,
     master_command,
-    run_command,
     save_table,
-    write_private_json,
 )
 
 log = logging.getLogger("hub_spawner.tunnels")
@@ -58,10 +53,6 @@ SUPERVISE_INTERVAL = 1.0
 #: Seconds a master warmed for a spawn form waits for a forward before it is stopped (the
 #: environment's HUB_TUNNEL_WARM_SECONDS, for tests, else 120).
 WARM_SECONDS = float(os.environ.get("HUB_TUNNEL_WARM_SECONDS") or 120)
-#: Seconds between tries of a handed-over cancel.
-CANCEL_INTERVAL = 5.0
-#: What each scheduler's cancel says of a job it does not know (it ended meanwhile): done.
-_JOB_UNKNOWN = ("Invalid job id", "does not exist", "Unknown Job Id", "Job has finished")
 MASTER_START_TIMEOUT = 20.0
 #: Where a reverse forward with no port asked for looks for one on the login node.
 REVERSE_PORT_RANGE = (32768, 60999)
@@ -186,64 +177,6 @@ class TunnelService:
         self.problems: dict[str, str] = {}  # name -> why it is not up right now
         self.lock = asyncio.Lock()
         self.warm_until: dict[str, float] = {}  # login key -> when a warmed master may go
-        self.cancels_path = directory / "cancels.json"
-        self.cancels: dict[str, dict] = (
-            json.loads(self.cancels_path.read_text()) if self.cancels_path.exists() else {}
-        )
-
-    # --- cancels handed over by the hub ----------------------------------------------------
-
-    def add_cancel(self, login: Login, scheduler: str, job_id: str, job_name: str,
-                   label: str) -> None:
-        """Remember a cancel (validated: the command is built from it by ``cancel_command``)."""
-        _cancel_command(scheduler, job_id, job_name, login.username)
-        key = f"{login.key}:{scheduler}:{job_id or job_name}"
-        self.cancels[key] = {"login": dataclasses.asdict(login), "scheduler": scheduler,
-                             "job_id": job_id, "job_name": job_name, "label": label[:200]}
-        write_private_json(self.cancels_path, self.cancels)
-        log.info("cancel of %s handed over; trying every %.0f s", label, CANCEL_INTERVAL)
-
-    async def retry_cancels(self) -> None:
-        while True:
-            for key, item in list(self.cancels.items()):
-                try:
-                    done, said = await self._try_cancel(item)
-                except Exception as error:  # a damaged entry must not end the retries
-                    done, said = False, f"{type(error).__name__}: {error}"
-                if done:
-                    log.info("cancelled %s (%s)", item.get("label"), said)
-                    del self.cancels[key]
-                    write_private_json(self.cancels_path, self.cancels)
-                elif said != item.get("last_error"):
-                    log.warning("cannot cancel %s yet: %s; retrying every %.0f s",
-                                item.get("label"), said, CANCEL_INTERVAL)
-                    item["last_error"] = said
-            await asyncio.sleep(CANCEL_INTERVAL)
-
-    async def _try_cancel(self, item: dict) -> tuple[bool, str]:
-        """(done, what was said). Done when the cancel command succeeded, or the scheduler
-        says it does not know the job; anything else (ssh failing, the controller down) is
-        tried again."""
-        login = Login.from_json(item["login"])
-        command = _cancel_command(item["scheduler"], item["job_id"], item["job_name"],
-                                  login.username)
-        process = await asyncio.create_subprocess_exec(
-            *run_command(login, command), stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            out, err = await asyncio.wait_for(process.communicate(), 60)
-        except asyncio.TimeoutError:
-            process.kill()
-            await process.wait()
-            return False, f"{command.split()[0]} did not answer in 60 s"
-        said = (out + err).decode(errors="replace").strip()[-300:]
-        words = f"{command.split()[0]} exited {process.returncode}" + (f": {said}" if said
-                                                                       else "")
-        if process.returncode == 0 or any(m in said for m in _JOB_UNKNOWN):
-            return True, words
-        return False, words
-
-    # --- the API ---------------------------------------------------------------------------
 
     async def ensure(self, forward: Forward) -> int:
         async with self.lock:
@@ -485,13 +418,6 @@ async def _dispatch(service: TunnelService, request: dict) -> dict:
     if op == "stop-everything":
         await service.stop_everything()
         return {"ok": True}
-    if op == "cancel":
-        service.add_cancel(Login.from_json(request["login"]), str(request["scheduler"]),
-                           str(request.get("job_id", "")), str(request.get("job_name", "")),
-                           str(request.get("label", "a job")))
-        return {"ok": True}
-    if op == "cancels":
-        return {"ok": True, "cancels": sorted(item["label"] for item in service.cancels.values())}
     if op == "warm":
         return {"ok": True, "pid": await service.warm(Login.from_json(request["login"]))}
     if op == "identity":
@@ -500,20 +426,6 @@ async def _dispatch(service: TunnelService, request: dict) -> dict:
                               int(login["port"]), str(request["key"]), str(request["certificate"]))
         return {"ok": True, "path": str(path)}
     raise ValueError(f"unknown op {op!r}")
-
-
-def _cancel_command(scheduler: str, job_id: str, job_name: str, username: str) -> str:
-    """The scheduler's own cancel command line (its module validates id and name)."""
-    from ..schedulers import sge, slurm, torque
-
-    module = {"slurm": slurm, "sge": sge, "torque": torque}.get(scheduler)
-    if module is None:
-        raise ValueError(f"unknown scheduler {scheduler!r}")
-    if job_id:
-        return module.cancel_command(job_id)
-    if not re.fullmatch(r"jupyterhub-[A-Za-z0-9_.-]{1,60}-[0-9a-f]{8}", job_name):
-        raise ValueError(f"not a job name of ours: {job_name!r}")
-    return module.cancel_by_name_command(job_name, username)
 
 
 # --- identities (SSH certificate mode) ---------------------------------------------------------
@@ -588,12 +500,10 @@ async def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     supervisor = asyncio.ensure_future(service.supervise())
-    canceller = asyncio.ensure_future(service.retry_cancels())
     await stopping.wait()
     for each in servers:
         each.close()
     supervisor.cancel()
-    canceller.cancel()
     # Masters and forwards are left running on purpose: a new service adopts them.
     log.info("tunnel service %d: stopping; forwards stay up for the next service", os.getpid())
 

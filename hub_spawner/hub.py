@@ -1,0 +1,235 @@
+"""What one hub process shares between its spawners, reached through one place: ``hub_of()``.
+
+Requirements:
+- one ``Hub`` per event loop (a hub process has one; tests make their own), never module
+  globals scattered over the package;
+- it knows every spawner of this package the process has made (weakly: JupyterHub owns
+  them) and, once a spawner or the hub's start-up gave them, the hub's database and its user
+  wrappers;
+- the reconciler's two questions are answered here: which job names the hub wants (every
+  spawner's state in the database, and every spawner in memory: a spawn saves its job name
+  before it submits), and how to connect as a job's owner (through a spawner of a hub user
+  whose state names that cluster user: its key template, ``auth_state`` key or certificate);
+- at the hub's start, every server whose state names a cluster of ours gets its spawner, so
+  each such cluster's watch and reconciler run even when no server is running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from typing import Any
+
+from .cluster import Watch
+from .errors import ClusterUnreachable
+from .reconciler import CannotActAsOwner, Reconciler
+from .ssh import SSHTarget
+
+log = logging.getLogger("hub_spawner.hub")
+
+ClusterKey = tuple[str, str, int]  # scheduler name, login host, login port
+
+
+class Hub:
+    """The spawners, database and reconcilers of one hub process."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.loop = loop
+        self.spawners: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.db: Any = None
+        self.users: Any = None  # JupyterHub's UserDict
+        self.reconcilers: dict[ClusterKey, Reconciler] = {}
+        self.background_tasks: set[asyncio.Future] = set()  # cleanups kept until done
+        self._started_from_database = False
+        self._told: set[str] = set()
+
+    def register(self, spawner: Any) -> None:
+        """A spawner of ours exists; its user gives the hub's database and user wrappers."""
+        self.spawners.add(spawner)
+        user = getattr(spawner, "user", None)
+        if self.db is None and getattr(user, "db", None) is not None:
+            self.db = user.db
+        settings = getattr(user, "settings", None) or {}
+        if self.users is None and settings.get("users") is not None:
+            self.users = settings["users"]
+
+    def start_from_database(self) -> None:
+        """Give every server whose state names a cluster of ours its spawner, and start
+        that cluster's watch (once per process)."""
+        if self._started_from_database or self.db is None or self.users is None:
+            return
+        self._started_from_database = True
+        started: set[ClusterKey] = set()
+        for row in self._our_rows():
+            key = _cluster_key(row.state)
+            if key in started:
+                continue
+            spawner = self._spawner_of(row)
+            if spawner is None:
+                continue
+            started.add(key)
+            self.keep(asyncio.ensure_future(spawner.watch_cluster()))
+
+    def keep(self, task: asyncio.Future) -> None:
+        """Keep a background task referenced until it is done."""
+        self.background_tasks.add(task)
+        task.add_done_callback(self.background_tasks.discard)
+
+    def reconcile(self, watch: Watch, key: ClusterKey, settings: dict[str, Any]) -> None:
+        """Make ``watch`` feed this cluster's reconciler (made on first use; ``settings``:
+        hub_id, mode, grace, command_timeout, log, as the spawners' config says)."""
+        reconciler = self.reconcilers.get(key)
+        if reconciler is None:
+            reconciler = self.reconcilers[key] = Reconciler(
+                watch.scheduler, watch.pool, settings["hub_id"], wanted=self.wanted_job_names,
+                owner_target=lambda username: self.owner_target(key, username),
+            )
+        reconciler.hub_id = settings["hub_id"]
+        reconciler.mode = settings["mode"]
+        reconciler.grace = settings["grace"]
+        reconciler.command_timeout = settings["command_timeout"]
+        reconciler.log = settings.get("log") or log
+        if watch.after_cycle is None:
+            watch.after_cycle = self._after_cycle(key)
+
+    def _after_cycle(self, key: ClusterKey) -> Any:
+        async def after_cycle(watch: Watch) -> None:
+            await self.reconcilers[key](watch)
+            watch.list_users(await self.users_to_list(key, watch))
+        return after_cycle
+
+    def wanted_job_names(self) -> set[str] | None:
+        """Every job name a spawner's state holds, in the database and in memory; ``None``
+        when the database cannot be read (then nothing may be cancelled)."""
+        names = {s.job_name for s in list(self.spawners) if getattr(s, "job_name", "")}
+        if self.db is None:
+            return None
+        try:
+            for row in self._our_rows():
+                name = row.state.get("job_name")
+                if isinstance(name, str) and name:
+                    names.add(name)
+        except Exception as error:
+            log.warning("cannot read the servers the hub wants from its database (%s); "
+                        "cancelling nothing this cycle", error)
+            return None
+        return names
+
+    async def owner_target(self, key: ClusterKey, username: str) -> SSHTarget:
+        """How to connect to this cluster as ``username``, through a spawner that has it on
+        record; ``CannotActAsOwner`` with why and what to do otherwise."""
+        spawners = [s for s in list(self.spawners) if s.cluster_record() == (*key, username)]
+        if not spawners and self.users is not None:
+            for row in self._our_rows():
+                if _cluster_key(row.state) == key and row.state.get("cluster_username") == username:
+                    spawner = self._spawner_of(row)
+                    if spawner is not None:
+                        spawners.append(spawner)
+                        break
+        if not spawners:
+            raise CannotActAsOwner(
+                f"no user of this hub has cluster user {username!r} on record (the hub user "
+                "was deleted, or the job was submitted by hand with this hub's job name)")
+        try:
+            return await spawners[0].ssh_target((key[1], key[2], username))
+        except ClusterUnreachable as error:
+            raise CannotActAsOwner(str(error)) from None
+
+    async def users_to_list(self, key: ClusterKey, watch: Watch) -> dict[str, SSHTarget]:
+        """The cluster users on record for this cluster, with the connection to list each
+        one's jobs (the status identity's, when there is one)."""
+        usernames = {s.cluster_record()[3] for s in list(self.spawners)
+                     if s.cluster_record()[:3] == key}
+        try:
+            usernames |= {row.state.get("cluster_username") for row in self._our_rows()
+                          if _cluster_key(row.state) == key}
+        except Exception as error:
+            log.warning("cannot read the cluster users from the hub's database: %s", error)
+        usernames.discard(None)
+        usernames.discard("")
+        users: dict[str, SSHTarget] = {}
+        for username in sorted(usernames):
+            if watch.status_target is not None:
+                users[username] = watch.status_target
+                continue
+            try:
+                users[username] = await self.owner_target(key, username)
+            except CannotActAsOwner as error:
+                if username not in self._told:
+                    self._told.add(username)
+                    log.warning("%s: cannot list the jobs of cluster user %s: %s", watch.name,
+                                username, error)
+        return users
+
+    def _our_rows(self) -> list[Any]:
+        from jupyterhub import orm
+
+        return [row for row in self.db.query(orm.Spawner).filter(orm.Spawner.state.isnot(None))
+                if isinstance(row.state, dict) and row.state.get("hub_spawner_version")]
+
+    def _spawner_of(self, row: Any) -> Any:
+        try:
+            spawner = self.users[row.user_id].spawners[row.name]
+        except Exception as error:
+            log.warning("cannot load the spawner of server %r of user %s: %s", row.name,
+                        row.user_id, error)
+            return None
+        return spawner if hasattr(spawner, "cluster_record") else None
+
+
+def _cluster_key(state: dict[str, Any]) -> ClusterKey:
+    return (str(state.get("scheduler") or ""), str(state.get("login_host") or ""),
+            int(state.get("login_port") or 0))
+
+
+_hubs: dict[int, Hub] = {}
+
+
+def hub_of(loop: asyncio.AbstractEventLoop | None = None) -> Hub:
+    """The ``Hub`` of this event loop (the running one by default; made on first use)."""
+    if loop is None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+    key = id(loop)
+    found = _hubs.get(key)
+    if found is None or found.loop is not loop:
+        found = _hubs[key] = Hub(loop)
+    return found
+
+
+def start_with_the_hub() -> None:
+    """Inside a JupyterHub that is starting (the config loads the spawner class while the
+    hub's loop runs): once it has started, give its servers on record their spawners, so the
+    clusters are reconciled even when no server runs. Nothing anywhere else."""
+    try:
+        from jupyterhub.app import JupyterHub
+
+        if not JupyterHub.initialized():
+            return
+        app = JupyterHub.instance()
+        started = getattr(app, "_start_future", None)  # JupyterHub >= 4; else: first spawner
+        loop = asyncio.get_running_loop()
+    except Exception:
+        return
+    if started is None:
+        return
+
+    def start(future: asyncio.Future) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        hub = hub_of(loop)
+        hub.db = hub.db or app.db
+        hub.users = hub.users or app.users
+        try:
+            hub.start_from_database()
+        except Exception as error:
+            log.error("cannot start reconciling the clusters on record: %s", error,
+                      exc_info=True)
+
+    started.add_done_callback(start)
+
+
+
