@@ -88,6 +88,13 @@ class Watch:
         self.owners[job_id] = owner
         self.start()
 
+    def seed(self, job_id: str, known: JobStatus) -> None:
+        """What the spawner itself has just seen of a tracked job (running, at the end of its
+        start), until a listing covers it: a poll right after a start (JupyterHub's, before
+        a stop) answers at once, not after the next cycle."""
+        if job_id in self.owners and job_id not in self.entries:
+            self.entries[job_id] = _Entry(known, time.monotonic())
+
     def untrack(self, job_id: str) -> None:
         self.owners.pop(job_id, None)
         self.entries.pop(job_id, None)
@@ -114,7 +121,9 @@ class Watch:
         deadline = time.monotonic() + wait
         # The cycle running now may have started before the job was tracked: wait for the next.
         start = self.cycles
+        # A cycle that failed meanwhile ends the wait: the next one is backed off.
         while (job_id not in self.entries and self.cycles < start + 2
+               and not (self.failing and self.cycles > start)
                and time.monotonic() < deadline):
             await asyncio.sleep(0.05)
         entry = self.entries.get(job_id)

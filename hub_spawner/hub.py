@@ -17,6 +17,7 @@ Requirements:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import weakref
 from typing import Any
@@ -43,10 +44,14 @@ class Hub:
         self.background_tasks: set[asyncio.Future] = set()  # cleanups kept until done
         self._started_from_database = False
         self._told: set[str] = set()
+        self.log: logging.Logger | logging.LoggerAdapter = log  # the hub's own, once known
 
     def register(self, spawner: Any) -> None:
         """A spawner of ours exists; its user gives the hub's database and user wrappers."""
         self.spawners.add(spawner)
+        if self.log is log and isinstance(getattr(spawner, "log", None),
+                                          (logging.Logger, logging.LoggerAdapter)):
+            self.log = spawner.log
         user = getattr(spawner, "user", None)
         if self.db is None and getattr(user, "db", None) is not None:
             self.db = user.db
@@ -69,6 +74,7 @@ class Hub:
             if spawner is None:
                 continue
             started.add(key)
+            self.log.info("reconciling the jobs on %s at %s:%d (servers on record)", *key)
             self.keep(asyncio.ensure_future(spawner.watch_cluster()))
 
     def keep(self, task: asyncio.Future) -> None:
@@ -111,7 +117,7 @@ class Hub:
                 if isinstance(name, str) and name:
                     names.add(name)
         except Exception as error:
-            log.warning("cannot read the servers the hub wants from its database (%s); "
+            self.log.warning("cannot read the servers the hub wants from its database (%s); "
                         "cancelling nothing this cycle", error)
             return None
         return names
@@ -145,7 +151,7 @@ class Hub:
             usernames |= {row.state.get("cluster_username") for row in self._our_rows()
                           if _cluster_key(row.state) == key}
         except Exception as error:
-            log.warning("cannot read the cluster users from the hub's database: %s", error)
+            self.log.warning("cannot read the cluster users from the hub's database: %s", error)
         usernames.discard(None)
         usernames.discard("")
         users: dict[str, SSHTarget] = {}
@@ -158,7 +164,7 @@ class Hub:
             except CannotActAsOwner as error:
                 if username not in self._told:
                     self._told.add(username)
-                    log.warning("%s: cannot list the jobs of cluster user %s: %s", watch.name,
+                    self.log.warning("%s: cannot list the jobs of cluster user %s: %s", watch.name,
                                 username, error)
         return users
 
@@ -172,7 +178,7 @@ class Hub:
         try:
             spawner = self.users[row.user_id].spawners[row.name]
         except Exception as error:
-            log.warning("cannot load the spawner of server %r of user %s: %s", row.name,
+            self.log.warning("cannot load the spawner of server %r of user %s: %s", row.name,
                         row.user_id, error)
             return None
         return spawner if hasattr(spawner, "cluster_record") else None
@@ -201,35 +207,35 @@ def hub_of(loop: asyncio.AbstractEventLoop | None = None) -> Hub:
 
 
 def start_with_the_hub() -> None:
-    """Inside a JupyterHub that is starting (the config loads the spawner class while the
-    hub's loop runs): once it has started, give its servers on record their spawners, so the
-    clusters are reconciled even when no server runs. Nothing anywhere else."""
+    """Once a JupyterHub that runs one of our spawners has started, give its servers on
+    record their spawners, so the clusters are reconciled even when no server runs (after a
+    restart, JupyterHub makes spawners only for running servers).
+
+    JupyterHub has no start-up hook for a spawner class, and it imports ours while it builds
+    its application object, before its loop runs; so ``JupyterHub.start`` is wrapped, once,
+    to do this after it returns. A hub with another spawner class is left alone."""
     try:
         from jupyterhub.app import JupyterHub
-
-        if not JupyterHub.initialized():
-            return
-        app = JupyterHub.instance()
-        started = getattr(app, "_start_future", None)  # JupyterHub >= 4; else: first spawner
-        loop = asyncio.get_running_loop()
-    except Exception:
+    except ImportError:
         return
-    if started is None:
+    if getattr(JupyterHub.start, "hub_spawner_wrapped", False):
         return
+    original = JupyterHub.start
 
-    def start(future: asyncio.Future) -> None:
-        if future.cancelled() or future.exception() is not None:
-            return
-        hub = hub_of(loop)
-        hub.db = hub.db or app.db
-        hub.users = hub.users or app.users
+    @functools.wraps(original)
+    async def start(app: Any, *args: Any, **kwargs: Any) -> Any:
+        result = await original(app, *args, **kwargs)
         try:
-            hub.start_from_database()
+            if hasattr(app.spawner_class, "cluster_record"):
+                hub = hub_of()
+                hub.log = app.log
+                hub.db = hub.db or app.db
+                hub.users = hub.users or app.users
+                hub.start_from_database()
         except Exception as error:
-            log.error("cannot start reconciling the clusters on record: %s", error,
-                      exc_info=True)
+            app.log.error("hub_spawner: cannot start reconciling the clusters on record: %s",
+                          error, exc_info=True)
+        return result
 
-    started.add_done_callback(start)
-
-
-
+    start.hub_spawner_wrapped = True  # type: ignore[attr-defined]
+    JupyterHub.start = start

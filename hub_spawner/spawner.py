@@ -1165,6 +1165,7 @@ class SSHBatchSpawner(Spawner):
                 f"{connection.target.username} in while the job runs."
             ) from None
         self._emit(90, f"Tunnel open: hub port {self.tunnel_port} -> {self._server_destination}")
+        await self._track_running_job()
         scheme = "https" if self.internal_ssl else "http"
         return f"{scheme}://{self._tunnel_connect_ip}:{self.tunnel_port}"
 
@@ -1483,6 +1484,18 @@ class SSHBatchSpawner(Spawner):
             watch.list_users(await hub.users_to_list(
                 (self.scheduler.NAME, owner.host, owner.port), watch))
         return watch
+
+    async def _track_running_job(self) -> None:
+        """The job runs (its ready line came): from now on the cluster's watch follows it, and
+        knows it runs until its next listing, so the first poll answers from memory."""
+        try:
+            watch = await self._watch()
+        except (ClusterUnreachable, ValueError) as error:
+            self.log.warning("%s: cannot watch job %s yet: %s", self._log_name, self.job_id,
+                             error)
+            return
+        watch.seed(self.job_id, JobStatus(JobState.RUNNING, state_name="RUNNING",
+                                          node=self.job_host))
 
     async def watch_cluster(self) -> None:
         """Start this cluster's watch and reconciler (at the hub's start, for the clusters
@@ -2449,5 +2462,5 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", name)[:24]
 
 
-# Inside a starting JupyterHub: reconcile the clusters on record once the hub has started.
+# In a JupyterHub: reconcile the clusters on record once the hub has started.
 start_with_the_hub()

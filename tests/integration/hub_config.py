@@ -24,7 +24,8 @@ real part; every part around it is real):
 hands each user's SSH key over in auth_state (``auth_state_ssh_key``).
 ``HUB_POLL_INTERVAL`` sets ``Spawner.poll_interval`` (seconds),
 ``HUB_CLUSTER_STATUS_INTERVAL`` ``cluster_status_interval``, ``HUB_STATUS_USER``
-``status_cluster_username``, ``HUB_SSH_IDLE_TIMEOUT`` ``ssh_idle_timeout``.
+``status_cluster_username``, ``HUB_SSH_IDLE_TIMEOUT`` ``ssh_idle_timeout``, ``HUB_RECONCILE``
+``reconcile``, ``HUB_RECONCILE_GRACE`` ``reconcile_grace``, ``HUB_ID`` ``hub_id``.
 ``CONFIGPROXY_AUTH_TOKEN`` set: the proxy runs as its own process (the test starts it) and the
 hub does not start or stop it.
 """
@@ -148,6 +149,12 @@ if os.environ.get("HUB_STATUS_USER"):
     c.SSHBatchSpawner.status_cluster_username = os.environ["HUB_STATUS_USER"]
 if os.environ.get("HUB_SSH_IDLE_TIMEOUT"):
     c.SSHBatchSpawner.ssh_idle_timeout = float(os.environ["HUB_SSH_IDLE_TIMEOUT"])
+if os.environ.get("HUB_RECONCILE"):
+    c.SSHBatchSpawner.reconcile = os.environ["HUB_RECONCILE"]
+if os.environ.get("HUB_RECONCILE_GRACE"):
+    c.SSHBatchSpawner.reconcile_grace = float(os.environ["HUB_RECONCILE_GRACE"])
+if os.environ.get("HUB_ID"):
+    c.SSHBatchSpawner.hub_id = os.environ["HUB_ID"]
 
 
 def _raise_once(cls, method_name: str, message: str) -> None:

@@ -1,0 +1,188 @@
+"""The reconciler in a real hub, against the lab's sshd and each real scheduler: a job of this
+hub that no server owns is cancelled (submitted by hand; left by a stop while the scheduler's
+controller was down, with the hub running or restarted); another hub's jobs and a user's own are
+never touched; ``reconcile = "log"`` cancels nothing.
+
+Each test runs its own hub (fixed ``hub_id``, a 2 s listing cycle, a 2 s grace), so that what
+it hand-submits cannot touch the session hubs' jobs, and theirs cannot touch its own.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import SCHEDULERS, active_jobs, start_hub, stop_hub, wait_for
+
+PORTS = {"slurm": 29000, "sge": 29010, "torque": 29020}
+INTERVAL = 2.0  # cluster_status_interval
+GRACE = 2.0  # reconcile_grace
+
+
+def hub_env(scheduler: str, **more: str) -> dict[str, str]:
+    return {"HUB_SCHEDULER": scheduler, "HUB_ID": f"rt{scheduler[:2]}",
+            "HUB_CLUSTER_STATUS_INTERVAL": str(INTERVAL), "HUB_RECONCILE_GRACE": str(GRACE),
+            **more}
+
+
+def submit_by_hand(lab, scheduler: str, user: str, name: str) -> str:
+    """A ten-minute sleep job submitted as ``user`` on the login node, named ``name``."""
+    if scheduler == "slurm":
+        return lab.in_namespace("login", [
+            "runuser", "-u", user, "--", "sbatch", "--parsable", f"--job-name={name}",
+            "--output=/dev/null", "--wrap", "sleep 600"]).stdout.strip()
+    if scheduler == "sge":
+        return lab.sge_command(f"runuser -u {user} -- qsub -terse -b y -N {name} -o /dev/null "
+                               "-j y /bin/sleep 600").stdout.strip()
+    script = Path("/tmp/hub-spawner-reconcile-test.sh")
+    script.write_text("#!/bin/sh\nsleep 600\n")
+    script.chmod(0o755)
+    out = lab.in_namespace("login", [
+        "runuser", "-u", user, "--", str(lab.TORQUE_WRAPPERS / "qsub"), "-N", name,
+        "-o", "/dev/null", "-j", "oe", str(script)]).stdout
+    return re.search(r"\d+", out).group(0)
+
+
+def listed(job_id: str, user: str, scheduler: str) -> bool:
+    return any(line.split()[0].split(".")[0] == job_id for line in active_jobs(user, scheduler))
+
+
+def cancel_by_hand(lab, scheduler: str, job_ids: list[str]) -> None:
+    for job_id in job_ids:
+        if scheduler == "sge":
+            lab.sge_command(f"qdel {job_id}", check=False)
+        else:
+            lab.in_namespace("login", ["scancel", job_id], check=False)
+
+
+def controller(lab, scheduler: str, up: bool) -> None:
+    """Stop or start the scheduler's controller (Torque here is Slurm behind its wrappers)."""
+    if scheduler == "sge":
+        (lab.start_sge_qmaster if up else lab.stop_sge_qmaster)()
+    else:
+        (lab.start_slurmctld if up else lab.stop_slurmctld)()
+
+
+def spawn_and_stop(hub, user: str = "alice") -> None:
+    """A server that ran and stopped: the user is on record for this cluster."""
+    events, _ = hub.spawn(user)
+    assert events[-1].get("ready"), events
+    hub.stop(user)
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_a_job_of_this_hub_that_no_server_owns_is_cancelled_and_no_other_job_is(
+        lab, tmp_path, scheduler):
+    hub, process = start_hub(tmp_path, PORTS[scheduler], secrets.token_hex(24),
+                             hub_env(scheduler))
+    hub_id = f"rt{scheduler[:2]}"
+    by_hand: list[str] = []
+    try:
+        hub.api("POST", "/users/alice")
+        events, _ = hub.spawn("alice")  # a running server, whose job must never be touched
+        assert events[-1].get("ready"), events
+        server_job = active_jobs("alice", scheduler)[0].split()[0].split(".")[0]
+
+        ours = submit_by_hand(lab, scheduler, "alice", f"jupyterhub-{hub_id}-alice-x-0a1b2c3d")
+        other_hub = submit_by_hand(lab, scheduler, "alice",
+                                   "jupyterhub-ffffffff-alice-x-0a1b2c3d")
+        own = submit_by_hand(lab, scheduler, "alice", "my-analysis")
+        by_hand = [ours, other_hub, own]
+        started = time.monotonic()
+        assert wait_for(lambda: not listed(ours, "alice", scheduler), 60), active_jobs(
+            "alice", scheduler)
+        took = time.monotonic() - started
+        time.sleep(5 * INTERVAL + 1)  # five more cycles
+        assert listed(other_hub, "alice", scheduler) and listed(own, "alice", scheduler)
+        assert listed(server_job, "alice", scheduler)
+        assert hub.api_server("GET", "alice", "/api/status").status_code == 200
+        log = hub.log()
+        assert re.search(rf"cancelling job {ours}\S* \(jupyterhub-{hub_id}-alice-x-0a1b2c3d\) "
+                         r"of alice, \w+: no running or starting server", log), log[-3000:]
+        assert f"cancelling job {other_hub}" not in log and f"cancelling job {own}" not in log
+        assert f"cancelling job {server_job}" not in log
+        print(f"{scheduler}: hand-submitted job cancelled {took:.1f} s after submission "
+              f"(grace {GRACE:g} s, cycle {INTERVAL:g} s)")
+        hub.stop("alice")
+        assert wait_for(lambda: not listed(server_job, "alice", scheduler), 30)
+    finally:
+        stop_hub(process)
+        cancel_by_hand(lab, scheduler, by_hand)
+
+
+@pytest.mark.parametrize("scheduler", ["slurm"])
+def test_log_mode_cancels_nothing_and_logs_each_job_it_would_cancel_once(
+        lab, tmp_path, scheduler):
+    hub, process = start_hub(tmp_path, PORTS[scheduler], secrets.token_hex(24),
+                             hub_env(scheduler, HUB_RECONCILE="log"))
+    job_id = ""
+    try:
+        hub.api("POST", "/users/alice")
+        spawn_and_stop(hub)
+        job_id = submit_by_hand(lab, scheduler, "alice",
+                                f"jupyterhub-rt{scheduler[:2]}-alice-x-0a1b2c3d")
+        assert wait_for(lambda: f"would cancel job {job_id}" in hub.log(), 30), hub.log()[-2000:]
+        time.sleep(5 * INTERVAL + 1)
+        assert listed(job_id, "alice", scheduler)
+        log = hub.log()
+        assert log.count(f"would cancel job {job_id} ") == 1
+        assert f"cancelling job {job_id}" not in log
+    finally:
+        stop_hub(process)
+        cancel_by_hand(lab, scheduler, [job_id] if job_id else [])
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["hub-running", "hub-restarted"])
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_a_stop_while_the_controller_is_down_answers_and_the_job_goes_when_it_is_back(
+        lab, tmp_path, scheduler, restart):
+    """The stop answers within 10 s (the server is gone for the user); the job is the
+    reconciler's, and is gone within two cycles (plus the grace) of the first listing that
+    answers after the controller's return (the watch backs off while the controller is down,
+    so that listing comes at most one back-off delay after the return)."""
+    port = PORTS[scheduler] + 5
+    token = secrets.token_hex(24)
+    hub, process = start_hub(tmp_path, port, token, hub_env(scheduler))
+    controller_down = False
+    job_id = ""
+    try:
+        hub.api("POST", "/users/alice")
+        events, _ = hub.spawn("alice")
+        assert events[-1].get("ready"), events
+        job_id = active_jobs("alice", scheduler)[0].split()[0].split(".")[0]
+
+        controller(lab, scheduler, up=False)
+        controller_down = True
+        down = started = time.monotonic()
+        hub.stop("alice")
+        stop_took = time.monotonic() - started
+        assert stop_took < 10, stop_took
+        assert "the reconciler cancels it" in hub.log()
+        if restart:
+            stop_hub(process)  # SIGTERM, then SIGKILL if it lingers
+            hub, process = start_hub(tmp_path, port, token, hub_env(scheduler))
+        time.sleep(3 * INTERVAL)  # listings fail meanwhile: nothing is "gone"
+        controller(lab, scheduler, up=True)
+        controller_down = False
+        back = time.monotonic()
+        assert wait_for(lambda: not listed(job_id, "alice", scheduler), 90), active_jobs(
+            "alice", scheduler)
+        gone_after = time.monotonic() - back
+        # The watch doubles its delay while listings fail: the first listing after the
+        # return comes at most one delay later, and a delay is at most the outage's length.
+        first_answer = back - down + INTERVAL
+        print(f"{scheduler} ({'restarted' if restart else 'running'}): stop answered in "
+              f"{stop_took:.1f} s; outage {back - down:.1f} s; job gone {gone_after:.1f} s "
+              "after the controller's return")
+        assert gone_after <= first_answer + 2 * INTERVAL + GRACE + 5, (gone_after, back - down)
+        assert re.search(rf"cancelling job {job_id}\S* .* of alice", hub.log())
+    finally:
+        if controller_down:
+            controller(lab, scheduler, up=True)
+        stop_hub(process)
+        cancel_by_hand(lab, scheduler, [job_id] if job_id else [])
+
