@@ -606,7 +606,7 @@ class SSHBatchSpawner(Spawner):
         the scheduler answers (a job it cannot list is the reconciler's at once).""",
     )
     stop_cancel_timeout = Float(
-        8,
+        5,
         config=True,
         help="""Seconds ``stop()`` tries to send the job's cancel (connection included). A
         cancel that does not get through in that time is left to the reconciler, so a stop

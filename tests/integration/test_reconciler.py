@@ -51,6 +51,16 @@ def listed(job_id: str, user: str, scheduler: str) -> bool:
     return any(line.split()[0].split(".")[0] == job_id for line in active_jobs(user, scheduler))
 
 
+def ended_or_ending(job_id: str, user: str, scheduler: str) -> bool:
+    """Not listed, or (Grid Engine) listed in a deleting state (``dr``): the scheduler took
+    the cancel; its execution daemon ends the job when it next hears from the qmaster."""
+    for line in active_jobs(user, scheduler):
+        fields = line.split()
+        if fields[0].split(".")[0] == job_id:
+            return scheduler == "sge" and "d" in fields[4]
+    return True
+
+
 def cancel_by_hand(lab, scheduler: str, job_ids: list[str]) -> None:
     for job_id in job_ids:
         if scheduler == "sge":
@@ -141,9 +151,9 @@ def test_log_mode_cancels_nothing_and_logs_each_job_it_would_cancel_once(
 def test_a_stop_while_the_controller_is_down_answers_and_the_job_goes_when_it_is_back(
         lab, tmp_path, scheduler, restart):
     """The stop answers within 10 s (the server is gone for the user); the job is the
-    reconciler's, and is gone within two cycles (plus the grace) of the first listing that
-    answers after the controller's return (the watch backs off while the controller is down,
-    so that listing comes at most one back-off delay after the return)."""
+    reconciler's, and is gone (Grid Engine: deleting) within two cycles (plus the grace) of
+    the first listing that answers after the controller's return (the watch backs off while
+    the controller is down, so that listing comes at most one back-off delay after it)."""
     port = PORTS[scheduler] + 5
     token = secrets.token_hex(24)
     hub, process = start_hub(tmp_path, port, token, hub_env(scheduler))
@@ -169,15 +179,18 @@ def test_a_stop_while_the_controller_is_down_answers_and_the_job_goes_when_it_is
         controller(lab, scheduler, up=True)
         controller_down = False
         back = time.monotonic()
-        assert wait_for(lambda: not listed(job_id, "alice", scheduler), 90), active_jobs(
+        assert wait_for(lambda: ended_or_ending(job_id, "alice", scheduler), 90), active_jobs(
             "alice", scheduler)
         gone_after = time.monotonic() - back
+        assert wait_for(lambda: not listed(job_id, "alice", scheduler), 120), active_jobs(
+            "alice", scheduler)
+        unlisted_after = time.monotonic() - back
         # The watch doubles its delay while listings fail: the first listing after the
         # return comes at most one delay later, and a delay is at most the outage's length.
         first_answer = back - down + INTERVAL
         print(f"{scheduler} ({'restarted' if restart else 'running'}): stop answered in "
-              f"{stop_took:.1f} s; outage {back - down:.1f} s; job gone {gone_after:.1f} s "
-              "after the controller's return")
+              f"{stop_took:.1f} s; outage {back - down:.1f} s; cancel taken {gone_after:.1f} s "
+              f"and job unlisted {unlisted_after:.1f} s after the controller's return")
         assert gone_after <= first_answer + 2 * INTERVAL + GRACE + 5, (gone_after, back - down)
         assert re.search(rf"cancelling job {job_id}\S* .* of alice", hub.log())
     finally:
