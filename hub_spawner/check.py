@@ -43,7 +43,7 @@ from traitlets import TraitError
 from traitlets.config import Config, PyFileConfigLoader
 from traitlets.utils.importstring import import_item
 
-from . import identity
+from . import hub, identity
 from .choices import resolve
 from .errors import BadReadyLine, JobEndedEarly, SpawnError
 from .resources import format_walltime
@@ -52,8 +52,9 @@ from .spawner import ClusterChoice, SSHBatchSpawner
 from .ssh import SSHTarget, default_pool
 from .sshlib import asyncssh
 
-#: The named server the check's job and forwards use: never one of the user's real servers.
-CHECK_SERVER = "hub-spawner-check"
+#: The named server the check's job and forwards use (``hub.CHECK_SERVER``): never one of the
+#: user's real servers, and the hub's forward reconcile leaves its forwards to the check.
+CHECK_SERVER = hub.CHECK_SERVER
 
 
 # --- the checklist -------------------------------------------------------------------------------

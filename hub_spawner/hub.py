@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 import weakref
 from typing import Any
 
@@ -30,6 +31,10 @@ from .ssh import SSHTarget
 log = logging.getLogger("hub_spawner.hub")
 
 ClusterKey = tuple[str, str, int]  # scheduler name, login host, login port
+#: The named server ``python -m hub_spawner check`` uses: its forwards are its own to close.
+CHECK_SERVER = "hub-spawner-check"
+#: A server's forwards are named ``user/server`` and ``user/server/hub-api``.
+API_FORWARD_SUFFIX = "/hub-api"
 
 
 class Hub:
@@ -45,6 +50,8 @@ class Hub:
         self._started_from_database = False
         self._told: set[str] = set()
         self.log: logging.Logger | logging.LoggerAdapter = log  # the hub's own, once known
+        self._forwards_at = 0.0
+        self._unowned_forwards: set[tuple[int, str]] = set()  # (client, forward) seen unowned
 
     def register(self, spawner: Any) -> None:
         """A spawner of ours exists; its user gives the hub's database and user wrappers."""
@@ -103,7 +110,68 @@ class Hub:
         async def after_cycle(watch: Watch) -> None:
             await self.reconcilers[key](watch)
             watch.list_users(await self.users_to_list(key, watch))
+            await self.reconcile_forwards(watch.interval)
         return after_cycle
+
+    async def reconcile_forwards(self, interval: float) -> None:
+        """Each tunnel service's table against the servers the hub wants (at most once per
+        ``interval``, whichever cluster's cycle asks): a forward that no running or starting
+        server owns in two listings in a row is closed. A service that is not running is not
+        started for this; when the database cannot be read nothing is closed."""
+        now = time.monotonic()
+        if now - self._forwards_at < interval * 0.9:
+            return
+        self._forwards_at = now
+        clients = {}
+        for spawner in list(self.spawners):
+            try:
+                client = spawner._tunnels
+            except Exception:  # noqa: S112 - a spawner that cannot say has no forwards
+                continue
+            clients[id(client)] = client
+        for client in clients.values():
+            try:
+                table = (await client.request({"op": "list"}, start=False))["forwards"]
+            except Exception:  # noqa: S112 - not running (nothing to close) or unreachable
+                continue
+            owners = self.wanted_servers()
+            if owners is None:
+                return
+            seen = set()
+            for name in table:
+                owner = name.removesuffix(API_FORWARD_SUFFIX)
+                if owner in owners or owner.endswith("/" + CHECK_SERVER):
+                    continue
+                seen.add((id(client), name))
+                if (id(client), name) not in self._unowned_forwards:
+                    continue  # first listing without an owner: close at the next
+                self.log.warning("closing the tunnel service's forward %s: no running or "
+                                 "starting server of this hub owns it", name)
+                try:
+                    await client.close(name)
+                except Exception as error:
+                    self.log.warning("cannot close the forward %s (tried again next cycle): "
+                                     "%s", name, error)
+                client.forget_listing()
+            self._unowned_forwards = {
+                item for item in self._unowned_forwards if item[0] != id(client)} | seen
+
+    def wanted_servers(self) -> set[str] | None:
+        """``user/server`` of every server that is running or starting (a job on record, in
+        the database or in a spawner in memory); ``None`` when the database cannot be read."""
+        owners = {s._tunnel_name for s in list(self.spawners)
+                  if getattr(s, "job_id", "") or getattr(s, "job_name", "")}
+        if self.db is None:
+            return None
+        try:
+            for row in self._our_rows():
+                if row.state.get("job_id") or row.state.get("job_name"):
+                    owners.add(f"{row.user.name}/{row.name}")
+        except Exception as error:
+            self.log.warning("cannot read the servers the hub wants from its database (%s); "
+                             "closing no forward this cycle", error)
+            return None
+        return owners
 
     def wanted_job_names(self) -> set[str] | None:
         """Every job name a spawner's state holds, in the database and in memory; ``None``

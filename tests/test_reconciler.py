@@ -176,3 +176,62 @@ async def test_an_owner_it_cannot_act_as_is_logged_once_and_acted_for_when_it_ca
         can.now = True
         await reconcile(watch.cycle({"alice": [job("7", OURS)]}))
     assert pool.commands == [("alice", "scancel 7")]
+
+
+# --- the tunnel service's table ---------------------------------------------------------------
+
+
+class FakeTunnels:
+    """A tunnel service's table (the real one: tests/integration/test_reconciler.py)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.table = {name: {} for name in names}
+        self.closed: list[str] = []
+
+    async def request(self, request: dict, start: bool = True) -> dict:
+        assert request == {"op": "list"} and start is False  # never started for this
+        return {"ok": True, "forwards": dict(self.table)}
+
+    async def close(self, name: str) -> None:
+        self.closed.append(name)
+        self.table.pop(name)
+
+    def forget_listing(self) -> None:
+        pass
+
+
+async def test_a_forward_no_server_owns_is_closed_at_its_second_listing_and_no_other():
+    from hub_spawner.hub import Hub
+
+    tunnels = FakeTunnels(["alice/", "alice//hub-api", "bob/lost", "bob/lost/hub-api",
+                           "carol/hub-spawner-check"])
+    running = SimpleNamespace(_tunnels=tunnels, _tunnel_name="alice/", job_id="7", job_name="")
+    stopped = SimpleNamespace(_tunnels=tunnels, _tunnel_name="bob/lost", job_id="",
+                              job_name="")
+    hub = Hub(None)
+    hub.spawners = [running, stopped]
+    hub.db = object()
+    hub._our_rows = lambda: []
+    await hub.reconcile_forwards(interval=0)
+    assert tunnels.closed == []  # seen once without an owner
+    await hub.reconcile_forwards(interval=0)
+    assert sorted(tunnels.closed) == ["bob/lost", "bob/lost/hub-api"]
+    assert sorted(tunnels.table) == ["alice/", "alice//hub-api", "carol/hub-spawner-check"]
+
+
+async def test_no_forward_is_closed_when_the_database_cannot_be_read():
+    from hub_spawner.hub import Hub
+
+    tunnels = FakeTunnels(["bob/lost"])
+    hub = Hub(None)
+    hub.spawners = [SimpleNamespace(_tunnels=tunnels, _tunnel_name="bob/lost", job_id="",
+                                    job_name="")]
+
+    def unreadable():
+        raise RuntimeError("database is locked")
+
+    hub.db = object()
+    hub._our_rows = unreadable
+    for _ in range(3):
+        await hub.reconcile_forwards(interval=0)
+    assert tunnels.closed == []

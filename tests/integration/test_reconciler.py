@@ -1,7 +1,7 @@
 """The reconciler in a real hub, against the lab's sshd and each real scheduler: a job of this
 hub that no server owns is cancelled (submitted by hand; left by a stop while the scheduler's
 controller was down, with the hub running or restarted); another hub's jobs and a user's own are
-never touched; ``reconcile = "log"`` cancels nothing.
+never touched; ``reconcile = "log"`` cancels nothing; a forward that no server owns is closed.
 
 Each test runs its own hub (fixed ``hub_id``, a 2 s listing cycle, a 2 s grace), so that what
 it hand-submits cannot touch the session hubs' jobs, and theirs cannot touch its own.
@@ -9,12 +9,16 @@ it hand-submits cannot touch the session hubs' jobs, and theirs cannot touch its
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 import time
 from pathlib import Path
 
 import pytest
+
+from hub_spawner.tunnels.client import TunnelClient
+from hub_spawner.tunnels.forwards import Login
 
 from .conftest import SCHEDULERS, active_jobs, start_hub, stop_hub, wait_for
 
@@ -199,3 +203,80 @@ def test_a_stop_while_the_controller_is_down_answers_and_the_job_goes_when_it_is
         stop_hub(process)
         cancel_by_hand(lab, scheduler, [job_id] if job_id else [])
 
+
+
+def test_a_forward_no_server_owns_is_closed_within_two_cycles_and_a_running_ones_never(
+        lab, tmp_path):
+    """A forward added to the hub's tunnel service by hand (``bob/ghost``, as a stop whose
+    close failed would leave) is closed within two cycles; alice's running server keeps both
+    of its forwards and answers throughout."""
+    hub, process = start_hub(tmp_path, PORTS["slurm"] + 8, secrets.token_hex(24),
+                             hub_env("slurm"))
+    tunnels = TunnelClient(tmp_path / "tunnels")
+    try:
+        hub.api("POST", "/users/alice")
+        events, _ = hub.spawn("alice")
+        assert events[-1].get("ready"), events
+        login = Login(lab.LOGIN_IP, 22, "bob", str(lab.KEY_DIR / "bob"), str(lab.KNOWN_HOSTS))
+        asyncio.run(tunnels.ensure_local("bob/ghost", login, "127.0.0.1", lab.COMPUTE_IP, 9))
+        added = time.monotonic()
+        assert wait_for(lambda: "bob/ghost" not in asyncio.run(tunnels.forwards()),
+                        2 * INTERVAL + 5, interval=0.2)
+        closed_after = time.monotonic() - added
+        assert "closing the tunnel service's forward bob/ghost" in hub.log()
+        time.sleep(5 * INTERVAL)
+        assert {"alice/", "alice//hub-api"} <= set(asyncio.run(tunnels.forwards()))
+        assert hub.api_server("GET", "alice", "/api/status").status_code == 200
+        assert "forward alice/" not in hub.log()
+        print(f"forward added by hand closed {closed_after:.1f} s later (cycle {INTERVAL:g} s)")
+        hub.stop("alice")
+    finally:
+        stop_hub(process)
+        lab.stop_tunnel_service(tmp_path / "tunnels")
+
+
+@pytest.mark.parametrize("how", ["failed-spawn", "culled"])
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_a_job_whose_server_ended_while_the_controller_was_down_goes_when_it_is_back(
+        lab, tmp_path, scheduler, how):
+    """A spawn that fails (``never-ready``: start_timeout 15 s), or the idle culler's stop,
+    while the scheduler's controller is down: the server goes, the cancel cannot get through,
+    and the reconciler cancels the job once the controller is back."""
+    env = hub_env(scheduler, HUB_CULL_TIMEOUT="15", HUB_CULL_EVERY="5")
+    hub, process = start_hub(tmp_path, PORTS[scheduler] + 3, secrets.token_hex(24), env)
+    server = "never-ready" if how == "failed-spawn" else "idle"
+    controller_down = False
+    job_id = ""
+    try:
+        hub.api("POST", "/users/alice")
+        if how == "failed-spawn":
+            response = hub.api("POST", f"/users/alice/servers/{server}", json={"cpus": 1})
+            assert response.status_code in (201, 202), response.text
+            assert wait_for(lambda: any({"RUNNING", "r", "R"} & set(line.split())
+                                        for line in active_jobs("alice", scheduler)), 30)
+        else:
+            events, _ = hub.spawn("alice", server)
+            assert events[-1].get("ready"), events
+        job_id = active_jobs("alice", scheduler)[0].split()[0].split(".")[0]
+
+        controller(lab, scheduler, up=False)
+        controller_down = True
+        down = time.monotonic()
+        assert wait_for(lambda: server not in hub.api("GET", "/users/alice").json()["servers"],
+                        90, 1)
+        assert "the reconciler cancels it" in hub.log(), hub.log()[-3000:]
+        controller(lab, scheduler, up=True)
+        controller_down = False
+        back = time.monotonic()
+        assert wait_for(lambda: ended_or_ending(job_id, "alice", scheduler), 90), active_jobs(
+            "alice", scheduler)
+        gone_after = time.monotonic() - back
+        print(f"{scheduler} ({how}): outage {back - down:.1f} s; cancel taken "
+              f"{gone_after:.1f} s after the controller's return")
+        assert gone_after <= (back - down + INTERVAL) + 2 * INTERVAL + GRACE + 5
+        assert re.search(rf"cancelling job {job_id}\S* .* of alice", hub.log())
+    finally:
+        if controller_down:
+            controller(lab, scheduler, up=True)
+        stop_hub(process)
+        cancel_by_hand(lab, scheduler, [job_id] if job_id else [])
