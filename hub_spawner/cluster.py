@@ -257,10 +257,8 @@ class Watch:
         return f"{self.scheduler.DISPLAY_NAME} at {where}"
 
 
-_watches: dict[tuple, Watch] = {}
-
-
 def watch_for(
+    watches: dict[tuple, Watch],
     scheduler: ModuleType,
     host: str,
     port: int,
@@ -270,13 +268,13 @@ def watch_for(
     command_timeout: float,
     logger: logging.Logger | None = None,
 ) -> Watch:
-    """The shared watch of this cluster (made on first use; settings follow the latest
-    caller, as every spawner of one cluster has the same config)."""
+    """The shared watch of this cluster in ``watches`` (the hub's: ``Hub.watches``; made on
+    first use; settings follow the latest caller, as every spawner of one cluster has the
+    same config)."""
     key = (scheduler.NAME, host, port, status_target.username if status_target else "")
-    found = _watches.get(key)
-    loop = asyncio.get_running_loop()
-    if found is None or found.loop is not loop:
-        found = _watches[key] = Watch(scheduler, pool, loop=loop)
+    found = watches.get(key)
+    if found is None:
+        found = watches[key] = Watch(scheduler, pool, loop=asyncio.get_running_loop())
     found.interval = interval
     found.stale_after = 3 * interval + 1
     found.command_timeout = command_timeout
@@ -304,10 +302,8 @@ class _LoadEntry:
     calls: int = 0  # scheduler commands run, for tests
 
 
-_loads: dict[tuple, _LoadEntry] = {}
-
-
 async def load_for(
+    loads: dict[tuple, _LoadEntry],
     scheduler: ModuleType,
     target: SSHTarget,
     pool: ConnectionPool,
@@ -316,16 +312,17 @@ async def load_for(
     wait: float = 2.0,
     logger: logging.Logger | None = None,
 ) -> LoadReading:
-    """The cluster's load as of at most ``interval`` seconds ago, shared by every user: one
+    """The cluster's load as of at most ``interval`` seconds ago, shared by every user (in
+    ``loads``, the hub's: ``Hub.loads``): one
     scheduler command per cluster per interval, however many forms are shown (one at a time;
     callers meanwhile wait for it). Waits at most ``wait`` seconds for a fresh answer, then
     says it is still being fetched; a failure is remembered for the interval too. Never raises.
     """
     key = (scheduler.NAME, target.host, target.port)
     loop = asyncio.get_running_loop()
-    entry = _loads.get(key)
-    if entry is None or entry.loop is not loop:
-        entry = _loads[key] = _LoadEntry(loop=loop)
+    entry = loads.get(key)
+    if entry is None:
+        entry = loads[key] = _LoadEntry(loop=loop)
     if entry.reading is not None and time.monotonic() - entry.at < interval:
         return entry.reading
     if entry.task is None or entry.task.done():
@@ -340,9 +337,10 @@ async def load_for(
     return LoadReading(None, time.time(), "still being fetched; reload the page in a moment")
 
 
-def load_calls(scheduler: ModuleType, host: str, port: int) -> int:
+def load_calls(loads: dict[tuple, _LoadEntry], scheduler: ModuleType, host: str,
+               port: int) -> int:
     """How many load commands ran for this cluster (tests, benchmarks)."""
-    entry = _loads.get((scheduler.NAME, host, port))
+    entry = loads.get((scheduler.NAME, host, port))
     return entry.calls if entry else 0
 
 

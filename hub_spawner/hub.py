@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import time
 import weakref
 from typing import Any
@@ -27,6 +28,7 @@ from .cluster import Watch
 from .errors import ClusterUnreachable
 from .reconciler import CannotActAsOwner, Reconciler
 from .ssh import SSHTarget
+from .tunnels.client import TunnelClient
 
 log = logging.getLogger("hub_spawner.hub")
 
@@ -47,11 +49,23 @@ class Hub:
         self.users: Any = None  # JupyterHub's UserDict
         self.reconcilers: dict[ClusterKey, Reconciler] = {}
         self.background_tasks: set[asyncio.Future] = set()  # cleanups kept until done
+        self.watches: dict[tuple, Watch] = {}  # cluster.watch_for: one per cluster
+        self.loads: dict[tuple, Any] = {}  # cluster.load_for: the form's load, per cluster
+        self.form_retries: dict[str, tuple[dict[str, str], Exception]] = {}  # refused forms
+        self.tunnel_clients: dict[tuple[str, str, str, str], TunnelClient] = {}
         self._started_from_database = False
         self._told: set[str] = set()
         self.log: logging.Logger | logging.LoggerAdapter = log  # the hub's own, once known
         self._forwards_at = 0.0
         self._unowned_forwards: set[tuple[int, str]] = set()  # (client, forward) seen unowned
+
+    def tunnel_client(self, directory: str, python: str, address: str = "",
+                      token: str = "") -> TunnelClient:
+        """The one client per tunnel service (shared by all spawners of this hub)."""
+        key = (os.path.abspath(directory), python, address, token)
+        if key not in self.tunnel_clients:
+            self.tunnel_clients[key] = TunnelClient(key[0], python, address, token)
+        return self.tunnel_clients[key]
 
     def register(self, spawner: Any) -> None:
         """A spawner of ours exists; its user gives the hub's database and user wrappers."""

@@ -83,9 +83,6 @@ from .tunnels.forwards import Login
 
 STATE_VERSION = 2
 
-#: A refused spawn form's values and error, by user name, until the form is shown again.
-_form_retries: dict[str, tuple[dict[str, str], OptionError]] = {}
-
 _CLUSTER_USERNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
 
 
@@ -923,7 +920,7 @@ class SSHBatchSpawner(Spawner):
     async def render_form(self) -> str:
         """The spawn form for this user: their choices, the cluster's live free cores, and
         after a refusal their own values with the message next to the field."""
-        values, error = _form_retries.pop(self._form_key, ({}, None))
+        values, error = hub_of().form_retries.pop(self._form_key, ({}, None))
         if self.clusters:
             return await self._render_cluster_form(values, error)
         try:
@@ -978,6 +975,7 @@ class SSHBatchSpawner(Spawner):
         except Exception as error:
             return None, f"cannot connect ({error})"
         reading = await cluster.load_for(
+            hub_of().loads,
             self.scheduler, target, default_pool, self.cluster_load_interval,
             self.command_timeout, wait=2.0, logger=self.log,
         )
@@ -1005,7 +1003,7 @@ class SSHBatchSpawner(Spawner):
         except ValueError as error:
             field = error.field if isinstance(error, OptionError) else ""
             values = {**form_values(fields), **({"cluster": key} if key else {})}
-            _form_retries[self._form_key] = (values, OptionError(field, str(error)))
+            hub_of().form_retries[self._form_key] = (values, OptionError(field, str(error)))
             raise
         finally:
             if self.clusters:
@@ -1467,11 +1465,12 @@ class SSHBatchSpawner(Spawner):
                 key_id="hub_spawner:status",
             )
         job_id, owner = self.job_id, await self._ssh_target()
+        hub = hub_of()
         watch = cluster.watch_for(
+            hub.watches,
             self.scheduler, owner.host, owner.port, status_target, default_pool,
             self.cluster_status_interval, self.command_timeout, self.log,
         )
-        hub = hub_of()
         hub.register(self)
         hub.reconcile(watch, (self.scheduler.NAME, owner.host, owner.port), {
             "hub_id": self._hub_id, "mode": self.reconcile, "grace": self.reconcile_grace,
@@ -1526,7 +1525,7 @@ class SSHBatchSpawner(Spawner):
         return await watch.status(self.job_id, wait=wait)
 
     def _untrack(self, job_id: str) -> None:
-        for watch in list(cluster._watches.values()):
+        for watch in list(hub_of().watches.values()):
             if job_id in watch.owners and watch.owners[job_id].host == self.login_host:
                 watch.untrack(job_id)
 
@@ -1711,7 +1710,7 @@ class SSHBatchSpawner(Spawner):
 
     @property
     def _tunnels(self) -> TunnelClient:
-        return tunnel_client(
+        return hub_of().tunnel_client(
             self.tunnel_service_dir,
             self.tunnel_service_python,
             self.tunnel_service_address,
@@ -2262,17 +2261,6 @@ def _port_taken(ip: str, port: int) -> bool:
     finally:
         probe.close()
     return False
-
-
-_tunnel_clients: dict[tuple[str, str, str, str], TunnelClient] = {}
-
-
-def tunnel_client(directory: str, python: str, address: str = "", token: str = "") -> TunnelClient:
-    """The one client per tunnel service (shared by all spawners of this hub)."""
-    key = (os.path.abspath(directory), python, address, token)
-    if key not in _tunnel_clients:
-        _tunnel_clients[key] = TunnelClient(key[0], python, address, token)
-    return _tunnel_clients[key]
 
 
 class SlurmSSHSpawner(SSHBatchSpawner):

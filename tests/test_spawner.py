@@ -718,9 +718,13 @@ def test_the_form_offers_each_visible_cluster_with_its_own_choices():
 
 def test_a_refused_cluster_form_comes_back_with_that_cluster_open_and_the_message():
     spawner = cluster_spawner(["gpu"], user="erin")
-    with pytest.raises(ValueError):
-        spawner.options_from_form({"cluster": ["farm"], "farm--cpus": ["999"]})
-    html = asyncio.run(spawner.render_form())
+
+    async def refused_then_shown():  # on the hub's one loop, as JupyterHub's handlers run
+        with pytest.raises(ValueError):
+            spawner.options_from_form({"cluster": ["farm"], "farm--cpus": ["999"]})
+        return await spawner.render_form()
+
+    html = asyncio.run(refused_then_shown())
     assert 'value="farm" checked' in html
     assert 'name="farm--cpus"' in html and 'value="999"' in html
     assert "invalid-feedback" in html
