@@ -49,6 +49,7 @@ class Hub:
         self.users: Any = None  # JupyterHub's UserDict
         self.reconcilers: dict[ClusterKey, Reconciler] = {}
         self.background_tasks: set[asyncio.Future] = set()  # cleanups kept until done
+        self.released: dict[str, float] = {}  # job names let go of (Reconciler.released)
         self.watches: dict[tuple, Watch] = {}  # cluster.watch_for: one per cluster
         self.loads: dict[tuple, Any] = {}  # cluster.load_for: the form's load, per cluster
         self.form_retries: dict[str, tuple[dict[str, str], Exception]] = {}  # refused forms
@@ -98,6 +99,12 @@ class Hub:
             self.log.info("reconciling the jobs on %s at %s:%d (servers on record)", *key)
             self.keep(asyncio.ensure_future(spawner.watch_cluster()))
 
+    def release(self, job_name: str) -> None:
+        """A spawner has let go of this job (its server is stopped or forgotten): if it still
+        exists, the reconciler cancels it at its next listing, without the grace."""
+        if job_name:
+            self.released[job_name] = time.monotonic()
+
     def keep(self, task: asyncio.Future) -> None:
         """Keep a background task referenced until it is done."""
         self.background_tasks.add(task)
@@ -111,6 +118,7 @@ class Hub:
             reconciler = self.reconcilers[key] = Reconciler(
                 watch.scheduler, watch.pool, settings["hub_id"], wanted=self.wanted_job_names,
                 owner_target=lambda username: self.owner_target(key, username),
+                released=self.released,
             )
         reconciler.hub_id = settings["hub_id"]
         reconciler.mode = settings["mode"]

@@ -13,6 +13,8 @@ Requirements:
   is done) is cancelled after ``grace`` seconds, as its owner; a cancel counts as done only
   when a later listing of its owner no longer shows the job, or shows it ended, never on a
   command's exit status; until then it is sent again with back-off, each try logged with why;
+- no grace for a job a spawner of this hub has just let go of (``released``): it is known to be
+  unowned, so a stop whose cancel failed is converged on in the next cycle;
 - ``mode = "log"`` cancels nothing and logs each job it would cancel, once;
 - where it cannot act as the owner (``owner_target`` raises ``CannotActAsOwner``), it says so
   once per job with what an admin can do, and acts as soon as it can;
@@ -71,6 +73,10 @@ class Reconciler:
     max_backoff: float = 300.0
     command_timeout: float = 60.0
     log: logging.Logger = log
+    #: Job names a spawner of this hub has let go of (a stop, a failed or interrupted
+    #: spawn, a server the hub forgot), with when: no grace for those, they are known
+    #: to be unowned. Shared with the ``Hub``; kept an hour at most.
+    released: dict[str, float] = field(default_factory=dict)
     unwanted: dict[str, _Unwanted] = field(default_factory=dict)  # job id -> what we know
     told: set[tuple[str, str]] = field(default_factory=set)  # (job id, what) logged once
     cancels_sent: int = 0  # for tests and benchmarks
@@ -87,6 +93,9 @@ class Reconciler:
             return
         prefix = job_name_prefix(self.hub_id)
         now = time.monotonic()
+        for name, at in list(self.released.items()):
+            if now - at > 3600:
+                del self.released[name]
         present: set[str] = set()
         for owner, listing in listed.items():
             for job in listing.jobs:
@@ -98,7 +107,7 @@ class Reconciler:
                     self._forget(job.job_id)
                     continue
                 found = self.unwanted.setdefault(job.job_id, _Unwanted(owner, job.name, now))
-                if now - found.since >= self.grace:
+                if job.name in self.released or now - found.since >= self.grace:
                     await self._act(job, found, watch.interval, now)
         for job_id, found in list(self.unwanted.items()):
             if job_id in present or found.owner not in listed:
@@ -109,6 +118,7 @@ class Reconciler:
                     "%s: job %s (%s) of %s is gone: no listing shows it after %d cancel(s)",
                     watch.name, job_id, found.name, found.owner, found.tries,
                 )
+                self.released.pop(found.name, None)
             self._forget(job_id)
 
     async def _act(self, job: ListedJob, found: _Unwanted, interval: float, now: float) -> None:

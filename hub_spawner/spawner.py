@@ -2182,6 +2182,7 @@ class SSHBatchSpawner(Spawner):
                 (output.stderr.strip() or output.stdout.strip())[-300:]
                 or f"exit status {output.exit_status}")
         if said:
+            hub_of().release(cleanup.job_name)
             self.log.warning(
                 "%s: the cancel of %s did not get through (%s); the reconciler cancels it "
                 "once the cluster answers (reconcile = %r)", self._log_name, label, said,
@@ -2194,6 +2195,7 @@ class SSHBatchSpawner(Spawner):
         """JupyterHub forgets this server. A job still known here (the hub dropped the server
         without a ``stop()``) is no server's any more: the reconciler cancels it."""
         if self.job_id or self.job_name:
+            hub_of().release(self.job_name)
             self.log.warning(
                 "%s: the hub forgets the server while job %s may still exist; the reconciler "
                 "cancels it (reconcile = %r)", self._log_name, self.job_id or self.job_name,

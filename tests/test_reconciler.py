@@ -235,3 +235,14 @@ async def test_no_forward_is_closed_when_the_database_cannot_be_read():
     for _ in range(3):
         await hub.reconcile_forwards(interval=0)
     assert tunnels.closed == []
+
+
+async def test_a_job_the_hub_let_go_of_is_cancelled_without_the_grace_and_then_forgotten():
+    pool, watch = FakePool(), FakeWatch()
+    released = {OURS: time.monotonic()}
+    reconcile = reconciler(pool, grace=600, released=released)
+    await reconcile(watch.cycle({"alice": [job("7", OURS),
+                                           job("8", "jupyterhub-a1b2c3d4-bob--11111111")]}))
+    assert pool.commands == [("alice", "scancel 7")]  # 8 waits for its grace
+    await reconcile(watch.cycle({"alice": [job("8", "jupyterhub-a1b2c3d4-bob--11111111")]}))
+    assert released == {} and reconcile.cancels_confirmed == 1
