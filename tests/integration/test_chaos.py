@@ -4,10 +4,12 @@ one) on each scheduler while a seeded random schedule breaks things, then a reck
 Faults: SIGKILL of an sshd session process of alice or bob on the login node (the hub's own
 SSH connection or the tunnel service's master), the hub killed (SIGTERM or SIGKILL) and
 started again, the tunnel service SIGKILLed, a running job cancelled behind the hub's back
-(``scancel``/``qdel`` as root), and the scheduler's daemon (slurmctld, sge_qmaster) down for
-3-8 s. Spawns are asynchronous (POST, then the next step), so faults hit spawns that wait,
-start or run. The proxy runs as its own process, as in production (``cleanup_servers =
-False``): user connections do not depend on the hub's process.
+(``scancel``/``qdel`` as root), the scheduler's daemon (slurmctld, sge_qmaster) down for
+3-8 s, and down for 3-8 s while a running server is stopped (the reconciler's case: the stop
+answers, the job is cancelled once the daemon is back). Spawns are asynchronous (POST, then
+the next step), so faults hit spawns that wait, start or run. The proxy runs as its own
+process, as in production (``cleanup_servers = False``): user connections do not depend on
+the hub's process.
 
 At the end, with every fault undone and every spawn settled: no job in the scheduler that the
 hub does not list as running; no server the hub lists whose job is gone (after a poll
@@ -62,7 +64,8 @@ POLL_INTERVAL = 3
 CYCLES = 10
 STALL_SECONDS = 300.0  # generous: a spawn settles in ~5-60 s here, faults included
 SERVERS = (("alice", ""), ("bob", "chaos"))
-FAULTS = ("kill-sshd", "kill-hub", "kill-service", "cancel-job", "scheduler-down")
+FAULTS = ("kill-sshd", "kill-hub", "kill-service", "cancel-job", "scheduler-down",
+          "scheduler-down-at-stop")
 
 
 class Chaos:
@@ -256,6 +259,33 @@ class Chaos:
             time.sleep(seconds)
             self.lab.start_slurmctld()
         self.faults.add("scheduler-down")
+
+    def do_scheduler_down_at_stop(self, servers: dict) -> None:
+        """A running server stopped while the scheduler's daemon is down: the stop answers,
+        its cancel cannot get through, and the reconciler cancels the job once it is back."""
+        ready = [key for key, server in servers.items() if server.get("ready")]
+        if not ready:
+            return
+        key = self.rng.choice(ready)
+        seconds = self.rng.uniform(3, 8)
+        self.note(f"fault: the scheduler's daemon down while {_label(key)} is stopped, "
+                  f"for {seconds:.1f} s")
+        self.controller(up=False)
+        started = time.monotonic()
+        try:
+            self.drop_kernel(key)
+            self.hub.stop(*key)
+            self.note(f"{_label(key)}: stopped in {time.monotonic() - started:.1f} s")
+            time.sleep(max(0.0, seconds - (time.monotonic() - started)))
+        finally:
+            self.controller(up=True)
+        self.faults.add("scheduler-down-at-stop")
+
+    def controller(self, up: bool) -> None:
+        if self.scheduler == "sge":
+            (self.lab.start_sge_qmaster if up else self.lab.stop_sge_qmaster)()
+        else:
+            (self.lab.start_slurmctld if up else self.lab.stop_slurmctld)()
 
     # --- the reckoning ----------------------------------------------------------------------
 
