@@ -41,6 +41,7 @@ accounting), which the spawner asks only when it has to tell someone why a job e
 from __future__ import annotations
 
 import enum
+import re
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from typing import Any
@@ -99,6 +100,21 @@ class ListedJob:
     name: str
     owner: str
     status: JobStatus
+
+
+_CLUSTER_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
+
+
+def listed_usernames(cluster_usernames: list[str]) -> list[str]:
+    """The users a listing asks for: sorted, each once; ``ValueError`` when there are none
+    or one is not a user name (it would reach the remote shell)."""
+    users = sorted(set(cluster_usernames))
+    if not users:
+        raise ValueError("no cluster users to list")
+    for name in users:
+        if not _CLUSTER_USER.fullmatch(name):
+            raise ValueError(f"not a cluster user name: {name!r}")
+    return users
 
 
 def statuses_of(

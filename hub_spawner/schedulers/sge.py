@@ -29,6 +29,7 @@ from . import (
     QueueLoad,
     SchedulerUnavailable,
     SubmitRejected,
+    listed_usernames,
     parse_xml,
 )
 
@@ -65,7 +66,6 @@ _SUSPENDED_LETTERS = set("sST")
 _RUNNING_LETTERS = set("rt")  # running, transferring (being started on its node)
 
 _JOB_ID = re.compile(r"[0-9]+")
-_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
 
 
 def template_variables(resources: Resources, settings: dict[str, Any]) -> dict[str, Any]:
@@ -148,12 +148,7 @@ def parse_status_output(output: CommandOutput, job_id: str) -> JobStatus:
 def list_command(cluster_usernames: list[str]) -> str:
     """One ``qstat -xml`` of every job of these users (Grid Engine lists only the caller's
     jobs unless asked for others: ``-u``)."""
-    users = sorted(set(cluster_usernames))
-    if not users:
-        raise ValueError("no cluster users to list")
-    for name in users:
-        if not _USER.fullmatch(name):
-            raise ValueError(f"not a cluster user name: {name!r}")
+    users = listed_usernames(cluster_usernames)
     return f"qstat -xml -u {shlex.quote(','.join(users))}"
 
 

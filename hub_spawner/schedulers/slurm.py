@@ -26,6 +26,7 @@ from . import (
     QueuePlace,
     SchedulerUnavailable,
     SubmitRejected,
+    listed_usernames,
 )
 
 NAME = "slurm"
@@ -99,7 +100,6 @@ _END_EXPLANATIONS = {
 
 _JOB_ID = re.compile(r"[0-9]+(_[0-9]+)?")
 _FIELD_SEPARATOR = "|"
-_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
 
 
 def template_variables(resources: Resources, settings: dict[str, Any]) -> dict[str, Any]:
@@ -189,12 +189,7 @@ def parse_status_output(output: CommandOutput, job_id: str) -> JobStatus:
 def list_command(cluster_usernames: list[str]) -> str:
     """One command that lists every job of these users, ended ones too until Slurm purges
     them (MinJobAge): one ``ID|STATE|NODE|REASON|USER|NAME`` line each."""
-    users = sorted(set(cluster_usernames))
-    if not users:
-        raise ValueError("no cluster users to list")
-    for name in users:
-        if not _USER.fullmatch(name):
-            raise ValueError(f"not a cluster user name: {name!r}")
+    users = listed_usernames(cluster_usernames)
     fmt = _FIELD_SEPARATOR.join(["%i", "%T", "%N", "%r", "%u", "%j"])
     return (f"squeue --noheader --states=all --users={shlex.quote(','.join(users))} "
             f"--format={shlex.quote(fmt)}")
