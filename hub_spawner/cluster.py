@@ -78,6 +78,7 @@ class Watch:
     loop: asyncio.AbstractEventLoop | None = None
     log: logging.Logger = log
     _task: asyncio.Task | None = None
+    _users_failing: dict[str, str] = field(default_factory=dict)  # said once per user
 
     def track(self, job_id: str, owner: SSHTarget) -> None:
         """List ``job_id`` from now on (``owner``: the connection to use when there is no
@@ -175,7 +176,9 @@ class Watch:
             groups[repr((target.host, target.port, target.username))][2].append(job_id)
         ok = True
         for target, usernames, job_ids in groups.values():
-            if not await self._list_group(target, sorted(usernames), job_ids):
+            # A group listed only for the reconciler (no server's job in it) that fails does
+            # not back off the servers' listings: its users' jobs are just not reconciled.
+            if not await self._list_group(target, sorted(usernames), job_ids) and job_ids:
                 ok = False
         if ok and self.failing:
             self.log.info("%s: the scheduler answers again", self.name)
@@ -193,8 +196,15 @@ class Watch:
             output = await connection.run(command, timeout=self.command_timeout)
             jobs = self.scheduler.parse_list_output(output)
         except (ClusterUnreachable, SchedulerUnavailable, ValueError) as error:
-            self._failed(str(error))
+            if job_ids:
+                self._failed(str(error))
+            elif self._users_failing.get(target.username) != str(error):
+                self._users_failing[target.username] = str(error)
+                self.log.warning("%s: cannot list the jobs of %s (no server of theirs runs; "
+                                 "their jobs are not reconciled until it works): %s",
+                                 self.name, target.username, error)
             return False
+        self._users_failing.pop(target.username, None)
         self.listings += 1
         self.log.debug(
             "%s: %s for %d user(s), %d job(s) of ours, as %s: %.3f s, %d bytes, %d jobs",

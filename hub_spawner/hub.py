@@ -130,10 +130,19 @@ class Hub:
 
     def _after_cycle(self, key: ClusterKey) -> Any:
         async def after_cycle(watch: Watch) -> None:
-            await self.reconcilers[key](watch)
-            watch.list_users(await self.users_to_list(key, watch))
-            await self.reconcile_forwards(watch.interval)
+            for step, work in (("reconciling the jobs", lambda: self.reconcilers[key](watch)),
+                               ("finding the users to list", lambda: self._relist(key, watch)),
+                               ("reconciling the forwards",
+                                lambda: self.reconcile_forwards(watch.interval))):
+                try:  # each step on its own: one failing must not stop the others
+                    await work()
+                except Exception as error:
+                    self.log.error("%s: %s failed unexpectedly: %s", watch.name, step, error,
+                                   exc_info=True)
         return after_cycle
+
+    async def _relist(self, key: ClusterKey, watch: Watch) -> None:
+        watch.list_users(await self.users_to_list(key, watch))
 
     async def reconcile_forwards(self, interval: float) -> None:
         """Each tunnel service's table against the servers the hub wants (at most once per
@@ -182,7 +191,8 @@ class Hub:
         """``user/server`` of every server that is running or starting (a job on record, in
         the database or in a spawner in memory); ``None`` when the database cannot be read."""
         owners = {s._tunnel_name for s in list(self.spawners)
-                  if getattr(s, "job_id", "") or getattr(s, "job_name", "")}
+                  if getattr(s, "job_id", "") or getattr(s, "job_name", "")
+                  or getattr(s, "_starting", False)}  # a spawn opens hub-api before it submits
         if self.db is None:
             return None
         try:

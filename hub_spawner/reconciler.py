@@ -7,7 +7,10 @@ Requirements:
   the jobs of every cluster user the watch listed *in that cycle*; a user whose listing failed
   is left alone until one answers (an unanswered listing never means "gone");
 - a job is this hub's when its name starts with ``jupyterhub-<hub id>-``: another hub's jobs
-  and a user's own batch jobs are never touched;
+  and a user's own batch jobs are never touched, nor the test job of ``hub_spawner check``;
+  a job id listed twice (a forged line in a text listing) is never touched, and where the
+  scheduler can, the cancel itself names the job's name and owner, so the scheduler checks
+  them again (``cancel_listed_command``);
 - a job of this hub that no running or starting server wants (``wanted()``: the job names the
   hub's database and its spawners hold; ``None`` when that cannot be read, and then nothing
   is done) is cancelled after ``grace`` seconds, as its owner; a cancel counts as done only
@@ -48,6 +51,11 @@ class CannotActAsOwner(Exception):
 def job_name_prefix(hub_id: str) -> str:
     """The start of the name of every job this hub submits (see ``spawner.job_name``)."""
     return f"jupyterhub-{hub_id}-"
+
+
+#: ``python -m hub_spawner check`` names its test job for the server ``hub-spawner-check``:
+#: that job is the check's to cancel (it may run beside the hub, with the hub's config).
+CHECK_JOB_MARK = "-hub-spawner-check-"
 
 
 @dataclass
@@ -97,10 +105,19 @@ class Reconciler:
             if now - at > 3600:
                 del self.released[name]
         present: set[str] = set()
+        seen = [job.job_id for listing in listed.values() for job in listing.jobs]
+        ambiguous = {job_id for job_id in seen if seen.count(job_id) > 1}
         for owner, listing in listed.items():
             for job in listing.jobs:
-                if not job.name.startswith(prefix) or job.status.state in (
-                        JobState.DONE, JobState.ENDING):
+                if not job.name.startswith(prefix) or CHECK_JOB_MARK in job.name:
+                    continue
+                if job.job_id in ambiguous:  # a forged line, or a listing we misread
+                    present.add(job.job_id)
+                    self._once(job.job_id, "ambiguous", logging.WARNING,
+                               "job %s is listed more than once (owners or names differ): "
+                               "not touched", job.job_id)
+                    continue
+                if job.status.state in (JobState.DONE, JobState.ENDING):
                     continue
                 present.add(job.job_id)
                 if job.name in wanted:
@@ -139,14 +156,16 @@ class Reconciler:
                        job.job_id, job.name, job.owner, why, error, job.owner)
             return
         found.tries += 1
-        found.next_try = now + min(interval * 2 ** (found.tries - 1), self.max_backoff)
+        found.next_try = now + min(interval * 2 ** min(found.tries - 1, 30), self.max_backoff)
         self.cancels_sent += 1
         self.log.warning("cancelling job %s (%s) of %s, %s: %s (try %d)", job.job_id, job.name,
                          job.owner, job.status.state.value, why, found.tries)
         try:
             connection = await self.pool.get(target)
-            output = await connection.run(self.scheduler.cancel_command(job.job_id),
-                                          timeout=self.command_timeout)
+            cancel = getattr(self.scheduler, "cancel_listed_command", None)
+            command = (cancel(job.job_id, job.name, job.owner) if cancel
+                       else self.scheduler.cancel_command(job.job_id))
+            output = await connection.run(command, timeout=self.command_timeout)
         except (ClusterUnreachable, ValueError, asyncio.TimeoutError) as error:
             said = str(error)
         else:

@@ -691,6 +691,7 @@ class SSHBatchSpawner(Spawner):
         self._walltime_warned = False
         self._end_reported = ""
         self._starting = False  # a start() is between submission and its return
+        self._cleanup_taken = ""  # the job name whose cancel a cleanup has taken over
         self._start_interrupted = False  # the state says a start never returned: a dead hub's
 
     def get_state(self) -> dict[str, Any]:
@@ -2119,6 +2120,7 @@ class SSHBatchSpawner(Spawner):
             self._untrack(cleanup.job_id)  # no poll will ask again; the cancel has its own path
         if cleanup.job_id or cleanup.by_name:
             self.log.info("%s: cancelling %s (%s)", self._log_name, cleanup.label, why)
+        self._cleanup_taken = cleanup.job_name  # its cancel has its own path now
         self.job_id = ""
         self._submission_sent = False
         self.secrets_path = ""
@@ -2194,7 +2196,7 @@ class SSHBatchSpawner(Spawner):
     def clear_state(self) -> None:
         """JupyterHub forgets this server. A job still known here (the hub dropped the server
         without a ``stop()``) is no server's any more: the reconciler cancels it."""
-        if self.job_id or self.job_name:
+        if self.job_id or self.job_name and self.job_name != self._cleanup_taken:
             hub_of().release(self.job_name)
             self.log.warning(
                 "%s: the hub forgets the server while job %s may still exist; the reconciler "

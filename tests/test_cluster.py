@@ -217,3 +217,24 @@ async def test_an_end_seen_only_by_the_status_identity_is_confirmed_by_the_owner
     assert [user for user, _ in pool.commands] == ["status", "bob"]
     assert "cannot see other users' jobs" in caplog.text
     watch.untrack("21")
+
+
+async def test_a_user_listed_only_for_the_reconciler_who_fails_does_not_back_off_the_servers():
+    """carol has no server (she is listed for the reconciler) and her listing fails (say her
+    key was removed): alice's server's listing still runs every cycle, nothing backs off."""
+
+    class Pool(RecordingPool):
+        async def get(self, where: SSHTarget):
+            if where.username == "carol":
+                raise ClusterUnreachable("the login node refused carol's SSH key")
+            return await super().get(where)
+
+    pool = Pool(lambda command: SQUEUE)
+    watch = Watch(slurm, pool, interval=0.05)
+    watch.track("11", target("alice"))
+    watch.list_users({"carol": target("carol")})
+    assert await watch.list_once() is True
+    assert watch.failing == "" and (await watch.status("11")).state is JobState.RUNNING
+    assert "carol" not in watch.listed and "alice" in watch.listed
+    watch.untrack("11")
+    watch.list_users({})

@@ -16,6 +16,7 @@ from hub_spawner.schedulers import CommandOutput, JobState, JobStatus, ListedJob
 from hub_spawner.ssh import SSHTarget
 
 OURS = "jupyterhub-a1b2c3d4-alice--0a1b2c3d"
+CANCEL_7 = f"scancel --name={OURS} --user=alice 7"  # Slurm checks name and owner again
 
 
 def target(user: str) -> SSHTarget:
@@ -77,7 +78,7 @@ async def test_an_unowned_job_of_this_hub_is_cancelled_as_its_owner_and_counted_
     pool, watch = FakePool(), FakeWatch()
     reconcile = reconciler(pool)
     await reconcile(watch.cycle({"alice": [job("7", OURS)]}))
-    assert pool.commands == [("alice", "scancel 7")]
+    assert pool.commands == [("alice", CANCEL_7)]
     assert (reconcile.cancels_sent, reconcile.cancels_confirmed) == (1, 0)
     await reconcile(watch.cycle({"alice": []}))  # the listing no longer shows it
     assert (reconcile.cancels_sent, reconcile.cancels_confirmed) == (1, 1)
@@ -92,7 +93,7 @@ async def test_a_cancel_that_exits_zero_but_leaves_the_job_listed_is_sent_again_
     assert found.next_try - time.monotonic() == pytest.approx(10, abs=1)
     found.next_try = 0  # as if the back-off had passed
     await reconcile(watch.cycle({"alice": [job("7", OURS)]}))
-    assert [command for _, command in pool.commands] == ["scancel 7", "scancel 7"]
+    assert [command for _, command in pool.commands] == [CANCEL_7] * 2
     assert reconcile.unwanted["7"].next_try - time.monotonic() == pytest.approx(20, abs=1)
     await reconcile(watch.cycle({"alice": [job("7", OURS)]}))  # within the back-off: no try
     assert len(pool.commands) == 2 and reconcile.cancels_confirmed == 0
@@ -175,7 +176,7 @@ async def test_an_owner_it_cannot_act_as_is_logged_once_and_acted_for_when_it_ca
         assert pool.commands == []
         can.now = True
         await reconcile(watch.cycle({"alice": [job("7", OURS)]}))
-    assert pool.commands == [("alice", "scancel 7")]
+    assert pool.commands == [("alice", CANCEL_7)]
 
 
 # --- the tunnel service's table ---------------------------------------------------------------
@@ -243,6 +244,39 @@ async def test_a_job_the_hub_let_go_of_is_cancelled_without_the_grace_and_then_f
     reconcile = reconciler(pool, grace=600, released=released)
     await reconcile(watch.cycle({"alice": [job("7", OURS),
                                            job("8", "jupyterhub-a1b2c3d4-bob--11111111")]}))
-    assert pool.commands == [("alice", "scancel 7")]  # 8 waits for its grace
+    assert pool.commands == [("alice", CANCEL_7)]  # 8 waits for its grace
     await reconcile(watch.cycle({"alice": [job("8", "jupyterhub-a1b2c3d4-bob--11111111")]}))
     assert released == {} and reconcile.cancels_confirmed == 1
+
+
+async def test_the_checks_test_job_and_a_job_listed_twice_are_never_touched(caplog):
+    """``hub_spawner check`` cancels its own job; a job id listed twice (a forged line in a
+    text listing naming another owner) is ambiguous: neither line is acted on."""
+    pool, watch = FakePool(), FakeWatch()
+    reconcile = reconciler(pool)
+    forged = "jupyterhub-a1b2c3d4-bob-x-0a1b2c3d"
+    with caplog.at_level(logging.WARNING, "hub_spawner.reconciler"):
+        for _ in range(3):
+            await reconcile(watch.cycle({
+                "alice": [job("7", "jupyterhub-a1b2c3d4-alice-hub-spawner-check-0a1b2c3d"),
+                          job("9", forged)],
+                "bob": [job("9", "jupyterhub-a1b2c3d4-bob--11111111", "bob")],
+            }))
+    assert pool.commands == []
+    assert caplog.text.count("job 9 is listed more than once") == 1
+
+
+async def test_a_cancel_that_keeps_failing_for_days_backs_off_without_overflowing():
+    pool, watch = FakePool(exit_status=1), FakeWatch()
+    reconcile = reconciler(pool, max_backoff=300)
+    await reconcile(watch.cycle({"alice": [job("7", OURS)]}))
+    reconcile.unwanted["7"].tries = 5000
+    reconcile.unwanted["7"].next_try = 0
+    await reconcile(watch.cycle({"alice": [job("7", OURS)]}))
+    assert reconcile.unwanted["7"].next_try - time.monotonic() == pytest.approx(300, abs=1)
+
+
+async def test_on_slurm_the_cancel_names_the_listed_job_and_owner_so_slurm_checks_them():
+    pool, watch = FakePool(), FakeWatch()
+    await reconciler(pool)(watch.cycle({"alice": [job("7", OURS)]}))
+    assert pool.commands == [("alice", CANCEL_7)]

@@ -329,6 +329,13 @@ def cancel_command(job_id: str) -> str:
     return f"scancel {quote_job_id(job_id)}"
 
 
+def cancel_listed_command(job_id: str, job_name: str, cluster_username: str) -> str:
+    """Cancel a job a listing showed, only if Slurm agrees on its name and owner (the
+    reconciler's cancel: a listing is text, so Slurm checks again what it read)."""
+    return (f"scancel --name={shlex.quote(job_name)} --user="
+            f"{shlex.quote(listed_usernames([cluster_username])[0])} {quote_job_id(job_id)}")
+
+
 def cancel_by_name_command(job_name: str, cluster_username: str) -> str:
     """Command line that cancels the user's jobs with this (unique) name.
 
