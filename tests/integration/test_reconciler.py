@@ -27,6 +27,16 @@ INTERVAL = 2.0  # cluster_status_interval
 GRACE = 2.0  # reconcile_grace
 
 
+@pytest.fixture(autouse=True)
+def no_alice_job_left(lab):
+    """After each test, wait until the schedulers list no job of alice's at all (Slurm's own
+    ``squeue`` shows completing jobs too, also those submitted through the Torque wrappers):
+    the next module counts alice's jobs."""
+    yield
+    assert wait_for(lambda: not active_jobs("alice", "slurm") and not active_jobs("alice", "sge"),
+                    120), (active_jobs("alice", "slurm"), active_jobs("alice", "sge"))
+
+
 def hub_env(scheduler: str, **more: str) -> dict[str, str]:
     return {"HUB_SCHEDULER": scheduler, "HUB_ID": f"rt{scheduler[:2]}",
             "HUB_CLUSTER_STATUS_INTERVAL": str(INTERVAL), "HUB_RECONCILE_GRACE": str(GRACE),
