@@ -124,6 +124,7 @@ class Hub:
         reconciler.mode = settings["mode"]
         reconciler.grace = settings["grace"]
         reconciler.command_timeout = settings["command_timeout"]
+        reconciler.state_dir = settings.get("state_dir", reconciler.state_dir)
         reconciler.log = settings.get("log") or log
         if watch.after_cycle is None:
             watch.after_cycle = self._after_cycle(key)

@@ -29,11 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import posixpath
+import shlex
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 
+from . import jobfiles
 from .cluster import Watch
 from .errors import ClusterUnreachable
 from .schedulers import JobState, ListedJob
@@ -58,6 +61,16 @@ def job_name_prefix(hub_id: str) -> str:
 CHECK_JOB_MARK = "-hub-spawner-check-"
 
 
+def secrets_file(state_dir: str, job_name: str) -> str:
+    """The job's secrets file as a quoted shell word (``remote_state_dir`` relative to the
+    owner's home unless absolute); ``ValueError`` for a name or directory not ours."""
+    if not jobfiles.JOB_NAME.fullmatch(job_name) or ".." in job_name:
+        raise ValueError(f"not a job name of this hub: {job_name!r}")
+    path = posixpath.join(state_dir, job_name, jobfiles.SECRETS_NAME)
+    jobfiles.check_remote_path(path if path.startswith("/") else "/" + path)
+    return shlex.quote(path) if path.startswith("/") else f'"$HOME"/{shlex.quote(path)}'
+
+
 @dataclass
 class _Unwanted:
     owner: str
@@ -79,6 +92,7 @@ class Reconciler:
     mode: str = "cancel"
     grace: float = 30.0
     max_backoff: float = 300.0
+    state_dir: str = ".hub-spawner"  # the spawners' remote_state_dir (job files)
     command_timeout: float = 60.0
     log: logging.Logger = log
     #: Job names a spawner of this hub has let go of (a stop, a failed or interrupted
@@ -165,6 +179,9 @@ class Reconciler:
             cancel = getattr(self.scheduler, "cancel_listed_command", None)
             command = (cancel(job.job_id, job.name, job.owner) if cancel
                        else self.scheduler.cancel_command(job.job_id))
+            # A job cancelled before it ran never read (and deleted) its secrets file.
+            command = (f"{command}; hub_spawner_cancel=$?; rm -f -- "
+                       f"{secrets_file(self.state_dir, job.name)}; exit $hub_spawner_cancel")
             output = await connection.run(command, timeout=self.command_timeout)
         except (ClusterUnreachable, ValueError, asyncio.TimeoutError) as error:
             said = str(error)

@@ -1476,6 +1476,7 @@ class SSHBatchSpawner(Spawner):
         hub.reconcile(watch, (self.scheduler.NAME, owner.host, owner.port), {
             "hub_id": self._hub_id, "mode": self.reconcile, "grace": self.reconcile_grace,
             "command_timeout": self.command_timeout, "log": self.log,
+            "state_dir": self.remote_state_dir,
         })
         hub.start_from_database()
         if job_id and job_id == self.job_id:  # not released while we awaited

@@ -16,7 +16,8 @@ from hub_spawner.schedulers import CommandOutput, JobState, JobStatus, ListedJob
 from hub_spawner.ssh import SSHTarget
 
 OURS = "jupyterhub-a1b2c3d4-alice--0a1b2c3d"
-CANCEL_7 = f"scancel --name={OURS} --user=alice 7"  # Slurm checks name and owner again
+CANCEL_7 = (f"scancel --name={OURS} --user=alice 7; hub_spawner_cancel=$?; "  # Slurm checks
+            f'rm -f -- "$HOME"/.hub-spawner/{OURS}/server.env; exit $hub_spawner_cancel')
 
 
 def target(user: str) -> SSHTarget:
@@ -280,3 +281,14 @@ async def test_on_slurm_the_cancel_names_the_listed_job_and_owner_so_slurm_check
     pool, watch = FakePool(), FakeWatch()
     await reconciler(pool)(watch.cycle({"alice": [job("7", OURS)]}))
     assert pool.commands == [("alice", CANCEL_7)]
+
+
+def test_the_secrets_file_of_a_cancelled_job_is_named_safely():
+    from hub_spawner.reconciler import secrets_file
+
+    assert secrets_file("/scratch/hs", OURS) == f"/scratch/hs/{OURS}/server.env"
+    for name in ("jupyterhub-a1-$(id)-0a1b2c3d", "jupyterhub-a1-../../x-0a1b2c3d", "x"):
+        with pytest.raises(ValueError):
+            secrets_file(".hub-spawner", name)
+    with pytest.raises(ValueError):
+        secrets_file(".hub spawner", OURS)
