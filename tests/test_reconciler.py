@@ -292,3 +292,16 @@ def test_the_secrets_file_of_a_cancelled_job_is_named_safely():
             secrets_file(".hub-spawner", name)
     with pytest.raises(ValueError):
         secrets_file(".hub spawner", OURS)
+
+
+@pytest.mark.parametrize("name", ["x; touch /tmp/pwned", "$(id)", "a'b", "-u root"])
+def test_the_slurm_cancel_quotes_a_hostile_listed_name_and_refuses_a_hostile_owner(name):
+    import shlex
+
+    command = slurm.cancel_listed_command("7", name, "alice")
+    assert shlex.split(command) == ["scancel", f"--name={name}", "--user=alice", "7"]
+    for owner in ("alice;id", "$(id)", ""):
+        with pytest.raises(ValueError):
+            slurm.cancel_listed_command("7", name, owner)
+    with pytest.raises(ValueError):
+        slurm.cancel_listed_command("7; id", name, "alice")
