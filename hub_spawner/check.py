@@ -699,7 +699,7 @@ async def _clean_up(checks: Checklist, spawner: SSHBatchSpawner, watch: _Watch, 
     by_hand = f"cancel job {job_id or watch.job_name} by hand on the cluster"
     if job_id:  # the check has no reconciler behind it: ask the scheduler
         try:
-            status = await spawner._job_status(job_id)
+            status = await spawner._calls.status(job_id)
         except Exception as error:
             status = None
             left.append(f"cannot ask for job {job_id}'s status: {error}")

@@ -11,7 +11,6 @@ reaches the same cleanup, which cancels the job.
 from __future__ import annotations
 
 import asyncio
-import calendar
 import dataclasses
 import errno
 import hashlib
@@ -21,7 +20,6 @@ import os
 import posixpath
 import re
 import secrets
-import shlex
 import socket
 import sys
 import time
@@ -67,6 +65,7 @@ from .form import (
     render_options_form,
 )
 from .hub import hub_of, start_with_the_hub
+from .job import Cleanup, JobCalls, iso_time, parse_iso_time
 from .reconciler import MODES as RECONCILE_MODES
 from .resources import (
     Limits,
@@ -76,7 +75,7 @@ from .resources import (
     parse_name,
     parse_walltime_seconds,
 )
-from .schedulers import JobState, JobStatus, QueuePlace, SubmitRejected, sge, slurm, torque
+from .schedulers import JobState, JobStatus, SubmitRejected, sge, slurm, torque
 from .ssh import FileFollower, LoginConnection, SSHTarget, client_identity, default_pool
 from .tunnels.client import TunnelClient, TunnelError
 from .tunnels.forwards import Login
@@ -719,10 +718,10 @@ class SSHBatchSpawner(Spawner):
                 # For admins (the API's server state, the admin page's details):
                 cluster=self.cluster_display_name or self.job_login_host or self.login_host,
                 cluster_key=getattr(self, "_cluster_key", ""),
-                submitted_at=_iso_time(self.job_submitted_at),
-                started_at=_iso_time(self.job_started_at),
+                submitted_at=iso_time(self.job_submitted_at),
+                started_at=iso_time(self.job_started_at),
                 walltime_seconds=self.walltime_seconds,
-                ends_at=_iso_time(self._walltime_end),
+                ends_at=iso_time(self._walltime_end),
             )
         elif self.cluster_username_on_record:
             # Kept after a stop: the reconciler lists (and cancels as) the cluster users on
@@ -793,8 +792,8 @@ class SSHBatchSpawner(Spawner):
         self.output_path = _state_text(state, "output_path")
         self.secrets_path = _state_text(state, "secrets_path")
         self.certs_dir = _state_text(state, "certs_dir")
-        self.job_submitted_at = _state_time(state, "submitted_at")
-        self.job_started_at = _state_time(state, "started_at")
+        self.job_submitted_at = parse_iso_time(state.get("submitted_at"))
+        self.job_started_at = parse_iso_time(state.get("started_at"))
         walltime = state.get("walltime_seconds")
         self.walltime_seconds = walltime if isinstance(walltime, int) and walltime > 0 else 0
         if version == STATE_VERSION:
@@ -1247,29 +1246,30 @@ class SSHBatchSpawner(Spawner):
         reported: Any = None
         pending_since, last_said = 0.0, 0.0
         while True:
-            status = await self._job_status()
+            status = await self._calls.status(self.job_id)
             if status.state is JobState.ERROR:
                 raise JobEndedEarly(
                     f"Job {self.job_id} cannot run: {self.scheduler.explain_end(status)}. "
                     "It is being deleted; fix the cause (or ask an administrator) and start again."
                 )
             if status.ended:
-                tail = jobscript.last_lines(await self._job_output())
+                tail = jobscript.last_lines(await self._calls.output(self.output_path))
                 raise JobEndedEarly(
                     f"Job {self.job_id} ended before the server was ready: "
-                    f"{await self._explain_end(status)}."
+                    f"{await self._calls.explain_end(self.job_id, status)}."
                     + (f" Last output of the job:\n{tail}" if tail else " It printed nothing.")
                 )
             if status.state is JobState.PENDING:
                 pending_since = pending_since or time.monotonic()
                 waited = time.monotonic() - pending_since
-                said = (status.reason, await self._queue_place())
+                said = (status.reason, await self._calls.queue_place(self.job_id))
                 if reported != ("pending", said) or waited - last_said >= 60:
                     reported, last_said = ("pending", said), waited
                     # The bar creeps from 30 to 45 while the job waits, a step per message.
                     creep = min(30 + sum(1 for e in self._progress_events
                                          if e["progress"] >= 30), 45)
-                    self._emit(creep, self._pending_message(status.reason, said[1], waited))
+                    self._emit(creep, self._calls.pending_message(
+                        self.job_id, status.reason, said[1], waited))
             elif status.state is JobState.RUNNING:
                 if not self.job_started_at:
                     self.job_started_at = time.time()
@@ -1297,37 +1297,6 @@ class SSHBatchSpawner(Spawner):
                 interval = min(interval * 1.5, self.status_interval_max)
                 await follower.wait(interval)
 
-    async def _queue_place(self) -> QueuePlace | None:
-        """The pending job's place in its queue and estimated start, where the scheduler
-        tells (Slurm); ``None`` otherwise or when it cannot be asked."""
-        scheduler = self.scheduler
-        if not hasattr(scheduler, "pending_queue_command"):
-            return None
-        try:
-            connection = await self._connection()
-            output = await connection.run(
-                scheduler.pending_queue_command(), timeout=self.command_timeout
-            )
-        except ClusterUnreachable:
-            return None
-        return scheduler.parse_pending_queue(output, self.job_id)
-
-    def _pending_message(self, reason: str, place: QueuePlace | None, waited: float) -> str:
-        """``Job 12 is waiting in the queue: waiting for free cores (Slurm: Resources); 2nd
-        of 3 waiting in its partition; Slurm expects it to start around 14:05``."""
-        parts = [self.scheduler.explain_pending(reason)]
-        if place is not None:
-            parts.append(f"{_ordinal(place.position)} of {place.waiting} waiting in its "
-                         f"{self.scheduler.QUEUE_LABEL.lower()}")
-            if place.estimated_start:
-                parts.append(f"{self.scheduler.DISPLAY_NAME} expects it to start around "
-                             f"{_readable_start(place.estimated_start)}")
-        text = "; ".join(part for part in parts if part)
-        head = f"Job {self.job_id} is waiting in the queue"
-        if waited >= 60:
-            head = f"Job {self.job_id} is still waiting in the queue ({int(waited // 60)} min)"
-        return f"{head}: {text}" if text else head
-
     async def _read_ready_line(
         self, scheduled_node: str, follower: FileFollower | None = None
     ) -> jobscript.ReadyLine | None:
@@ -1348,7 +1317,7 @@ class SSHBatchSpawner(Spawner):
             if follower is not None and not follower.ended:
                 output = follower.text
             else:
-                output = await self._job_output()
+                output = await self._calls.output(self.output_path)
             ready = jobscript.parse_ready_line(output)
         except ValueError as error:
             raise BadReadyLine(f"Job {self.job_id} reported an unusable address: {error}") from None
@@ -1412,7 +1381,7 @@ class SSHBatchSpawner(Spawner):
             if self._end_reported != self.job_id:  # JupyterHub polls again while stopping
                 self._end_reported = self.job_id
                 try:
-                    why = await self._explain_end(status)
+                    why = await self._calls.explain_end(self.job_id, status)
                 except Exception as error:
                     why = f"(cannot say why: {error})"
                 self.log.warning("%s: job %s has ended: %s", self._log_name, self.job_id, why)
@@ -1449,7 +1418,7 @@ class SSHBatchSpawner(Spawner):
             self._walltime_warned = True
             self.log.warning(
                 "%s: job %s reaches its walltime at %s (in %d min); %s will stop the server "
-                "then", self._log_name, self.job_id, _iso_time(end), max(0, left) // 60,
+                "then", self._log_name, self.job_id, iso_time(end), max(0, left) // 60,
                 self.scheduler.DISPLAY_NAME,
             )
 
@@ -1705,6 +1674,12 @@ class SSHBatchSpawner(Spawner):
                 self._log_name, len(names), state_dir, self.job_files_keep,
             )
 
+    @property
+    def _calls(self) -> JobCalls:
+        """The scheduler calls about this spawner's job (``hub_spawner.job``)."""
+        return JobCalls(self.scheduler, self._connection, self._ssh_target,
+                        self.command_timeout, self.log, self._log_name)
+
     async def _connection(self, where: tuple[str, int, str] | None = None) -> LoginConnection:
         default_pool.idle_timeout = self.ssh_idle_timeout
         default_pool.max_sessions = self.ssh_max_sessions
@@ -1743,64 +1718,6 @@ class SSHBatchSpawner(Spawner):
             )
         except ValueError as error:
             raise TunnelError(f"Cannot ask for a tunnel: {error}") from None
-
-    async def _job_status(
-        self, job_id: str = "", where: tuple[str, int, str] | None = None
-    ) -> JobStatus:
-        """The job's status; any failure to ask is ``UNKNOWN`` with the reason. A job in an
-        error state, or waiting, comes with the scheduler's reason when its status listing has
-        none and the scheduler can tell (Grid Engine's ``qstat -j``)."""
-        scheduler = self.scheduler
-        job_id = job_id or self.job_id
-        try:
-            connection = await self._connection(where)
-            output = await connection.run(
-                scheduler.status_command(job_id), timeout=self.command_timeout
-            )
-            status = scheduler.parse_status_output(output, job_id)
-            parse_reason = {
-                JobState.ERROR: getattr(scheduler, "parse_error_reason", None),
-                JobState.PENDING: getattr(scheduler, "parse_pending_reason", None),
-            }.get(status.state)
-            if parse_reason and not status.reason:
-                detail = await connection.run(
-                    scheduler.detail_command(job_id), timeout=self.command_timeout
-                )
-                status = dataclasses.replace(status, reason=parse_reason(detail))
-        except ClusterUnreachable as error:
-            return JobStatus(JobState.UNKNOWN, reason=str(error))
-        return status
-
-    async def _explain_end(self, status: JobStatus) -> str:
-        """Why the job ended, for people. Schedulers that forget ended jobs at once (Grid
-        Engine) are asked their accounting; if that has nothing, the status has to do."""
-        scheduler = self.scheduler
-        if status.state is JobState.DONE and hasattr(scheduler, "end_reason_command"):
-            try:
-                connection = await self._connection()
-                for _ in range(4):  # accounting is flushed a moment after the job ends
-                    output = await connection.run(
-                        scheduler.end_reason_command(self.job_id), timeout=self.command_timeout
-                    )
-                    reason = scheduler.parse_end_reason(output)
-                    if reason:
-                        return reason
-                    await asyncio.sleep(1)
-            except ClusterUnreachable as error:
-                self.log.warning("%s: cannot ask why the job ended: %s", self._log_name, error)
-            return (
-                f"{scheduler.explain_end(status)}; its accounting has no record yet "
-                f"(`{scheduler.end_reason_command(self.job_id)}` on the login node will say why)"
-            )
-        return scheduler.explain_end(status)
-
-    async def _job_output(self) -> str:
-        try:
-            connection = await self._connection()
-            return await connection.read_file(self.output_path) or ""
-        except (ClusterUnreachable, OSError) as error:
-            self.log.warning("%s: cannot read job output: %s", self._log_name, error)
-            return ""
 
     async def _open_hub_api_path(self) -> str:
         """The hub API URL as compute nodes will use it: ``hub_connect_url`` if set, else a
@@ -2110,7 +2027,7 @@ class SSHBatchSpawner(Spawner):
         hub_of().keep(task)
         self._background_release = task
 
-    def _take_cleanup(self, why: str) -> _Cleanup | None:
+    def _take_cleanup(self, why: str) -> Cleanup | None:
         """What to cancel and delete, taken out of the state (synchronously: no other
         coroutine can take it too); None if there is nothing."""
         self._stop_tunnel_retry()
@@ -2128,20 +2045,28 @@ class SSHBatchSpawner(Spawner):
         self.certs_dir = ""
         return cleanup
 
-    async def _carry_out(self, cleanup: _Cleanup | None, wait: bool) -> None:
+    async def _carry_out(self, cleanup: Cleanup | None, wait: bool) -> None:
         """Send the cancel and deletions of ``cleanup``; with ``wait``, wait (``stop_wait``)
         for the scheduler to stop listing the job."""
         if cleanup is None:
             return
-        if await self._send_cancel(cleanup) and cleanup.job_id and wait:
-            await self._wait_until_gone(cleanup.job_id, cleanup.where)
+        said = await self._calls.cancel(cleanup, self.stop_cancel_timeout)
+        if said:
+            hub_of().release(cleanup.job_name)
+            self.log.warning(
+                "%s: the cancel of %s did not get through (%s); the reconciler cancels it "
+                "once the cluster answers (reconcile = %r)", self._log_name, cleanup.label, said,
+                self.reconcile,
+            )
+        elif cleanup.job_id and wait:
+            await self._calls.wait_until_gone(cleanup.job_id, cleanup.where, self.stop_wait)
 
-    def _cleanup_plan(self) -> _Cleanup | None:
+    def _cleanup_plan(self) -> Cleanup | None:
         """What cancelling this spawner's job and deleting its secrets file takes, as a
         snapshot that outlives the spawner's state; None if there is nothing to clean up."""
         if not (self.job_id or self._submission_sent or self.secrets_path or self.certs_dir):
             return None
-        return _Cleanup(
+        return Cleanup(
             job_id=self.job_id,
             job_name=self.job_name,
             by_name=not self.job_id and self._submission_sent,
@@ -2151,48 +2076,6 @@ class SSHBatchSpawner(Spawner):
             where=self._job_where() if self.job_id else (
                 self.job_login_host, self.job_login_port, self.job_cluster_username),
         )
-
-    async def _send_cancel(self, cleanup: _Cleanup) -> bool:
-        """Send the cancel and deletions once (bounded by ``stop_cancel_timeout``); True if
-        the scheduler took the cancel. Whatever happens, the job is no longer this server's:
-        one that is still listed is the reconciler's."""
-        label = cleanup.label
-        commands = []
-        try:
-            target = await self._ssh_target(cleanup.where)
-            if cleanup.job_id:
-                commands.append(self.scheduler.cancel_command(cleanup.job_id))
-            elif cleanup.by_name:
-                commands.append(self.scheduler.cancel_by_name_command(cleanup.job_name,
-                                                                      target.username))
-            cancel = "; ".join(commands) or "true"
-            cancel = f"{cancel}; hub_spawner_cancel=$?"
-            if cleanup.secrets_path:
-                cancel += f"; rm -f -- {shlex.quote(cleanup.secrets_path)}"
-            if cleanup.certs_dir:
-                cancel += f"; rm -rf -- {shlex.quote(cleanup.certs_dir)}"
-            cancel += "; exit $hub_spawner_cancel"
-
-            async def send() -> Any:
-                connection = await default_pool.get(target)
-                return await connection.run(cancel, timeout=self.stop_cancel_timeout)
-
-            output = await asyncio.wait_for(send(), self.stop_cancel_timeout)
-        except Exception as error:
-            said = str(error) or f"no answer within {self.stop_cancel_timeout:g} s"
-        else:
-            said = "" if output.exit_status == 0 else (
-                (output.stderr.strip() or output.stdout.strip())[-300:]
-                or f"exit status {output.exit_status}")
-        if said:
-            hub_of().release(cleanup.job_name)
-            self.log.warning(
-                "%s: the cancel of %s did not get through (%s); the reconciler cancels it "
-                "once the cluster answers (reconcile = %r)", self._log_name, label, said,
-                self.reconcile,
-            )
-            return False
-        return True
 
     def clear_state(self) -> None:
         """JupyterHub forgets this server. A job still known here (the hub dropped the server
@@ -2209,21 +2092,6 @@ class SSHBatchSpawner(Spawner):
         super().clear_state()
         self._reset_job()
 
-    async def _wait_until_gone(self, job_id: str, where: tuple[str, int, str]) -> None:
-        deadline = asyncio.get_running_loop().time() + self.stop_wait
-        while asyncio.get_running_loop().time() < deadline:
-            status = await self._job_status(job_id, where)
-            if status.state is JobState.DONE:
-                return
-            if status.state is JobState.UNKNOWN:
-                self.log.warning("%s: cannot see whether job %s has ended (%s); the reconciler "
-                                 "makes sure it does", self._log_name, job_id, status.reason)
-                return
-            await asyncio.sleep(0.5)
-        self.log.warning(
-            "%s: job %s still listed %.0f s after cancelling; the reconciler cancels it again "
-            "until no listing shows it", self._log_name, job_id, self.stop_wait,
-        )
 
 
 class _Steps:
@@ -2241,19 +2109,6 @@ class _Steps:
     def __str__(self) -> str:
         parts = ", ".join(f"{name} {seconds:.3f}" for name, seconds in self._steps)
         return f"{self._last - self._start:.3f} s ({parts})"
-
-
-@dataclasses.dataclass(frozen=True)
-class _Cleanup:
-    """A snapshot of what to cancel and delete for one server."""
-
-    job_id: str
-    job_name: str
-    by_name: bool
-    secrets_path: str
-    certs_dir: str
-    label: str
-    where: tuple[str, int, str] = ("", 0, "")  # the job's login node and cluster user
 
 
 def _port_taken(ip: str, port: int) -> bool:
@@ -2387,42 +2242,6 @@ def _cluster_choices(entries: list[dict[str, Any]], spawner: Spawner) -> list[Cl
             frozenset(str(group) for group in groups), _SCHEDULERS[kind], settings, config,
         ))
     return found
-
-
-def _iso_time(seconds: float) -> str:
-    """``2026-12-04T21:30:00Z``, or ``""`` for 0."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds)) if seconds else ""
-
-
-def _state_time(state: dict[str, Any], key: str) -> float:
-    """A time saved by ``_iso_time``; 0 when missing or unreadable."""
-    text = state.get(key)
-    if not isinstance(text, str) or not text:
-        return 0.0
-    try:
-        return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
-    except ValueError:
-        return 0.0
-
-
-def _ordinal(number: int) -> str:
-    """``1st``, ``2nd``, ``3rd``, ``4th``, ``11th``, ``21st``."""
-    if 10 <= number % 100 <= 20:
-        return f"{number}th"
-    return f"{number}{ {1: 'st', 2: 'nd', 3: 'rd'}.get(number % 10, 'th') }"
-
-
-def _readable_start(text: str) -> str:
-    """A scheduler's ``2026-12-05T14:05:00`` (the cluster's local time) as ``14:05`` when it
-    is today there and ``2026-12-05 14:05`` otherwise; anything else as it is."""
-    try:
-        when = time.strptime(text, "%Y-%m-%dT%H:%M:%S")
-    except ValueError:
-        return text
-    today = time.localtime()
-    if (when.tm_year, when.tm_yday) == (today.tm_year, today.tm_yday):
-        return time.strftime("%H:%M", when)
-    return time.strftime("%Y-%m-%d %H:%M", when)
 
 
 def _state_text(state: dict[str, Any], key: str) -> str:

@@ -13,14 +13,12 @@ from traitlets import TraitError
 from hub_spawner.errors import BadOptions, BadReadyLine, ClusterUnreachable, JobRejected
 from hub_spawner.jobfiles import JOB_NAME, RemoteEntry
 from hub_spawner.resources import Resources
-from hub_spawner.schedulers import CommandOutput, JobState, JobStatus, QueuePlace, sge, slurm
+from hub_spawner.schedulers import CommandOutput, JobState, JobStatus, sge, slurm
 from hub_spawner.spawner import (
     STATE_VERSION,
     SGESSHSpawner,
     SlurmSSHSpawner,
     TorqueSSHSpawner,
-    _ordinal,
-    _readable_start,
     _slug,
     derived_hub_id,
     job_name,
@@ -302,14 +300,26 @@ def ready_output(host, port=43211):
     return f'starting\nHUB_SPAWNER_READY {{"host": "{host}", "port": {port}}}\n'
 
 
+def connection_reading(text):
+    """``_connection`` of a spawner whose job output file holds ``text`` (or raises it)."""
+
+    class Connection:
+        async def read_file(self, path):
+            if isinstance(text, Exception):
+                raise text
+            return text
+
+    async def connect(where=None):
+        return Connection()
+
+    return connect
+
+
 def test_the_tunnel_target_is_the_schedulers_node_not_the_jobs_words():
     spawner = make_spawner()
     spawner.job_id = "42"
 
-    async def output():
-        return ready_output("COMPUTE")
-
-    spawner._job_output = output
+    spawner._connection = connection_reading(ready_output("COMPUTE"))
     ready = asyncio.run(spawner._read_ready_line("compute"))
     assert (ready.host, ready.port) == ("compute", 43211)
 
@@ -319,10 +329,7 @@ def test_a_ready_line_naming_another_host_fails_the_spawn(reported):
     spawner = make_spawner()
     spawner.job_id = "42"
 
-    async def output():
-        return ready_output(reported)
-
-    spawner._job_output = output
+    spawner._connection = connection_reading(ready_output(reported))
     with pytest.raises(BadReadyLine, match="Not connecting to job 42: the job says"):
         asyncio.run(spawner._read_ready_line("cn017"))
 
@@ -331,10 +338,8 @@ def test_no_ready_line_is_read_while_the_scheduler_names_no_node():
     spawner = make_spawner()
     spawner.job_id = "42"
 
-    async def output():
-        raise AssertionError("the output must not be read before the node is known")
-
-    spawner._job_output = output
+    spawner._connection = connection_reading(AssertionError("the output must not be read "
+                                                            "before the node is known"))
     assert asyncio.run(spawner._read_ready_line("")) is None
 
 
@@ -569,31 +574,6 @@ def test_a_poll_whose_server_is_stopped_meanwhile_reopens_nothing():
 
 
 # --- what the spawn page says while the job waits, and near the walltime -------------------
-
-
-def test_a_pending_message_puts_the_reason_place_and_estimate_in_words():
-    spawner = make_spawner()
-    spawner.job_id = "12"
-    today = time.strftime("%Y-%m-%dT14:05:00")
-    message = spawner._pending_message("Resources", QueuePlace(2, 3, today), 0)
-    assert message == (
-        "Job 12 is waiting in the queue: waiting for free cores, memory or GPUs (Slurm: "
-        "Resources); 2nd of 3 waiting in its partition; Slurm expects it to start around 14:05")
-    later = spawner._pending_message("Priority", QueuePlace(1, 1, "2031-01-02T03:04:05"), 130)
-    assert later.startswith("Job 12 is still waiting in the queue (2 min): other jobs")
-    assert later.endswith("expects it to start around 2031-01-02 03:04")
-    assert spawner._pending_message("", None, 0) == "Job 12 is waiting in the queue"
-
-
-@pytest.mark.parametrize("number, text", [(1, "1st"), (2, "2nd"), (3, "3rd"), (4, "4th"),
-                                          (11, "11th"), (12, "12th"), (13, "13th"),
-                                          (21, "21st"), (102, "102nd"), (111, "111th")])
-def test_ordinals(number, text):
-    assert _ordinal(number) == text
-
-
-def test_an_unreadable_start_estimate_is_shown_as_the_scheduler_wrote_it():
-    assert _readable_start("soon") == "soon"
 
 
 def test_the_walltime_warning_is_logged_once_when_the_end_is_near(caplog):

@@ -1,0 +1,235 @@
+"""What the spawner asks the scheduler about its one job, over the job owner's connection:
+its status (with the scheduler's reason), why it ended, its output, its place in the queue,
+and its cancel. No JupyterHub here: a ``JobCalls`` is given the scheduler module, a way to
+connect, and the timeouts, so each rule below can be tested against a fake connection as well
+as the lab.
+
+Rules:
+- a failure to ask is ``UNKNOWN`` with the reason, never "ended": only the scheduler saying so
+  ends a job;
+- a cancel is sent once, bounded by its timeout, and counts as taken only on the cancel
+  command's own exit status (``...; hub_spawner_cancel=$?; rm ...; exit $hub_spawner_cancel``);
+  a cancel that did not get through is the reconciler's (``hub_spawner.reconciler``), which
+  believes only a later listing;
+- every value in a command is the scheduler module's (validated there) or ``shlex.quote``-d.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import dataclasses
+import logging
+import shlex
+import time
+from collections.abc import Awaitable, Callable
+from types import ModuleType
+from typing import Any
+
+from .errors import ClusterUnreachable
+from .schedulers import JobState, JobStatus, QueuePlace
+from .ssh import LoginConnection, SSHTarget
+
+Where = tuple[str, int, str]  # (login host, port, cluster user) of a job; empty: the config's
+
+
+@dataclasses.dataclass(frozen=True)
+class Cleanup:
+    """A snapshot of what to cancel and delete for one server, taken out of its state."""
+
+    job_id: str
+    job_name: str
+    by_name: bool  # the submission went out but no id came back: cancel by the unique name
+    secrets_path: str
+    certs_dir: str
+    label: str
+    where: Where = ("", 0, "")
+
+    def shell_command(self, scheduler: ModuleType, username: str) -> str:
+        """The cancel, then the deletions, exiting with the cancel's own status."""
+        if self.job_id:
+            cancel = scheduler.cancel_command(self.job_id)
+        elif self.by_name:
+            cancel = scheduler.cancel_by_name_command(self.job_name, username)
+        else:
+            cancel = "true"
+        command = f"{cancel}; hub_spawner_cancel=$?"
+        if self.secrets_path:
+            command += f"; rm -f -- {shlex.quote(self.secrets_path)}"
+        if self.certs_dir:
+            command += f"; rm -rf -- {shlex.quote(self.certs_dir)}"
+        return command + "; exit $hub_spawner_cancel"
+
+
+@dataclasses.dataclass
+class JobCalls:
+    """The scheduler calls about one spawner's job. ``connect(where)`` gives the pooled
+    connection as the job's owner at ``where`` (``None``: the current job's, or the config's)."""
+
+    scheduler: ModuleType
+    connect: Callable[[Where | None], Awaitable[LoginConnection]]
+    target: Callable[[Where | None], Awaitable[SSHTarget]]
+    command_timeout: float
+    log: logging.Logger | logging.LoggerAdapter
+    log_name: str
+
+    async def status(self, job_id: str, where: Where | None = None) -> JobStatus:
+        """The job's status; any failure to ask is ``UNKNOWN`` with the reason. A job in an
+        error state, or waiting, comes with the scheduler's reason when its status listing has
+        none and the scheduler can tell (Grid Engine's ``qstat -j``)."""
+        scheduler = self.scheduler
+        try:
+            connection = await self.connect(where)
+            output = await connection.run(
+                scheduler.status_command(job_id), timeout=self.command_timeout
+            )
+            status = scheduler.parse_status_output(output, job_id)
+            parse_reason = {
+                JobState.ERROR: getattr(scheduler, "parse_error_reason", None),
+                JobState.PENDING: getattr(scheduler, "parse_pending_reason", None),
+            }.get(status.state)
+            if parse_reason and not status.reason:
+                detail = await connection.run(
+                    scheduler.detail_command(job_id), timeout=self.command_timeout
+                )
+                status = dataclasses.replace(status, reason=parse_reason(detail))
+        except ClusterUnreachable as error:
+            return JobStatus(JobState.UNKNOWN, reason=str(error))
+        return status
+
+    async def explain_end(self, job_id: str, status: JobStatus) -> str:
+        """Why the job ended, for people. Schedulers that forget ended jobs at once (Grid
+        Engine) are asked their accounting; if that has nothing, the status has to do."""
+        scheduler = self.scheduler
+        if status.state is not JobState.DONE or not hasattr(scheduler, "end_reason_command"):
+            return scheduler.explain_end(status)
+        try:
+            connection = await self.connect(None)
+            for _ in range(4):  # accounting is flushed a moment after the job ends
+                output = await connection.run(
+                    scheduler.end_reason_command(job_id), timeout=self.command_timeout
+                )
+                reason = scheduler.parse_end_reason(output)
+                if reason:
+                    return reason
+                await asyncio.sleep(1)
+        except ClusterUnreachable as error:
+            self.log.warning("%s: cannot ask why the job ended: %s", self.log_name, error)
+        return (
+            f"{scheduler.explain_end(status)}; its accounting has no record yet "
+            f"(`{scheduler.end_reason_command(job_id)}` on the login node will say why)"
+        )
+
+    async def output(self, path: str) -> str:
+        """The job's output file as it is now; ``""`` (logged) when it cannot be read."""
+        try:
+            connection = await self.connect(None)
+            return await connection.read_file(path) or ""
+        except (ClusterUnreachable, OSError) as error:
+            self.log.warning("%s: cannot read job output: %s", self.log_name, error)
+            return ""
+
+    async def queue_place(self, job_id: str) -> QueuePlace | None:
+        """The pending job's place in its queue and estimated start, where the scheduler
+        tells (Slurm); ``None`` otherwise or when it cannot be asked."""
+        scheduler = self.scheduler
+        if not hasattr(scheduler, "pending_queue_command"):
+            return None
+        try:
+            connection = await self.connect(None)
+            output = await connection.run(
+                scheduler.pending_queue_command(), timeout=self.command_timeout
+            )
+        except ClusterUnreachable:
+            return None
+        return scheduler.parse_pending_queue(output, job_id)
+
+    def pending_message(self, job_id: str, reason: str, place: QueuePlace | None,
+                        waited: float) -> str:
+        """``Job 12 is waiting in the queue: waiting for free cores (Slurm: Resources); 2nd
+        of 3 waiting in its partition; Slurm expects it to start around 14:05``."""
+        scheduler = self.scheduler
+        parts = [scheduler.explain_pending(reason)]
+        if place is not None:
+            parts.append(f"{ordinal(place.position)} of {place.waiting} waiting in its "
+                         f"{scheduler.QUEUE_LABEL.lower()}")
+            if place.estimated_start:
+                parts.append(f"{scheduler.DISPLAY_NAME} expects it to start around "
+                             f"{readable_start(place.estimated_start)}")
+        text = "; ".join(part for part in parts if part)
+        head = f"Job {job_id} is waiting in the queue"
+        if waited >= 60:
+            head = f"Job {job_id} is still waiting in the queue ({int(waited // 60)} min)"
+        return f"{head}: {text}" if text else head
+
+    async def cancel(self, cleanup: Cleanup, timeout: float) -> str:
+        """Send ``cleanup``'s cancel and deletions once, within ``timeout``; ``""`` if the
+        scheduler took the cancel, else what went wrong (the job is then the reconciler's)."""
+        try:
+            target = await self.target(cleanup.where)
+            command = cleanup.shell_command(self.scheduler, target.username)
+
+            async def send() -> Any:
+                connection = await self.connect(cleanup.where)
+                return await connection.run(command, timeout=timeout)
+
+            output = await asyncio.wait_for(send(), timeout)
+        except Exception as error:
+            return str(error) or f"no answer within {timeout:g} s"
+        if output.exit_status == 0:
+            return ""
+        return ((output.stderr.strip() or output.stdout.strip())[-300:]
+                or f"exit status {output.exit_status}")
+
+    async def wait_until_gone(self, job_id: str, where: Where, within: float) -> None:
+        """Wait up to ``within`` seconds for the scheduler to stop listing a cancelled job;
+        what stays is logged (the reconciler cancels it again until no listing shows it)."""
+        deadline = asyncio.get_running_loop().time() + within
+        while asyncio.get_running_loop().time() < deadline:
+            status = await self.status(job_id, where)
+            if status.state is JobState.DONE:
+                return
+            if status.state is JobState.UNKNOWN:
+                self.log.warning("%s: cannot see whether job %s has ended (%s); the reconciler "
+                                 "makes sure it does", self.log_name, job_id, status.reason)
+                return
+            await asyncio.sleep(0.5)
+        self.log.warning(
+            "%s: job %s still listed %.0f s after cancelling; the reconciler cancels it again "
+            "until no listing shows it", self.log_name, job_id, within,
+        )
+
+
+def ordinal(number: int) -> str:
+    """``1st``, ``2nd``, ``3rd``, ``4th``, ``11th``, ``21st``."""
+    if 10 <= number % 100 <= 20:
+        return f"{number}th"
+    return f"{number}{ {1: 'st', 2: 'nd', 3: 'rd'}.get(number % 10, 'th') }"
+
+
+def readable_start(text: str) -> str:
+    """A scheduler's ``2026-12-05T14:05:00`` (the cluster's local time) as ``14:05`` when it
+    is today there and ``2026-12-05 14:05`` otherwise; anything else as it is."""
+    try:
+        when = time.strptime(text, "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        return text
+    today = time.localtime()
+    if (when.tm_year, when.tm_yday) == (today.tm_year, today.tm_yday):
+        return time.strftime("%H:%M", when)
+    return time.strftime("%Y-%m-%d %H:%M", when)
+
+
+def iso_time(seconds: float) -> str:
+    """``2026-12-04T21:30:00Z``, or ``""`` for 0."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds)) if seconds else ""
+
+
+def parse_iso_time(text: Any) -> float:
+    """A time written by ``iso_time``; 0 when missing or unreadable."""
+    if not isinstance(text, str) or not text:
+        return 0.0
+    try:
+        return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
+    except ValueError:
+        return 0.0

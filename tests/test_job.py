@@ -1,0 +1,116 @@
+"""hub_spawner/job.py against a fake connection (no cluster): what the spawn page says while a
+job waits, and the one-shot cancel, which counts only on the cancel command's own exit status.
+The lab tests drive the same calls through real schedulers (test_slurm_spawn, test_reconciler);
+the fake here is only for what the lab cannot make happen on demand (a hung connection)."""
+
+import asyncio
+import logging
+import shlex
+import time
+
+import pytest
+
+from hub_spawner.errors import ClusterUnreachable
+from hub_spawner.job import Cleanup, JobCalls, ordinal, readable_start
+from hub_spawner.schedulers import CommandOutput, JobState, QueuePlace, sge, slurm
+from hub_spawner.ssh import SSHTarget
+
+HOSTILE = "/home/alice/.hub-spawner/x'; touch /tmp/pwned; '/server.env"
+
+
+class FakeConnection:
+    """Records each command; answers with ``answer`` (an output, an exception to raise, or
+    ``None``: never answers)."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.commands: list[str] = []
+
+    async def run(self, command: str, timeout: float) -> CommandOutput:
+        self.commands.append(command)
+        if self.answer is None:
+            await asyncio.sleep(3600)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def calls_with(connection: FakeConnection, scheduler=slurm) -> JobCalls:
+    async def connect(where=None):
+        return connection
+
+    async def target(where=None):
+        return SSHTarget(host="login", port=22, username="alice", key_path="k",
+                         known_hosts_path="kh")
+
+    return JobCalls(scheduler, connect, target, 5.0, logging.getLogger("test"), "alice")
+
+
+def test_a_pending_message_puts_the_reason_place_and_estimate_in_words():
+    calls = calls_with(FakeConnection(None))
+    today = time.strftime("%Y-%m-%dT14:05:00")
+    message = calls.pending_message("12", "Resources", QueuePlace(2, 3, today), 0)
+    assert message == (
+        "Job 12 is waiting in the queue: waiting for free cores, memory or GPUs (Slurm: "
+        "Resources); 2nd of 3 waiting in its partition; Slurm expects it to start around 14:05")
+    later = calls.pending_message("12", "Priority", QueuePlace(1, 1, "2031-01-02T03:04:05"), 130)
+    assert later.startswith("Job 12 is still waiting in the queue (2 min): other jobs")
+    assert later.endswith("expects it to start around 2031-01-02 03:04")
+    assert calls.pending_message("12", "", None, 0) == "Job 12 is waiting in the queue"
+
+
+@pytest.mark.parametrize("number, text", [(1, "1st"), (2, "2nd"), (3, "3rd"), (4, "4th"),
+                                          (11, "11th"), (12, "12th"), (13, "13th"),
+                                          (21, "21st"), (102, "102nd"), (111, "111th")])
+def test_ordinals(number, text):
+    assert ordinal(number) == text
+
+
+def test_an_unreadable_start_estimate_is_shown_as_the_scheduler_wrote_it():
+    assert readable_start("soon") == "soon"
+
+
+def cleanup(**fields) -> Cleanup:
+    base = dict(job_id="81", job_name="jupyterhub-abcd1234-alice-default-0a1b2c3d",
+                by_name=False, secrets_path=HOSTILE, certs_dir="", label="job 81 of alice")
+    return Cleanup(**{**base, **fields})
+
+
+def test_the_cancel_exits_with_the_cancels_own_status_and_quotes_the_paths():
+    command = cleanup(certs_dir="/home/alice/certs $(id)").shell_command(slurm, "alice")
+    assert command == (
+        f"scancel 81; hub_spawner_cancel=$?; rm -f -- {shlex.quote(HOSTILE)}; "
+        f"rm -rf -- {shlex.quote('/home/alice/certs $(id)')}; exit $hub_spawner_cancel")
+    by_name = cleanup(job_id="", by_name=True, secrets_path="").shell_command(sge, "alice")
+    assert by_name.startswith("qdel ") and by_name.endswith("; exit $hub_spawner_cancel")
+    assert cleanup(job_id="", secrets_path="").shell_command(slurm, "alice") == (
+        "true; hub_spawner_cancel=$?; exit $hub_spawner_cancel")
+
+
+@pytest.mark.parametrize(("answer", "said"), [
+    (CommandOutput(0, "", ""), ""),
+    (CommandOutput(1, "", "scancel: error: Unable to contact slurm controller\n"),
+     "scancel: error: Unable to contact slurm controller"),
+    (CommandOutput(2, "", ""), "exit status 2"),
+    (ClusterUnreachable("Cannot connect to login:22"), "Cannot connect to login:22"),
+])
+def test_a_cancel_counts_as_taken_only_on_its_own_exit_status(answer, said):
+    connection = FakeConnection(answer)
+    assert asyncio.run(calls_with(connection).cancel(cleanup(), 5.0)) == said
+    assert connection.commands[0].startswith("scancel 81;")
+
+
+def test_a_cancel_that_never_answers_gives_up_within_its_timeout():
+    """A login node that takes the connection and then hangs (only a fake can hang on
+    demand; the lab's controller-down tests cover a real refusal)."""
+    started = time.monotonic()
+    said = asyncio.run(calls_with(FakeConnection(None)).cancel(cleanup(), 0.3))
+    assert time.monotonic() - started < 2
+    assert said == "no answer within 0.3 s"
+
+
+def test_a_status_that_cannot_be_asked_is_unknown_never_ended():
+    calls = calls_with(FakeConnection(ClusterUnreachable("login node down")))
+    status = asyncio.run(calls.status("81"))
+    assert status.state is JobState.UNKNOWN and status.reason == "login node down"
+    assert not status.ended
