@@ -579,7 +579,7 @@ async def _check_submit(checks: Checklist, spawner: SSHBatchSpawner, token: str,
     spawner.user_options = {"walltime": format_walltime(walltime)}
     if checks.scope:  # start() goes to the cluster user_options names
         spawner.user_options["cluster"] = checks.scope
-    tunnels = spawner._tunnels
+    tunnels = spawner.server_path.tunnels
     service_was_running = await _service_running(tunnels)
     if service_was_running:
         await _close_stale_forwards(checks, spawner, tunnels)

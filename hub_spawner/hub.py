@@ -157,7 +157,7 @@ class Hub:
         clients = {}
         for spawner in list(self.spawners):
             try:
-                client = spawner._tunnels
+                client = spawner.server_path.tunnels
             except Exception:  # noqa: S112 - a spawner that cannot say has no forwards
                 continue
             clients[id(client)] = client
@@ -191,7 +191,7 @@ class Hub:
     def wanted_servers(self) -> set[str] | None:
         """``user/server`` of every server that is running or starting (a job on record, in
         the database or in a spawner in memory); ``None`` when the database cannot be read."""
-        owners = {s._tunnel_name for s in list(self.spawners)
+        owners = {s.server_path.name for s in list(self.spawners)
                   if getattr(s, "job_id", "") or getattr(s, "job_name", "")
                   or getattr(s, "_starting", False)}  # a spawn opens hub-api before it submits
         if self.db is None:

@@ -12,21 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import errno
 import hashlib
 import html
-import logging
 import os
 import posixpath
 import re
 import secrets
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator
 from types import ModuleType
 from typing import Any, ClassVar
-from urllib.parse import urlparse
 
 from jupyterhub.spawner import Spawner
 from jupyterhub.utils import maybe_future, url_path_join
@@ -76,9 +72,9 @@ from .resources import (
     parse_walltime_seconds,
 )
 from .schedulers import JobState, JobStatus, SubmitRejected, sge, slurm, torque
-from .ssh import FileFollower, LoginConnection, SSHTarget, client_identity, default_pool
-from .tunnels.client import TunnelClient, TunnelError
-from .tunnels.forwards import Login
+from .server_path import ServerPath
+from .ssh import FileFollower, LoginConnection, SSHTarget, default_pool
+from .tunnels.client import TunnelError
 
 STATE_VERSION = 2
 
@@ -660,10 +656,8 @@ class SSHBatchSpawner(Spawner):
         super().__init__(**kwargs)
         self._progress_events: list[dict[str, Any]] = []
         self._progress_changed = asyncio.Event()
-        self._reopen_lock = asyncio.Lock()
         self._background_release: asyncio.Task | None = None  # see _release_in_background
-        self._tunnel_retry: asyncio.Future | None = None
-        self._tunnels_down: set[str] = set()
+        self.server_path = ServerPath(self)  # its two forwards in the tunnel service
         self._warming: asyncio.Future | None = None
         self.cluster_username_on_record = ""  # who this user last was on the cluster (kept)
         self._reset_job()
@@ -1105,7 +1099,7 @@ class SSHBatchSpawner(Spawner):
         steps = _Steps()
         # The hub API's path (the tunnel service starting its own master, ~0.2 s) is made while
         # this connection and the job's directories are: only the secrets file needs it.
-        api_path = asyncio.ensure_future(self._open_hub_api_path())
+        api_path = asyncio.ensure_future(self.server_path.open_hub_api())
         try:
             connection, paths = await self._prepare_job_dir(steps)
         except BaseException:
@@ -1113,7 +1107,7 @@ class SSHBatchSpawner(Spawner):
             try:
                 await asyncio.wait({api_path})
             except asyncio.CancelledError:  # cancelled again: close it when it is made
-                api_path.add_done_callback(self._close_late_api_path)
+                api_path.add_done_callback(self.server_path.close_late_api_path)
                 raise
             if not api_path.cancelled():
                 api_path.exception()  # the spawn's own error wins
@@ -1150,9 +1144,9 @@ class SSHBatchSpawner(Spawner):
 
         ready = await self._wait_for_ready_line()  # host: the scheduler's node, never the job's
         self.job_host, self.remote_port, self.remote_socket = ready.host, ready.port, ready.socket
-        self._emit(80, f"Server listening on {self._server_destination}; opening the tunnel")
+        self._emit(80, f"Server listening on {self.server_path.destination}; opening the tunnel")
         try:
-            self.tunnel_port = await self._open_server_tunnel()
+            self.tunnel_port = await self.server_path.open_server()
         except TunnelError as error:
             if not self.remote_socket:
                 raise
@@ -1162,10 +1156,11 @@ class SSHBatchSpawner(Spawner):
                 f"the name {ready.host!r}, and the node's sshd must let "
                 f"{connection.target.username} in while the job runs."
             ) from None
-        self._emit(90, f"Tunnel open: hub port {self.tunnel_port} -> {self._server_destination}")
+        self._emit(90, f"Tunnel open: hub port {self.tunnel_port} -> "
+                       f"{self.server_path.destination}")
         await self._track_running_job()
         scheme = "https" if self.internal_ssl else "http"
-        return f"{scheme}://{self._tunnel_connect_ip}:{self.tunnel_port}"
+        return f"{scheme}://{self.server_path.connect_ip}:{self.tunnel_port}"
 
     def _warm_up(self) -> None:
         """While the user looks at the spawn form: open the SSH connection and have the tunnel
@@ -1181,15 +1176,11 @@ class SSHBatchSpawner(Spawner):
             try:
                 await self._connection()
                 if not self.hub_connect_url:
-                    await self._tunnels.warm(await self._login())
+                    await self.server_path.tunnels.warm(await self.server_path.login())
             except Exception as error:  # the spawn will say what is wrong, and how to fix it
                 self.log.debug("%s: warming up for the spawn form: %s", self._log_name, error)
 
         self._warming = loop.create_task(warm())
-
-    def _close_late_api_path(self, api_path: asyncio.Future) -> None:
-        if not api_path.cancelled() and api_path.exception() is None:
-            asyncio.ensure_future(self._tunnels.close(self._api_tunnel_name))
 
     async def _prepare_job_dir(self, steps: _Steps) -> tuple[LoginConnection, jobfiles.JobPaths]:
         """Connect, and make the job's own fresh directory (old ones beyond the kept number are
@@ -1397,8 +1388,8 @@ class SSHBatchSpawner(Spawner):
         if status.state is JobState.RUNNING:
             self._warn_near_walltime()
         if status.state is JobState.RUNNING and self.job_host and self.tunnel_port:
-            if not await self._reopen_tunnels():
-                self._retry_tunnels_soon()
+            if not await self.server_path.reopen():
+                self.server_path.retry_soon()
         return None
 
     @property
@@ -1556,20 +1547,6 @@ class SSHBatchSpawner(Spawner):
         settings = getattr(self.user, "settings", None) or {}
         return derived_hub_id(settings.get("cookie_secret"))
 
-    @property
-    def _tunnel_name(self) -> str:
-        return f"{self.user.name}/{self.name}"
-
-    @property
-    def _api_tunnel_name(self) -> str:
-        return f"{self.user.name}/{self.name}/hub-api"
-
-    @property
-    def _tunnel_connect_ip(self) -> str:
-        if self.tunnel_connect_host:
-            return self.tunnel_connect_host
-        return "127.0.0.1" if self.tunnel_bind_ip in ("0.0.0.0", "") else self.tunnel_bind_ip
-
     def _emit(self, progress: int, message: str) -> None:
         self.log.info("%s: %s", self._log_name, message)
         self._progress_events.append({"progress": progress, "message": message})
@@ -1685,57 +1662,6 @@ class SSHBatchSpawner(Spawner):
         default_pool.max_sessions = self.ssh_max_sessions
         return await default_pool.get(await self._ssh_target(where))
 
-    @property
-    def _tunnels(self) -> TunnelClient:
-        return hub_of().tunnel_client(
-            self.tunnel_service_dir,
-            self.tunnel_service_python,
-            self.tunnel_service_address,
-            self.tunnel_service_token,
-        )
-
-    async def _login(self, target: SSHTarget | None = None) -> Login:
-        """The tunnel service's view of our SSH target (or of ``target``)."""
-        target = target or await self._ssh_target()
-        if target.key_text or target.ca_key_path:
-            # From auth_state, or a fresh certificate: handed to the service, which writes
-            # them as private files for its OpenSSH (in OpenSSH's own key format).
-            found = client_identity(target)
-            key, certificate = found if isinstance(found, tuple) else (found, None)
-            key_path = await self._tunnels.store_identity(
-                target.host, target.port, target.username, key.export_private_key().decode(),
-                certificate.export_certificate().decode() if certificate else "",
-            )
-        else:
-            key_path = os.path.abspath(target.key_path)
-        try:
-            return Login(
-                target.host,
-                target.port,
-                target.username,
-                key_path,
-                os.path.abspath(target.known_hosts_path),
-            )
-        except ValueError as error:
-            raise TunnelError(f"Cannot ask for a tunnel: {error}") from None
-
-    async def _open_hub_api_path(self) -> str:
-        """The hub API URL as compute nodes will use it: ``hub_connect_url`` if set, else a
-        reverse tunnel through the login node."""
-        hub_api = urlparse(self.hub.api_url)
-        if self.hub_connect_url:
-            return url_path_join(self.hub_connect_url, hub_api.path)
-        listen_host = self.hub_api_tunnel_host or "127.0.0.1"
-        self.api_tunnel_port = await self._tunnels.ensure_reverse(
-            self._api_tunnel_name,
-            await self._login(),
-            listen_host,
-            hub_api.hostname or "127.0.0.1",
-            hub_api.port or 80,
-            listen_port=self.api_tunnel_port,
-        )
-        return f"{hub_api.scheme}://{listen_host}:{self.api_tunnel_port}{hub_api.path}"
-
     def _job_env(self, api_url: str) -> dict[str, str]:
         env = self.get_env()
         env.pop("JUPYTERHUB_SERVICE_URL", None)  # the job sets it once it has chosen a port
@@ -1770,209 +1696,6 @@ class SSHBatchSpawner(Spawner):
             **self._template_variables(resources),
         )
 
-    def _retry_tunnels_soon(self) -> None:
-        """Start (once) a background retry of what ``poll()`` could not re-open.
-
-        JupyterHub polls again only after it has seen the server answer (at hub start-up it waits
-        up to ``http_timeout`` for that, then stops the server), so waiting for the next poll
-        would turn a passing fault into a cancelled job. The retry starts after 1 s and backs off
-        to ``poll_interval``; it logs only its success (each poll logs the failure) and ends when
-        both tunnels are up or the job is no longer this spawner's.
-        """
-        if self._tunnel_retry is None or self._tunnel_retry.done():
-            self._tunnel_retry = asyncio.ensure_future(self._retry_tunnels(self.job_id))
-
-    async def _retry_tunnels(self, job_id: str) -> None:
-        delay = 1.0
-        while True:
-            await asyncio.sleep(delay)
-            if self.job_id != job_id:
-                return
-            try:
-                if await self._reopen_tunnels(quiet=True):
-                    return
-            except Exception:  # never expected: _reopen_tunnels logs its failures itself
-                self.log.exception("%s: retrying the tunnels failed", self._log_name)
-            delay = min(2 * delay, max(float(self.poll_interval), 1.0))
-
-    def _stop_tunnel_retry(self) -> None:
-        if self._tunnel_retry is not None and not self._tunnel_retry.done():
-            self._tunnel_retry.cancel()
-        self._tunnel_retry = None
-
-    async def _reopen_tunnels(self, quiet: bool = False) -> bool:
-        """Make sure both forwards are up in the tunnel service; True if they are. Never raises.
-
-        Normally the service kept them (across hub restarts and SSH drops) and this is one
-        idempotent request each. If they are gone (the service lost its table), they are asked
-        for again on their old ports: the hub API reverse forward must come back on its old
-        login-node port (the server's ``JUPYTERHUB_API_URL`` names it), so it is only retried;
-        the hub-side tunnel moves to a free port if another process holds the old one, and the
-        route and the stored state follow. ``quiet`` (the background retry) logs failures at
-        debug level only.
-        """
-        async with self._reopen_lock:
-            if not self.job_id:  # stopped meanwhile: a released server's forwards stay closed
-                return False
-            if not quiet and not self._tunnels_down and await self._listed_up():
-                return True
-            self._tunnels.forget_listing()
-            level = logging.DEBUG if quiet else logging.ERROR
-            api_up = await self._ensure_api_tunnel(level)
-            return await self._ensure_local_tunnel(level) and api_up
-
-    async def _listed_up(self) -> bool:
-        """Whether the service's recent listing (shared by all spawners, at most
-        ``poll_interval / 2`` old) has both our forwards up on our ports; any doubt is False."""
-        try:
-            listing = await self._tunnels.recent_forwards(max(self.poll_interval / 2, 1))
-        except Exception:  # the ensure path says what is wrong
-            return False
-        wanted = {self._tunnel_name: self.tunnel_port}
-        if self.api_tunnel_port and not self.hub_connect_url:
-            wanted[self._api_tunnel_name] = self.api_tunnel_port
-        entries = [(listing.get(name) or {}, port) for name, port in wanted.items()]
-        return all(entry.get("up") and entry.get("port") == port for entry, port in entries)
-
-    async def _ensure_api_tunnel(self, failure_level: int) -> bool:
-        if not self.api_tunnel_port or self.hub_connect_url:
-            return True
-        name = self._api_tunnel_name
-        try:
-            await self._open_hub_api_path()
-        except Exception as error:
-            self._tunnels_down.add(name)
-            self.log.log(
-                failure_level,
-                "%s: cannot re-open the hub API tunnel of job %s on login port %d: %s. The "
-                "server cannot reach the hub until this succeeds; retrying in the background "
-                "and at every poll (every %s s).",
-                self._log_name,
-                self.job_id,
-                self.api_tunnel_port,
-                error,
-                self.poll_interval,
-            )
-            return False
-        if name in self._tunnels_down:
-            self._tunnels_down.discard(name)
-            self.log.info(
-                "%s: re-opened the hub API tunnel on login port %d",
-                self._log_name,
-                self.api_tunnel_port,
-            )
-        return True
-
-    @property
-    def _server_destination(self) -> str:
-        """Where the job's server listens, for messages."""
-        return f"{self.job_host}:{self.remote_socket or self.remote_port}"
-
-    async def _open_server_tunnel(self, listen_port: int = 0) -> int:
-        """Ask the tunnel service for the forward to the job's server (on ``listen_port``, or
-        any port): through the login node to NODE:PORT, or, in socket mode, through a second
-        SSH hop (login node -> node) to the node's Unix socket. Returns the hub-side port."""
-        login = await self._login()
-        if not self.remote_socket:
-            return await self._tunnels.ensure_local(
-                self._tunnel_name, login, self.tunnel_bind_ip, self.job_host, self.remote_port,
-                listen_port=listen_port,
-            )
-        try:
-            node = Login(self.job_host, self.node_ssh_port, login.username, login.key_path,
-                         login.known_hosts_path, jump=login)
-        except ValueError as error:
-            raise TunnelError(f"Cannot ask for a tunnel: {error}") from None
-        return await self._tunnels.ensure_local(
-            self._tunnel_name, node, self.tunnel_bind_ip, "127.0.0.1", 0,
-            listen_port=listen_port, dest_socket=self.remote_socket,
-        )
-
-    async def _ensure_local_tunnel(self, failure_level: int) -> bool:
-        name, old_port = self._tunnel_name, self.tunnel_port
-        destination = self._server_destination
-        try:
-            await self._open_server_tunnel(listen_port=old_port)
-        except Exception as error:
-            if await self._service_holds(name, old_port) or not _port_taken(
-                self.tunnel_bind_ip, old_port
-            ):
-                self._tunnels_down.add(name)
-                self.log.log(
-                    failure_level,
-                    "%s: cannot re-open the tunnel of job %s (hub port %d -> %s): %s; "
-                    "retrying in the background and at every poll (every %s s).",
-                    self._log_name,
-                    self.job_id,
-                    old_port,
-                    destination,
-                    error,
-                    self.poll_interval,
-                )
-                return False
-            return await self._move_local_tunnel(failure_level)
-        if name in self._tunnels_down:
-            self._tunnels_down.discard(name)
-            self.log.info(
-                "%s: re-opened the tunnel: hub port %d -> %s", self._log_name, old_port, destination
-            )
-        return True
-
-    async def _service_holds(self, name: str, port: int) -> bool:
-        """Whether the tunnel service has ``name`` up on ``port`` (then nobody else holds it)."""
-        try:
-            entry = (await self._tunnels.forwards()).get(name, {})
-        except Exception:
-            return False
-        return entry.get("port") == port and bool(entry.get("up"))
-
-    async def _move_local_tunnel(self, failure_level: int) -> bool:
-        old_port = self.tunnel_port
-        destination = self._server_destination
-        try:
-            await self._tunnels.close(self._tunnel_name)
-            new_port = await self._open_server_tunnel()
-        except Exception as error:
-            self._tunnels_down.add(self._tunnel_name)
-            self.log.log(
-                failure_level,
-                "%s: hub port %d of job %s is taken by another process and no other port could "
-                "be opened: %s; retrying in the background and at every poll (every %s s).",
-                self._log_name,
-                old_port,
-                self.job_id,
-                error,
-                self.poll_interval,
-            )
-            return False
-        self._tunnels_down.discard(self._tunnel_name)
-        self.tunnel_port = new_port
-        await self._move_route(new_port)
-        self.log.warning(
-            "%s: hub port %d is taken by another process; the tunnel of job %s moved to hub port "
-            "%d -> %s (route and stored state updated)",
-            self._log_name,
-            old_port,
-            self.job_id,
-            new_port,
-            destination,
-        )
-        return True
-
-    async def _close_tunnels(self) -> None:
-        """Ask the tunnel service to drop both forwards; a failure is logged, never raised.
-
-        Under the re-open lock: a re-open already under way (a poll's) ends first, and one
-        that starts later finds the job released (``_reopen_tunnels``), so no forward of a
-        stopped server comes back after this."""
-        async with self._reopen_lock:
-            for name in (self._tunnel_name, self._api_tunnel_name):
-                try:
-                    await self._tunnels.close(name)
-                except Exception as error:
-                    self.log.warning("%s: could not close tunnel %s: %s", self._log_name, name,
-                                     error)
-
     async def _move_route(self, port: int) -> None:
         """Point the server's stored address and the proxy's route at a new tunnel port."""
         if self.server is not None:
@@ -2004,7 +1727,7 @@ class SSHBatchSpawner(Spawner):
         owns until a listing no longer shows it (``hub_spawner.reconciler``).
         """
         cleanup = self._take_cleanup(why)
-        await self._close_tunnels()
+        await self.server_path.close()
         await self._carry_out(cleanup, wait)
 
     def _release_in_background(self, why: str) -> None:
@@ -2014,7 +1737,7 @@ class SSHBatchSpawner(Spawner):
         cleanup = self._take_cleanup(why)
 
         async def release() -> None:
-            await self._close_tunnels()
+            await self.server_path.close()
             await self._carry_out(cleanup, wait=True)
 
         try:
@@ -2030,7 +1753,7 @@ class SSHBatchSpawner(Spawner):
     def _take_cleanup(self, why: str) -> Cleanup | None:
         """What to cancel and delete, taken out of the state (synchronously: no other
         coroutine can take it too); None if there is nothing."""
-        self._stop_tunnel_retry()
+        self.server_path.stop_retry()
         cleanup = self._cleanup_plan()
         if cleanup is None:
             return None
@@ -2109,18 +1832,6 @@ class _Steps:
     def __str__(self) -> str:
         parts = ", ".join(f"{name} {seconds:.3f}" for name, seconds in self._steps)
         return f"{self._last - self._start:.3f} s ({parts})"
-
-
-def _port_taken(ip: str, port: int) -> bool:
-    """Whether another process listens on ``ip:port`` here (a bind test; False if free)."""
-    probe = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
-    try:
-        probe.bind((ip or "0.0.0.0", port))
-    except OSError as error:
-        return error.errno == errno.EADDRINUSE
-    finally:
-        probe.close()
-    return False
 
 
 class SlurmSSHSpawner(SSHBatchSpawner):

@@ -202,14 +202,19 @@ class FakeTunnels:
         pass
 
 
+def spawner_with(tunnels, forward: str, job_id: str = "") -> SimpleNamespace:
+    """What the hub's forward reconciler reads of a spawner."""
+    return SimpleNamespace(server_path=SimpleNamespace(tunnels=tunnels, name=forward),
+                           job_id=job_id, job_name="")
+
+
 async def test_a_forward_no_server_owns_is_closed_at_its_second_listing_and_no_other():
     from hub_spawner.hub import Hub
 
     tunnels = FakeTunnels(["alice/", "alice//hub-api", "bob/lost", "bob/lost/hub-api",
                            "carol/hub-spawner-check"])
-    running = SimpleNamespace(_tunnels=tunnels, _tunnel_name="alice/", job_id="7", job_name="")
-    stopped = SimpleNamespace(_tunnels=tunnels, _tunnel_name="bob/lost", job_id="",
-                              job_name="")
+    running = spawner_with(tunnels, "alice/", job_id="7")
+    stopped = spawner_with(tunnels, "bob/lost")
     hub = Hub(None)
     hub.spawners = [running, stopped]
     hub.db = object()
@@ -226,8 +231,7 @@ async def test_no_forward_is_closed_when_the_database_cannot_be_read():
 
     tunnels = FakeTunnels(["bob/lost"])
     hub = Hub(None)
-    hub.spawners = [SimpleNamespace(_tunnels=tunnels, _tunnel_name="bob/lost", job_id="",
-                                    job_name="")]
+    hub.spawners = [spawner_with(tunnels, "bob/lost")]
 
     def unreadable():
         raise RuntimeError("database is locked")

@@ -450,6 +450,14 @@ def test_the_tunnel_listing_is_asked_once_for_all_polls_of_a_cycle():
     assert len(calls) == 2 and all(f == again == later for f in first)
 
 
+def _with_tunnels(spawner, tunnels):
+    """``spawner`` with ``tunnels`` as its tunnel service, until the returned undo is called."""
+    path = type(spawner.server_path)
+    original = path.tunnels
+    path.tunnels = property(lambda self: tunnels)
+    return lambda: setattr(path, "tunnels", original)
+
+
 @pytest.mark.parametrize("listing, up", [
     ({"alice/": {"up": True, "port": 40001}, "alice//hub-api": {"up": True, "port": 40002}}, True),
     ({"alice/": {"up": True, "port": 40001}}, False),  # the hub API path is missing
@@ -466,12 +474,11 @@ def test_a_poll_asks_for_the_forwards_only_when_the_listing_lacks_them(listing, 
         async def recent_forwards(self, max_age):
             return listing
 
-    tunnel_client_of = type(spawner)._tunnels
+    undo = _with_tunnels(spawner, Listing())
     try:
-        type(spawner)._tunnels = property(lambda self: Listing())
-        assert asyncio.run(spawner._listed_up()) is up
+        assert asyncio.run(spawner.server_path.listed_up()) is up
     finally:
-        type(spawner)._tunnels = tunnel_client_of
+        undo()
 
 
 class _RecordingTunnels:
@@ -501,11 +508,6 @@ class _RecordingTunnels:
         raise AssertionError(f"the tunnel service was asked to {name}")
 
 
-def _with_tunnels(spawner, tunnels):
-    """``spawner`` with ``tunnels`` as its tunnel service, until the returned undo is called."""
-    original = type(spawner)._tunnels
-    type(spawner)._tunnels = property(lambda self: tunnels)
-    return lambda: setattr(type(spawner), "_tunnels", original)
 
 
 def test_a_released_server_never_has_its_forwards_reopened():
@@ -513,7 +515,7 @@ def test_a_released_server_never_has_its_forwards_reopened():
     spawner.job_id, spawner.tunnel_port = "", 40001  # stop() took the job
     undo = _with_tunnels(spawner, _RecordingTunnels())
     try:
-        assert asyncio.run(spawner._reopen_tunnels()) is False
+        assert asyncio.run(spawner.server_path.reopen()) is False
     finally:
         undo()
 
@@ -528,16 +530,16 @@ def test_a_close_waits_for_a_reopen_under_way_and_a_later_reopen_finds_the_job_r
         tunnels = _RecordingTunnels(asyncio.Event())
         undo = _with_tunnels(spawner, tunnels)
         try:
-            reopen = asyncio.ensure_future(spawner._reopen_tunnels())
+            reopen = asyncio.ensure_future(spawner.server_path.reopen())
             await asyncio.sleep(0.05)  # the re-open holds the lock, waiting for its listing
             spawner.job_id = ""  # stop() takes the job ...
-            close = asyncio.ensure_future(spawner._close_tunnels())  # ... and closes
+            close = asyncio.ensure_future(spawner.server_path.close())  # ... and closes
             await asyncio.sleep(0.05)
             assert tunnels.calls == ["listing"]  # the close waits for the re-open
             tunnels.release.set()
             await asyncio.gather(reopen, close, return_exceptions=True)
             assert tunnels.calls[-2:] == ["close alice/", "close alice//hub-api"]
-            assert await spawner._reopen_tunnels() is False  # and nothing comes back
+            assert await spawner.server_path.reopen() is False  # and nothing comes back
             assert tunnels.calls[-2:] == ["close alice/", "close alice//hub-api"]
         finally:
             undo()
@@ -560,7 +562,7 @@ def test_a_poll_whose_server_is_stopped_meanwhile_reopens_nothing():
         return True
 
     spawner._listed_status = listed_status
-    spawner._reopen_tunnels = reopen
+    spawner.server_path.reopen = reopen
 
     async def poll_during_stop():
         poll = asyncio.ensure_future(spawner.poll())
