@@ -49,7 +49,7 @@ from .errors import BadReadyLine, JobEndedEarly, SpawnError
 from .resources import format_walltime
 from .schedulers import SchedulerUnavailable, parse_check_output
 from .spawner import ClusterChoice, SSHBatchSpawner
-from .ssh import SSHTarget, default_pool
+from .ssh import SSHTarget
 from .sshlib import asyncssh
 
 #: The named server the check's job and forwards use (``hub.CHECK_SERVER``): never one of the
@@ -165,7 +165,7 @@ async def run_check(
               file=out, flush=True)
     else:
         print(f"\nall {total} checks passed", file=out, flush=True)
-    default_pool.close_all()
+    hub.hub_of().pool.close_all()
     return not checks.failed
 
 

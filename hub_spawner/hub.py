@@ -27,7 +27,7 @@ from typing import Any
 from .cluster import Watch
 from .errors import ClusterUnreachable
 from .reconciler import CannotActAsOwner, Reconciler
-from .ssh import SSHTarget
+from .ssh import ConnectionPool, SSHTarget
 from .tunnels.client import TunnelClient
 
 log = logging.getLogger("hub_spawner.hub")
@@ -54,6 +54,7 @@ class Hub:
         self.loads: dict[tuple, Any] = {}  # cluster.load_for: the form's load, per cluster
         self.form_retries: dict[str, tuple[dict[str, str], Exception]] = {}  # refused forms
         self.tunnel_clients: dict[tuple[str, str, str, str], TunnelClient] = {}
+        self.pool = ConnectionPool()  # every SSH connection of this hub's spawners
         self._started_from_database = False
         self._told: set[str] = set()
         self.log: logging.Logger | logging.LoggerAdapter = log  # the hub's own, once known

@@ -73,7 +73,7 @@ from .resources import (
 )
 from .schedulers import JobState, JobStatus, SubmitRejected, sge, slurm, torque
 from .server_path import ServerPath
-from .ssh import FileFollower, LoginConnection, SSHTarget, default_pool
+from .ssh import FileFollower, LoginConnection, SSHTarget
 from .tunnels.client import TunnelError
 
 STATE_VERSION = 2
@@ -970,7 +970,7 @@ class SSHBatchSpawner(Spawner):
             return None, f"cannot connect ({error})"
         reading = await cluster.load_for(
             hub_of().loads,
-            self.scheduler, target, default_pool, self.cluster_load_interval,
+            self.scheduler, target, hub_of().pool, self.cluster_load_interval,
             self.command_timeout, wait=2.0, logger=self.log,
         )
         if reading.loads is None:
@@ -1429,7 +1429,7 @@ class SSHBatchSpawner(Spawner):
         hub = hub_of()
         watch = cluster.watch_for(
             hub.watches,
-            self.scheduler, owner.host, owner.port, status_target, default_pool,
+            self.scheduler, owner.host, owner.port, status_target, hub_of().pool,
             self.cluster_status_interval, self.command_timeout, self.log,
         )
         hub.register(self)
@@ -1658,9 +1658,10 @@ class SSHBatchSpawner(Spawner):
                         self.command_timeout, self.log, self._log_name)
 
     async def _connection(self, where: tuple[str, int, str] | None = None) -> LoginConnection:
-        default_pool.idle_timeout = self.ssh_idle_timeout
-        default_pool.max_sessions = self.ssh_max_sessions
-        return await default_pool.get(await self._ssh_target(where))
+        pool = hub_of().pool
+        pool.idle_timeout = self.ssh_idle_timeout
+        pool.max_sessions = self.ssh_max_sessions
+        return await pool.get(await self._ssh_target(where))
 
     def _job_env(self, api_url: str) -> dict[str, str]:
         env = self.get_env()

@@ -822,5 +822,3 @@ def client_identity(target: SSHTarget) -> asyncssh.SSHKey | tuple:
         )
     return identity.read_private_key_file(target.key_path)
 
-
-default_pool = ConnectionPool()

@@ -13,8 +13,9 @@ from types import SimpleNamespace
 import pytest
 
 from hub_spawner.errors import ClusterUnreachable
+from hub_spawner.hub import hub_of
 from hub_spawner.spawner import SlurmSSHSpawner
-from hub_spawner.ssh import ConnectionPool, SSHTarget, default_pool
+from hub_spawner.ssh import ConnectionPool, SSHTarget
 
 from .conftest import active_jobs
 
@@ -94,7 +95,7 @@ def spawner_for_job(lab, job_id: str, **config) -> SlurmSSHSpawner:
 
 
 async def submit_sleep_job(lab) -> str:
-    connection = await default_pool.get(target(lab))
+    connection = await hub_of().pool.get(target(lab))
     submitted = await connection.run("sbatch --parsable --output=/dev/null",
                                      stdin="#!/bin/bash\nsleep 300\n")
     return submitted.stdout.strip()
@@ -110,14 +111,14 @@ async def wait_until_running(timeout: float = 10) -> None:
 async def test_poll_says_unknown_not_gone_while_the_login_node_is_unreachable(lab, tmp_path):
     """poll() on a real Slurm job: running -> None; login node unreachable -> still None
     (never "gone"); job cancelled -> 1. The spawner has no hub here: poll() needs none."""
-    default_pool.close_all()
+    hub_of().pool.close_all()
     job_id = await submit_sleep_job(lab)
     spawner = spawner_for_job(lab, job_id, tunnel_service_dir=str(tmp_path / "tunnels"))
     try:
         await wait_until_running()
         assert await spawner.poll() is None
 
-        default_pool.close_all()
+        hub_of().pool.close_all()
         spawner.login_port = 2299  # nothing listens there: the login node is "down"
         assert await spawner.poll() is None
         assert spawner.job_id == job_id
@@ -129,7 +130,7 @@ async def test_poll_says_unknown_not_gone_while_the_login_node_is_unreachable(la
         assert await spawner.poll() == 1
     finally:
         lab.in_namespace("login", ["scancel", job_id], check=False)
-        default_pool.close_all()
+        hub_of().pool.close_all()
 
 
 async def test_stop_during_a_login_node_outage_answers_at_once_and_leaves_the_job_listed(
@@ -138,14 +139,14 @@ async def test_stop_during_a_login_node_outage_answers_at_once_and_leaves_the_jo
     ``stop_cancel_timeout``, clears the state and says the reconciler takes the job; the job
     is still there (outside a hub nothing reconciles; test_reconciler.py covers a real hub
     cancelling it once the login node is back)."""
-    default_pool.close_all()
+    hub_of().pool.close_all()
     job_id = await submit_sleep_job(lab)
     spawner = spawner_for_job(lab, job_id, stop_cancel_timeout=4,
                               tunnel_service_dir=str(tmp_path / "tunnels"))
     sshd_stopped = False
     try:
         await wait_until_running()
-        default_pool.close_all()
+        hub_of().pool.close_all()
         lab.stop_sshd()
         sshd_stopped = True
         started = time.monotonic()
@@ -159,7 +160,7 @@ async def test_stop_during_a_login_node_outage_answers_at_once_and_leaves_the_jo
             lab.start_sshd()
         await asyncio.to_thread(lab.stop_tunnel_service, tmp_path / "tunnels")
         lab.in_namespace("login", ["scancel", job_id], check=False)
-        default_pool.close_all()
+        hub_of().pool.close_all()
 
 
 async def test_a_startup_file_that_prints_gigabytes_cannot_fill_the_hubs_memory(lab):
