@@ -42,3 +42,7 @@ class BadOptions(SpawnError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, status_code=400)
+
+
+class NotReadyInTime(SpawnError):
+    """The server was not ready within ``start_timeout``; the job is cancelled."""

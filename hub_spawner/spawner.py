@@ -49,6 +49,7 @@ from .errors import (
     ClusterUnreachable,
     JobEndedEarly,
     JobRejected,
+    NotReadyInTime,
     SpawnError,
 )
 from .form import (
@@ -1072,9 +1073,12 @@ class SSHBatchSpawner(Spawner):
         self._show_request(request)
         self._starting = True
         try:
-            url = await self._start_job(resources)
+            url = await self._start_job_in_time(resources)
             self._starting = False  # JupyterHub saves the state now
             return url
+        except NotReadyInTime:
+            self._release_in_background("the server was not ready within start_timeout")
+            raise
         except asyncio.CancelledError:
             # Stop pressed during the spawn (or start_timeout): JupyterHub cancels start(),
             # waits one second, then calls stop(). A start() still cleaning up by then makes
@@ -1093,6 +1097,35 @@ class SSHBatchSpawner(Spawner):
             except Exception:  # noqa: S110 - logged by _release; the spawn's own error wins
                 pass
             raise
+
+    async def _start_job_in_time(self, resources: Any) -> str:
+        """``_start_job``, ended by us a moment before JupyterHub's ``start_timeout`` would
+        cancel it (whose error reads only "Spawn failed: "), with what the job was doing and
+        what to do about it."""
+        limit = float(self.start_timeout)
+        task = asyncio.ensure_future(self._start_job(resources))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=limit - min(2.0, max(0.5, limit / 20)))
+        except BaseException:
+            task.cancel()  # start() itself was cancelled (Stop pressed)
+            raise
+        if task in done:
+            return task.result()
+        task.cancel()  # its cleanup is start()'s, in the background
+        last = self._progress_events[-1]["message"] if self._progress_events else ""
+        if self.job_id and "waiting in the queue" in last:
+            advice = ("The queue was too busy: ask for fewer cores, less memory or a shorter "
+                      "walltime, choose another partition, or try again later")
+        elif self.job_id:
+            advice = (f"The job ran, but its server did not start in time; its output is in "
+                      f"{self.output_path} on the cluster")
+        else:
+            advice = "The cluster did not take the job in time; try again in a moment"
+        raise NotReadyInTime(
+            f"The server was not ready within start_timeout ({limit:g} s), so the spawn was "
+            f"stopped{f' and job {self.job_id} is cancelled' if self.job_id else ''}. "
+            f"Last step: {last or 'none'}. {advice}; an administrator can raise start_timeout."
+        )
 
     async def _start_job(self, resources: Any) -> str:
         scheduler = self.scheduler

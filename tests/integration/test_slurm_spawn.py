@@ -74,7 +74,11 @@ def test_the_spawn_form_warms_up_the_ssh_logins(hub, lab):
 def test_start_timeout_cancels_the_job(hub):
     events, seconds = hub.spawn("alice", "never-ready")
     assert events[-1].get("failed"), events
-    assert 14 < seconds < 45
+    assert 13 < seconds < 45
+    # Said by us a moment before JupyterHub's own timeout (whose message is "Spawn failed: ").
+    message = events[-1]["message"]
+    assert "The server was not ready within start_timeout (15 s)" in message, message
+    assert "its server did not start in time; its output is in /home/alice/" in message
     assert wait_for(lambda: not active_jobs("alice"), 20), active_jobs("alice")
     assert wait_for(lambda: not user_processes("alice", "sleep 600"), 20)
     assert "cancelling job" in hub.log()
