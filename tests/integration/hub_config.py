@@ -20,8 +20,9 @@ real part; every part around it is real):
 - ``reopen-raises-once``: the first hub-side tunnel the hub asks for raises ``RuntimeError``;
 - ``stop-raises-once``: the first ``stop()`` raises ``RuntimeError`` before it does anything.
 ``HUB_INTERNAL_SSL=1`` turns on JupyterHub's internal_ssl. ``HUB_SSH_CA=PATH``: certificate mode
-(``ssh_ca_key_path``), with no key file for anyone. ``HUB_AUTH_STATE_KEYS=1``: an authenticator
-hands each user's SSH key over in auth_state (``auth_state_ssh_key``).
+(``ssh_ca_key_path``), with no key file for anyone (``HUB_SSH_CERT_MINUTES``: the
+certificates' life in minutes). ``HUB_AUTH_STATE_KEYS=1``: an authenticator hands each user's
+SSH key over in auth_state (``auth_state_ssh_key``).
 ``HUB_POLL_INTERVAL`` sets ``Spawner.poll_interval`` (seconds),
 ``HUB_CLUSTER_STATUS_INTERVAL`` ``cluster_status_interval``, ``HUB_STATUS_USER``
 ``status_cluster_username``, ``HUB_SSH_IDLE_TIMEOUT`` ``ssh_idle_timeout``, ``HUB_RECONCILE``
@@ -53,6 +54,8 @@ c.JupyterHub.allow_named_servers = True
 if os.environ.get("HUB_SSH_CA"):
     c.SSHBatchSpawner.ssh_ca_key_path = os.environ["HUB_SSH_CA"]
     c.SSHBatchSpawner.ssh_key_path_template = "/nonexistent/hub-spawner-keys/{username}"
+    # HUB_SSH_CERT_MINUTES: how long each minted certificate lives.
+    c.SSHBatchSpawner.ssh_certificate_minutes = float(os.environ.get("HUB_SSH_CERT_MINUTES", 10))
 # HUB_AUTH_STATE_KEYS=1: the key comes from the authenticator's auth_state (below), none from files.
 if os.environ.get("HUB_AUTH_STATE_KEYS"):
     from jupyterhub.auth import Authenticator
@@ -73,6 +76,8 @@ if os.environ.get("HUB_AUTH_STATE_KEYS"):
     c.Authenticator.enable_auth_state = True  # JUPYTERHUB_CRYPT_KEY comes from the test
     c.SSHBatchSpawner.auth_state_ssh_key = "ssh_key"
     c.SSHBatchSpawner.ssh_key_path_template = "/nonexistent/hub-spawner-keys/{username}"
+    # HUB_SSH_CERT_MINUTES: how long each minted certificate lives.
+    c.SSHBatchSpawner.ssh_certificate_minutes = float(os.environ.get("HUB_SSH_CERT_MINUTES", 10))
 if not os.environ.get("HUB_DEMO_FORM"):  # HUB_DEMO_FORM=1: the demo's spawn form as it is
     c.SSHBatchSpawner.partitions = []  # let any well-formed queue name reach the scheduler
     c.SSHBatchSpawner.presets = []  # the form's fields as the tests post them

@@ -6,7 +6,12 @@ SSH connection or the tunnel service's master), the hub killed (SIGTERM or SIGKI
 started again, the tunnel service SIGKILLed, a running job cancelled behind the hub's back
 (``scancel``/``qdel`` as root), the scheduler's daemon (slurmctld, sge_qmaster) down for
 3-8 s, and down for 3-8 s while a running server is stopped (the reconciler's case: the stop
-answers, the job is cancelled once the daemon is back). Spawns are asynchronous (POST, then
+answers, the job is cancelled once the daemon is back), and the login node down (its sshd
+stopped, alice's and bob's sessions killed) for longer than a certificate lives while a
+running server is stopped. The hub runs in certificate mode (``ssh_ca_key_path``, one-minute
+certificates, no key files): when the login node is back, every certificate the hub and the
+tunnel service held has expired, and new connections, the service's masters and the
+reconciler's cancel must each use a fresh one. Spawns are asynchronous (POST, then
 the next step), so faults hit spawns that wait, start or run. The proxy runs as its own
 process, as in production (``cleanup_servers = False``): user connections do not depend on
 the hub's process.
@@ -65,7 +70,8 @@ CYCLES = 10
 STALL_SECONDS = 300.0  # generous: a spawn settles in ~5-60 s here, faults included
 SERVERS = (("alice", ""), ("bob", "chaos"))
 FAULTS = ("kill-sshd", "kill-hub", "kill-service", "cancel-job", "scheduler-down",
-          "scheduler-down-at-stop")
+          "scheduler-down-at-stop", "certificate-expired-login-down")
+CERTIFICATE_MINUTES = 1
 
 
 class Chaos:
@@ -78,7 +84,9 @@ class Chaos:
         self.env = {"HUB_SCHEDULER": scheduler, "HUB_KEEP_SERVERS": "1",
                     "CONFIGPROXY_AUTH_TOKEN": self.proxy_token,
                     "HUB_POLL_INTERVAL": str(POLL_INTERVAL),
-                    "HUB_CLUSTER_STATUS_INTERVAL": "2"}
+                    "HUB_CLUSTER_STATUS_INTERVAL": "2",
+                    "HUB_SSH_CA": str(lab.USER_CA),
+                    "HUB_SSH_CERT_MINUTES": str(CERTIFICATE_MINUTES)}
         self.events: list[str] = []
         self.kernels: dict[tuple[str, str], tuple[str, object]] = {}
         self.attempts = 0
@@ -280,6 +288,33 @@ class Chaos:
         finally:
             self.controller(up=True)
         self.faults.add("scheduler-down-at-stop")
+
+    def do_certificate_expired_login_down(self, servers: dict) -> None:
+        """The login node down for longer than a certificate lives, a running server stopped
+        meanwhile (its cancel cannot get through: the reconciler's, with a fresh
+        certificate, once the node is back). At most once a phase: it takes a minute."""
+        if "certificate-expired-login-down" in self.faults:
+            return
+        seconds = CERTIFICATE_MINUTES * 60 + 5
+        self.note(f"fault: the login node down for {seconds} s (certificates live "
+                  f"{CERTIFICATE_MINUTES * 60} s)")
+        ready = [key for key, server in servers.items() if server.get("ready")]
+        started = time.monotonic()
+        self.lab.stop_sshd()
+        try:
+            for user, _ in SERVERS:
+                for pid in processes_on("login", user, "sshd"):
+                    _kill(pid, signal.SIGKILL)
+            if ready:
+                key = self.rng.choice(ready)
+                self.drop_kernel(key)
+                self.hub.stop(*key)
+                self.note(f"{_label(key)}: stopped in {time.monotonic() - started:.1f} s")
+            time.sleep(max(0.0, seconds - (time.monotonic() - started)))
+        finally:
+            self.lab.start_sshd()
+        self.note("the login node is back")
+        self.faults.add("certificate-expired-login-down")
 
     def controller(self, up: bool) -> None:
         if self.scheduler == "sge":
