@@ -296,3 +296,45 @@ def test_a_server_culled_while_the_controller_is_down_leaves_no_job(lab, tmp_pat
             controller(lab, scheduler, up=True)
         stop_hub(process)
         cancel_by_hand(lab, scheduler, [job_id] if job_id else [])
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_a_spawn_that_fails_while_the_controller_is_down_leaves_no_job(lab, tmp_path, scheduler):
+    """The ``never-ready`` server's job runs, then the scheduler's controller goes down and
+    ``start_timeout`` (15 s) fails the spawn: its cancel cannot get through (the spawn's
+    error still says what happened), and the job is gone within two cycles (plus the first
+    listing's back-off) of the controller's return."""
+    port = 29030 + 3 * SCHEDULERS.index(scheduler)  # and port + 1, port + 81
+    hub, process = start_hub(tmp_path, port, secrets.token_hex(24), hub_env(scheduler))
+    controller_down = False
+    job_id = ""
+    try:
+        hub.api("POST", "/users/alice")
+        response = hub.api("POST", "/users/alice/servers/never-ready", json={"cpus": 1})
+        assert response.status_code in (201, 202), response.text
+        assert wait_for(lambda: "is running on" in hub.log(), 60), hub.log()[-3000:]
+        job_id = active_jobs("alice", scheduler)[0].split()[0].split(".")[0]
+
+        controller(lab, scheduler, up=False)
+        controller_down = True
+        down = time.monotonic()
+        assert wait_for(lambda: "never-ready" not in hub.api("GET", "/users/alice").json()[
+            "servers"], 60, 1)
+        log = hub.log()
+        assert "The server was not ready within start_timeout (15 s)" in log, log[-3000:]
+        assert "the reconciler cancels it" in log, log[-3000:]
+        controller(lab, scheduler, up=True)
+        controller_down = False
+        back = time.monotonic()
+        assert wait_for(lambda: ended_or_ending(job_id, "alice", scheduler), 90), active_jobs(
+            "alice", scheduler)
+        gone_after = time.monotonic() - back
+        by = by_whom(job_id, hub.log())
+        print(f"{scheduler} (failed spawn): outage {back - down:.1f} s; cancel taken "
+              f"{gone_after:.1f} s after the controller's return, by {by}")
+        assert gone_after <= (back - down + INTERVAL) + 2 * INTERVAL + GRACE + 5
+    finally:
+        if controller_down:
+            controller(lab, scheduler, up=True)
+        stop_hub(process)
+        cancel_by_hand(lab, scheduler, [job_id] if job_id else [])
