@@ -1,8 +1,8 @@
 """What the spawner asks the scheduler about its one job, over the job owner's connection:
 its status (with the scheduler's reason), why it ended, its output, its place in the queue,
-and its cancel. No JupyterHub here: a ``JobCalls`` is given the scheduler module, a way to
-connect, and the timeouts, so each rule below can be tested against a fake connection as well
-as the lab.
+and its cancel (``JobCalls``); and the wait for its server's ready line (``ReadyWait``). No
+JupyterHub here: a ``JobCalls`` is given the scheduler module, a way to connect, and the
+timeouts, so each rule below can be tested against a fake connection as well as the lab.
 
 Rules:
 - a failure to ask is ``UNKNOWN`` with the reason, never "ended": only the scheduler saying so
@@ -26,9 +26,10 @@ from collections.abc import Awaitable, Callable
 from types import ModuleType
 from typing import Any
 
-from .errors import ClusterUnreachable
+from .errors import BadReadyLine, ClusterUnreachable, JobEndedEarly
+from .jobscript import ReadyLine, last_lines, parse_ready_line, server_address
 from .schedulers import JobState, JobStatus, QueuePlace
-from .ssh import LoginConnection, SSHTarget
+from .ssh import FileFollower, LoginConnection, SSHTarget
 
 Where = tuple[str, int, str]  # (login host, port, cluster user) of a job; empty: the config's
 
@@ -198,6 +199,123 @@ class JobCalls:
             "%s: job %s still listed %.0f s after cancelling; the reconciler cancels it again "
             "until no listing shows it", self.log_name, job_id, within,
         )
+
+
+@dataclasses.dataclass
+class ReadyWait:
+    """Following one submitted job until its server's ready line, saying on the spawn page
+    what it does meanwhile (``emit(progress, message)``).
+
+    Rules: the job's output is followed as it grows (``follower``), so its first line (the job
+    runs) and its ready line wake the loop at once; the scheduler is asked on each wake-up and
+    every ``interval`` (growing to ``max_interval``), without a follower the output file is
+    read on each check instead. A job that ends or is in an error state first fails the spawn
+    with the scheduler's reason and the job's last output. The server's address is the node
+    the scheduler names (never a name in the job's output, which the user controls) and the
+    ready line's port or socket.
+    """
+
+    calls: JobCalls
+    job_id: str
+    output_path: str
+    socket_mode: bool  # server_transport == "socket"
+    interval: float
+    max_interval: float
+    emit: Callable[[int, str], None]
+    on_running: Callable[[], None]  # the first time the job is seen running
+    _pending_said: int = 0
+    _no_node_logged: bool = False
+
+    async def follow(self, follower: FileFollower | None) -> ReadyLine:
+        interval = self.interval
+        reported: Any = None
+        pending_since, last_said = 0.0, 0.0
+        while True:
+            status = await self.calls.status(self.job_id)
+            if status.state is JobState.ERROR:
+                raise JobEndedEarly(
+                    f"Job {self.job_id} cannot run: {self.calls.scheduler.explain_end(status)}. "
+                    "It is being deleted; fix the cause (or ask an administrator) and start again."
+                )
+            if status.ended:
+                tail = last_lines(await self.calls.output(self.output_path))
+                raise JobEndedEarly(
+                    f"Job {self.job_id} ended before the server was ready: "
+                    f"{await self.calls.explain_end(self.job_id, status)}."
+                    + (f" Last output of the job:\n{tail}" if tail else " It printed nothing.")
+                )
+            if status.state is JobState.PENDING:
+                pending_since = pending_since or time.monotonic()
+                waited = time.monotonic() - pending_since
+                said = (status.reason, await self.calls.queue_place(self.job_id))
+                if reported != ("pending", said) or waited - last_said >= 60:
+                    reported, last_said = ("pending", said), waited
+                    # The bar creeps from 30 to 45 while the job waits, a step per message.
+                    self.emit(min(30 + self._pending_said, 45), self.calls.pending_message(
+                        self.job_id, status.reason, said[1], waited))
+                    self._pending_said += 1
+            elif status.state is JobState.RUNNING:
+                self.on_running()
+                if reported != ("running", status.node):
+                    reported = ("running", status.node)
+                    self.emit(50, f"Job {self.job_id} is running on {status.node}; starting "
+                                  "the server")
+                ready = await self.read_ready_line(status.node, follower)
+                if ready is not None:
+                    return ready
+            elif status.state is JobState.UNKNOWN:
+                self.calls.log.warning("%s: status of job %s unknown: %s", self.calls.log_name,
+                                       self.job_id, status.reason)
+            if follower is None or follower.ended:
+                if status.state is JobState.RUNNING:
+                    interval = self.interval  # the server is starting: look often
+                else:
+                    interval = min(interval * 1.5, self.max_interval)
+                await asyncio.sleep(interval)
+            else:
+                # Output wakes us (the job's first line, its ready line); the scheduler is
+                # asked in between only to see a job that ends or waits without a word.
+                interval = min(interval * 1.5, self.max_interval)
+                await follower.wait(interval)
+
+    async def read_ready_line(self, scheduled_node: str,
+                              follower: FileFollower | None = None) -> ReadyLine | None:
+        """The server's address once the job's output has its ready line; ``None`` while
+        there is none, or the scheduler names no node yet. The output is what ``follower``
+        has, or else read from the file."""
+        name = self.calls.scheduler.DISPLAY_NAME
+        if not scheduled_node:
+            if not self._no_node_logged:
+                self._no_node_logged = True
+                self.calls.log.warning("%s: %s reports job %s running but names no node yet; "
+                                       "waiting for it", self.calls.log_name, name, self.job_id)
+            return None
+        try:
+            if follower is not None and not follower.ended:
+                output = follower.text
+            else:
+                output = await self.calls.output(self.output_path)
+            ready = parse_ready_line(output)
+        except ValueError as error:
+            raise BadReadyLine(f"Job {self.job_id} reported an unusable address: {error}") from None
+        if ready is None:
+            return None
+        if bool(ready.socket) != self.socket_mode:
+            wanted, transport = ("a Unix socket", "socket") if self.socket_mode else (
+                "a TCP port", "tcp")
+            raise BadReadyLine(
+                f"Job {self.job_id} reported its server on {ready.socket or ready.port}, but "
+                f"server_transport is {transport!r}, which wants {wanted}; is "
+                "job_script_template an old copy?"
+            )
+        try:
+            return server_address(ready, scheduled_node)
+        except ValueError as error:
+            raise BadReadyLine(
+                f"Not connecting to job {self.job_id}: {error} ({name}). If that node's own "
+                f"host name differs from {name}'s name for it (e.g. a domain added), tell an "
+                "administrator: the two must be the same."
+            ) from None
 
 
 def ordinal(number: int) -> str:

@@ -45,9 +45,7 @@ from . import cluster, jobfiles, jobscript
 from .choices import Choices, Request, choices_for, resolve
 from .errors import (
     BadOptions,
-    BadReadyLine,
     ClusterUnreachable,
-    JobEndedEarly,
     JobRejected,
     NotReadyInTime,
     SpawnError,
@@ -62,7 +60,7 @@ from .form import (
     render_options_form,
 )
 from .hub import hub_of, start_with_the_hub
-from .job import Cleanup, JobCalls, iso_time, parse_iso_time
+from .job import Cleanup, JobCalls, ReadyWait, iso_time, parse_iso_time
 from .reconciler import MODES as RECONCILE_MODES
 from .resources import (
     Limits,
@@ -1243,16 +1241,17 @@ class SSHBatchSpawner(Spawner):
         return connection, paths
 
     async def _wait_for_ready_line(self) -> jobscript.ReadyLine:
-        """Follow the job until it prints its ready line; fail at once if the job ends first.
+        """Follow the job until it prints its ready line (``job.ReadyWait``); fail at once if
+        the job ends first."""
+        def started() -> None:
+            self.job_started_at = self.job_started_at or time.time()
 
-        The job's output is followed as it grows (``FileFollower``), so its first line (the job
-        runs) and its ready line wake this loop at once; the scheduler is asked on each wake-up
-        and every ``status_interval`` (growing to ``status_interval_max``). Without a follower
-        (no ``tail`` on the login node) the output file is read on each check instead.
-        """
+        wait = ReadyWait(self._calls, self.job_id, self.output_path,
+                         self.server_transport == "socket", self.status_interval,
+                         self.status_interval_max, self._emit, started)
         follower = await self._follow_output()
         try:
-            return await self._follow_job(follower)
+            return await wait.follow(follower)
         finally:
             if follower is not None:
                 follower.close()
@@ -1264,105 +1263,6 @@ class SSHBatchSpawner(Spawner):
         except ClusterUnreachable as error:
             self.log.warning("%s: cannot follow the job's output: %s", self._log_name, error)
             return None
-
-    async def _follow_job(self, follower: FileFollower | None) -> jobscript.ReadyLine:
-        interval = self.status_interval
-        reported: Any = None
-        pending_since, last_said = 0.0, 0.0
-        while True:
-            status = await self._calls.status(self.job_id)
-            if status.state is JobState.ERROR:
-                raise JobEndedEarly(
-                    f"Job {self.job_id} cannot run: {self.scheduler.explain_end(status)}. "
-                    "It is being deleted; fix the cause (or ask an administrator) and start again."
-                )
-            if status.ended:
-                tail = jobscript.last_lines(await self._calls.output(self.output_path))
-                raise JobEndedEarly(
-                    f"Job {self.job_id} ended before the server was ready: "
-                    f"{await self._calls.explain_end(self.job_id, status)}."
-                    + (f" Last output of the job:\n{tail}" if tail else " It printed nothing.")
-                )
-            if status.state is JobState.PENDING:
-                pending_since = pending_since or time.monotonic()
-                waited = time.monotonic() - pending_since
-                said = (status.reason, await self._calls.queue_place(self.job_id))
-                if reported != ("pending", said) or waited - last_said >= 60:
-                    reported, last_said = ("pending", said), waited
-                    # The bar creeps from 30 to 45 while the job waits, a step per message.
-                    creep = min(30 + sum(1 for e in self._progress_events
-                                         if e["progress"] >= 30), 45)
-                    self._emit(creep, self._calls.pending_message(
-                        self.job_id, status.reason, said[1], waited))
-            elif status.state is JobState.RUNNING:
-                if not self.job_started_at:
-                    self.job_started_at = time.time()
-                if reported != ("running", status.node):
-                    reported = ("running", status.node)
-                    self._emit(
-                        50, f"Job {self.job_id} is running on {status.node}; starting the server"
-                    )
-                ready = await self._read_ready_line(status.node, follower)
-                if ready is not None:
-                    return ready
-            elif status.state is JobState.UNKNOWN:
-                self.log.warning(
-                    "%s: status of job %s unknown: %s", self._log_name, self.job_id, status.reason
-                )
-            if follower is None or follower.ended:
-                if status.state is JobState.RUNNING:
-                    interval = self.status_interval  # the server is starting: look often
-                else:
-                    interval = min(interval * 1.5, self.status_interval_max)
-                await asyncio.sleep(interval)
-            else:
-                # Output wakes us (the job's first line, its ready line); the scheduler is
-                # asked in between only to see a job that ends or waits without a word.
-                interval = min(interval * 1.5, self.status_interval_max)
-                await follower.wait(interval)
-
-    async def _read_ready_line(
-        self, scheduled_node: str, follower: FileFollower | None = None
-    ) -> jobscript.ReadyLine | None:
-        """The server's address once the job's output has its ready line: the node the
-        scheduler reports (never the name in the job's output, which the user controls) and the
-        ready line's port. ``None`` while there is no ready line, or the scheduler names no node
-        yet. The output is what ``follower`` has, or else read from the file.
-        """
-        if not scheduled_node:
-            if getattr(self, "_no_node_logged", "") != self.job_id:  # once per job
-                self._no_node_logged = self.job_id
-                self.log.warning(
-                    "%s: %s reports job %s running but names no node yet; waiting for it",
-                    self._log_name, self.scheduler.DISPLAY_NAME, self.job_id,
-                )
-            return None
-        try:
-            if follower is not None and not follower.ended:
-                output = follower.text
-            else:
-                output = await self._calls.output(self.output_path)
-            ready = jobscript.parse_ready_line(output)
-        except ValueError as error:
-            raise BadReadyLine(f"Job {self.job_id} reported an unusable address: {error}") from None
-        if ready is None:
-            return None
-        if bool(ready.socket) != (self.server_transport == "socket"):
-            wanted = "a Unix socket" if self.server_transport == "socket" else "a TCP port"
-            raise BadReadyLine(
-                f"Job {self.job_id} reported its server on {ready.socket or ready.port}, but "
-                f"server_transport is {self.server_transport!r}, which wants {wanted}; is "
-                "job_script_template an old copy?"
-            )
-        try:
-            return jobscript.server_address(ready, scheduled_node)
-        except ValueError as error:
-            name = self.scheduler.DISPLAY_NAME
-            raise BadReadyLine(
-                f"Not connecting to job {self.job_id}: {error} ({name}). If that node's own "
-                f"host name differs from {name}'s name for it (e.g. a domain added), tell an "
-                "administrator: the two must be the same."
-            ) from None
 
     async def poll(self) -> int | None:
         """``None`` while the job runs (or its state is unknown), ``1`` once it has ended.

@@ -315,12 +315,20 @@ def connection_reading(text):
     return connect
 
 
+def ready_wait(spawner):
+    """The spawner's ``ReadyWait`` for its job, as ``_wait_for_ready_line`` makes it."""
+    from hub_spawner.job import ReadyWait
+
+    return ReadyWait(spawner._calls, spawner.job_id, spawner.output_path, False, 1, 1,
+                     lambda progress, message: None, lambda: None)
+
+
 def test_the_tunnel_target_is_the_schedulers_node_not_the_jobs_words():
     spawner = make_spawner()
     spawner.job_id = "42"
 
     spawner._connection = connection_reading(ready_output("COMPUTE"))
-    ready = asyncio.run(spawner._read_ready_line("compute"))
+    ready = asyncio.run(ready_wait(spawner).read_ready_line("compute"))
     assert (ready.host, ready.port) == ("compute", 43211)
 
 
@@ -331,7 +339,7 @@ def test_a_ready_line_naming_another_host_fails_the_spawn(reported):
 
     spawner._connection = connection_reading(ready_output(reported))
     with pytest.raises(BadReadyLine, match="Not connecting to job 42: the job says"):
-        asyncio.run(spawner._read_ready_line("cn017"))
+        asyncio.run(ready_wait(spawner).read_ready_line("cn017"))
 
 
 def test_no_ready_line_is_read_while_the_scheduler_names_no_node():
@@ -340,7 +348,7 @@ def test_no_ready_line_is_read_while_the_scheduler_names_no_node():
 
     spawner._connection = connection_reading(AssertionError("the output must not be read "
                                                             "before the node is known"))
-    assert asyncio.run(spawner._read_ready_line("")) is None
+    assert asyncio.run(ready_wait(spawner).read_ready_line("")) is None
 
 
 @pytest.mark.parametrize("directive", ["--constraint=a\nrm -rf ~", "--x\r", "--x\0y"])
