@@ -613,9 +613,9 @@ async def _check_submit(checks: Checklist, spawner: SSHBatchSpawner, token: str,
             watch.update(spawner)
             for event in spawner._progress_events[watch.printed:]:
                 checks.note(f"... {event['message']}")
-        checks.ok("job", f"job {spawner.job_id} ready on {spawner._server_destination}"
+        checks.ok("job", f"job {spawner.job_id} ready on {spawner.server_path.destination}"
                   f" after {time.monotonic() - started_at:.1f} s")
-        checks.ok("tunnel", f"{url} -> {spawner._server_destination} "
+        checks.ok("tunnel", f"{url} -> {spawner.server_path.destination} "
                   "through the tunnel service")
         await _check_server(checks, url + spawner.server.base_url, token, hub_api)
     finally:

@@ -656,6 +656,7 @@ class SSHBatchSpawner(Spawner):
         self._progress_events: list[dict[str, Any]] = []
         self._progress_changed = asyncio.Event()
         self._background_release: asyncio.Task | None = None  # see _release_in_background
+        self._start_task: asyncio.Future | None = None  # _start_job, see _start_job_in_time
         self.server_path = ServerPath(self)  # its two forwards in the tunnel service
         self._warming: asyncio.Future | None = None
         self.cluster_username_on_record = ""  # who this user last was on the cluster (kept)
@@ -1101,15 +1102,17 @@ class SSHBatchSpawner(Spawner):
         cancel it (whose error reads only "Spawn failed: "), with what the job was doing and
         what to do about it."""
         limit = float(self.start_timeout)
-        task = asyncio.ensure_future(self._start_job(resources))
+        task = self._start_task = asyncio.ensure_future(self._start_job(resources))
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
         try:
-            done, _ = await asyncio.wait({task}, timeout=limit - min(2.0, max(0.5, limit / 20)))
+            done, _ = await asyncio.wait(
+                {task}, timeout=max(limit - min(2.0, max(0.5, limit / 20)), 0.1))
         except BaseException:
             task.cancel()  # start() itself was cancelled (Stop pressed)
             raise
         if task in done:
             return task.result()
-        task.cancel()  # its cleanup is start()'s, in the background
+        task.cancel()  # its cleanup is start()'s, in the background (after the task's own)
         last = self._progress_events[-1]["message"] if self._progress_events else ""
         if self.job_id and "waiting in the queue" in last:
             advice = ("The queue was too busy: ask for fewer cores, less memory or a shorter "
@@ -1121,7 +1124,7 @@ class SSHBatchSpawner(Spawner):
             advice = "The cluster did not take the job in time; try again in a moment"
         raise NotReadyInTime(
             f"The server was not ready within start_timeout ({limit:g} s), so the spawn was "
-            f"stopped{f' and job {self.job_id} is cancelled' if self.job_id else ''}. "
+            f"stopped{f' and job {self.job_id} is being cancelled' if self.job_id else ''}. "
             f"Last step: {last or 'none'}. {advice}; an administrator can raise start_timeout."
         )
 
@@ -1669,8 +1672,13 @@ class SSHBatchSpawner(Spawner):
         (so a ``stop()`` or a new ``start()`` after this finds nothing of it), the work goes on
         in a task kept until it is done."""
         cleanup = self._take_cleanup(why)
+        start_task = self._start_task
 
         async def release() -> None:
+            if start_task is not None and not start_task.done():
+                # A cancelled start's own cleanup first: a hub API path it asked for is
+                # made (or not) before the close below, which then closes it by name.
+                await asyncio.wait({start_task})
             await self.server_path.close()
             await self._carry_out(cleanup, wait=True)
 

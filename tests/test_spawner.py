@@ -724,3 +724,43 @@ def test_a_form_posted_without_a_cluster_goes_to_the_first_the_user_may_use():
     options = cluster_spawner(["gpu"], user="fay").options_from_form(
         {"hpc--cpus": ["3"], "farm--cpus": ["2"]})
     assert options["cluster"] == "hpc" and options["cpus"] == 3
+
+
+def test_a_start_cancelled_while_its_hub_api_path_is_made_closes_that_path_after_it_is_made():
+    """Stop pressed while the tunnel service makes the hub API path: start() ends at once,
+    and the background cleanup closes the forwards only after the cancelled spawn's own
+    request is answered (a fake service: the order of two requests within 0.3 s cannot be
+    pinned down against the real one)."""
+    spawner = make_spawner()
+    events = []
+
+    class Tunnels:
+        async def close(self, name):
+            events.append(f"close {name}")
+
+    async def open_hub_api():
+        await asyncio.sleep(0.3)
+        events.append("api path made")
+        return "http://127.0.0.1:1/hub/api"
+
+    async def prepare_job_dir(steps):
+        await asyncio.sleep(60)
+
+    spawner.server_path.open_hub_api = open_hub_api
+    spawner._prepare_job_dir = prepare_job_dir
+
+    async def cancel_the_start():
+        start = asyncio.ensure_future(spawner.start())
+        await asyncio.sleep(0.1)
+        start.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await start
+        events.append("start ended")
+        await spawner._background_release
+
+    undo = _with_tunnels(spawner, Tunnels())
+    try:
+        asyncio.run(cancel_the_start())
+    finally:
+        undo()
+    assert events == ["start ended", "api path made", "close alice/", "close alice//hub-api"]
