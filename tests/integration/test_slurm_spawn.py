@@ -139,19 +139,25 @@ def occupy_the_compute_node(lab) -> str:
                                         "--cpus-per-task=2", "--time=10", "--output=/dev/null",
                                         "--wrap=sleep 300"])
     job_id = result.stdout.strip()
-    assert wait_for(lambda: any(" RUNNING " in job for job in active_jobs("bob")), 20)
+    if not wait_for(lambda: any(" RUNNING " in job for job in active_jobs("bob")), 20):
+        lab.in_namespace("login", ["scancel", job_id], check=False)
+        raise AssertionError(f"bob's job {job_id} did not start: something holds the node\n"
+                             + lab.in_namespace("login", ["squeue"], check=False).stdout)
     return job_id
 
 
 def test_pending_job_shows_the_queue_reason_place_and_start_estimate_then_starts(hub, lab):
     blocker = occupy_the_compute_node(lab)
+    before = len(hub.log())  # the session hub's log: only what this spawn adds counts
     try:
         with ThreadPoolExecutor(1) as pool:
             spawn = pool.submit(hub.spawn, "alice")
             assert wait_for(lambda: any(" PENDING " in job for job in active_jobs("alice")), 30)
             # The lab's backfill pass (bf_interval=5) sets the estimate; a poll then says it.
-            assert wait_for(lambda: "expects it to start around" in hub.log(), 40), \
-                hub.log()[-3000:]
+            said = ("(Slurm: Resources); 1st of 1 waiting in its partition; Slurm expects it "
+                    "to start around")
+            assert wait_for(lambda: said in hub.log()[before:], 40), (
+                hub.log()[before:][-3000:], pending_jobs(lab))
             lab.in_namespace("login", ["scancel", blocker])
             events, _ = spawn.result(timeout=150)
         messages = [event.get("message", "") for event in events]
@@ -166,23 +172,31 @@ def test_pending_job_shows_the_queue_reason_place_and_start_estimate_then_starts
         assert len({event["progress"] for event in events
                     if "is waiting in the queue" in event.get("message", "")}) >= 2, events
         assert events[-1].get("ready"), messages
-        hub.stop("alice")
-        assert wait_for(lambda: not active_jobs("alice"), 20), active_jobs("alice")
     finally:
         lab.in_namespace("login", ["scancel", blocker], check=False)
+        hub.stop("alice")  # also after a failure: the next tests need the node free
+    assert wait_for(lambda: not active_jobs("alice"), 20), active_jobs("alice")
+
+
+def pending_jobs(lab) -> str:
+    """Every pending job in the lab's Slurm, whoever's: what a place in the queue counts."""
+    return lab.in_namespace("login", ["squeue", "--states=PENDING", "--format=%i %u %j %r"],
+                            check=False).stdout
 
 
 def test_cancelling_a_pending_spawn_cancels_its_job(hub, lab):
     blocker = occupy_the_compute_node(lab)
+    before = len(hub.log())
     try:
         response = hub.api("POST", "/users/alice/server", json={"cpus": 1})
         assert response.status_code in (201, 202), response.text  # 201: JupyterHub race
         assert wait_for(lambda: any(" PENDING " in job for job in active_jobs("alice")), 30)
         hub.stop("alice")  # what the spawn page's cancel does: DELETE while pending
         assert wait_for(lambda: not active_jobs("alice"), 20), active_jobs("alice")
-        assert "cancelling job" in hub.log()
+        assert "cancelling job" in hub.log()[before:]
     finally:
         lab.in_namespace("login", ["scancel", blocker], check=False)
+        hub.stop("alice")
 
 
 def test_alice_and_bob_spawn_at_once_and_each_kernel_runs_as_its_owner(hub, lab):
