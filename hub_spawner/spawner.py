@@ -1157,6 +1157,10 @@ class SSHBatchSpawner(Spawner):
         steps.done("files")
         self._submission_sent = True
         self._save_state_now()  # the job's name: a hub that dies now cancels it by name
+        # From now on a job may exist: the cluster's watch and reconciler run (in the
+        # background), so a spawn that fails and cannot cancel leaves nothing behind even on a
+        # hub where no server of this cluster has run yet.
+        hub_of().keep(asyncio.ensure_future(self.watch_cluster()))
         output = await connection.run(
             scheduler.submit_command(paths.script, self.output_path), timeout=self.command_timeout
         )
