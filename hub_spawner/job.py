@@ -222,7 +222,8 @@ class ReadyWait:
     interval: float
     max_interval: float
     emit: Callable[[int, str], None]
-    on_running: Callable[[], None]  # the first time the job is seen running
+    on_running: Callable[[], None]  # each time the job is seen running
+    keep_paths: Callable[[], Awaitable[Any]] | None = None  # while it runs: the hub API path
     _pending_said: int = 0
     _no_node_logged: bool = False
 
@@ -256,6 +257,8 @@ class ReadyWait:
                     self._pending_said += 1
             elif status.state is JobState.RUNNING:
                 self.on_running()
+                if self.keep_paths is not None:  # the starting server needs the hub's API
+                    await self.keep_paths()
                 if reported != ("running", status.node):
                     reported = ("running", status.node)
                     self.emit(50, f"Job {self.job_id} is running on {status.node}; starting "

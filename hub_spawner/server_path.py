@@ -202,6 +202,26 @@ class ServerPath:
             api_up = await self._ensure_api(level)
             return await self._ensure_server(level) and api_up
 
+    async def keep_hub_api(self) -> None:
+        """While a spawn waits for its server's ready line: if the service's recent listing
+        lacks the hub API forward (the service lost its master, e.g. the login node was down
+        longer than a certificate lives), ask for it again with a fresh identity. Quiet (debug
+        level); never raises."""
+        spawner = self.spawner
+        if not spawner.api_tunnel_port or spawner.hub_connect_url:
+            return
+        try:
+            listing = await self.tunnels.recent_forwards(max(spawner.status_interval, 1))
+        except Exception:  # noqa: S110 - the spawn's own steps say what is wrong
+            listing = {}
+        entry = listing.get(self.api_name) or {}
+        if entry.get("up") and entry.get("port") == spawner.api_tunnel_port:
+            return
+        async with self._lock:
+            if spawner.job_id:
+                self.tunnels.forget_listing()
+                await self._ensure_api(logging.DEBUG)
+
     async def listed_up(self) -> bool:
         """Whether the service's recent listing (shared by all spawners, at most
         ``poll_interval / 2`` old) has both forwards up on their ports; any doubt is False."""

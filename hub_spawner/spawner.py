@@ -1255,7 +1255,8 @@ class SSHBatchSpawner(Spawner):
 
         wait = ReadyWait(self._calls, self.job_id, self.output_path,
                          self.server_transport == "socket", self.status_interval,
-                         self.status_interval_max, self._emit, started)
+                         self.status_interval_max, self._emit, started,
+                         keep_paths=self.server_path.keep_hub_api)
         follower = await self._follow_output()
         try:
             return await wait.follow(follower)

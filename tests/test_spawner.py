@@ -764,3 +764,38 @@ def test_a_start_cancelled_while_its_hub_api_path_is_made_closes_that_path_after
     finally:
         undo()
     assert events == ["start ended", "api path made", "close alice/", "close alice//hub-api"]
+
+
+@pytest.mark.parametrize(("listing", "asked"), [
+    ({"alice//hub-api": {"up": True, "port": 40002}}, False),
+    ({"alice//hub-api": {"up": False, "port": 40002}}, True),  # the service lost its master
+    ({}, True),
+])
+def test_a_starting_server_gets_its_hub_api_path_back_only_when_the_service_lacks_it(
+        listing, asked):
+    """While a spawn waits for the ready line (the login node was down longer than a
+    certificate lives, say), the hub API forward is asked for again, with a fresh identity,
+    only when the service's listing lacks it (a fake service; the chaos lab test's
+    'certificate-expired-login-down' fault is the real case)."""
+    spawner = make_spawner()
+    spawner.job_id, spawner.api_tunnel_port = "12", 40002
+    calls = []
+
+    class Tunnels:
+        async def recent_forwards(self, max_age):
+            return listing
+
+        def forget_listing(self):
+            calls.append("forget")
+
+    async def open_hub_api():
+        calls.append("open")
+        return "http://127.0.0.1:40002/hub/api"
+
+    spawner.server_path.open_hub_api = open_hub_api
+    undo = _with_tunnels(spawner, Tunnels())
+    try:
+        asyncio.run(spawner.server_path.keep_hub_api())
+    finally:
+        undo()
+    assert calls == (["forget", "open"] if asked else [])
