@@ -8,6 +8,7 @@ the same watch through the lab's sshd and real schedulers.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -238,3 +239,26 @@ async def test_a_user_listed_only_for_the_reconciler_who_fails_does_not_back_off
     assert "carol" not in watch.listed and "alice" in watch.listed
     watch.untrack("11")
     watch.list_users({})
+
+
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "torque"])
+def test_each_schedulers_recorded_listing_gives_the_running_and_the_pending_job(scheduler):
+    """``list_command`` as the lab's real scheduler answered it (tests/fixtures/<scheduler>/
+    list_running_pending.*, re-recorded by ``python -m tests.fixtures.record_lab_output
+    lists``): alice's two jobs, named as a hub names them, one running on the compute host
+    and one waiting."""
+    fixtures = Path(__file__).parent / "fixtures" / scheduler
+    rc, stdout, stderr = ((fixtures / f"list_running_pending.{part}").read_text()
+                          for part in ("rc", "stdout", "stderr"))
+    output = CommandOutput(int(rc), stdout, stderr)
+    module = {"slurm": slurm, "sge": sge, "torque": torque}[scheduler]
+    listed = module.parse_list_output(output)
+    # Torque's ``qstat -f`` (here Slurm's wrapper) also lists ended jobs (state C): the
+    # Slurm recording's two, cancelled a moment before.
+    jobs = [job for job in listed if not job.status.ended]
+    assert len(listed) == (4 if scheduler == "torque" else 2), listed
+    name = "jupyterhub-0a1b2c3d-alice-default-00c0ffee"  # record_lab_output.LISTED_JOB_NAME
+    assert [(job.owner, job.name) for job in jobs] == [("alice", name)] * 2
+    states = {job.status.state: job for job in jobs}
+    assert set(states) == {JobState.RUNNING, JobState.PENDING}
+    assert states[JobState.RUNNING].status.node == "compute"
