@@ -283,19 +283,10 @@ def test_a_server_culled_while_the_controller_is_down_leaves_no_job(lab, tmp_pat
         assert "the reconciler cancels it" in log, log[-3000:]
         controller(lab, scheduler, up=True)
         controller_down = False
-        back = time.monotonic()
-        assert wait_for(lambda: ended_or_ending(job_id, "alice", scheduler), 90), active_jobs(
-            "alice", scheduler)
-        gone_after = time.monotonic() - back
-        by = by_whom(job_id, hub.log())
-        print(f"{scheduler} (culled): outage {back - down:.1f} s; cancel taken "
-              f"{gone_after:.1f} s after the controller's return, by {by}")
-        assert gone_after <= (back - down + INTERVAL) + 2 * INTERVAL + 5
+        gone_after, outage = job_gone_after_return(lab, scheduler, hub, job_id, down, "culled")
+        assert gone_after <= (outage + INTERVAL) + 2 * INTERVAL + 5
     finally:
-        if controller_down:
-            controller(lab, scheduler, up=True)
-        stop_hub(process)
-        cancel_by_hand(lab, scheduler, [job_id] if job_id else [])
+        end_of_outage_test(lab, scheduler, process, job_id, controller_down)
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
@@ -325,16 +316,29 @@ def test_a_spawn_that_fails_while_the_controller_is_down_leaves_no_job(lab, tmp_
         assert wait_for(lambda: "the reconciler cancels it" in hub.log(), 15), hub.log()[-3000:]
         controller(lab, scheduler, up=True)
         controller_down = False
-        back = time.monotonic()
-        assert wait_for(lambda: ended_or_ending(job_id, "alice", scheduler), 90), active_jobs(
-            "alice", scheduler)
-        gone_after = time.monotonic() - back
-        by = by_whom(job_id, hub.log())
-        print(f"{scheduler} (failed spawn): outage {back - down:.1f} s; cancel taken "
-              f"{gone_after:.1f} s after the controller's return, by {by}")
-        assert gone_after <= (back - down + INTERVAL) + 2 * INTERVAL + GRACE + 5
+        gone_after, outage = job_gone_after_return(lab, scheduler, hub, job_id, down, "failed spawn")
+        assert gone_after <= (outage + INTERVAL) + 2 * INTERVAL + GRACE + 5
     finally:
-        if controller_down:
-            controller(lab, scheduler, up=True)
-        stop_hub(process)
-        cancel_by_hand(lab, scheduler, [job_id] if job_id else [])
+        end_of_outage_test(lab, scheduler, process, job_id, controller_down)
+
+
+def job_gone_after_return(lab, scheduler: str, hub, job_id: str, down: float,
+                          case: str) -> tuple[float, float]:
+    """The controller, stopped at ``down`` (monotonic), is back now: wait until the job is
+    gone (Grid Engine: deleting). Returns (seconds from the return until then, the outage)."""
+    back = time.monotonic()
+    assert wait_for(lambda: ended_or_ending(job_id, "alice", scheduler), 90), active_jobs(
+        "alice", scheduler)
+    gone_after = time.monotonic() - back
+    print(f"{scheduler} ({case}): outage {back - down:.1f} s; cancel taken {gone_after:.1f} s "
+          f"after the controller's return, by {by_whom(job_id, hub.log())}")
+    return gone_after, back - down
+
+
+def end_of_outage_test(lab, scheduler: str, process, job_id: str, controller_down: bool) -> None:
+    """What an outage test leaves, undone also after a failure: the controller up, its hub
+    stopped, its job cancelled."""
+    if controller_down:
+        controller(lab, scheduler, up=True)
+    stop_hub(process)
+    cancel_by_hand(lab, scheduler, [job_id] if job_id else [])
