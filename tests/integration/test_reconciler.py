@@ -316,7 +316,8 @@ def test_a_spawn_that_fails_while_the_controller_is_down_leaves_no_job(lab, tmp_
         assert wait_for(lambda: "the reconciler cancels it" in hub.log(), 15), hub.log()[-3000:]
         controller(lab, scheduler, up=True)
         controller_down = False
-        gone_after, outage = job_gone_after_return(lab, scheduler, hub, job_id, down, "failed spawn")
+        gone_after, outage = job_gone_after_return(lab, scheduler, hub, job_id, down,
+                                                   "failed spawn")
         assert gone_after <= (outage + INTERVAL) + 2 * INTERVAL + GRACE + 5
     finally:
         end_of_outage_test(lab, scheduler, process, job_id, controller_down)
