@@ -293,23 +293,22 @@ class Chaos:
         """The login node down for longer than a certificate lives, a running server stopped
         meanwhile (its cancel cannot get through: the reconciler's, with a fresh
         certificate, once the node is back). At most once a phase: it takes a minute."""
-        if "certificate-expired-login-down" in self.faults:
-            return
+        ready = [key for key, server in servers.items() if server.get("ready")]
+        if "certificate-expired-login-down" in self.faults or not ready:
+            return  # once, and only while a server runs (its forwards and its stop matter)
         seconds = CERTIFICATE_MINUTES * 60 + 5
         self.note(f"fault: the login node down for {seconds} s (certificates live "
                   f"{CERTIFICATE_MINUTES * 60} s)")
-        ready = [key for key, server in servers.items() if server.get("ready")]
         started = time.monotonic()
         self.lab.stop_sshd()
         try:
             for user, _ in SERVERS:
                 for pid in processes_on("login", user, "sshd"):
                     _kill(pid, signal.SIGKILL)
-            if ready:
-                key = self.rng.choice(ready)
-                self.drop_kernel(key)
-                self.hub.stop(*key)
-                self.note(f"{_label(key)}: stopped in {time.monotonic() - started:.1f} s")
+            key = self.rng.choice(ready)
+            self.drop_kernel(key)
+            self.hub.stop(*key)
+            self.note(f"{_label(key)}: stopped in {time.monotonic() - started:.1f} s")
             time.sleep(max(0.0, seconds - (time.monotonic() - started)))
         finally:
             self.lab.start_sshd()
