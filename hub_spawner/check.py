@@ -45,10 +45,11 @@ from traitlets.utils.importstring import import_item
 
 from . import hub, identity
 from .choices import resolve
+from .cluster import Cluster, configured_clusters
 from .errors import BadReadyLine, JobEndedEarly, SpawnError
 from .resources import format_walltime
 from .schedulers import SchedulerUnavailable, parse_check_output
-from .spawner import ClusterChoice, SSHBatchSpawner
+from .spawner import SSHBatchSpawner
 from .ssh import SSHTarget
 from .sshlib import asyncssh
 
@@ -141,7 +142,7 @@ async def run_check(
     for entry in clusters:
         if entry is not None:
             checks.scope = entry.key
-            spawner.use_cluster(entry.key)
+            spawner.use(entry)
             # Nor have we the user's groups: act as a member of those the cluster is offered to.
             spawner.user.groups = [SimpleNamespace(name=group) for group in entry.groups]
             groups = (f"; offered to the group(s) {', '.join(sorted(entry.groups))}"
@@ -189,10 +190,10 @@ async def _check_steps(checks: Checklist, spawner: SSHBatchSpawner | None,
 
 
 def _clusters_to_check(checks: Checklist, spawner: SSHBatchSpawner,
-                       wanted: str) -> list[ClusterChoice | None]:
+                       wanted: str) -> list[Cluster | None]:
     """The entries of ``clusters`` to check (``[None]``: the spawner's own, one cluster)."""
     try:
-        entries = spawner.configured_clusters()
+        entries = configured_clusters(spawner)
     except ValueError as error:
         checks.fail("config", str(error), "fix that entry of c.SSHBatchSpawner.clusters "
                     "(docs/configuration.md)")
@@ -311,10 +312,10 @@ def _unknown_options(config: Config, spawner_class: type) -> list[str]:
 
 
 async def _config_target(checks: Checklist, spawner: SSHBatchSpawner) -> SSHTarget | None:
-    if spawner.auth_state_ssh_key:
+    if spawner.cluster.auth_state_ssh_key:
         checks.fail("config", "the SSH key comes from each login's auth_state "
-                    f"(auth_state_ssh_key = {spawner.auth_state_ssh_key!r}): this check has no "
-                    "login to take it from",
+                    f"(auth_state_ssh_key = {spawner.cluster.auth_state_ssh_key!r}): this check "
+                    "has no login to take it from",
                     "check with a key file or the CA instead (-f a copy of the config), or log "
                     "in and read the spawn page and the hub log")
         return None
@@ -333,7 +334,7 @@ async def _config_target(checks: Checklist, spawner: SSHBatchSpawner) -> SSHTarg
                     "a cluster_username callable gets a spawner whose user has only .name "
                     "here; make it work with that, or check with the hub's own logs")
         return None
-    label = (f"{spawner.scheduler.DISPLAY_NAME} cluster {checks.scope}" if checks.scope
+    label = (f"{spawner.cluster.scheduler.DISPLAY_NAME} cluster {checks.scope}" if checks.scope
              else spawner._class_label)
     checks.ok("config", f"{label}: {spawner.user.name} is cluster user "
               f"{target.username} on {target.host}:{target.port}")
@@ -503,7 +504,7 @@ async def _server_host_key(target: SSHTarget, algorithms: list[str]) -> asyncssh
 async def _check_login(checks: Checklist, spawner: SSHBatchSpawner, target: SSHTarget) -> None:
     try:
         connection = await spawner._connection()
-        output = await connection.run("hostname; id -un", timeout=spawner.command_timeout)
+        output = await connection.run("hostname; id -un", timeout=spawner.cluster.command_timeout)
     except SpawnError as error:
         checks.fail("login", str(error))
         return
@@ -523,11 +524,11 @@ async def _check_login(checks: Checklist, spawner: SSHBatchSpawner, target: SSHT
 
 async def _check_scheduler(checks: Checklist, spawner: SSHBatchSpawner,
                            target: SSHTarget) -> None:
-    scheduler = spawner.scheduler
+    scheduler = spawner.cluster.scheduler
     try:
         connection = await spawner._connection()
         output = await connection.run(scheduler.check_command(target.username),
-                                      timeout=spawner.command_timeout)
+                                      timeout=spawner.cluster.command_timeout)
         version = parse_check_output(output)
     except SpawnError as error:
         checks.fail("scheduler", str(error))
@@ -574,7 +575,7 @@ async def _check_submit(checks: Checklist, spawner: SSHBatchSpawner, token: str,
         spawner.hub_connect_url = f"http://{hub_ip}:{port}"
         checks.note(f"hub_connect_url is set: the job calls {spawner.hub_connect_url} directly "
                     "(compute nodes must reach it)")
-    limits = spawner.resource_limits()
+    limits = spawner.cluster.limits()
     walltime = min(CHECK_WALLTIME_SECONDS, limits.max_walltime_seconds)
     spawner.user_options = {"walltime": format_walltime(walltime)}
     if checks.scope:  # start() goes to the cluster user_options names
@@ -714,7 +715,7 @@ async def _clean_up(checks: Checklist, spawner: SSHBatchSpawner, watch: _Watch, 
         if stale:
             left.append(f"forwards {', '.join(stale)}")
             advice.append("the next check closes them; or restart the tunnel service")
-        if not service_was_running and not forwards and not spawner.tunnel_service_address:
+        if not service_was_running and not forwards and not spawner.cluster.tunnel_service_address:
             _stop_local_service(await tunnels.health())  # we started it: nobody else uses it
     except SpawnError as error:
         left.append(f"the tunnel service: {error}")

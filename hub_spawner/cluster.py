@@ -1,381 +1,270 @@
-"""One scheduler listing per cluster per cycle, shared by every spawner (kubespawner's
-reflector, for batch jobs); and the cluster's live load for the spawn form, cached the same way.
+"""The clusters a hub's servers run on: ``Cluster``, one per configured cluster.
 
-Requirements:
-- while it tracks jobs or knows cluster users, a watch runs, every ``interval`` seconds, one
-  listing of every job of those users (the scheduler module's ``list_command``): through one
-  connection of the status identity when one is configured, else one per cluster user, on the
-  pooled connections; after each cycle it hands what it saw to ``after_cycle`` (the
-  reconciler, ``hub_spawner.reconciler``);
-- ``status()`` answers from memory, with no SSH round trip; a job that no listing has covered
-  yet waits for the next completed cycle (bounded), then is ``UNKNOWN`` if that failed. An
-  entry older than ``stale_after`` is ``UNKNOWN``, never "gone": only the scheduler saying so
-  ends a job;
-- with a status identity, a job its listing calls ended is confirmed over its owner's own
-  connection before anyone hears "ended" (a site may hide other users' jobs);
-- a listing that fails keeps the old entries (they go stale) and backs off (the interval
-  doubles, up to ``max_interval``); each listing's cost (seconds, bytes, jobs) is logged at
-  debug level, a change between working and failing at warning/info.
+A hub has one cluster (the spawner's own options) or several (``clusters``: each entry names a
+scheduler, that scheduler's settings, the groups it is offered to, and options that override
+the spawner's own). A spawner holds the ``Cluster`` its server runs on; the spawn form makes one
+per cluster it offers.
+
+Rules this part owns:
+- a ``Cluster`` reads the spawner's options through its entry's ``config`` and never changes
+  the spawner: the form can show three clusters while the same spawner's server polls, and
+  nothing the server reads moves;
+- an entry of ``clusters`` is checked against the spawner's options (names and types) before it
+  is used; a bad one is a ``ValueError`` that names the entry;
+- who the user is on the cluster and how they log in (``ssh_target``: the cluster user, the key
+  template, certificate mode or the ``auth_state`` key, the login node, strict host keys); a name
+  that is not a plain Unix user name is refused;
+- JupyterHub's own options (``start_timeout``, ``http_timeout``, ``poll_interval``, ``cmd``, ...)
+  are read by JupyterHub from the spawner's traits, so those a cluster sets are in
+  ``hub_options``, and the spawner sets them on itself when its server is put on the cluster
+  (``SSHBatchSpawner.use``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+import dataclasses
+import re
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
+from jupyterhub.spawner import Spawner
+from jupyterhub.utils import maybe_future
+from traitlets import TraitError
+
+from .choices import Choices, choices_for
 from .errors import ClusterUnreachable
-from .schedulers import (
-    JobState,
-    JobStatus,
-    ListedJob,
-    QueueLoad,
-    SchedulerUnavailable,
-    statuses_of,
-)
-from .ssh import ConnectionPool, SSHTarget
+from .resources import Limits, Resources, parse_memory_mb, parse_name, parse_walltime_seconds
+from .schedulers import sge, slurm, torque
+from .ssh import SSHTarget
 
-log = logging.getLogger("hub_spawner.cluster")
+if TYPE_CHECKING:
+    from .spawner import SSHBatchSpawner
 
-
-@dataclass
-class _Entry:
-    status: JobStatus
-    at: float  # time.monotonic() of the listing
-
-
-@dataclass
-class Listing:
-    """The jobs of one cluster user as the last listing that answered showed them."""
-
-    at: float  # time.monotonic() of that listing
-    jobs: list[ListedJob]
+SCHEDULERS = {"slurm": slurm, "sge": sge, "torque": torque}
+# Each scheduler's own settings (its spawner class's options) and their defaults.
+SCHEDULER_SETTINGS: dict[str, dict[str, Any]] = {
+    "slurm": {"qos": "", "gpu_gres": "gpu"},
+    "sge": {"parallel_environment": "smp", "memory_resource": "h_vmem", "gpu_resource": "gpu"},
+    "torque": {},
+}
+_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,39}")
+_FIELDS = {"name", "display_name", "description", "groups", "scheduler", "settings", "config"}
+_CLUSTER_USERNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
+# (login host, port, cluster user) of a job: where it was submitted and as whom.
+Where = tuple[str, int, str]
 
 
-@dataclass
-class Watch:
-    """The job statuses of one cluster (scheduler + login node + status identity)."""
+class Cluster:
+    """One cluster a server may run on: its scheduler, the scheduler's settings, and the
+    spawner's options as this cluster sets them (``cluster.login_host``, ``cluster.max_cpus``:
+    its entry's ``config``, else the spawner's)."""
 
-    scheduler: ModuleType
-    pool: ConnectionPool
-    interval: float = 10.0
-    max_interval: float = 120.0
-    stale_after: float = 35.0
-    command_timeout: float = 60.0
-    status_target: SSHTarget | None = None
-    owners: dict[str, SSHTarget] = field(default_factory=dict)  # job id -> its user's target
-    users: dict[str, SSHTarget] = field(default_factory=dict)  # more users to list (reconciler)
-    entries: dict[str, _Entry] = field(default_factory=dict)
-    listed: dict[str, Listing] = field(default_factory=dict)  # cluster user -> their jobs
-    listings: int = 0  # scheduler commands run, for tests and benchmarks
-    failing: str = ""
-    cycles: int = 0  # completed listing cycles
-    cycle_started: float = 0.0  # time.monotonic() when the last completed cycle began
-    after_cycle: Callable[[Watch], Awaitable[None]] | None = None  # the reconciler
-    loop: asyncio.AbstractEventLoop | None = None
-    log: logging.Logger = log
-    _task: asyncio.Task | None = None
-    _users_failing: dict[str, str] = field(default_factory=dict)  # said once per user
+    def __init__(self, spawner: SSHBatchSpawner, key: str = "", title: str = "",
+                 description: str = "", groups: frozenset[str] = frozenset(),
+                 scheduler: ModuleType | None = None, settings: dict[str, Any] | None = None,
+                 config: dict[str, Any] | None = None) -> None:
+        self.spawner = spawner
+        self.key = key  # "": the spawner's own (a hub with one cluster)
+        self.title = title or key
+        self.description = description
+        self.groups = groups  # empty: offered to everyone
+        self.scheduler: ModuleType = scheduler or getattr(type(spawner), "scheduler", None)
+        self._settings = settings
+        self.config = dict(config or {})
 
-    def track(self, job_id: str, owner: SSHTarget) -> None:
-        """List ``job_id`` from now on (``owner``: the connection to use when there is no
-        status identity; the latest one given is used). Raises ``ValueError`` for an owner
-        the scheduler's commands refuse, which would otherwise spoil every listing."""
-        self.scheduler.quote_job_id(job_id)
-        self.scheduler.list_command([owner.username])
-        self.owners[job_id] = owner
-        self.start()
+    def __getattr__(self, name: str) -> Any:
+        """An option of the spawner, as this cluster sets it."""
+        if name.startswith("_") or name == "spawner":
+            raise AttributeError(name)
+        if name in self.config:
+            return self.config[name]
+        spawner = self.spawner
+        if not (spawner.has_trait(name) and spawner.trait_metadata(name, "config")):
+            raise AttributeError(f"{type(self).__name__} has no option {name!r}")
+        return spawner.configured_hub_options.get(name, getattr(spawner, name))
 
-    def seed(self, job_id: str, known: JobStatus) -> None:
-        """What the spawner itself has just seen of a tracked job (running, at the end of its
-        start), until a listing covers it: a poll right after a start (JupyterHub's, before
-        a stop) answers at once, not after the next cycle."""
-        if job_id in self.owners and job_id not in self.entries:
-            self.entries[job_id] = _Entry(known, time.monotonic())
-
-    def untrack(self, job_id: str) -> None:
-        self.owners.pop(job_id, None)
-        self.entries.pop(job_id, None)
-
-    def list_users(self, users: dict[str, SSHTarget]) -> None:
-        """List these cluster users' jobs too, every cycle, whether or not a server of theirs
-        is tracked (the reconciler's view); replaces the previous set."""
-        for username in users:
-            self.scheduler.list_command([username])
-        self.users = dict(users)
-        if users:
-            self.start()
-
-    def start(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.ensure_future(self._run())
-
-    async def status(self, job_id: str, wait: float | None = None) -> JobStatus:
-        """The job's last listed status; ``UNKNOWN`` (with why) when that is older than
-        ``stale_after``, or when no listing has covered it within ``wait`` seconds."""
-        if job_id not in self.owners:
-            raise KeyError(f"job {job_id} is not tracked")
-        wait = self.command_timeout + 1 if wait is None else wait
-        deadline = time.monotonic() + wait
-        # The cycle running now may have started before the job was tracked: wait for the next.
-        start = self.cycles
-        # A cycle that failed meanwhile ends the wait: the next one is backed off.
-        while (job_id not in self.entries and self.cycles < start + 2
-               and not (self.failing and self.cycles > start)
-               and time.monotonic() < deadline):
-            await asyncio.sleep(0.05)
-        entry = self.entries.get(job_id)
-        if entry is None:
-            why = f": {self.failing}" if self.failing else ""
-            return JobStatus(JobState.UNKNOWN, reason=f"no scheduler listing yet{why}")
-        age = time.monotonic() - entry.at
-        if age > self.stale_after:
-            why = f" ({self.failing})" if self.failing else ""
-            return JobStatus(
-                JobState.UNKNOWN,
-                reason=f"the last scheduler listing is {age:.0f} s old{why}",
-            )
-        return entry.status
-
-    async def _run(self) -> None:
-        delay = self.interval
-        while self.owners or self.users:
-            try:
-                ok = await self.list_once()
-            except Exception as error:  # never let the watch die: poll() depends on it
-                self.log.error("%s: listing failed unexpectedly: %s", self.name, error,
-                               exc_info=True)
-                ok = False
-            if self.after_cycle is not None:
-                try:
-                    await self.after_cycle(self)
-                except Exception as error:  # the reconciler must not stop the listings
-                    self.log.error("%s: reconciling failed unexpectedly: %s", self.name, error,
-                                   exc_info=True)
-            delay = self.interval if ok else min(delay * 2, self.max_interval)
-            await asyncio.sleep(delay)
-        self._task = None
-
-    async def list_once(self) -> bool:
-        """One cycle: one listing per connection group (every user of the group at once).
-        True if every listing answered."""
-        started = time.monotonic()
-        groups: dict[str, tuple[SSHTarget, set[str], list[str]]] = {}
-        for username, user_target in [
-            *((owner.username, owner) for owner in self.owners.values()),
-            *self.users.items(),
-        ]:
-            target = self.status_target or user_target
-            key = repr((target.host, target.port, target.username))
-            groups.setdefault(key, (target, set(), []))[1].add(username)
-        for job_id, owner in self.owners.items():
-            target = self.status_target or owner
-            groups[repr((target.host, target.port, target.username))][2].append(job_id)
-        ok = True
-        for target, usernames, job_ids in groups.values():
-            # A group listed only for the reconciler (no server's job in it) that fails does
-            # not back off the servers' listings: its users' jobs are just not reconciled.
-            if not await self._list_group(target, sorted(usernames), job_ids) and job_ids:
-                ok = False
-        if ok and self.failing:
-            self.log.info("%s: the scheduler answers again", self.name)
-            self.failing = ""
-        self.cycles += 1
-        self.cycle_started = started
-        return ok
-
-    async def _list_group(self, target: SSHTarget, usernames: list[str],
-                          job_ids: list[str]) -> bool:
-        started = time.monotonic()
-        try:
-            command = self.scheduler.list_command(usernames)
-            connection = await self.pool.get(target)
-            output = await connection.run(command, timeout=self.command_timeout)
-            jobs = self.scheduler.parse_list_output(output)
-        except (ClusterUnreachable, SchedulerUnavailable, ValueError) as error:
-            if job_ids:
-                self._failed(str(error))
-            elif self._users_failing.get(target.username) != str(error):
-                self._users_failing[target.username] = str(error)
-                self.log.warning("%s: cannot list the jobs of %s (no server of theirs runs; "
-                                 "their jobs are not reconciled until it works): %s",
-                                 self.name, target.username, error)
-            return False
-        self._users_failing.pop(target.username, None)
-        self.listings += 1
-        self.log.debug(
-            "%s: %s for %d user(s), %d job(s) of ours, as %s: %.3f s, %d bytes, %d jobs",
-            self.name, command.split()[0], len(usernames), len(job_ids), target.username,
-            time.monotonic() - started, len(output.stdout) + len(output.stderr), len(jobs),
-        )
-        gone = f"{self.scheduler.DISPLAY_NAME} no longer lists the job"
-        statuses = statuses_of(jobs, job_ids, self.scheduler.job_key, gone)
-        await self._confirm_ends(statuses)
-        now = time.monotonic()
-        for job_id, job_status in statuses.items():
-            if job_id in self.owners:
-                self.entries[job_id] = _Entry(job_status, now)
-        for username in usernames:
-            self.listed[username] = Listing(now, [j for j in jobs if j.owner == username])
-        return True
-
-    async def _confirm_ends(self, statuses: dict[str, JobStatus]) -> None:
-        """A job the status identity's listing calls ended is asked about once more over its
-        owner's own connection: a site that hides other users' jobs (Slurm
-        ``PrivateData=jobs``) must not make every other user's server look ended."""
-        if self.status_target is None:
-            return
-        for job_id, job_status in list(statuses.items()):
-            owner = self.owners.get(job_id)
-            if job_status.state is not JobState.DONE or owner is None or (
-                    owner.username == self.status_target.username):
-                continue
-            try:
-                connection = await self.pool.get(owner)
-                output = await connection.run(self.scheduler.status_command(job_id),
-                                              timeout=self.command_timeout)
-            except ClusterUnreachable as error:
-                statuses[job_id] = JobStatus(JobState.UNKNOWN, reason=str(error))
-                continue
-            confirmed = self.scheduler.parse_status_output(output, job_id)
-            if confirmed.state is not JobState.DONE:
-                self.log.warning(
-                    "%s: %s's job %s is missing from the listing as %s, but %s still sees it "
-                    "(%s): the status identity cannot see other users' jobs here; unset "
-                    "status_cluster_username", self.name, owner.username, job_id,
-                    self.status_target.username, owner.username, confirmed.state.value,
-                )
-            statuses[job_id] = confirmed
-
-    def _failed(self, why: str) -> None:
-        if why != self.failing:
-            self.log.warning(
-                "%s: cannot list the hub's jobs: %s; servers keep running, their state is "
-                "unknown until a listing succeeds (retrying, backing off to %.0f s)",
-                self.name, why, self.max_interval,
-            )
-        self.failing = why
+    def __repr__(self) -> str:
+        return f"<Cluster {self.key or '(own)'} {self.scheduler.NAME}>"
 
     @property
-    def name(self) -> str:
-        target = (self.status_target or next(iter(self.owners.values()), None)
-                  or next(iter(self.users.values()), None))
-        where = f"{target.host}:{target.port}" if target else "?"
-        return f"{self.scheduler.DISPLAY_NAME} at {where}"
+    def settings(self) -> dict[str, Any]:
+        """The scheduler's settings (``qos``, ``parallel_environment``, ...)."""
+        if self._settings is not None:
+            return self._settings
+        return self.spawner.scheduler_settings()
+
+    @property
+    def hub_options(self) -> dict[str, Any]:
+        """The options of JupyterHub's own ``Spawner`` this cluster sets."""
+        own = Spawner.class_traits(config=True)
+        return {name: value for name, value in self.config.items() if name in own}
+
+    def offered_to(self, groups: set[str]) -> bool:
+        return not self.groups or bool(self.groups & groups)
+
+    # --- what a user may ask for ----------------------------------------------------------
+
+    def limits(self) -> Limits:
+        """The configured resource choices, checked (a bad config value is a clear error)."""
+        max_memory_mb = parse_memory_mb(self.max_memory, 1 << 40)
+        max_walltime = parse_walltime_seconds(self.max_walltime, 1 << 40)
+        return Limits(
+            default_partition=self.default_partition,
+            partitions=tuple(
+                str(entry.get("name", "")) if isinstance(entry, dict) else entry
+                for entry in self.partitions
+            ),
+            default_cpus=self.default_cpus,
+            max_cpus=self.max_cpus,
+            default_memory_mb=(
+                parse_memory_mb(self.default_memory, max_memory_mb) if self.default_memory else 0
+            ),
+            max_memory_mb=max_memory_mb,
+            default_gpus=self.default_gpus,
+            max_gpus=self.max_gpus,
+            default_walltime_seconds=(
+                parse_walltime_seconds(self.default_walltime, max_walltime)
+                if self.default_walltime
+                else 0
+            ),
+            max_walltime_seconds=max_walltime,
+            default_account=self.default_account,
+        )
+
+    def choices(self, groups: set[str]) -> Choices:
+        """What a member of ``groups`` may choose here (partitions, presets, accounts, limits);
+        ``ValueError`` for a bad setting."""
+        return choices_for(self.limits(), groups, partitions=self.partitions,
+                           presets=self.presets, accounts=self.accounts,
+                           group_limits=self.group_limits)
+
+    def template_variables(self, resources: Resources) -> dict[str, Any]:
+        """The scheduler's template variables; ``ValueError`` for a request it cannot take."""
+        settings = {}
+        for key, value in self.settings.items():
+            try:
+                settings[key] = parse_name(key, value) if isinstance(value, str) else value
+            except ValueError as error:
+                raise ValueError(f"Bad spawner setting: {error}") from None
+        return self.scheduler.template_variables(resources, settings)
+
+    # --- who the user is there ------------------------------------------------------------
+
+    async def ssh_target(self, where: Where = ("", 0, "")) -> SSHTarget:
+        """How the spawner's user reaches this cluster: at ``where`` (a job's login node and
+        cluster user, even if the config changed since), else per the options;
+        ``ClusterUnreachable`` when there is no valid name, login node or identity."""
+        spawner = self.spawner
+        host, port, username = where
+        host, port = host or self.login_host, port or self.login_port
+        if not username:
+            if callable(self.cluster_username):
+                username = await maybe_future(self.cluster_username(spawner))
+            else:
+                username = self.cluster_username.format(username=spawner.user.name)
+        if not _CLUSTER_USERNAME.fullmatch(username or ""):
+            raise ClusterUnreachable(
+                f"The cluster username {username!r} for {spawner.user.name} is not a valid Unix "
+                "user name; check the cluster_username setting."
+            )
+        if not host:
+            raise ClusterUnreachable("No login node is configured (login_host is empty).")
+        key_text, certificate_text = await self._auth_state_identity()
+        return SSHTarget(
+            host=host,
+            port=port,
+            username=username,
+            key_path=(
+                "" if self.ssh_ca_key_path or self.auth_state_ssh_key
+                else self.ssh_key_path_template.format(username=username)
+            ),
+            known_hosts_path=self.known_hosts_path,
+            connect_timeout=self.ssh_connect_timeout,
+            ca_key_path=self.ssh_ca_key_path,
+            certificate_minutes=self.ssh_certificate_minutes,
+            key_id=f"hub_spawner:{spawner.user.name}",
+            key_text=key_text,
+            certificate_text=certificate_text,
+        )
+
+    def status_target(self, owner: SSHTarget) -> SSHTarget | None:
+        """The status identity's target (``status_cluster_username``) beside ``owner``'s, or
+        None when every user lists their own jobs."""
+        if not self.status_cluster_username or self.auth_state_ssh_key:
+            return None
+        return dataclasses.replace(
+            owner,
+            username=self.status_cluster_username,
+            key_path="" if self.ssh_ca_key_path
+            else self.ssh_key_path_template.format(username=self.status_cluster_username),
+            key_id="hub_spawner:status",
+        )
+
+    async def _auth_state_identity(self) -> tuple[str, str]:
+        """The key (and certificate) from the user's auth_state, if that is configured."""
+        if not self.auth_state_ssh_key:
+            return "", ""
+        user = self.spawner.user
+        auth_state = await user.get_auth_state() or {}
+        key_text = auth_state.get(self.auth_state_ssh_key)
+        if not isinstance(key_text, str) or not key_text.strip():
+            raise ClusterUnreachable(
+                f"There is no SSH key for {user.name} from the login (auth_state "
+                f"{self.auth_state_ssh_key!r}). Log out and log in again; if it persists, tell "
+                "an administrator (enable_auth_state and the authenticator must provide it)."
+            )
+        certificate = auth_state.get(self.auth_state_ssh_certificate, "") if (
+            self.auth_state_ssh_certificate) else ""
+        return key_text, certificate if isinstance(certificate, str) else ""
 
 
-def watch_for(
-    watches: dict[tuple, Watch],
-    scheduler: ModuleType,
-    host: str,
-    port: int,
-    status_target: SSHTarget | None,
-    pool: ConnectionPool,
-    interval: float,
-    command_timeout: float,
-    logger: logging.Logger | None = None,
-) -> Watch:
-    """The shared watch of this cluster in ``watches`` (the hub's: ``Hub.watches``; made on
-    first use; settings follow the latest caller, as every spawner of one cluster has the
-    same config)."""
-    key = (scheduler.NAME, host, port, status_target.username if status_target else "")
-    found = watches.get(key)
-    if found is None:
-        found = watches[key] = Watch(scheduler, pool, loop=asyncio.get_running_loop())
-    found.interval = interval
-    found.stale_after = 3 * interval + 1
-    found.command_timeout = command_timeout
-    found.status_target = status_target
-    if logger is not None:
-        found.log = logger
+def configured_clusters(spawner: SSHBatchSpawner) -> list[Cluster]:
+    """Every entry of the spawner's ``clusters``, checked, whoever may use it; empty when the
+    hub has one cluster. ``ValueError`` naming a bad entry."""
+    found: list[Cluster] = []
+    for index, entry in enumerate(spawner.clusters):
+        where = f"Bad spawner setting clusters[{index}]"
+        key = entry.get("name")
+        if not isinstance(key, str) or not _KEY.fullmatch(key):
+            raise ValueError(f"{where}: 'name' must be letters, digits, '_' or '-' ({key!r})")
+        if key in {c.key for c in found}:
+            raise ValueError(f"{where}: a second cluster named {key!r}")
+        unknown = sorted(set(entry) - _FIELDS)
+        if unknown:
+            raise ValueError(f"{where}: unknown field {unknown[0]!r}; known: "
+                             f"{', '.join(sorted(_FIELDS))}")
+        kind = entry.get("scheduler")
+        if kind not in SCHEDULERS:
+            raise ValueError(f"{where}: 'scheduler' must be slurm, sge or torque ({kind!r})")
+        settings = dict(SCHEDULER_SETTINGS[kind])
+        for name, value in dict(entry.get("settings") or {}).items():
+            if name not in settings:
+                raise ValueError(f"{where}: {kind} has no setting {name!r}; it has: "
+                                 f"{', '.join(settings) or 'none'}")
+            settings[name] = value
+        config = dict(entry.get("config") or {})
+        for name, value in config.items():
+            trait = spawner.traits().get(name)
+            if name == "clusters" or trait is None or not trait.metadata.get("config"):
+                raise ValueError(f"{where}: 'config' names {name!r}, which is not an option "
+                                 "of this spawner")
+            try:
+                trait.validate(spawner, value)
+            except TraitError as error:
+                raise ValueError(f"{where}: config {name!r}: {error}") from None
+        groups = frozenset(str(group) for group in entry.get("groups") or [])
+        found.append(Cluster(spawner, key, str(entry.get("display_name") or key),
+                             str(entry.get("description") or ""), groups, SCHEDULERS[kind],
+                             settings, config))
     return found
 
 
-@dataclass(frozen=True)
-class LoadReading:
-    """The free/total cores per partition (``loads``), or ``None`` with ``error`` saying why."""
-
-    loads: list[QueueLoad] | None
-    fetched_at: float  # time.time() of the answer
-    error: str = ""
-
-
-@dataclass
-class _LoadEntry:
-    reading: LoadReading | None = None
-    at: float = 0.0  # time.monotonic() of the reading
-    task: asyncio.Task | None = None
-    loop: asyncio.AbstractEventLoop | None = None
-    calls: int = 0  # scheduler commands run, for tests
-
-
-async def load_for(
-    loads: dict[tuple, _LoadEntry],
-    scheduler: ModuleType,
-    target: SSHTarget,
-    pool: ConnectionPool,
-    interval: float,
-    command_timeout: float,
-    wait: float = 2.0,
-    logger: logging.Logger | None = None,
-) -> LoadReading:
-    """The cluster's load as of at most ``interval`` seconds ago, shared by every user (in
-    ``loads``, the hub's: ``Hub.loads``): one
-    scheduler command per cluster per interval, however many forms are shown (one at a time;
-    callers meanwhile wait for it). Waits at most ``wait`` seconds for a fresh answer, then
-    says it is still being fetched; a failure is remembered for the interval too. Never raises.
-    """
-    key = (scheduler.NAME, target.host, target.port)
-    loop = asyncio.get_running_loop()
-    entry = loads.get(key)
-    if entry is None:
-        entry = loads[key] = _LoadEntry(loop=loop)
-    if entry.reading is not None and time.monotonic() - entry.at < interval:
-        return entry.reading
-    if entry.task is None or entry.task.done():
-        entry.task = loop.create_task(_fetch_load(entry, scheduler, target, pool,
-                                                  command_timeout, logger or log))
-    try:
-        await asyncio.wait_for(asyncio.shield(entry.task), wait)
-    except asyncio.TimeoutError:
-        pass
-    if entry.reading is not None and time.monotonic() - entry.at < interval + wait:
-        return entry.reading
-    return LoadReading(None, time.time(), "still being fetched; reload the page in a moment")
-
-
-def load_calls(loads: dict[tuple, _LoadEntry], scheduler: ModuleType, host: str,
-               port: int) -> int:
-    """How many load commands ran for this cluster (tests, benchmarks)."""
-    entry = loads.get((scheduler.NAME, host, port))
-    return entry.calls if entry else 0
-
-
-async def _fetch_load(
-    entry: _LoadEntry,
-    scheduler: ModuleType,
-    target: SSHTarget,
-    pool: ConnectionPool,
-    command_timeout: float,
-    logger: logging.Logger,
-) -> None:
-    started = time.monotonic()
-    try:
-        entry.calls += 1
-        connection = await pool.get(target)
-        output = await connection.run(scheduler.load_command(), timeout=command_timeout)
-        reading = LoadReading(scheduler.parse_load_output(output), time.time())
-        logger.debug("%s load at %s: %d rows in %.3f s", scheduler.DISPLAY_NAME, target.host,
-                     len(reading.loads or ()), time.monotonic() - started)
-    except (ClusterUnreachable, SchedulerUnavailable, ValueError) as error:
-        reading = LoadReading(None, time.time(), str(error))
-        logger.warning("%s at %s: cannot read the free cores for the spawn form: %s",
-                       scheduler.DISPLAY_NAME, target.host, error)
-    except Exception as error:  # the form must work whatever happens here
-        reading = LoadReading(None, time.time(), f"unexpected error ({error})")
-        logger.error("%s at %s: reading the free cores failed", scheduler.DISPLAY_NAME,
-                     target.host, exc_info=True)
-    entry.reading, entry.at = reading, time.monotonic()
+def cluster_named(spawner: SSHBatchSpawner, key: str) -> Cluster:
+    """The cluster ``key`` names (``""``: the spawner's own); ``ValueError`` when there is no
+    such cluster."""
+    if not key:
+        return Cluster(spawner)
+    for entry in configured_clusters(spawner):
+        if entry.key == key:
+            return entry
+    raise ValueError(f"no cluster {key!r} is configured")

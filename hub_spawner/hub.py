@@ -24,11 +24,11 @@ import time
 import weakref
 from typing import Any
 
-from .cluster import Watch
 from .errors import ClusterUnreachable
 from .reconciler import CannotActAsOwner, Reconciler
 from .ssh import ConnectionPool, SSHTarget
 from .tunnels.client import TunnelClient
+from .watch import Watch
 
 log = logging.getLogger("hub_spawner.hub")
 
@@ -50,8 +50,8 @@ class Hub:
         self.reconcilers: dict[ClusterKey, Reconciler] = {}
         self.background_tasks: set[asyncio.Future] = set()  # cleanups kept until done
         self.released: dict[str, float] = {}  # job names let go of (Reconciler.released)
-        self.watches: dict[tuple, Watch] = {}  # cluster.watch_for: one per cluster
-        self.loads: dict[tuple, Any] = {}  # cluster.load_for: the form's load, per cluster
+        self.watches: dict[tuple, Watch] = {}  # watch.watch_for: one per cluster
+        self.loads: dict[tuple, Any] = {}  # watch.load_for: the form's load, per cluster
         self.form_retries: dict[str, tuple[dict[str, str], Exception]] = {}  # refused forms
         self.tunnel_clients: dict[tuple[str, str, str, str], TunnelClient] = {}
         self.pool = ConnectionPool()  # every SSH connection of this hub's spawners

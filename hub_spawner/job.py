@@ -1,6 +1,7 @@
 """What the spawner asks the scheduler about its one job, over the job owner's connection:
 its status (with the scheduler's reason), why it ended, its output, its place in the queue,
-and its cancel (``JobCalls``); and the wait for its server's ready line (``ReadyWait``). No
+and its cancel (``JobCalls``); the wait for its server's ready line (``ReadyWait``); and its
+files on the login node (``JobFiles``). No
 JupyterHub here: a ``JobCalls`` is given the scheduler module, a way to connect, and the
 timeouts, so each rule below can be tested against a fake connection as well as the lab.
 
@@ -20,13 +21,16 @@ import asyncio
 import calendar
 import dataclasses
 import logging
+import posixpath
+import secrets
 import shlex
 import time
 from collections.abc import Awaitable, Callable
 from types import ModuleType
 from typing import Any
 
-from .errors import BadReadyLine, ClusterUnreachable, JobEndedEarly
+from . import jobfiles
+from .errors import BadReadyLine, ClusterUnreachable, JobEndedEarly, SpawnError
 from .jobscript import ReadyLine, last_lines, parse_ready_line, server_address
 from .schedulers import JobState, JobStatus, QueuePlace
 from .ssh import FileFollower, LoginConnection, SSHTarget
@@ -319,6 +323,74 @@ class ReadyWait:
                 f"host name differs from {name}'s name for it (e.g. a domain added), tell an "
                 "administrator: the two must be the same."
             ) from None
+
+
+@dataclasses.dataclass
+class JobFiles:
+    """A user's job files on the login node, under ``remote_state_dir`` (layout and retention
+    rules: ``jobfiles``): the job's own fresh directory, the server's certificates, and the
+    removal of old job directories."""
+
+    connection: LoginConnection
+    remote_state_dir: str  # relative to the user's home, or absolute
+    command_timeout: float
+    log: logging.Logger
+    log_name: str
+
+    async def state_dir(self) -> str:
+        """``remote_state_dir`` as an absolute, checked path (made 0700 if missing)."""
+        try:
+            path = jobfiles.check_remote_path(
+                posixpath.join(await self.connection.home(), self.remote_state_dir))
+        except ValueError as error:
+            raise SpawnError(str(error)) from None
+        await self.connection.make_private_dir(path)
+        return path
+
+    async def make_job_dir(self, job_name: str) -> tuple[jobfiles.JobPaths, str,
+                                                        jobfiles.RemoteEntry]:
+        """The job's paths, made in a fresh directory of its own (refused if it exists: no file
+        in it can be one somebody prepared); also the state directory and the new entry."""
+        state_dir = await self.state_dir()
+        try:
+            paths = jobfiles.job_paths(state_dir, job_name)
+        except ValueError as error:
+            raise SpawnError(str(error)) from None
+        return paths, state_dir, await self.connection.make_new_private_dir(paths.directory)
+
+    async def remove_old(self, state_dir: str, current: jobfiles.RemoteEntry, keep: int,
+                         min_age: float) -> None:
+        """Delete the job directories beyond the newest ``keep`` that are older than
+        ``min_age`` seconds; a failure is logged, never raised (the spawn goes on)."""
+        try:
+            entries = await self.connection.list_dir(state_dir)
+            names = jobfiles.expired_entries(entries, keep, current, min_age)
+            command = jobfiles.remove_command(state_dir, names)
+            if not command:
+                return
+            output = await self.connection.run(command, timeout=self.command_timeout)
+        except (ClusterUnreachable, ValueError) as error:
+            self.log.warning("%s: could not remove old job files in %s: %s", self.log_name,
+                             state_dir, error)
+            return
+        if output.exit_status:
+            self.log.warning("%s: removing old job files in %s failed: %s", self.log_name,
+                             state_dir, output.stderr.strip()[-300:])
+        else:
+            self.log.info("%s: removed %d old job file(s) in %s (job_files_keep = %d)",
+                          self.log_name, len(names), state_dir, keep)
+
+    async def put_certs(self, name: str, paths: dict[str, str]) -> tuple[str, dict[str, str]]:
+        """Copy the server's TLS files (``keyfile``, ``certfile``, ``cafile``) into a fresh
+        0700 directory ``name`` (plus a random suffix) as 0600 files; its path and theirs."""
+        directory = posixpath.join(await self.state_dir(), f"{name}-{secrets.token_hex(4)}")
+        await self.connection.make_new_private_dir(directory)  # fresh: files are created in it
+        remote = {}
+        for kind in ("keyfile", "certfile", "cafile"):
+            remote[kind] = posixpath.join(directory, kind + ".pem")
+            with open(paths[kind]) as local:
+                await self.connection.write_private_file(remote[kind], local.read())
+        return directory, remote
 
 
 def ordinal(number: int) -> str:

@@ -3,7 +3,7 @@ exist against the servers the hub wants, and converge (level-triggered, as Kuber
 controllers are).
 
 Requirements:
-- fed by the cluster's status watch (``hub_spawner.cluster.Watch``): after each cycle it reads
+- fed by the cluster's status watch (``hub_spawner.watch.Watch``): after each cycle it reads
   the jobs of every cluster user the watch listed *in that cycle*; a user whose listing failed
   is left alone until one answers (an unanswered listing never means "gone");
 - a job is this hub's when its name starts with ``jupyterhub-<hub id>-``: another hub's jobs
@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 from types import ModuleType
 
 from . import jobfiles
-from .cluster import Watch
 from .errors import ClusterUnreachable
 from .schedulers import JobState, ListedJob
 from .ssh import ConnectionPool, SSHTarget
+from .watch import Watch
 
 log = logging.getLogger("hub_spawner.reconciler")
 

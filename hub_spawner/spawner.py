@@ -11,11 +11,8 @@ reaches the same cleanup, which cancels the job.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
-import html
 import os
-import posixpath
 import re
 import secrets
 import sys
@@ -25,7 +22,7 @@ from types import ModuleType
 from typing import Any, ClassVar
 
 from jupyterhub.spawner import Spawner
-from jupyterhub.utils import maybe_future, url_path_join
+from jupyterhub.utils import url_path_join
 from traitlets import (
     Bool,
     Callable,
@@ -41,43 +38,25 @@ from traitlets import (
     validate,
 )
 
-from . import cluster, jobfiles, jobscript
-from .choices import Choices, Request, choices_for, resolve
+from . import jobfiles, jobscript
+from . import state as saved_state
+from .choices import Choices, Request, resolve
+from .cluster import Cluster, Where, configured_clusters
 from .errors import (
     BadOptions,
     ClusterUnreachable,
     JobRejected,
     NotReadyInTime,
-    SpawnError,
-)
-from .form import (
-    ClusterSection,
-    cluster_fields,
-    form_values,
-    load_note,
-    options_from_form,
-    render_cluster_forms,
-    render_options_form,
 )
 from .hub import hub_of, start_with_the_hub
-from .job import Cleanup, JobCalls, ReadyWait, iso_time, parse_iso_time
+from .job import Cleanup, JobCalls, JobFiles, ReadyWait, iso_time
 from .reconciler import MODES as RECONCILE_MODES
-from .resources import (
-    Limits,
-    OptionError,
-    Resources,
-    parse_memory_mb,
-    parse_name,
-    parse_walltime_seconds,
-)
 from .schedulers import JobState, JobStatus, SubmitRejected, sge, slurm, torque
 from .server_path import ServerPath
+from .spawn_form import SpawnForm
 from .ssh import FileFollower, LoginConnection, SSHTarget
 from .tunnels.client import TunnelError
-
-STATE_VERSION = 2
-
-_CLUSTER_USERNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
+from .watch import Watch, watch_for
 
 
 class SSHBatchSpawner(Spawner):
@@ -638,8 +617,16 @@ class SSHBatchSpawner(Spawner):
     @default("apply_user_options")
     def _apply_user_options_default(self) -> Any:
         # user_options are validated in start(), which turns a bad value into a clean error on
-        # the spawn page; this only tells JupyterHub (>= 5.3) that they are handled.
-        return lambda spawner, user_options: None
+        # the spawn page. This (JupyterHub >= 5.3) runs before JupyterHub reads start_timeout:
+        # the chosen cluster's options go on the spawner here, so its start_timeout is used.
+        def apply(spawner: SSHBatchSpawner, user_options: Any) -> None:
+            key = user_options.get("cluster") if isinstance(user_options, dict) else None
+            try:
+                spawner.use(SpawnForm(spawner).choose(key))
+            except ValueError:
+                pass  # start() says what is wrong
+
+        return apply
 
     @default("options_form")
     def _options_form_default(self) -> Any:
@@ -660,6 +647,8 @@ class SSHBatchSpawner(Spawner):
         self.server_path = ServerPath(self)  # its two forwards in the tunnel service
         self._warming: asyncio.Future | None = None
         self.cluster_username_on_record = ""  # who this user last was on the cluster (kept)
+        self.configured_hub_options: dict[str, Any] = {}  # see use()
+        self.cluster = Cluster(self)  # the cluster this server runs on (see use())
         self._reset_job()
         hub_of().register(self)
 
@@ -688,222 +677,45 @@ class SSHBatchSpawner(Spawner):
         self._start_interrupted = False  # the state says a start never returned: a dead hub's
 
     def get_state(self) -> dict[str, Any]:
-        """Everything needed to find, poll, reach and cancel the job after a hub restart,
-        even if the config changed meanwhile (state version 2)."""
-        state = super().get_state()
-        if self.job_id or self.job_name:
-            state.update(
-                hub_spawner_version=STATE_VERSION,
-                scheduler=self.scheduler.NAME,
-                login_host=self.job_login_host or self.login_host,
-                login_port=self.job_login_port or self.login_port,
-                cluster_username=self.job_cluster_username,
-                job_id=self.job_id,
-                job_name=self.job_name,
-                job_host=self.job_host,
-                remote_port=self.remote_port,
-                remote_socket=self.remote_socket,
-                tunnel_port=self.tunnel_port,
-                api_tunnel_port=self.api_tunnel_port,
-                output_path=self.output_path,
-                secrets_path=self.secrets_path,
-                certs_dir=self.certs_dir,
-                starting=self._starting or self._start_interrupted,
-                # For admins (the API's server state, the admin page's details):
-                cluster=self.cluster_display_name or self.job_login_host or self.login_host,
-                cluster_key=getattr(self, "_cluster_key", ""),
-                submitted_at=iso_time(self.job_submitted_at),
-                started_at=iso_time(self.job_started_at),
-                walltime_seconds=self.walltime_seconds,
-                ends_at=iso_time(self._walltime_end),
-            )
-        elif self.cluster_username_on_record:
-            # Kept after a stop: the reconciler lists (and cancels as) the cluster users on
-            # record, also after a restart with no server running.
-            state.update(
-                hub_spawner_version=STATE_VERSION,
-                scheduler=self.scheduler.NAME,
-                login_host=self.job_login_host or self.login_host,
-                login_port=self.job_login_port or self.login_port,
-                cluster_username=self.cluster_username_on_record,
-                cluster_key=getattr(self, "_cluster_key", ""),
-            )
-        return state
+        """What finds, polls, reaches and cancels the job after a restart
+        (``hub_spawner.state``)."""
+        return {**super().get_state(), **saved_state.of(self)}
 
     def cluster_record(self) -> tuple[str, str, int, str]:
         """(scheduler, login host, login port, cluster user) this spawner has on record:
         its job's, or its last job's; the user part is empty when it never had one."""
-        return (self.scheduler.NAME, self.job_login_host or self.login_host,
-                self.job_login_port or self.login_port,
+        return (self.cluster.scheduler.NAME, self.job_login_host or self.cluster.login_host,
+                self.job_login_port or self.cluster.login_port,
                 self.job_cluster_username or self.cluster_username_on_record)
 
-    def _save_state_now(self) -> None:
-        """Commit this state to the hub's database at once. JupyterHub saves it only after
-        start() returns: a hub that dies while a job waits or starts would forget the job, and
-        leave it running. With this, the restarted hub loads the job (``starting``: the spawn
-        never finished), and cancels it."""
-        if self.orm_spawner is None or self.db is None:
-            return
-        try:
-            self.orm_spawner.state = self.get_state()
-            self.db.commit()
-        except Exception as error:
-            self.db.rollback()
-            self.log.warning(
-                "%s: could not save the state of job %s early (%s); a hub that dies before "
-                "the spawn ends would not know it", self._log_name,
-                self.job_id or self.job_name, error,
-            )
-
     def load_state(self, state: dict[str, Any]) -> None:
-        """Read state of version 2, or migrate version 1 (the skeleton's: no login node,
-        scheduler or cluster user; the config's are assumed). A job id in state of any other
-        version is never forgotten: it is kept (and polled, and cancelled at stop), with an
-        error in the log."""
+        """The job this server had (``hub_spawner.state``)."""
         super().load_state(state)
-        version = state.get("hub_spawner_version")
-        if version not in (1, STATE_VERSION):
-            if state.get("job_id") or state.get("job_name"):
-                self.log.error(
-                    "%s: spawner state of unknown version %r holds job %s; keeping the job id "
-                    "(it is polled and cancelled as usual) and ignoring the rest: %s",
-                    self._log_name, version, state.get("job_id") or state.get("job_name"),
-                    sorted(state),
-                )
-                self.job_id = _state_text(state, "job_id")
-                self.job_name = _state_text(state, "job_name")
-            return
-        self.job_id = _state_text(state, "job_id")
-        self.job_name = _state_text(state, "job_name")
-        if state.get("starting"):
-            self._start_interrupted = True
-            self._submission_sent = bool(self.job_name)  # no id yet: cancelled by its name
-        self.job_host = _state_text(state, "job_host")
-        self.remote_port = int(state.get("remote_port") or 0)
-        self.remote_socket = _state_text(state, "remote_socket")
-        self.tunnel_port = int(state.get("tunnel_port") or 0)
-        self.api_tunnel_port = int(state.get("api_tunnel_port") or 0)
-        self.output_path = _state_text(state, "output_path")
-        self.secrets_path = _state_text(state, "secrets_path")
-        self.certs_dir = _state_text(state, "certs_dir")
-        self.job_submitted_at = parse_iso_time(state.get("submitted_at"))
-        self.job_started_at = parse_iso_time(state.get("started_at"))
-        walltime = state.get("walltime_seconds")
-        self.walltime_seconds = walltime if isinstance(walltime, int) and walltime > 0 else 0
-        if version == STATE_VERSION:
-            self.job_cluster_username = _state_text(state, "cluster_username")
-            self.cluster_username_on_record = self.job_cluster_username
-            if not (self.job_id or self.job_name):
-                self.job_cluster_username = ""
-            cluster_key = _state_text(state, "cluster_key")
-            if cluster_key:
-                try:
-                    self.use_cluster(cluster_key)  # its scheduler and settings: poll, stop
-                except ValueError as error:
-                    self.log.error(
-                        "%s: job %s ran on cluster %r, which the config no longer has (%s); "
-                        "following it with the spawner's own settings", self._log_name,
-                        self.job_id, cluster_key, error,
-                    )
-            if state.get("scheduler") not in ("", None, self.scheduler.NAME):
-                self.log.error(
-                    "%s: job %s was submitted to %s, but this spawner is for %s; it is polled "
-                    "and cancelled with %s's commands, which may not know it",
-                    self._log_name, self.job_id, state["scheduler"], self.scheduler.NAME,
-                    self.scheduler.NAME,
-                )
-            login = (_state_text(state, "login_host"), int(state.get("login_port") or 0))
-            if login[0] and login != (self.login_host, self.login_port):
-                self.log.warning(
-                    "%s: job %s was submitted through %s:%d; following it there (the config now "
-                    "says %s:%d)", self._log_name, self.job_id, *login, self.login_host,
-                    self.login_port,
-                )
-            if login[0] and login[1]:
-                self.job_login_host, self.job_login_port = login
+        saved_state.load(self, state)
+
+    def use(self, cluster: Cluster) -> None:
+        """Put this server on ``cluster`` (its scheduler, settings and options). JupyterHub
+        reads its own options from the spawner's traits, so those the cluster sets
+        (``start_timeout``, ``cmd``, ...) are set here, and the configured values kept for the
+        next cluster; every other option is read through ``self.cluster``."""
+        for name in set(self.configured_hub_options) | set(cluster.hub_options):
+            self.configured_hub_options.setdefault(name, getattr(self, name))
+            setattr(self, name, cluster.hub_options.get(name, self.configured_hub_options[name]))
+        self.cluster = cluster
 
     # --- the form ----------------------------------------------------------------------------
 
-    def resource_limits(self) -> Limits:
-        """The configured resource choices, checked (a bad config value is a clear error)."""
-        max_memory_mb = parse_memory_mb(self.max_memory, 1 << 40)
-        max_walltime = parse_walltime_seconds(self.max_walltime, 1 << 40)
-        return Limits(
-            default_partition=self.default_partition,
-            partitions=tuple(
-                str(entry.get("name", "")) if isinstance(entry, dict) else entry
-                for entry in self.partitions
-            ),
-            default_cpus=self.default_cpus,
-            max_cpus=self.max_cpus,
-            default_memory_mb=(
-                parse_memory_mb(self.default_memory, max_memory_mb) if self.default_memory else 0
-            ),
-            max_memory_mb=max_memory_mb,
-            default_gpus=self.default_gpus,
-            max_gpus=self.max_gpus,
-            default_walltime_seconds=(
-                parse_walltime_seconds(self.default_walltime, max_walltime)
-                if self.default_walltime
-                else 0
-            ),
-            max_walltime_seconds=max_walltime,
-            default_account=self.default_account,
-        )
-
-    # --- several clusters ----------------------------------------------------------------
-
-    def configured_clusters(self) -> list[ClusterChoice]:
-        """Every entry of ``clusters``, checked, whoever may use it; empty when the hub has one
-        cluster. ``ValueError`` for a bad entry."""
-        return _cluster_choices(self.clusters, self)
-
-    def offered_clusters(self) -> list[ClusterChoice]:
+    def offered_clusters(self) -> list[Cluster]:
         """The clusters this user may choose (``clusters``, by their groups), checked; empty
         when the hub has one cluster. ``ValueError`` for a bad entry."""
         groups = self._user_groups()
-        return [entry for entry in self.configured_clusters()
-                if not entry.groups or entry.groups & groups]
+        return [entry for entry in configured_clusters(self) if entry.offered_to(groups)]
 
-    def use_cluster(self, key: str) -> None:
-        """Make this spawner the one for cluster ``key`` (its scheduler, settings and config,
-        over the spawner's own); ``""``: the spawner's own. Restores what the previous call
-        changed first. ``ValueError`` when no such cluster is configured."""
-        entry = None
-        if key:
-            entry = next((c for c in _cluster_choices(self.clusters, self) if c.key == key), None)
-            if entry is None:
-                raise ValueError(f"no cluster {key!r} is configured")
-        base = self.__dict__.setdefault("_cluster_base", {})
-        for name, value in base.items():
-            setattr(self, name, value)
-        base.clear()
-        self.__dict__.pop("scheduler", None)
-        self._cluster_key = ""
-        if entry is None:
-            return
-        for name, value in entry.config.items():
-            base[name] = getattr(self, name)
-            setattr(self, name, value)
-        self.scheduler = entry.scheduler
-        self._cluster_key = entry.key
-
-    @property
-    def _cluster(self) -> ClusterChoice | None:
-        key = getattr(self, "_cluster_key", "")
-        return next((c for c in _cluster_choices(self.clusters, self) if c.key == key), None)
-
-    def user_choices(self) -> Choices:
-        """What this user may choose (their JupyterHub groups decide partitions, presets,
-        accounts and limits); ``ValueError`` for a bad setting."""
-        return choices_for(
-            self.resource_limits(),
-            self._user_groups(),
-            partitions=self.partitions,
-            presets=self.presets,
-            accounts=self.accounts,
-            group_limits=self.group_limits,
-        )
+    def user_choices(self, cluster: Cluster | None = None) -> Choices:
+        """What this user may choose on ``cluster`` (default: this server's); their JupyterHub
+        groups decide partitions, presets, accounts and limits. ``ValueError`` for a bad
+        setting."""
+        return (cluster or self.cluster).choices(self._user_groups())
 
     def _user_groups(self) -> set[str]:
         try:
@@ -912,122 +724,20 @@ class SSHBatchSpawner(Spawner):
             return set()
 
     async def render_form(self) -> str:
-        """The spawn form for this user: their choices, the cluster's live free cores, and
-        after a refusal their own values with the message next to the field."""
-        values, error = hub_of().form_retries.pop(self._form_key, ({}, None))
-        if self.clusters:
-            return await self._render_cluster_form(values, error)
-        try:
-            choices = self.user_choices()
-        except ValueError as problem:
-            self.log.error("%s: cannot offer the spawn form: %s", self._log_name, problem)
-            return (
-                f'<div class="alert alert-danger">The spawn form is misconfigured: '
-                f"{html.escape(str(problem))} Tell the hub's admins.</div>"
-            )
-        load, note = await self._cluster_load()
-        return render_options_form(
-            choices, self.scheduler.QUEUE_LABEL, values=values, error=error, load=load,
-            load_note=note,
-        )
-
-    async def _render_cluster_form(self, values: dict[str, str], error: Any) -> str:
-        """The form for several clusters: each one this user may use, with its own choices
-        and live load; the chosen (or first) one open."""
-        before = getattr(self, "_cluster_key", "")
-        sections = []
-        try:
-            offered = self.offered_clusters()
-            if not offered:
-                return ('<div class="alert alert-warning">No cluster is offered to you here. '
-                        "Ask the hub's admins for access.</div>")
-            for entry in offered:
-                self.use_cluster(entry.key)
-                load, note = await self._cluster_load()
-                sections.append(ClusterSection(
-                    entry.key, entry.title, entry.description, self.scheduler.DISPLAY_NAME,
-                    self.scheduler.QUEUE_LABEL, self.user_choices(), load, note,
-                ))
-        except ValueError as problem:
-            self.log.error("%s: cannot offer the spawn form: %s", self._log_name, problem)
-            return (
-                f'<div class="alert alert-danger">The spawn form is misconfigured: '
-                f"{html.escape(str(problem))} Tell the hub's admins.</div>"
-            )
-        finally:
-            self.use_cluster(before)
-        keys = [section.key for section in sections]
-        chosen = values.get("cluster") if values.get("cluster") in keys else keys[0]
-        return render_cluster_forms(sections, chosen, values=values, error=error)
-
-    async def _cluster_load(self) -> tuple[list[Any] | None, str]:
-        """The cluster's free/total cores per partition (shared cache), and a note on it."""
-        if not self.cluster_load_interval or not hasattr(self.scheduler, "load_command"):
-            return None, "not offered here"
-        try:
-            target = await self._ssh_target()
-        except Exception as error:
-            return None, f"cannot connect ({error})"
-        reading = await cluster.load_for(
-            hub_of().loads,
-            self.scheduler, target, hub_of().pool, self.cluster_load_interval,
-            self.command_timeout, wait=2.0, logger=self.log,
-        )
-        if reading.loads is None:
-            return None, reading.error or "still being fetched; reload the page in a moment"
-        return reading.loads, load_note(reading.fetched_at)
-
-    @property
-    def _form_key(self) -> str:
-        # JupyterHub re-renders a refused form with the user's *default* server's spawner.
-        return getattr(self.user, "name", "")
+        """The spawn form for this user (``spawn_form.SpawnForm``)."""
+        return await SpawnForm(self).render()
 
     def options_from_form(self, formdata: dict[str, list[str]]) -> dict[str, Any]:
-        key = (formdata.get("cluster") or [""])[0] if self.clusters else ""
-        fields = formdata
-        before = getattr(self, "_cluster_key", "")
-        try:
-            if self.clusters:
-                self._choose_cluster(key)  # none posted: the first the user may use
-                key = self._cluster_key
-                fields = cluster_fields(formdata, key)
-            choices = self.user_choices()
-            options = options_from_form(fields, choices)
-            self._template_variables(resolve(options, choices).resources)
-        except ValueError as error:
-            field = error.field if isinstance(error, OptionError) else ""
-            values = {**form_values(fields), **({"cluster": key} if key else {})}
-            hub_of().form_retries[self._form_key] = (values, OptionError(field, str(error)))
-            raise
-        finally:
-            if self.clusters:
-                self.use_cluster(before)
-        return {**options, "cluster": key} if key else options
-
-    def _choose_cluster(self, key: Any) -> None:
-        """Use the cluster ``key`` names if this user may (the first they may, for none);
-        ``OptionError`` otherwise."""
-        offered = self.offered_clusters()
-        if key in (None, ""):
-            if not offered:
-                raise OptionError("cluster", "No cluster is offered to you here. Ask the "
-                                             "hub's admins for access.")
-            key = offered[0].key
-        if not isinstance(key, str) or key not in {entry.key for entry in offered}:
-            raise OptionError(
-                "cluster", f"Cluster {str(key)[:40]!r} is not offered to you. Choose one of: "
-                f"{', '.join(entry.key for entry in offered) or 'none'}."
-            )
-        self.use_cluster(key)
+        return SpawnForm(self).options(formdata)
 
     def _show_request(self, request: Request) -> None:
         """Keep ``user_options`` as validated, with the ``profile`` summary the admin page
         shows (``debug · 2 cores · 4 GB · 8 h``, or the preset's name)."""
         options = request.to_user_options()
-        entry = self._cluster
-        if entry is not None:
-            options["cluster"] = entry.key
-            options["profile"] = f"{entry.title} · {options.get('profile', '')}".rstrip(" ·")
+        if self.cluster.key:
+            options["cluster"] = self.cluster.key
+            options["profile"] = f"{self.cluster.title} · {options.get('profile', '')}".rstrip(
+                " ·")
         self.user_options = options
         if self.orm_spawner is not None:
             self.orm_spawner.user_options = options  # committed with the spawn's state
@@ -1037,18 +747,6 @@ class SSHBatchSpawner(Spawner):
         """The admin's settings for this scheduler, as ``template_variables`` takes them."""
         return {}
 
-    def _template_variables(self, resources: Resources) -> dict[str, Any]:
-        """The scheduler's template variables; ``ValueError`` for a request it cannot take."""
-        settings = {}
-        entry = self._cluster
-        own = entry.settings if entry is not None else self.scheduler_settings()
-        for key, value in own.items():
-            try:
-                settings[key] = parse_name(key, value) if isinstance(value, str) else value
-            except ValueError as error:
-                raise ValueError(f"Bad spawner setting: {error}") from None
-        return self.scheduler.template_variables(resources, settings)
-
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> str:
@@ -1057,15 +755,13 @@ class SSHBatchSpawner(Spawner):
         options = dict(self.user_options or {}) if isinstance(self.user_options, dict) else {}
         cluster_key = options.pop("cluster", None)
         try:
-            if self.clusters:
-                self._choose_cluster(cluster_key)
-            elif cluster_key not in (None, ""):
-                raise OptionError("cluster", "This hub has one cluster: leave out 'cluster'.")
-            request = resolve(options, self.user_choices())
+            cluster = SpawnForm(self).choose(cluster_key)
+            request = resolve(options, self.user_choices(cluster))
             resources = request.resources
-            self._template_variables(resources)
+            cluster.template_variables(resources)
         except ValueError as error:
             raise BadOptions(str(error)) from None
+        self.use(cluster)
         certs_dir = self.certs_dir  # move_certs ran just before start()
         self._reset_job()
         self.certs_dir = certs_dir
@@ -1129,7 +825,7 @@ class SSHBatchSpawner(Spawner):
         )
 
     async def _start_job(self, resources: Any) -> str:
-        scheduler = self.scheduler
+        scheduler = self.cluster.scheduler
         steps = _Steps()
         # The hub API's path (the tunnel service starting its own master, ~0.2 s) is made while
         # this connection and the job's directories are: only the secrets file needs it.
@@ -1156,13 +852,14 @@ class SSHBatchSpawner(Spawner):
         await connection.write_private_file(paths.script, self._job_script(resources))
         steps.done("files")
         self._submission_sent = True
-        self._save_state_now()  # the job's name: a hub that dies now cancels it by name
+        saved_state.save_now(self)  # the job's name: a hub that dies now cancels it by name
         # From now on a job may exist: the cluster's watch and reconciler run (in the
         # background), so a spawn that fails and cannot cancel leaves nothing behind even on a
         # hub where no server of this cluster has run yet.
         hub_of().keep(asyncio.ensure_future(self.watch_cluster()))
         output = await connection.run(
-            scheduler.submit_command(paths.script, self.output_path), timeout=self.command_timeout
+            scheduler.submit_command(paths.script, self.output_path),
+            timeout=self.cluster.command_timeout,
         )
         steps.done("submit")
         try:
@@ -1174,7 +871,7 @@ class SSHBatchSpawner(Spawner):
                 f"{scheduler.DISPLAY_NAME} rejected the job: {error}. "
                 "Check the resources you asked for and try again."
             ) from None
-        self._save_state_now()
+        saved_state.save_now(self)
         self.log.info(
             "%s: submitted %s job %s in %s", self._log_name, scheduler.NAME, self.job_id, steps
         )
@@ -1190,9 +887,9 @@ class SSHBatchSpawner(Spawner):
                 raise
             raise TunnelError(
                 f"{error}. In socket mode the hub reaches the job's node over SSH through the "
-                f"login node: {ready.host}'s host key must be in {self.known_hosts_path} under "
-                f"the name {ready.host!r}, and the node's sshd must let "
-                f"{connection.target.username} in while the job runs."
+                f"login node: {ready.host}'s host key must be in "
+                f"{self.cluster.known_hosts_path} under the name {ready.host!r}, and the node's "
+                f"sshd must let {connection.target.username} in while the job runs."
             ) from None
         self._emit(90, f"Tunnel open: hub port {self.tunnel_port} -> "
                        f"{self.server_path.destination}")
@@ -1203,7 +900,8 @@ class SSHBatchSpawner(Spawner):
     def _warm_up(self) -> None:
         """While the user looks at the spawn form: open the SSH connection and have the tunnel
         service start its master, so that Start waits for neither (~0.2 s). Best effort."""
-        if not self.warm_up_on_form or self._warming is not None and not self._warming.done():
+        warming = self._warming
+        if not self.cluster.warm_up_on_form or warming is not None and not warming.done():
             return
         try:
             loop = asyncio.get_running_loop()
@@ -1225,27 +923,24 @@ class SSHBatchSpawner(Spawner):
         removed); the job's name and file paths are set."""
         connection = await self._connection()
         steps.done("connect")
-        self._emit(5, f"Connected to {self.login_host} as {connection.target.username}")
+        self._emit(5, f"Connected to {self.cluster.login_host} as {connection.target.username}")
         self.job_cluster_username = connection.target.username
         self.cluster_username_on_record = connection.target.username
         self.job_login_host, self.job_login_port = connection.target.host, connection.target.port
-
-        state_dir = await self._state_dir(connection)
-        nonce = secrets.token_hex(4)
-        self.job_name = job_name(self._hub_id, self.user.name, self.name, nonce)
-        try:
-            paths = jobfiles.job_paths(state_dir, self.job_name)
-        except ValueError as error:
-            raise SpawnError(str(error)) from None
+        self.job_name = job_name(self._hub_id, self.user.name, self.name, secrets.token_hex(4))
+        files = self._files(connection)
+        paths, state_dir, job_dir = await files.make_job_dir(self.job_name)
         self.output_path, self.secrets_path = paths.output, paths.secrets
-        await connection.make_private_dir(state_dir)
-        # A fresh directory of the job's own (refused if it exists): no file in it can be one
-        # that somebody prepared, and the files below are created exclusively on top of that.
-        job_dir = await connection.make_new_private_dir(paths.directory)
         steps.done("directories")
-        await self._remove_old_job_files(connection, state_dir, job_dir)
+        # Older than any job can still run: its longest walltime plus the longest wait.
+        min_age = self.cluster.limits().max_walltime_seconds + float(self.start_timeout)
+        await files.remove_old(state_dir, job_dir, self.cluster.job_files_keep, min_age)
         steps.done("old files")
         return connection, paths
+
+    def _files(self, connection: LoginConnection) -> JobFiles:
+        return JobFiles(connection, self.cluster.remote_state_dir, self.cluster.command_timeout,
+                        self.log, self._log_name)
 
     async def _wait_for_ready_line(self) -> jobscript.ReadyLine:
         """Follow the job until it prints its ready line (``job.ReadyWait``); fail at once if
@@ -1254,8 +949,8 @@ class SSHBatchSpawner(Spawner):
             self.job_started_at = self.job_started_at or time.time()
 
         wait = ReadyWait(self._calls, self.job_id, self.output_path,
-                         self.server_transport == "socket", self.status_interval,
-                         self.status_interval_max, self._emit, started,
+                         self.cluster.server_transport == "socket", self.cluster.status_interval,
+                         self.cluster.status_interval_max, self._emit, started,
                          keep_paths=self.server_path.keep_hub_api)
         follower = await self._follow_output()
         try:
@@ -1343,48 +1038,36 @@ class SSHBatchSpawner(Spawner):
     def _warn_near_walltime(self) -> None:
         """Log once when the job has less than ``walltime_warning`` seconds left."""
         end = self._walltime_end
-        if not end or self._walltime_warned or not self.walltime_warning:
+        if not end or self._walltime_warned or not self.cluster.walltime_warning:
             return
         left = end - time.time()
-        if left <= self.walltime_warning:
+        if left <= self.cluster.walltime_warning:
             self._walltime_warned = True
             self.log.warning(
                 "%s: job %s reaches its walltime at %s (in %d min); %s will stop the server "
                 "then", self._log_name, self.job_id, iso_time(end), max(0, left) // 60,
-                self.scheduler.DISPLAY_NAME,
+                self.cluster.scheduler.DISPLAY_NAME,
             )
 
-    async def _watch(self) -> cluster.Watch:
-        """This cluster's shared status watch, with our job tracked on it."""
-        status_target = None
-        if self.status_cluster_username and not self.auth_state_ssh_key:
-            mine = await self._ssh_target()
-            status_target = dataclasses.replace(
-                mine,
-                username=self.status_cluster_username,
-                key_path="" if self.ssh_ca_key_path
-                else self.ssh_key_path_template.format(username=self.status_cluster_username),
-                key_id="hub_spawner:status",
-            )
+    async def _watch(self) -> Watch:
+        """This cluster's shared status watch (and its reconciler), with our job tracked."""
         job_id, owner = self.job_id, await self._ssh_target()
-        hub = hub_of()
-        watch = cluster.watch_for(
-            hub.watches,
-            self.scheduler, owner.host, owner.port, status_target, hub_of().pool,
-            self.cluster_status_interval, self.command_timeout, self.log,
-        )
+        hub, cluster = hub_of(), self.cluster
+        watch = watch_for(hub.watches, cluster.scheduler, owner.host, owner.port,
+                          cluster.status_target(owner), hub.pool, cluster.cluster_status_interval,
+                          cluster.command_timeout, self.log)
         hub.register(self)
-        hub.reconcile(watch, (self.scheduler.NAME, owner.host, owner.port), {
-            "hub_id": self._hub_id, "mode": self.reconcile, "grace": self.reconcile_grace,
-            "command_timeout": self.command_timeout, "log": self.log,
-            "state_dir": self.remote_state_dir,
+        hub.reconcile(watch, (cluster.scheduler.NAME, owner.host, owner.port), {
+            "hub_id": self._hub_id, "mode": cluster.reconcile, "grace": cluster.reconcile_grace,
+            "command_timeout": cluster.command_timeout, "log": self.log,
+            "state_dir": cluster.remote_state_dir,
         })
         hub.start_from_database()
         if job_id and job_id == self.job_id:  # not released while we awaited
             watch.track(job_id, owner)  # refreshed every poll (keys from auth_state change)
         elif not watch.users:  # the reconciler's listings of the users on record
             watch.list_users(await hub.users_to_list(
-                (self.scheduler.NAME, owner.host, owner.port), watch))
+                (cluster.scheduler.NAME, owner.host, owner.port), watch))
         return watch
 
     async def _track_running_job(self) -> None:
@@ -1406,7 +1089,7 @@ class SSHBatchSpawner(Spawner):
             await self._watch()
         except Exception as error:
             self.log.warning("%s: cannot watch %s yet: %s", self._log_name,
-                             self.scheduler.DISPLAY_NAME, error)
+                             self.cluster.scheduler.DISPLAY_NAME, error)
 
     async def ssh_target(self, where: tuple[str, int, str]) -> SSHTarget:
         """How to reach the cluster at ``where`` (login host, port, cluster user) with this
@@ -1429,7 +1112,7 @@ class SSHBatchSpawner(Spawner):
 
     def _untrack(self, job_id: str) -> None:
         for watch in list(hub_of().watches.values()):
-            if job_id in watch.owners and watch.owners[job_id].host == self.login_host:
+            if job_id in watch.owners and watch.owners[job_id].host == self.cluster.login_host:
                 watch.untrack(job_id)
 
     async def move_certs(self, paths: dict[str, str]) -> dict[str, str]:
@@ -1438,21 +1121,9 @@ class SSHBatchSpawner(Spawner):
         paths there; the server then serves TLS and verifies the hub's certificate on every hub
         API call (so a process that takes the reverse forward's port learns nothing). The
         directory is removed with the job."""
-        connection = await self._connection()
-        base = await self._state_dir(connection)
-        directory = posixpath.join(
-            base,
-            f"certs-{_slug(self.user.name)}-{_slug(self.name) or 'default'}-"
-            f"{secrets.token_hex(4)}",
-        )
-        await connection.make_private_dir(base)
-        await connection.make_new_private_dir(directory)  # fresh: the files are created in it
-        self.certs_dir = directory
-        remote = {}
-        for kind in ("keyfile", "certfile", "cafile"):
-            remote[kind] = posixpath.join(directory, kind + ".pem")
-            with open(paths[kind]) as local:
-                await connection.write_private_file(remote[kind], local.read())
+        files = self._files(await self._connection())
+        self.certs_dir, remote = await files.put_certs(
+            f"certs-{_slug(self.user.name)}-{_slug(self.name) or 'default'}", paths)
         return remote
 
     async def stop(self, now: bool = False) -> None:
@@ -1498,110 +1169,24 @@ class SSHBatchSpawner(Spawner):
         as whom, even if the config changed since; empty when there is no job."""
         if not self.job_id or not self.job_cluster_username:
             return ("", 0, "")
-        return (self.job_login_host or self.login_host, self.job_login_port or self.login_port,
-                self.job_cluster_username)
+        return (self.job_login_host or self.cluster.login_host,
+                self.job_login_port or self.cluster.login_port, self.job_cluster_username)
 
-    async def _ssh_target(self, where: tuple[str, int, str] | None = None) -> SSHTarget:
+    async def _ssh_target(self, where: Where | None = None) -> SSHTarget:
         """How to reach the cluster as this user: at ``where`` (a job's login node and
         cluster user, see ``_job_where``; default: the current job's), else per the config."""
-        host, port, username = where if where and where[2] else self._job_where()
-        host, port = host or self.login_host, port or self.login_port
-        if username:
-            pass  # the job's, even if the mapping changed since
-        elif callable(self.cluster_username):
-            username = await maybe_future(self.cluster_username(self))
-        else:
-            username = self.cluster_username.format(username=self.user.name)
-        if not _CLUSTER_USERNAME.fullmatch(username or ""):
-            raise ClusterUnreachable(
-                f"The cluster username {username!r} for {self.user.name} is not a valid Unix "
-                "user name; check the cluster_username setting."
-            )
-        if not host:
-            raise ClusterUnreachable("No login node is configured (login_host is empty).")
-        key_text, certificate_text = await self._auth_state_identity()
-        return SSHTarget(
-            host=host,
-            port=port,
-            username=username,
-            key_path=(
-                "" if self.ssh_ca_key_path or self.auth_state_ssh_key
-                else self.ssh_key_path_template.format(username=username)
-            ),
-            known_hosts_path=self.known_hosts_path,
-            connect_timeout=self.ssh_connect_timeout,
-            ca_key_path=self.ssh_ca_key_path,
-            certificate_minutes=self.ssh_certificate_minutes,
-            key_id=f"hub_spawner:{self.user.name}",
-            key_text=key_text,
-            certificate_text=certificate_text,
-        )
-
-    async def _auth_state_identity(self) -> tuple[str, str]:
-        """The key (and certificate) from the user's auth_state, if that is configured."""
-        if not self.auth_state_ssh_key:
-            return "", ""
-        auth_state = await self.user.get_auth_state() or {}
-        key_text = auth_state.get(self.auth_state_ssh_key)
-        if not isinstance(key_text, str) or not key_text.strip():
-            raise ClusterUnreachable(
-                f"There is no SSH key for {self.user.name} from the login (auth_state "
-                f"{self.auth_state_ssh_key!r}). Log out and log in again; if it persists, tell "
-                "an administrator (enable_auth_state and the authenticator must provide it)."
-            )
-        certificate = auth_state.get(self.auth_state_ssh_certificate, "") if (
-            self.auth_state_ssh_certificate) else ""
-        return key_text, certificate if isinstance(certificate, str) else ""
-
-    async def _state_dir(self, connection: LoginConnection) -> str:
-        """``remote_state_dir`` as an absolute, checked path on the cluster."""
-        try:
-            return jobfiles.check_remote_path(
-                posixpath.join(await connection.home(), self.remote_state_dir)
-            )
-        except ValueError as error:
-            raise SpawnError(str(error)) from None
-
-    async def _remove_old_job_files(
-        self, connection: LoginConnection, state_dir: str, current: jobfiles.RemoteEntry
-    ) -> None:
-        """Delete the user's job directories beyond the newest ``job_files_keep`` that are
-        older than any job can still run; a failure is logged, never raised (the spawn goes
-        on)."""
-        min_age = self.resource_limits().max_walltime_seconds + float(self.start_timeout)
-        try:
-            entries = await connection.list_dir(state_dir)
-            names = jobfiles.expired_entries(entries, self.job_files_keep, current, min_age)
-            command = jobfiles.remove_command(state_dir, names)
-            if not command:
-                return
-            output = await connection.run(command, timeout=self.command_timeout)
-        except (ClusterUnreachable, ValueError) as error:
-            self.log.warning(
-                "%s: could not remove old job files in %s: %s", self._log_name, state_dir, error
-            )
-            return
-        if output.exit_status:
-            self.log.warning(
-                "%s: removing old job files in %s failed: %s",
-                self._log_name, state_dir, output.stderr.strip()[-300:],
-            )
-        else:
-            self.log.info(
-                "%s: removed %d old job file(s) in %s (job_files_keep = %d)",
-                self._log_name, len(names), state_dir, self.job_files_keep,
-            )
+        return await self.cluster.ssh_target(where if where and where[2] else self._job_where())
 
     @property
     def _calls(self) -> JobCalls:
         """The scheduler calls about this spawner's job (``hub_spawner.job``)."""
-        return JobCalls(self.scheduler, self._connection, self._ssh_target,
-                        self.command_timeout, self.log, self._log_name)
+        return JobCalls(self.cluster.scheduler, self._connection, self._ssh_target,
+                        self.cluster.command_timeout, self.log, self._log_name)
 
     async def _connection(self, where: tuple[str, int, str] | None = None) -> LoginConnection:
         pool = hub_of().pool
-        pool.idle_timeout = self.ssh_idle_timeout
-        pool.max_sessions = self.ssh_max_sessions
+        pool.idle_timeout = self.cluster.ssh_idle_timeout
+        pool.max_sessions = self.cluster.ssh_max_sessions
         return await pool.get(await self._ssh_target(where))
 
     def _job_env(self, api_url: str) -> dict[str, str]:
@@ -1619,23 +1204,23 @@ class SSHBatchSpawner(Spawner):
         launch = jobscript.render_launch(
             command=self.cmd + self.get_args(),
             secrets_path=self.secrets_path,
-            prologue=self.job_prologue,
-            python=self.job_python,
+            prologue=self.cluster.job_prologue,
+            python=self.cluster.job_python,
             ready_timeout_seconds=int(self.start_timeout),
             tls=self.internal_ssl,
-            route_to="" if self.server_listens_on_all_addresses or self.hub_connect_url
-            else self.hub_api_tunnel_host,
-            socket=self.server_transport == "socket",
+            route_to="" if self.cluster.server_listens_on_all_addresses or self.hub_connect_url
+            else self.cluster.hub_api_tunnel_host,
+            socket=self.cluster.server_transport == "socket",
             walltime_seconds=resources.walltime_seconds,
         )
         return jobscript.render_job_script(
-            self.job_script_template or self.scheduler.JOB_SCRIPT_TEMPLATE,
+            self.cluster.job_script_template or self.cluster.scheduler.JOB_SCRIPT_TEMPLATE,
             job_name=self.job_name,
             output_path=self.output_path,
             resources=resources,
-            extra_directives=self.job_extra_directives,
+            extra_directives=self.cluster.job_extra_directives,
             launch=launch,
-            **self._template_variables(resources),
+            **self.cluster.template_variables(resources),
         )
 
     async def _move_route(self, port: int) -> None:
@@ -1720,16 +1305,16 @@ class SSHBatchSpawner(Spawner):
         for the scheduler to stop listing the job."""
         if cleanup is None:
             return
-        said = await self._calls.cancel(cleanup, self.stop_cancel_timeout)
+        said = await self._calls.cancel(cleanup, self.cluster.stop_cancel_timeout)
         if said:
             hub_of().release(cleanup.job_name)
             self.log.warning(
                 "%s: the cancel of %s did not get through (%s); the reconciler cancels it "
                 "once the cluster answers (reconcile = %r)", self._log_name, cleanup.label, said,
-                self.reconcile,
+                self.cluster.reconcile,
             )
         elif cleanup.job_id and wait:
-            await self._calls.wait_until_gone(cleanup.job_id, cleanup.where, self.stop_wait)
+            await self._calls.wait_until_gone(cleanup.job_id, cleanup.where, self.cluster.stop_wait)
 
     def _cleanup_plan(self) -> Cleanup | None:
         """What cancelling this spawner's job and deleting its secrets file takes, as a
@@ -1755,7 +1340,7 @@ class SSHBatchSpawner(Spawner):
             self.log.warning(
                 "%s: the hub forgets the server while job %s may still exist; the reconciler "
                 "cancels it (reconcile = %r)", self._log_name, self.job_id or self.job_name,
-                self.reconcile,
+                self.cluster.reconcile,
             )
         if self.job_id:
             self._untrack(self.job_id)
@@ -1834,77 +1419,6 @@ class TorqueSSHSpawner(SSHBatchSpawner):
     """Single-user servers as Torque/PBS jobs (``qsub``/``qstat``/``qdel`` over SSH)."""
 
     scheduler = torque
-
-
-@dataclasses.dataclass(frozen=True)
-class ClusterChoice:
-    """One entry of ``clusters``, checked."""
-
-    key: str
-    title: str
-    description: str
-    groups: frozenset[str]
-    scheduler: ModuleType
-    settings: dict[str, Any]
-    config: dict[str, Any]
-
-
-_SCHEDULERS = {"slurm": slurm, "sge": sge, "torque": torque}
-# Each scheduler's own settings (its spawner class's options) and their defaults.
-_SCHEDULER_SETTINGS: dict[str, dict[str, Any]] = {
-    "slurm": {"qos": "", "gpu_gres": "gpu"},
-    "sge": {"parallel_environment": "smp", "memory_resource": "h_vmem", "gpu_resource": "gpu"},
-    "torque": {},
-}
-_CLUSTER_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,39}")
-_CLUSTER_FIELDS = {"name", "display_name", "description", "groups", "scheduler", "settings",
-                   "config"}
-
-
-def _cluster_choices(entries: list[dict[str, Any]], spawner: Spawner) -> list[ClusterChoice]:
-    """``clusters`` checked against the spawner's options; ``ValueError`` naming the entry."""
-    found: list[ClusterChoice] = []
-    for index, entry in enumerate(entries):
-        where = f"Bad spawner setting clusters[{index}]"
-        key = entry.get("name")
-        if not isinstance(key, str) or not _CLUSTER_KEY.fullmatch(key):
-            raise ValueError(f"{where}: 'name' must be letters, digits, '_' or '-' ({key!r})")
-        if key in {c.key for c in found}:
-            raise ValueError(f"{where}: a second cluster named {key!r}")
-        unknown = sorted(set(entry) - _CLUSTER_FIELDS)
-        if unknown:
-            raise ValueError(f"{where}: unknown field {unknown[0]!r}; known: "
-                             f"{', '.join(sorted(_CLUSTER_FIELDS))}")
-        kind = entry.get("scheduler")
-        if kind not in _SCHEDULERS:
-            raise ValueError(f"{where}: 'scheduler' must be slurm, sge or torque ({kind!r})")
-        settings = dict(_SCHEDULER_SETTINGS[kind])
-        for name, value in dict(entry.get("settings") or {}).items():
-            if name not in settings:
-                raise ValueError(f"{where}: {kind} has no setting {name!r}; it has: "
-                                 f"{', '.join(settings) or 'none'}")
-            settings[name] = value
-        config = dict(entry.get("config") or {})
-        for name, value in config.items():
-            trait = spawner.traits().get(name)
-            if name == "clusters" or trait is None or not trait.metadata.get("config"):
-                raise ValueError(f"{where}: 'config' names {name!r}, which is not an option "
-                                 "of this spawner")
-            try:
-                trait.validate(spawner, value)
-            except TraitError as error:
-                raise ValueError(f"{where}: config {name!r}: {error}") from None
-        groups = entry.get("groups") or []
-        found.append(ClusterChoice(
-            key, str(entry.get("display_name") or key), str(entry.get("description") or ""),
-            frozenset(str(group) for group in groups), _SCHEDULERS[kind], settings, config,
-        ))
-    return found
-
-
-def _state_text(state: dict[str, Any], key: str) -> str:
-    value = state.get(key)
-    return value if isinstance(value, str) else ""
 
 
 def job_name(hub_id: str, user_name: str, server_name: str, nonce: str) -> str:

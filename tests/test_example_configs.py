@@ -186,7 +186,7 @@ def test_every_example_form_offers_valid_choices_to_every_group(name, lab_enviro
     """Partitions, presets and accounts are checked when the form is built: each example's
     must build for a user in no group and in each group it names, and each preset must fit
     its limits."""
-    from hub_spawner.choices import choices_for, resolve
+    from hub_spawner.choices import resolve
     from hub_spawner.spawner import SlurmSSHSpawner
 
     config = PyFileConfigLoader(name, path=str(EXAMPLES_DIR)).load_config()
@@ -198,8 +198,6 @@ def test_every_example_form_offers_valid_choices_to_every_group(name, lab_enviro
     entries = [*spawner.partitions, *spawner.presets, *spawner.accounts]
     groups = {g for e in entries if isinstance(e, dict) for g in e.get("groups", [])}
     for member_of in [set(), *({g} for g in sorted(groups))]:
-        choices = choices_for(spawner.resource_limits(), member_of, partitions=spawner.partitions,
-                              presets=spawner.presets, accounts=spawner.accounts,
-                              group_limits=spawner.group_limits)
+        choices = spawner.cluster.choices(member_of)
         for preset in choices.presets:
             assert resolve({"preset": preset.key}, choices).summary == preset.title

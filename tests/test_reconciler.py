@@ -10,10 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from hub_spawner.cluster import Listing
 from hub_spawner.reconciler import CannotActAsOwner, Reconciler
 from hub_spawner.schedulers import CommandOutput, JobState, JobStatus, ListedJob, slurm
 from hub_spawner.ssh import SSHTarget
+from hub_spawner.watch import Listing
 
 OURS = "jupyterhub-a1b2c3d4-alice--0a1b2c3d"
 CANCEL_7 = (f"scancel --name={OURS} --user=alice 7; hub_spawner_cancel=$?; "  # Slurm checks

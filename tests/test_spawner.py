@@ -10,12 +10,13 @@ from types import SimpleNamespace
 import pytest
 from traitlets import TraitError
 
+from hub_spawner import state as saved_state
+from hub_spawner.cluster import cluster_named
 from hub_spawner.errors import BadOptions, BadReadyLine, ClusterUnreachable, JobRejected
 from hub_spawner.jobfiles import JOB_NAME, RemoteEntry
 from hub_spawner.resources import Resources
 from hub_spawner.schedulers import CommandOutput, JobState, JobStatus, sge, slurm
 from hub_spawner.spawner import (
-    STATE_VERSION,
     SGESSHSpawner,
     SlurmSSHSpawner,
     TorqueSSHSpawner,
@@ -23,6 +24,7 @@ from hub_spawner.spawner import (
     derived_hub_id,
     job_name,
 )
+from hub_spawner.state import STATE_VERSION
 
 SPAWNERS = {"slurm": SlurmSSHSpawner, "sge": SGESSHSpawner, "torque": TorqueSSHSpawner}
 JOB_NAME_DIRECTIVES = {"slurm": "#SBATCH --job-name=", "sge": "#$ -N ", "torque": "#PBS -N "}
@@ -203,12 +205,12 @@ def test_the_state_is_committed_early_while_the_spawn_runs(caplog):
     spawner = make_spawner()
     spawner.db = FakeDB()
     spawner.job_name, spawner._starting = "jupyterhub-alice-default-0a1b2c3d", True
-    spawner._save_state_now()
+    saved_state.save_now(spawner)
     assert spawner.db.commits == 1
     assert spawner.orm_spawner.state["job_name"] == spawner.job_name
     assert spawner.orm_spawner.state["starting"] is True
     spawner.db = FakeDB(fail=True)
-    spawner._save_state_now()  # never raises: the spawn goes on
+    saved_state.save_now(spawner)  # never raises: the spawn goes on
     assert spawner.db.rollbacks == 1 and "could not save the state" in caplog.text
 
 
@@ -221,7 +223,7 @@ def test_state_without_a_job_is_not_an_error(caplog):
 
 def test_bad_limit_in_config_is_a_clear_error():
     with pytest.raises(ValueError, match="Memory 'lots' is not understood"):
-        make_spawner(max_memory="lots").resource_limits()
+        make_spawner(max_memory="lots").cluster.limits()
 
 
 def test_cluster_username_template_must_give_a_unix_name():
@@ -626,21 +628,44 @@ def test_a_user_sees_only_the_clusters_their_groups_may_use():
     assert [c.key for c in cluster_spawner(["gpu"]).offered_clusters()] == ["hpc", "farm"]
 
 
-def test_using_a_cluster_switches_scheduler_settings_and_login_node_and_restores_them():
+def test_a_cluster_reads_its_own_scheduler_settings_and_options_over_the_spawners():
     spawner = cluster_spawner(["gpu"])
-    spawner.use_cluster("farm")
-    assert spawner.scheduler is sge
-    assert (spawner.login_host, spawner.login_port, spawner.max_gpus) == ("farm.example", 2200, 2)
+    farm, hpc = (cluster_named(spawner, key) for key in ("farm", "hpc"))
+    assert farm.scheduler is sge and hpc.scheduler is slurm
+    assert (farm.login_host, farm.login_port, farm.max_gpus) == ("farm.example", 2200, 2)
+    assert (hpc.login_host, hpc.login_port, hpc.max_cpus) == ("login.hpc.example", 22, 32)
+    assert farm.template_variables(Resources(cpus=2))["parallel_environment"] == "mpi-smp"
+    # Reading them changes nothing on the spawner: it stays on its own cluster.
+    assert spawner.cluster.key == "" and spawner.cluster.scheduler is slurm
+    assert (spawner.cluster.login_host, spawner.cluster.max_cpus) == ("own.example", 64)
+    spawner.use(farm)
     assert "-pe mpi-smp 2" in spawner._job_script(Resources(cpus=2))
-    spawner.use_cluster("hpc")
-    assert spawner.scheduler is slurm
-    assert (spawner.login_host, spawner.login_port, spawner.max_cpus) == (
-        "login.hpc.example", 22, 32)
-    spawner.use_cluster("")
-    assert spawner.scheduler is slurm and spawner.login_host == "own.example"
-    assert spawner.max_cpus == 64
+    assert spawner.cluster.login_host == "farm.example" and spawner.login_host == "own.example"
+    spawner.use(cluster_named(spawner, ""))
+    assert spawner.cluster.scheduler is slurm and spawner.cluster.login_host == "own.example"
     with pytest.raises(ValueError, match="no cluster 'nosuch'"):
-        spawner.use_cluster("nosuch")
+        cluster_named(spawner, "nosuch")
+    with pytest.raises(AttributeError, match="no option 'no_such_option'"):
+        farm.no_such_option  # noqa: B018
+
+
+def test_a_clusters_jupyterhub_options_go_on_the_spawner_and_come_back_with_another():
+    """JupyterHub reads start_timeout (and cmd, http_timeout, ...) from the spawner's traits."""
+    entries = [{**CLUSTERS[0], "config": {**CLUSTERS[0]["config"], "start_timeout": 900}},
+               CLUSTERS[1]]
+    spawner = make_spawner(clusters=entries, login_host="own.example", start_timeout=120)
+    spawner.user = SimpleNamespace(name="alice", groups=[SimpleNamespace(name="gpu")])
+    hpc, farm = (cluster_named(spawner, key) for key in ("hpc", "farm"))
+    assert hpc.hub_options == {"start_timeout": 900} and farm.hub_options == {}
+    spawner.use(hpc)
+    assert spawner.start_timeout == 900 and farm.start_timeout == 120
+    spawner.use(farm)
+    assert spawner.start_timeout == 120
+    # JupyterHub >= 5.3 applies the user's options before it reads start_timeout.
+    spawner.apply_user_options(spawner, {"cluster": "hpc", "cpus": 1})
+    assert spawner.cluster.key == "hpc" and spawner.start_timeout == 900
+    spawner.apply_user_options(spawner, {"cluster": "nosuch"})  # start() says what is wrong
+    assert spawner.cluster.key == "hpc"
 
 
 def test_the_form_data_of_the_chosen_cluster_becomes_its_options():
@@ -649,7 +674,7 @@ def test_the_form_data_of_the_chosen_cluster_becomes_its_options():
                 "hpc--cpus": ["30"], "hpc--partition": ["cpu"]}
     options = spawner.options_from_form(formdata)
     assert options["cluster"] == "farm" and options["cpus"] == 2
-    assert spawner.scheduler is slurm and spawner.login_host == "own.example"  # restored
+    assert spawner.cluster.key == "" and spawner.cluster.login_host == "own.example"  # untouched
 
 
 def test_a_cluster_the_user_may_not_use_is_refused_on_the_form_and_by_start():
@@ -670,7 +695,7 @@ def test_a_hub_with_one_cluster_refuses_a_cluster_option():
 
 def test_the_jobs_cluster_is_in_its_state_and_a_restarted_hub_follows_it_there():
     spawner = cluster_spawner(["gpu"])
-    spawner.use_cluster("farm")
+    spawner.use(cluster_named(spawner, "farm"))
     spawner.job_id, spawner.job_cluster_username = "12", "alice"
     spawner.job_login_host, spawner.job_login_port = "farm.example", 2200
     state = spawner.get_state()
@@ -678,8 +703,8 @@ def test_the_jobs_cluster_is_in_its_state_and_a_restarted_hub_follows_it_there()
         "farm", "sge", "farm.example")
     fresh = cluster_spawner()  # even a user no longer in the group: the job is followed
     fresh.load_state(state)
-    assert fresh.scheduler is sge and fresh.job_id == "12"
-    assert fresh.login_host == "farm.example"
+    assert fresh.cluster.scheduler is sge and fresh.job_id == "12"
+    assert fresh.cluster.login_host == "farm.example"
 
 
 @pytest.mark.parametrize("entry, message", [

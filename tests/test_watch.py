@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from hub_spawner.cluster import Watch
 from hub_spawner.errors import ClusterUnreachable
 from hub_spawner.schedulers import (
     CommandOutput,
@@ -24,6 +23,7 @@ from hub_spawner.schedulers import (
     torque,
 )
 from hub_spawner.ssh import SSHTarget
+from hub_spawner.watch import Watch
 
 
 def target(user: str) -> SSHTarget:
