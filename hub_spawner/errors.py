@@ -46,3 +46,22 @@ class BadOptions(SpawnError):
 
 class NotReadyInTime(SpawnError):
     """The server was not ready within ``start_timeout``; the job is cancelled."""
+
+    @classmethod
+    def after(cls, limit: float, last_step: str, job_id: str, output_path: str) -> NotReadyInTime:
+        """The error for a spawn stopped at ``limit`` seconds: what the job was doing (the
+        last progress message) and what to do about it."""
+        if job_id and "waiting in the queue" in last_step:
+            advice = ("The queue was too busy: ask for fewer cores, less memory or a shorter "
+                      "walltime, choose another partition, or try again later")
+        elif job_id:
+            advice = (f"The job ran, but its server did not start in time; its output is in "
+                      f"{output_path} on the cluster")
+        else:
+            advice = "The cluster did not take the job in time; try again in a moment"
+        return cls(
+            f"The server was not ready within start_timeout ({limit:g} s), so the spawn was "
+            f"stopped{f' and job {job_id} is being cancelled' if job_id else ''}. "
+            f"Last step: {last_step or 'none'}. {advice}; an administrator can raise "
+            "start_timeout."
+        )

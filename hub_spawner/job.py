@@ -228,8 +228,25 @@ class ReadyWait:
     emit: Callable[[int, str], None]
     on_running: Callable[[], None]  # each time the job is seen running
     keep_paths: Callable[[], Awaitable[Any]] | None = None  # while it runs: the hub API path
+    follow_output: bool = True  # False: only the checks (the benchmark's reference)
     _pending_said: int = 0
     _no_node_logged: bool = False
+
+    async def run(self) -> ReadyLine:
+        """``follow``, with the job's output followed over the owner's connection (without,
+        when it cannot be opened: the output is then read at each check)."""
+        try:
+            follower = await (await self.calls.connect(None)).follow_file(
+                self.output_path) if self.follow_output else None
+        except ClusterUnreachable as error:
+            self.calls.log.warning("%s: cannot follow the job's output: %s",
+                                   self.calls.log_name, error)
+            follower = None
+        try:
+            return await self.follow(follower)
+        finally:
+            if follower is not None:
+                follower.close()
 
     async def follow(self, follower: FileFollower | None) -> ReadyLine:
         interval = self.interval

@@ -54,7 +54,7 @@ from .reconciler import MODES as RECONCILE_MODES
 from .schedulers import JobState, JobStatus, SubmitRejected, sge, slurm, torque
 from .server_path import ServerPath
 from .spawn_form import SpawnForm
-from .ssh import FileFollower, LoginConnection, SSHTarget
+from .ssh import LoginConnection, SSHTarget
 from .tunnels.client import TunnelError
 from .watch import Watch, watch_for
 
@@ -66,6 +66,7 @@ class SSHBatchSpawner(Spawner):
     """
 
     scheduler: ClassVar[ModuleType]
+    _follow_job_output = True  # False in bench/spawn_latency.py's reference: status checks only
 
     # --- where and as whom -------------------------------------------------------------------
 
@@ -631,7 +632,8 @@ class SSHBatchSpawner(Spawner):
     @default("options_form")
     def _options_form_default(self) -> Any:
         async def form(spawner: SSHBatchSpawner) -> str:
-            spawner._warm_up()
+            if spawner.cluster.warm_up_on_form:
+                spawner.server_path.warm_up(spawner._connection)
             return await spawner.render_form()
 
         return form
@@ -645,7 +647,6 @@ class SSHBatchSpawner(Spawner):
         self._background_release: asyncio.Task | None = None  # see _release_in_background
         self._start_task: asyncio.Future | None = None  # _start_job, see _start_job_in_time
         self.server_path = ServerPath(self)  # its two forwards in the tunnel service
-        self._warming: asyncio.Future | None = None
         self.cluster_username_on_record = ""  # who this user last was on the cluster (kept)
         self.configured_hub_options: dict[str, Any] = {}  # see use()
         self.cluster = Cluster(self)  # the cluster this server runs on (see use())
@@ -810,19 +811,7 @@ class SSHBatchSpawner(Spawner):
             return task.result()
         task.cancel()  # its cleanup is start()'s, in the background (after the task's own)
         last = self._progress_events[-1]["message"] if self._progress_events else ""
-        if self.job_id and "waiting in the queue" in last:
-            advice = ("The queue was too busy: ask for fewer cores, less memory or a shorter "
-                      "walltime, choose another partition, or try again later")
-        elif self.job_id:
-            advice = (f"The job ran, but its server did not start in time; its output is in "
-                      f"{self.output_path} on the cluster")
-        else:
-            advice = "The cluster did not take the job in time; try again in a moment"
-        raise NotReadyInTime(
-            f"The server was not ready within start_timeout ({limit:g} s), so the spawn was "
-            f"stopped{f' and job {self.job_id} is being cancelled' if self.job_id else ''}. "
-            f"Last step: {last or 'none'}. {advice}; an administrator can raise start_timeout."
-        )
+        raise NotReadyInTime.after(limit, last, self.job_id, self.output_path)
 
     async def _start_job(self, resources: Any) -> str:
         scheduler = self.cluster.scheduler
@@ -897,27 +886,6 @@ class SSHBatchSpawner(Spawner):
         scheme = "https" if self.internal_ssl else "http"
         return f"{scheme}://{self.server_path.connect_ip}:{self.tunnel_port}"
 
-    def _warm_up(self) -> None:
-        """While the user looks at the spawn form: open the SSH connection and have the tunnel
-        service start its master, so that Start waits for neither (~0.2 s). Best effort."""
-        warming = self._warming
-        if not self.cluster.warm_up_on_form or warming is not None and not warming.done():
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # rendered outside the hub (the config reference, tests)
-
-        async def warm() -> None:
-            try:
-                await self._connection()
-                if not self.hub_connect_url:
-                    await self.server_path.tunnels.warm(await self.server_path.login())
-            except Exception as error:  # the spawn will say what is wrong, and how to fix it
-                self.log.debug("%s: warming up for the spawn form: %s", self._log_name, error)
-
-        self._warming = loop.create_task(warm())
-
     async def _prepare_job_dir(self, steps: _Steps) -> tuple[LoginConnection, jobfiles.JobPaths]:
         """Connect, and make the job's own fresh directory (old ones beyond the kept number are
         removed); the job's name and file paths are set."""
@@ -948,24 +916,12 @@ class SSHBatchSpawner(Spawner):
         def started() -> None:
             self.job_started_at = self.job_started_at or time.time()
 
-        wait = ReadyWait(self._calls, self.job_id, self.output_path,
-                         self.cluster.server_transport == "socket", self.cluster.status_interval,
-                         self.cluster.status_interval_max, self._emit, started,
-                         keep_paths=self.server_path.keep_hub_api)
-        follower = await self._follow_output()
-        try:
-            return await wait.follow(follower)
-        finally:
-            if follower is not None:
-                follower.close()
-
-    async def _follow_output(self) -> FileFollower | None:
-        try:
-            connection = await self._connection()
-            return await connection.follow_file(self.output_path)
-        except ClusterUnreachable as error:
-            self.log.warning("%s: cannot follow the job's output: %s", self._log_name, error)
-            return None
+        return await ReadyWait(
+            self._calls, self.job_id, self.output_path,
+            self.cluster.server_transport == "socket", self.cluster.status_interval,
+            self.cluster.status_interval_max, self._emit, started,
+            keep_paths=self.server_path.keep_hub_api, follow_output=self._follow_job_output,
+        ).run()
 
     async def poll(self) -> int | None:
         """``None`` while the job runs (or its state is unknown), ``1`` once it has ended.
@@ -1222,28 +1178,6 @@ class SSHBatchSpawner(Spawner):
             launch=launch,
             **self.cluster.template_variables(resources),
         )
-
-    async def _move_route(self, port: int) -> None:
-        """Point the server's stored address and the proxy's route at a new tunnel port."""
-        if self.server is not None:
-            self.server.port = port  # written through to the database row
-        if self.orm_spawner is not None:
-            self.orm_spawner.state = self.get_state()
-        db = getattr(self.user, "db", None)
-        if db is not None:
-            db.commit()
-        proxy = getattr(self.user, "settings", {}).get("proxy")
-        if proxy is None or self.server is None or self.pending not in (None, "spawn"):
-            return  # at hub start-up, JupyterHub's route check uses the stored address
-        try:
-            await proxy.add_user(self.user, self.name)
-        except Exception as error:
-            self.log.warning(
-                "%s: could not update the proxy's route yet (%s); JupyterHub's route check "
-                "will use the stored address",
-                self._log_name,
-                error,
-            )
 
     async def _release(self, why: str, wait: bool = True) -> None:
         """Cancel the job (by id, or by its unique name if the id never came back), close the

@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from hub_spawner.errors import ClusterUnreachable
-from hub_spawner.job import Cleanup, JobCalls, ordinal, readable_start
+from hub_spawner.errors import ClusterUnreachable, SpawnError
+from hub_spawner.job import Cleanup, JobCalls, JobFiles, ordinal, readable_start
+from hub_spawner.jobfiles import RemoteEntry
 from hub_spawner.schedulers import CommandOutput, JobState, QueuePlace, sge, slurm
 from hub_spawner.ssh import SSHTarget
 
@@ -114,3 +115,59 @@ def test_a_status_that_cannot_be_asked_is_unknown_never_ended():
     status = asyncio.run(calls.status("81"))
     assert status.state is JobState.UNKNOWN and status.reason == "login node down"
     assert not status.ended
+
+
+class FakeFiles:
+    """A login node's SFTP side for ``JobFiles``: records what is made and written."""
+
+    def __init__(self, home="/home/alice"):
+        self._home, self.dirs, self.files = home, [], {}
+
+    async def home(self):
+        return self._home
+
+    async def make_private_dir(self, path):
+        self.dirs.append(("private", path))
+
+    async def make_new_private_dir(self, path):
+        self.dirs.append(("new", path))
+        return RemoteEntry(path.rsplit("/", 1)[1], 0.0, 1000, True, False)
+
+    async def write_private_file(self, path, text):
+        self.files[path] = text
+
+
+def files_on(connection, state_dir=".hub-spawner"):
+    return JobFiles(connection, state_dir, 5.0, logging.getLogger("test"), "alice")
+
+
+def test_a_jobs_files_go_in_a_fresh_directory_of_its_own_under_the_state_dir():
+    connection = FakeFiles()
+    name = "jupyterhub-prod-alice-default-0a1b2c3d"
+    paths, state_dir, entry = asyncio.run(files_on(connection).make_job_dir(name))
+    assert state_dir == "/home/alice/.hub-spawner"
+    assert paths.directory == f"/home/alice/.hub-spawner/{name}" and entry.name == name
+    assert paths.output == f"{paths.directory}/job.out"
+    assert connection.dirs == [("private", state_dir), ("new", paths.directory)]
+
+
+@pytest.mark.parametrize("state_dir", ["x'; touch /tmp/pwned; '", "../$(id)", "a b"])
+def test_a_state_dir_that_is_not_a_plain_path_is_a_clear_spawn_error(state_dir):
+    connection = FakeFiles()
+    with pytest.raises(SpawnError, match="remote_state_dir"):
+        asyncio.run(files_on(connection, state_dir).make_job_dir("jupyterhub-x-0a1b2c3d"))
+    assert connection.dirs == []
+
+
+def test_the_servers_certificates_go_in_a_fresh_private_directory(tmp_path):
+    local = {}
+    for kind in ("keyfile", "certfile", "cafile"):
+        (tmp_path / kind).write_text(f"{kind} text")
+        local[kind] = str(tmp_path / kind)
+    connection = FakeFiles()
+    directory, remote = asyncio.run(files_on(connection).put_certs("certs-alice-default",
+                                                                   local))
+    assert directory.startswith("/home/alice/.hub-spawner/certs-alice-default-")
+    assert ("new", directory) in connection.dirs
+    assert remote["keyfile"] == f"{directory}/keyfile.pem"
+    assert connection.files[remote["cafile"]] == "cafile text"

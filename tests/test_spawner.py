@@ -16,6 +16,7 @@ from hub_spawner.errors import BadOptions, BadReadyLine, ClusterUnreachable, Job
 from hub_spawner.jobfiles import JOB_NAME, RemoteEntry
 from hub_spawner.resources import Resources
 from hub_spawner.schedulers import CommandOutput, JobState, JobStatus, sge, slurm
+from hub_spawner.spawn_form import SpawnForm
 from hub_spawner.spawner import (
     SGESSHSpawner,
     SlurmSSHSpawner,
@@ -729,6 +730,26 @@ def test_the_form_offers_each_visible_cluster_with_its_own_choices():
     assert 'name="hpc--partition"' in html and 'name="farm--gpus"' in html
     assert "GPU farm" in html and "Grid Engine" in html
     assert "farm--" not in asyncio.run(cluster_spawner(user="dave").render_form())
+
+
+def test_the_form_shows_every_cluster_without_moving_a_running_server_off_its_own(monkeypatch):
+    """While the form waits for each cluster's load, the spawner's own server (here on the
+    farm) is polled and stopped on the hub's one loop: what it reads must not change."""
+    spawner = cluster_spawner(["gpu"])
+    spawner.use(cluster_named(spawner, "farm"))
+    seen = []
+
+    async def load(self, cluster):
+        await asyncio.sleep(0)  # another coroutine (a poll of this server) runs here
+        seen.append((cluster.key, spawner.cluster.key, spawner.cluster.login_host))
+        return None, "not offered here"
+
+    monkeypatch.setattr(SpawnForm, "load", load)
+    html = asyncio.run(spawner.render_form())
+    assert 'name="hpc--partition"' in html and 'name="farm--gpus"' in html
+    assert seen == [("hpc", "farm", "farm.example"), ("farm", "farm", "farm.example")]
+    spawner.options_from_form({"cluster": ["hpc"], "hpc--cpus": ["3"]})
+    assert spawner.cluster.key == "farm"
 
 
 def test_a_refused_cluster_form_comes_back_with_that_cluster_open_and_the_message():

@@ -106,10 +106,7 @@ def scenario(spawner):
         spawner.status_interval = 20
         spawner.status_interval_max = 60
     elif spawner.name == "poll-only":  # bench/spawn_latency.py's reference: no output follower
-        async def no_follower():
-            return None
-
-        spawner._follow_output = no_follower
+        spawner._follow_job_output = False
     elif spawner.name == "wrong-host":
         spawner.cmd = ["/bin/sh", "-c", "echo 'HUB_SPAWNER_READY {\"host\": "
                        "\"compute.127.0.0.1.nip.io\", \"port\": 2222}'; exec sleep 600"]
