@@ -715,7 +715,7 @@ async def _clean_up(checks: Checklist, spawner: SSHBatchSpawner, watch: _Watch, 
         if stale:
             left.append(f"forwards {', '.join(stale)}")
             advice.append("the next check closes them; or restart the tunnel service")
-        if not service_was_running and not forwards and not spawner.cluster.tunnel_service_address:
+        if not service_was_running and not forwards and not spawner.tunnel_service_address:
             _stop_local_service(await tunnels.health())  # we started it: nobody else uses it
     except SpawnError as error:
         left.append(f"the tunnel service: {error}")

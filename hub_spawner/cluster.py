@@ -17,7 +17,10 @@ Rules this part owns:
 - JupyterHub's own options (``start_timeout``, ``http_timeout``, ``poll_interval``, ``cmd``, ...)
   are read by JupyterHub from the spawner's traits, so those a cluster sets are in
   ``hub_options``, and the spawner sets them on itself when its server is put on the cluster
-  (``SSHBatchSpawner.use``).
+  (``SSHBatchSpawner.use``); the hub's own options (``HUB_WIDE``: its hub id, its one tunnel
+  service) are refused in a cluster's ``config``;
+- a value in a cluster's ``config`` passes the option's own checks (its validators), as the
+  spawner's does.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from jupyterhub.spawner import Spawner
 from jupyterhub.utils import maybe_future
 from traitlets import TraitError
 
+from . import jobscript
 from .choices import Choices, choices_for
 from .errors import ClusterUnreachable
 from .resources import Limits, Resources, parse_memory_mb, parse_name, parse_walltime_seconds
@@ -49,6 +53,9 @@ SCHEDULER_SETTINGS: dict[str, dict[str, Any]] = {
 }
 _KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,39}")
 _FIELDS = {"name", "display_name", "description", "groups", "scheduler", "settings", "config"}
+# Options of the whole hub (its job names, its one tunnel service), never a cluster's.
+HUB_WIDE = {"clusters", "hub_id", "tunnel_bind_ip", "tunnel_connect_host", "tunnel_service_dir",
+            "tunnel_service_address", "tunnel_service_token", "tunnel_service_python"}
 _CLUSTER_USERNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
 # (login host, port, cluster user) of a job: where it was submitted and as whom.
 Where = tuple[str, int, str]
@@ -74,7 +81,7 @@ class Cluster:
 
     def __getattr__(self, name: str) -> Any:
         """An option of the spawner, as this cluster sets it."""
-        if name.startswith("_") or name == "spawner":
+        if name.startswith("_") or name in ("spawner", "config"):
             raise AttributeError(name)
         if name in self.config:
             return self.config[name]
@@ -147,6 +154,33 @@ class Cluster:
             except ValueError as error:
                 raise ValueError(f"Bad spawner setting: {error}") from None
         return self.scheduler.template_variables(resources, settings)
+
+    def job_script(self, resources: Resources, *, job_name: str, output_path: str,
+                   secrets_path: str, command: list[str], ready_timeout: int, tls: bool,
+                   hub_api_direct: bool) -> str:
+        """The job script as this cluster runs it: its scheduler's template (or the admin's),
+        directives, prologue, Python and transport around the server's ``command``."""
+        launch = jobscript.render_launch(
+            command=command,
+            secrets_path=secrets_path,
+            prologue=self.job_prologue,
+            python=self.job_python,
+            ready_timeout_seconds=ready_timeout,
+            tls=tls,
+            route_to="" if self.server_listens_on_all_addresses or hub_api_direct
+            else self.hub_api_tunnel_host,
+            socket=self.server_transport == "socket",
+            walltime_seconds=resources.walltime_seconds,
+        )
+        return jobscript.render_job_script(
+            self.job_script_template or self.scheduler.JOB_SCRIPT_TEMPLATE,
+            job_name=job_name,
+            output_path=output_path,
+            resources=resources,
+            extra_directives=self.job_extra_directives,
+            launch=launch,
+            **self.template_variables(resources),
+        )
 
     # --- who the user is there ------------------------------------------------------------
 
@@ -245,11 +279,14 @@ def configured_clusters(spawner: SSHBatchSpawner) -> list[Cluster]:
         config = dict(entry.get("config") or {})
         for name, value in config.items():
             trait = spawner.traits().get(name)
-            if name == "clusters" or trait is None or not trait.metadata.get("config"):
+            if trait is None or not trait.metadata.get("config"):
                 raise ValueError(f"{where}: 'config' names {name!r}, which is not an option "
                                  "of this spawner")
-            try:
-                trait.validate(spawner, value)
+            if name in HUB_WIDE:
+                raise ValueError(f"{where}: 'config' names {name!r}, which is the hub's "
+                                 "option, the same for every cluster; set it on the spawner")
+            try:  # the option's own checks too (e.g. no line break in a job directive)
+                config[name] = trait._validate(spawner, value)
             except TraitError as error:
                 raise ValueError(f"{where}: config {name!r}: {error}") from None
         groups = frozenset(str(group) for group in entry.get("groups") or [])

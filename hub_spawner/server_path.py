@@ -138,7 +138,7 @@ class ServerPath:
         hub_api = urlparse(spawner.hub.api_url)
         if spawner.hub_connect_url:
             return url_path_join(spawner.hub_connect_url, hub_api.path)
-        listen_host = spawner.hub_api_tunnel_host or "127.0.0.1"
+        listen_host = spawner.cluster.hub_api_tunnel_host or "127.0.0.1"
         spawner.api_tunnel_port = await self.tunnels.ensure_reverse(
             self.api_name,
             await self.login(),
@@ -166,8 +166,8 @@ class ServerPath:
                 listen_port=listen_port,
             )
         try:
-            node = Login(spawner.job_host, spawner.node_ssh_port, login.username, login.key_path,
-                         login.known_hosts_path, jump=login)
+            node = Login(spawner.job_host, spawner.cluster.node_ssh_port, login.username,
+                         login.key_path, login.known_hosts_path, jump=login)
         except ValueError as error:
             raise TunnelError(f"Cannot ask for a tunnel: {error}") from None
         return await self.tunnels.ensure_local(
@@ -236,7 +236,7 @@ class ServerPath:
         if not spawner.api_tunnel_port or spawner.hub_connect_url:
             return
         try:
-            listing = await self.tunnels.recent_forwards(max(spawner.status_interval, 1))
+            listing = await self.tunnels.recent_forwards(max(spawner.cluster.status_interval, 1))
         except Exception:  # noqa: S110 - the spawn's own steps say what is wrong
             listing = {}
         entry = listing.get(self.api_name) or {}

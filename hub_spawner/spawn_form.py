@@ -9,8 +9,8 @@ Rules this part owns:
   default server's spawner);
 - a misconfigured option is a message on the page and an error in the log, never a traceback;
 - the load comes from the shared cache (``watch.load_for``), and waits for it at most 2 s;
-- rendering and parsing change nothing on the spawner: the cluster a server runs on is chosen
-  by ``start()`` alone (``SSHBatchSpawner.use``).
+- rendering and parsing change nothing on the spawner: the server is put on its cluster only
+  when it spawns (``SSHBatchSpawner.use``, from JupyterHub's pre-spawn step and ``start()``).
 
 The HTML itself is ``form.py``'s.
 """

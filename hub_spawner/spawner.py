@@ -470,9 +470,11 @@ class SSHBatchSpawner(Spawner):
         ``sge`` or ``torque``), ``settings`` (that scheduler's own: ``qos``, ``gpu_gres``;
         ``parallel_environment``, ``memory_resource``, ``gpu_resource``) and ``config``: any
         of this spawner's options for that cluster (``login_host``, ``login_port``,
-        ``known_hosts_path``, ``partitions``, ``presets``, limits...), over the spawner's own.
-        The first the user may see is the default. Empty: one cluster, this spawner's.
-        Example::
+        ``known_hosts_path``, ``partitions``, ``presets``, limits, ``hub_api_tunnel_host``,
+        and JupyterHub's own such as ``start_timeout`` or ``cmd``...), over the spawner's
+        own and checked as they are. The hub's own options (``hub_id``, ``tunnel_*``) are
+        refused there. The first the user may see is the default. Empty: one cluster, this
+        spawner's. Example::
 
             c.SSHBatchSpawner.clusters = [
                 {"name": "hpc", "display_name": "HPC (Slurm)", "scheduler": "slurm",
@@ -618,16 +620,8 @@ class SSHBatchSpawner(Spawner):
     @default("apply_user_options")
     def _apply_user_options_default(self) -> Any:
         # user_options are validated in start(), which turns a bad value into a clean error on
-        # the spawn page. This (JupyterHub >= 5.3) runs before JupyterHub reads start_timeout:
-        # the chosen cluster's options go on the spawner here, so its start_timeout is used.
-        def apply(spawner: SSHBatchSpawner, user_options: Any) -> None:
-            key = user_options.get("cluster") if isinstance(user_options, dict) else None
-            try:
-                spawner.use(SpawnForm(spawner).choose(key))
-            except ValueError:
-                pass  # start() says what is wrong
-
-        return apply
+        # the spawn page; this only tells JupyterHub (>= 5.3) that they are handled.
+        return lambda spawner, user_options: None
 
     @default("options_form")
     def _options_form_default(self) -> Any:
@@ -695,14 +689,32 @@ class SSHBatchSpawner(Spawner):
         saved_state.load(self, state)
 
     def use(self, cluster: Cluster) -> None:
-        """Put this server on ``cluster`` (its scheduler, settings and options). JupyterHub
-        reads its own options from the spawner's traits, so those the cluster sets
-        (``start_timeout``, ``cmd``, ...) are set here, and the configured values kept for the
-        next cluster; every other option is read through ``self.cluster``."""
-        for name in set(self.configured_hub_options) | set(cluster.hub_options):
+        """Put this server on ``cluster`` (its scheduler, settings and options; the same
+        cluster again changes nothing). JupyterHub reads its own options from the spawner's
+        traits, so those the cluster sets (``start_timeout``, ``cmd``, ...) are set here, the
+        configured values kept; those the previous cluster set go back to them, unless
+        something else (a hook, ``group_overrides``) changed them since. Every other option is
+        read through ``self.cluster``."""
+        if cluster.key == self.cluster.key:
+            return
+        before = self.cluster.hub_options
+        for name in set(before) | set(cluster.hub_options):
+            if name not in cluster.hub_options and getattr(self, name) != before[name]:
+                continue  # not the previous cluster's value any more: not ours to undo
             self.configured_hub_options.setdefault(name, getattr(self, name))
             setattr(self, name, cluster.hub_options.get(name, self.configured_hub_options[name]))
         self.cluster = cluster
+
+    def run_pre_spawn_hook(self) -> Any:
+        """Put the server on the cluster the user chose before the admin's ``pre_spawn_hook``,
+        ``move_certs`` and JupyterHub reading ``start_timeout`` (a bad choice: ``start()`` says
+        what is wrong)."""
+        options = self.user_options if isinstance(self.user_options, dict) else {}
+        try:
+            self.use(SpawnForm(self).choose(options.get("cluster")))
+        except ValueError:
+            pass
+        return super().run_pre_spawn_hook()
 
     # --- the form ----------------------------------------------------------------------------
 
@@ -1157,27 +1169,11 @@ class SSHBatchSpawner(Spawner):
         return env
 
     def _job_script(self, resources: Any) -> str:
-        launch = jobscript.render_launch(
-            command=self.cmd + self.get_args(),
-            secrets_path=self.secrets_path,
-            prologue=self.cluster.job_prologue,
-            python=self.cluster.job_python,
-            ready_timeout_seconds=int(self.start_timeout),
-            tls=self.internal_ssl,
-            route_to="" if self.cluster.server_listens_on_all_addresses or self.hub_connect_url
-            else self.cluster.hub_api_tunnel_host,
-            socket=self.cluster.server_transport == "socket",
-            walltime_seconds=resources.walltime_seconds,
-        )
-        return jobscript.render_job_script(
-            self.cluster.job_script_template or self.cluster.scheduler.JOB_SCRIPT_TEMPLATE,
-            job_name=self.job_name,
-            output_path=self.output_path,
-            resources=resources,
-            extra_directives=self.cluster.job_extra_directives,
-            launch=launch,
-            **self.cluster.template_variables(resources),
-        )
+        return self.cluster.job_script(
+            resources, job_name=self.job_name, output_path=self.output_path,
+            secrets_path=self.secrets_path, command=self.cmd + self.get_args(),
+            ready_timeout=int(self.start_timeout), tls=self.internal_ssl,
+            hub_api_direct=bool(self.hub_connect_url))
 
     async def _release(self, why: str, wait: bool = True) -> None:
         """Cancel the job (by id, or by its unique name if the id never came back), close the

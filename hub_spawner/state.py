@@ -51,8 +51,8 @@ def of(spawner: SSHBatchSpawner) -> dict[str, Any]:
             certs_dir=spawner.certs_dir,
             starting=spawner._starting or spawner._start_interrupted,
             # For admins (the API's server state, the admin page's details):
-            cluster=(spawner.cluster.cluster_display_name or spawner.cluster.title
-                     or spawner.job_login_host or spawner.cluster.login_host),
+            cluster=(spawner.cluster.cluster_display_name or spawner.job_login_host
+                     or spawner.cluster.login_host),
             cluster_key=spawner.cluster.key,
             submitted_at=iso_time(spawner.job_submitted_at),
             started_at=iso_time(spawner.job_started_at),

@@ -629,6 +629,12 @@ def test_a_user_sees_only_the_clusters_their_groups_may_use():
     assert [c.key for c in cluster_spawner(["gpu"]).offered_clusters()] == ["hpc", "farm"]
 
 
+def test_a_clusters_option_value_is_normalised_by_the_options_own_validator():
+    spawner = make_spawner(clusters=[{"name": "x", "scheduler": "slurm",
+                                      "config": {"server_transport": "SOCKET"}}])
+    assert cluster_named(spawner, "x").server_transport == "socket"
+
+
 def test_a_cluster_reads_its_own_scheduler_settings_and_options_over_the_spawners():
     spawner = cluster_spawner(["gpu"])
     farm, hpc = (cluster_named(spawner, key) for key in ("farm", "hpc"))
@@ -662,11 +668,32 @@ def test_a_clusters_jupyterhub_options_go_on_the_spawner_and_come_back_with_anot
     assert spawner.start_timeout == 900 and farm.start_timeout == 120
     spawner.use(farm)
     assert spawner.start_timeout == 120
-    # JupyterHub >= 5.3 applies the user's options before it reads start_timeout.
-    spawner.apply_user_options(spawner, {"cluster": "hpc", "cpus": 1})
+    # JupyterHub runs the pre-spawn hook before move_certs and before it reads start_timeout.
+    spawner.user_options = {"cluster": "hpc", "cpus": 1}
+    spawner.run_pre_spawn_hook()
     assert spawner.cluster.key == "hpc" and spawner.start_timeout == 900
-    spawner.apply_user_options(spawner, {"cluster": "nosuch"})  # start() says what is wrong
+    spawner.user_options = {"cluster": "nosuch"}
+    spawner.run_pre_spawn_hook()  # start() says what is wrong
     assert spawner.cluster.key == "hpc"
+
+
+def test_an_option_a_hook_changed_after_the_cluster_stays_as_the_hook_left_it():
+    entries = [{**CLUSTERS[0], "config": {**CLUSTERS[0]["config"], "start_timeout": 900,
+                                          "cmd": ["hpc-singleuser"]}}, CLUSTERS[1]]
+    seen = []
+    spawner = make_spawner(clusters=entries, login_host="own.example", start_timeout=120,
+                           pre_spawn_hook=lambda s: seen.append(s.start_timeout))
+    spawner.user = SimpleNamespace(name="alice", groups=[SimpleNamespace(name="gpu")])
+    spawner.user_options = {"cluster": "hpc"}
+    spawner.run_pre_spawn_hook()
+    assert seen == [900]  # the admin's hook sees the cluster's values
+    spawner.start_timeout = 1800  # e.g. the hook, or group_overrides, for this user
+    spawner.use(cluster_named(spawner, "hpc"))  # start() puts it there again: no change
+    assert spawner.start_timeout == 1800
+    spawner.use(cluster_named(spawner, "farm"))
+    # cmd was the cluster's: back to the configured one; start_timeout is not the cluster's
+    # value any more, so it is left alone.
+    assert spawner.cmd == ["jupyterhub-singleuser"] and spawner.start_timeout == 1800
 
 
 def test_the_form_data_of_the_chosen_cluster_becomes_its_options():
@@ -717,6 +744,13 @@ def test_the_jobs_cluster_is_in_its_state_and_a_restarted_hub_follows_it_there()
      "not an option of this spawner"),
     ({"name": "x", "scheduler": "slurm", "config": {"max_cpus": "many"}}, "config 'max_cpus'"),
     ({"name": "x", "scheduler": "slurm", "colour": "red"}, "unknown field 'colour'"),
+    # The option's own validators run too, as for the spawner's own value:
+    ({"name": "x", "scheduler": "slurm",
+      "config": {"job_extra_directives": ["--x\n#SBATCH --evil"]}}, "line break"),
+    ({"name": "x", "scheduler": "slurm", "config": {"reconcile": "bogus"}}, "reconcile"),
+    ({"name": "x", "scheduler": "slurm", "config": {"hub_id": "a b"}}, "hub's option"),
+    ({"name": "x", "scheduler": "slurm", "config": {"tunnel_service_dir": "/x"}},
+     "the same for every cluster"),
 ])
 def test_a_bad_cluster_entry_is_a_clear_config_error(entry, message):
     spawner = make_spawner(clusters=[entry])

@@ -1,4 +1,4 @@
-"""hub_spawner/cluster.py: one listing per cluster per cycle, answers from memory.
+"""hub_spawner/watch.py: one listing per cluster per cycle, answers from memory.
 
 The SSH pool here is a stand-in that records each command and answers with recorded scheduler
 output (no sshd is reachable from unit tests); tests/integration/test_status_watch.py drives

@@ -123,6 +123,15 @@ def scenario(spawner):
 
 c.Spawner.pre_spawn_hook = scenario
 
+# With several clusters: a third, for alice only, whose server never listens and whose own
+# start_timeout (130 s) is longer than the hub's (120 s): JupyterHub must wait the cluster's.
+if os.environ.get("HUB_MULTI_CLUSTER") == "1":
+    c.SSHBatchSpawner.clusters = [*c.SSHBatchSpawner.clusters, {
+        "name": "patient", "display_name": "Never ready (a test)", "scheduler": "slurm",
+        "groups": ["grid-engine"],
+        "config": {"login_port": 22, "start_timeout": 130,
+                   "cmd": ["/bin/sh", "-c", "echo 'lab scenario: sleeping'; exec sleep 600"]}}]
+
 # Return 202 at once from POST /users/:name/server, so the tests follow the progress stream.
 c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 0}
 

@@ -63,3 +63,22 @@ def test_alice_chooses_grid_engine_in_the_browser_and_her_job_runs_there(cluster
     finally:
         hub.stop("alice")
     assert wait_for(lambda: not active_jobs("alice", "sge"), 30), active_jobs("alice", "sge")
+
+
+def test_a_clusters_own_start_timeout_and_command_are_the_ones_jupyterhub_uses(clusters_hub):
+    """The test cluster ``patient`` (hub_config.py) sets JupyterHub's own options: its command
+    never listens, and its start_timeout (130 s) is longer than the hub's (120 s). JupyterHub
+    reads start_timeout from the spawner before start(): the spawn must end after the
+    cluster's 130 s with our message, not after the hub's 120 s with JupyterHub's bare
+    "Spawn failed: ", and the job must be cancelled."""
+    events, seconds = clusters_hub.spawn("alice", "patient", options={"cluster": "patient"},
+                                         timeout=200)
+    try:
+        assert events[-1].get("failed"), events
+        message = events[-1]["message"]
+        assert "not ready within start_timeout (130 s)" in message, message
+        assert "Last step: Job" in message or "Last step: Server" in message, message
+        assert 122 < seconds < 160, seconds
+        assert wait_for(lambda: active_jobs("alice") == [], 60), active_jobs("alice")
+    finally:
+        clusters_hub.stop("alice", "patient")
