@@ -32,7 +32,7 @@ from typing import Any
 from . import jobfiles
 from .errors import BadReadyLine, ClusterUnreachable, JobEndedEarly, SpawnError
 from .jobscript import ReadyLine, last_lines, parse_ready_line, server_address
-from .schedulers import JobState, JobStatus, QueuePlace
+from .schedulers import JobState, JobStatus, QueuePlace, read_output
 from .ssh import FileFollower, LoginConnection, SSHTarget
 
 Where = tuple[str, int, str]  # (login host, port, cluster user) of a job; empty: the config's
@@ -88,7 +88,7 @@ class JobCalls:
             output = await connection.run(
                 scheduler.status_command(job_id), timeout=self.command_timeout
             )
-            status = scheduler.parse_status_output(output, job_id)
+            status = read_output(scheduler.parse_status_output, output, job_id)
             parse_reason = {
                 JobState.ERROR: getattr(scheduler, "parse_error_reason", None),
                 JobState.PENDING: getattr(scheduler, "parse_pending_reason", None),

@@ -51,7 +51,7 @@ from .errors import (
 from .hub import hub_of, start_with_the_hub
 from .job import Cleanup, JobCalls, JobFiles, ReadyWait, iso_time
 from .reconciler import MODES as RECONCILE_MODES
-from .schedulers import JobState, JobStatus, SubmitRejected, sge, slurm, torque
+from .schedulers import JobState, JobStatus, SubmitRejected, read_output, sge, slurm, torque
 from .server_path import ServerPath
 from .spawn_form import SpawnForm
 from .ssh import LoginConnection, SSHTarget
@@ -864,7 +864,7 @@ class SSHBatchSpawner(Spawner):
         )
         steps.done("submit")
         try:
-            self.job_id = scheduler.parse_submit_output(output)
+            self.job_id = read_output(scheduler.parse_submit_output, output)
             self.job_submitted_at = time.time()
         except SubmitRejected as error:
             self._submission_sent = output.exit_status == 0  # rejected: there is no job

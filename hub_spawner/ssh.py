@@ -15,7 +15,10 @@ Requirements:
 - nothing the cluster does can hold the hub for ever or fill its memory: a command is bounded
   by its timeout and by ``MAX_OUTPUT_BYTES`` of stdout and of stderr (read in chunks; beyond
   it the channel is closed), an SFTP operation by its timeout as a whole, and only regular
-  files are read (a FIFO in place of a job's output is refused, not opened).
+  files are read (a FIFO in place of a job's output is refused, not opened);
+- whatever the user's login shell prints around a command (a banner in ``~/.bashrc``, quota
+  lines, ``module`` chatter, on stdout or stderr) is never parsed: each command runs between
+  markers of its own (``Frame``) and only what it printed between them is its output.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import contextlib
 import logging
 import os
 import posixpath
+import secrets
 import shlex
 import stat
 import time
@@ -48,6 +52,9 @@ _Result = TypeVar("_Result")
 DEFAULT_MAX_SESSIONS = 10
 #: What a ``FileFollower`` keeps of a file: the head of a job's output, where its ready line is.
 FOLLOW_MAX_BYTES = 256 * 1024
+#: The longest line the followers' reader keeps while it waits for the line's end. The user owns
+#: her job's output: a file that grows without a newline must not grow a buffer in the hub.
+FOLLOW_MAX_LINE_BYTES = 64 * 1024
 
 ENCRYPTION_PREFERENCE = (
     "aes128-gcm@openssh.com",
@@ -80,6 +87,45 @@ class SSHTarget:
 
     def describe(self) -> str:
         return f"{self.username}@{self.host}:{self.port}"
+
+
+#: Room for what the login shell prints around a command, beyond the command's own limit.
+_FRAME_ALLOWANCE = 64 * 1024
+
+
+class Frame:
+    """One command between markers of its own, so that what the login shell prints around it
+    is told apart from what it printed. The login shell (any: sh, bash, csh) runs one line,
+    ``exec sh -c SCRIPT MARKER COMMAND``; SCRIPT prints MARKER on stdout and on stderr, runs
+    COMMAND with ``eval``, prints a newline and MARKER on both again and exits with COMMAND's
+    status. The marker is random per call, so no output can fake it by chance."""
+
+    _SCRIPT = (
+        'printf "%s\\n" "$0"; printf "%s\\n" "$0" >&2; eval "$1"; s=$?; '
+        'printf "\\n%s\\n" "$0"; printf "\\n%s\\n" "$0" >&2; exit "$s"'
+    )
+
+    def __init__(self) -> None:
+        self.marker = f"hub-spawner-frame-{secrets.token_hex(8)}".encode()
+
+    def wrap(self, command: str) -> str:
+        if "\n" in command:  # csh cannot take a newline inside quotes
+            raise ValueError("a command to frame must be one line")
+        return (f"exec sh -c {shlex.quote(self._SCRIPT)} {self.marker.decode()} "
+                f"{shlex.quote(command)}")
+
+    def split(self, raw: bytes) -> tuple[bytes, bytes]:
+        """``(inside, outside)``: what the command printed, and what came before and after
+        it. Without the first marker (the command never ran) all of it is outside; without
+        the last (it was cut short) everything after the first marker is inside."""
+        start = raw.find(self.marker + b"\n")
+        if start < 0:
+            return b"", raw
+        body = start + len(self.marker) + 1
+        end = raw.rfind(b"\n" + self.marker + b"\n")
+        if end < body:
+            return raw[body:], raw[:start]
+        return raw[body:end], raw[:start] + raw[end + len(self.marker) + 2:]
 
 
 class SSHCommandError(ClusterUnreachable):
@@ -150,6 +196,8 @@ class LoginConnection:
         """
         log.debug("ssh %s: %s", self.target.describe(), command)
         name = _command_name(command)
+        frame = Frame()
+        raw_limit = max_output_bytes + _FRAME_ALLOWANCE
         process: asyncssh.SSHClientProcess | None = None
 
         def close_process() -> None:
@@ -162,13 +210,13 @@ class LoginConnection:
 
         async def run_in_session() -> CommandOutput:
             nonlocal process
-            process = await self.connection.create_process(command, encoding=None)
+            process = await self.connection.create_process(frame.wrap(command), encoding=None)
             if stdin is not None:
                 process.stdin.write(stdin.encode())
             process.stdin.write_eof()
             readers = [
-                asyncio.ensure_future(_read_at_most(process.stdout, max_output_bytes)),
-                asyncio.ensure_future(_read_at_most(process.stderr, max_output_bytes)),
+                asyncio.ensure_future(_read_at_most(process.stdout, raw_limit)),
+                asyncio.ensure_future(_read_at_most(process.stderr, raw_limit)),
             ]
             try:
                 stdout, stderr = await asyncio.gather(*readers)
@@ -177,10 +225,14 @@ class LoginConnection:
                     reader.cancel()
             await process.wait_closed()
             exit_status = process.exit_status if process.exit_status is not None else -1
+            (stdout, noise_out), (stderr, noise_err) = frame.split(stdout), frame.split(stderr)
+            if max(len(stdout), len(stderr)) > max_output_bytes:
+                raise _TooMuchOutput()
             return CommandOutput(
                 exit_status,
-                stdout.decode("utf-8", errors="replace"),
-                stderr.decode("utf-8", errors="replace"),
+                _text(stdout),
+                _text(stderr),
+                _text(noise_out + noise_err),
             )
 
         try:
@@ -544,10 +596,16 @@ class _Followers:
         headers = {f"==> {path} <==".encode(): path for path in [*paths, "/dev/null"]}
         current = ""
         pending = b""
+        skipping = False  # the rest of a line longer than FOLLOW_MAX_LINE_BYTES
         blank = False  # an empty line: tail's own before a header, or the file's
         ended_line = ""  # the file whose line the last one ended (a header may take it back)
         try:
             while chunk := await process.stdout.read(_READ_CHUNK_BYTES):
+                if skipping:
+                    end = chunk.find(b"\n")
+                    if end < 0:
+                        continue
+                    chunk, skipping = chunk[end + 1:], False
                 *lines, pending = (pending + chunk).split(b"\n")
                 for line in lines:
                     if line in headers:
@@ -561,6 +619,13 @@ class _Followers:
                     if line:
                         self._deliver(current, line + b"\n")
                     ended_line = current if line else ""
+                if len(pending) > FOLLOW_MAX_LINE_BYTES:
+                    # No line we look for is this long: the file's followers stop (their
+                    # callers read the file's tail instead, bounded) and the line is skipped.
+                    log.debug("a line of %s is over %d bytes; no longer following it",
+                              current, FOLLOW_MAX_LINE_BYTES)
+                    self._give_up(current)
+                    pending, skipping, blank, ended_line = b"", True, False, ""
         except (asyncssh.Error, OSError) as error:
             log.debug("stopped following: %s", error)
         if process is self._process:  # it ended by itself (no tail?): followers fall back
@@ -572,6 +637,11 @@ class _Followers:
         for follower in list(self._followers):
             if follower.path == path:
                 follower._append(data)
+
+    def _give_up(self, path: str) -> None:
+        for follower in list(self._followers):
+            if follower.path == path:
+                follower.close()
 
     def _unterminate(self, path: str) -> None:
         for follower in self._followers:
@@ -690,6 +760,10 @@ def _forget(task: asyncio.Future) -> None:
     """Retrieve an abandoned task's outcome, so asyncio does not log it as never retrieved."""
     if not task.cancelled():
         task.exception()
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")
 
 
 def _command_name(command: str) -> str:

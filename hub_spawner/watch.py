@@ -34,6 +34,7 @@ from .schedulers import (
     ListedJob,
     QueueLoad,
     SchedulerUnavailable,
+    read_output,
     statuses_of,
 )
 from .ssh import ConnectionPool, SSHTarget
@@ -194,7 +195,7 @@ class Watch:
             command = self.scheduler.list_command(usernames)
             connection = await self.pool.get(target)
             output = await connection.run(command, timeout=self.command_timeout)
-            jobs = self.scheduler.parse_list_output(output)
+            jobs = read_output(self.scheduler.parse_list_output, output)
         except (ClusterUnreachable, SchedulerUnavailable, ValueError) as error:
             if job_ids:
                 self._failed(str(error))
@@ -240,7 +241,7 @@ class Watch:
             except ClusterUnreachable as error:
                 statuses[job_id] = JobStatus(JobState.UNKNOWN, reason=str(error))
                 continue
-            confirmed = self.scheduler.parse_status_output(output, job_id)
+            confirmed = read_output(self.scheduler.parse_status_output, output, job_id)
             if confirmed.state is not JobState.DONE:
                 self.log.warning(
                     "%s: %s's job %s is missing from the listing as %s, but %s still sees it "
@@ -367,7 +368,7 @@ async def _fetch_load(
         entry.calls += 1
         connection = await pool.get(target)
         output = await connection.run(scheduler.load_command(), timeout=command_timeout)
-        reading = LoadReading(scheduler.parse_load_output(output), time.time())
+        reading = LoadReading(read_output(scheduler.parse_load_output, output), time.time())
         logger.debug("%s load at %s: %d rows in %.3f s", scheduler.DISPLAY_NAME, target.host,
                      len(reading.loads or ()), time.monotonic() - started)
     except (ClusterUnreachable, SchedulerUnavailable, ValueError) as error:

@@ -1,10 +1,20 @@
-"""hub_spawner/schedulers/__init__.py: the shared XML reader of scheduler output."""
+"""hub_spawner/schedulers/__init__.py: the shared XML reader of scheduler output, and what an
+error about unreadable output says."""
 
 import time
 
 import pytest
 
-from hub_spawner.schedulers import MAX_OUTPUT_BYTES, parse_xml
+from hub_spawner.schedulers import (
+    MAX_OUTPUT_BYTES,
+    CommandOutput,
+    JobState,
+    SubmitRejected,
+    parse_xml,
+    read_output,
+    sge,
+    slurm,
+)
 
 BILLION_LAUGHS = """<?xml version="1.0"?>
 <!DOCTYPE lolz [
@@ -66,3 +76,24 @@ def test_predefined_entities_character_references_and_namespaces_are_read():
 def test_broken_documents_are_value_errors(document):
     with pytest.raises(ValueError, match="unreadable x output"):
         parse_xml(document, "x")
+
+
+NOISY = "Welcome to the login node. Quota: 12% used.\nmodule: loaded gcc/12\n"
+
+
+def test_an_unreadable_answer_says_what_the_login_shell_printed_around_it():
+    with pytest.raises(SubmitRejected, match=r"printed no job id.*login shell also printed "
+                                             r"'Welcome to the login node"):
+        read_output(slurm.parse_submit_output, CommandOutput(0, "\n", "", NOISY))
+    status = read_output(sge.parse_status_output, CommandOutput(0, "<oops", "", NOISY), "1")
+    assert status.state is JobState.UNKNOWN and "gcc/12" in status.reason
+    # Readable output, or a quiet shell: nothing is added.
+    assert read_output(slurm.parse_submit_output, CommandOutput(0, "82\n", "", NOISY)) == "82"
+    with pytest.raises(SubmitRejected) as raised:
+        read_output(slurm.parse_submit_output, CommandOutput(0, "\n", ""))
+    assert "login shell" not in str(raised.value)
+
+
+def test_a_long_banner_is_shortened_in_the_error():
+    said = CommandOutput(0, "", "", "B" * 5000 + "\n").around()
+    assert 300 < len(said) < 600 and " ... " in said

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import stat
 import time
 
@@ -19,6 +20,7 @@ from hub_spawner.errors import ClusterUnreachable
 from hub_spawner.ssh import (
     MAX_OUTPUT_BYTES,
     ConnectionPool,
+    Frame,
     LoginConnection,
     SSHCommandError,
     SSHTarget,
@@ -30,13 +32,48 @@ from hub_spawner.sshlib import asyncssh
 RUNNING = {"now": 0, "most": 0}
 
 
+#: What a noisy login shell (``echo`` in ``~/.bashrc``) prints before every command.
+NOISE = {"stdout": b"", "stderr": b""}
+
+
 async def fake_command(process: asyncssh.SSHServerProcess) -> None:
-    """``true``; ``print N`` / ``print-stderr N`` (N bytes); ``forever`` (prints without end);
-    ``hang``; ``cat`` (stdin back, exit status 3)."""
-    words = (process.command or "").split()
-    if words[:1] == ["true"]:
+    """A login shell: it prints ``NOISE``, then runs the command. A framed command (every
+    ``LoginConnection.run``) whose inner command is one of the fakes (``fake``) gets its
+    markers here; any other command runs in this machine's ``/bin/sh``."""
+    command = process.command or ""
+    words = shlex.split(command) if command.startswith("exec sh -c ") else command.split()
+    process.stdout.write(NOISE["stdout"])
+    process.stderr.write(NOISE["stderr"])
+    if words[:3] == ["exec", "sh", "-c"] and words[3:4] == [Frame._SCRIPT]:
+        marker, inner = words[4].encode(), words[5]
+        if inner.split()[:1] and inner.split()[0] in FAKES:
+            process.stdout.write(marker + b"\n")
+            process.stderr.write(marker + b"\n")
+            status = await fake(process, inner.split())
+            if status is not None:
+                process.stdout.write(b"\n" + marker + b"\n")
+                process.stderr.write(b"\n" + marker + b"\n")
+                process.exit(status)
+            return
+    if words[:3] == ["exec", "sh", "-c"]:
+        await run_locally(process)
+    elif words[:1] == ["true"]:  # asyncssh's warm-up command, unframed
         process.exit(0)
-    elif words[:1] in (["print"], ["print-stderr"]):
+    else:
+        process.stderr.write(b"unknown command\n")
+        process.exit(127)
+
+
+FAKES = ("true", "print", "print-stderr", "forever", "hang", "slot", "cat")
+
+
+async def fake(process: asyncssh.SSHServerProcess, words: list[str]) -> int | None:
+    """``true``; ``print N`` / ``print-stderr N`` (N bytes); ``forever`` (prints without end);
+    ``hang``; ``slot`` (counts the commands running at once); ``cat`` (stdin back, exit status
+    3). Returns the exit status (None: the client closed the channel first)."""
+    if words[0] == "true":
+        return 0
+    if words[0] in ("print", "print-stderr"):
         stream = process.stdout if words[0] == "print" else process.stderr
         left = int(words[1])
         while left > 0:
@@ -44,30 +81,25 @@ async def fake_command(process: asyncssh.SSHServerProcess) -> None:
             stream.write(b"x" * chunk)
             await stream.drain()
             left -= chunk
-        process.exit(0)
-    elif words[:1] == ["forever"]:
+        return 0
+    if words[0] == "forever":
         try:
             while not process.is_closing():
                 process.stdout.write(b"y" * 65536)
                 await process.stdout.drain()
         except (OSError, asyncssh.Error):
             pass  # the client closed the channel: what we expect
-    elif words[:1] == ["hang"]:
+        return None
+    if words[0] == "hang":
         await asyncio.Event().wait()
-    elif words[:3] == ["exec", "sh", "-c"]:
-        await run_locally(process)
-    elif words[:1] == ["slot"]:  # counts the commands running at once
+    if words[0] == "slot":
         RUNNING["now"] += 1
         RUNNING["most"] = max(RUNNING["most"], RUNNING["now"])
         await asyncio.sleep(0.1)
         RUNNING["now"] -= 1
-        process.exit(0)
-    elif words[:1] == ["cat"]:
-        process.stdout.write(await process.stdin.read())
-        process.exit(3)
-    else:
-        process.stderr.write(b"unknown command\n")
-        process.exit(127)
+        return 0
+    process.stdout.write(await process.stdin.read())  # cat
+    return 3
 
 
 async def run_locally(process: asyncssh.SSHServerProcess) -> None:
@@ -75,12 +107,16 @@ async def run_locally(process: asyncssh.SSHServerProcess) -> None:
     login node has), with the channel's stdin and stdout; as sshd, closes the stdin pipe when
     the client ends its stdin or the channel."""
     local = await asyncio.create_subprocess_shell(
-        process.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+        process.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
 
-    async def pump_out() -> None:
-        while chunk := await local.stdout.read(65536):
-            process.stdout.write(chunk)
+    async def pump_out(source: asyncio.StreamReader, sink) -> None:
+        try:
+            while chunk := await source.read(65536):
+                sink.write(chunk)
+        except (OSError, asyncssh.Error):
+            pass  # the client closed the channel
 
     async def pump_in() -> None:
         try:
@@ -90,11 +126,15 @@ async def run_locally(process: asyncssh.SSHServerProcess) -> None:
             pass
         local.stdin.close()
 
-    pumps = [asyncio.ensure_future(pump_out()), asyncio.ensure_future(pump_in())]
+    outputs = [asyncio.ensure_future(pump_out(local.stdout, process.stdout)),
+               asyncio.ensure_future(pump_out(local.stderr, process.stderr))]
+    feeding = asyncio.ensure_future(pump_in())
     try:
-        process.exit(await local.wait())
+        status = await local.wait()
+        await asyncio.gather(*outputs)  # all it printed, before the exit status
+        process.exit(status)
     finally:
-        for pump in pumps:
+        for pump in [*outputs, feeding]:
             pump.cancel()
 
 
@@ -139,6 +179,7 @@ async def login(tmp_path):
     finally:
         pool.close_all()
         server.close()
+        NOISE.update(stdout=b"", stderr=b"")
 
 
 # --- commands: output and time are bounded -----------------------------------------------------
@@ -146,6 +187,38 @@ async def login(tmp_path):
 async def test_run_returns_exit_status_output_and_takes_stdin(login):
     result = await login.run("cat", stdin="ünï\n")
     assert (result.exit_status, result.stdout, result.stderr) == (3, "ünï\n", "")
+
+
+async def test_what_a_noisy_login_shell_prints_is_not_the_commands_output(login):
+    """A ``~/.bashrc`` that prints on stdout and stderr (issue 28): each command's own output
+    is what it printed between its markers; the rest is ``noise``, for error messages."""
+    NOISE.update(stdout=b"Welcome to the login node. Quota: 12% used.\n",
+                 stderr=b"module: loaded gcc/12\n")
+    result = await login.run("cat", stdin="82\n")
+    assert (result.exit_status, result.stdout, result.stderr) == (3, "82\n", "")
+    assert "Welcome" in result.noise and "gcc/12" in result.noise
+    assert "Welcome to the login node" in result.around()
+    # Real commands through this machine's sh, with output that does not end in a newline.
+    result = await login.run("printf 812; printf 'oops\\n' >&2; exit 4")
+    assert (result.exit_status, result.stdout, result.stderr) == (4, "812", "oops\n")
+    # A banner without a newline of its own does not hide the command's first line.
+    NOISE.update(stdout=b"no newline here", stderr=b"")
+    result = await login.run("echo 812")
+    assert result.stdout == "812\n" and result.noise == "no newline here"
+
+
+async def test_a_quiet_login_shell_adds_nothing_around_the_output(login):
+    result = await login.run("printf 'a\\n\\nb\\n\\n'")
+    assert (result.stdout, result.stderr, result.noise) == ("a\n\nb\n\n", "", "")
+    assert result.around() == ""
+
+
+async def test_the_limit_is_the_commands_own_output_whatever_the_shell_prints(login):
+    NOISE.update(stdout=b"x" * 60000 + b"\n", stderr=b"y" * 60000 + b"\n")
+    result = await login.run(f"print {MAX_OUTPUT_BYTES}")
+    assert result.exit_status == 0 and len(result.stdout) == MAX_OUTPUT_BYTES
+    with pytest.raises(SSHCommandError, match="printed more than"):
+        await login.run(f"print {MAX_OUTPUT_BYTES + 1}")
 
 
 async def test_output_up_to_the_limit_is_read_whole(login):
@@ -486,6 +559,27 @@ async def test_a_line_cut_by_a_header_stays_incomplete_until_its_end(login, tmp_
             follower.close()
 
 
+async def test_a_line_without_end_ends_its_follower_and_no_other(login, tmp_path):
+    """A user appends megabytes with no newline to her job's output: the reader keeps at most
+    ``FOLLOW_MAX_LINE_BYTES`` of it, her follower ends (its caller reads the file's tail
+    instead), and another file's follower goes on."""
+    flood, other = tmp_path / "flood.out", tmp_path / "other.out"
+    followers = [await login.follow_file(str(path)) for path in (flood, other)]
+    try:
+        flood.write_bytes(b"started\n" + b"x" * (8 * 1024 * 1024))
+        await wait_until(lambda: followers[0].ended, seconds=20)
+        assert followers[0].text in ("", "started\n")  # never any of the long line
+        reader = login._followers
+        assert followers[0] not in reader._followers
+        other.write_text('HUB_SPAWNER_READY {"host": "cn1", "port": 4000}\n')
+        await wait_until(lambda: "HUB_SPAWNER_READY" in followers[1].text)
+        assert not followers[1].ended
+        await wait_until(lambda: tails_of(other) and not tails_of(flood))
+    finally:
+        for follower in followers:
+            follower.close()
+
+
 async def test_a_follow_cancelled_while_tail_starts_leaves_nothing(login, tmp_path):
     path = tmp_path / "job.out"
     task = asyncio.ensure_future(login.follow_file(str(path)))
@@ -607,3 +701,37 @@ async def test_a_connection_in_use_is_not_closed_however_long_the_command_takes(
         assert (await connection.run("true")).exit_status == 0  # still the same, still open
     finally:
         pool.close_all()
+
+
+# --- framing in the login shells sites use ---------------------------------------------------
+
+@pytest.mark.parametrize("shell", ["sh", "bash", "dash", "tcsh", "csh"])
+def test_a_framed_command_runs_as_itself_in_every_login_shell(shell):
+    """sshd runs ``$SHELL -c COMMAND``: the framed line must mean the same in csh as in sh,
+    with quotes, dollars, backslashes and globs in the command left alone."""
+    import shutil
+    import subprocess
+
+    if shutil.which(shell) is None:
+        pytest.skip(f"{shell} is not installed here")
+    inner = ("printf '%s|' \"it's\" '$HOME' 'a;b' '\\\\' '*' \"$(echo 1)\"; "
+             "echo to-stderr >&2; exit 7")
+    frame = Frame()
+    done = subprocess.run([shell, "-c", frame.wrap(inner)], capture_output=True, timeout=30)
+    direct = subprocess.run(["sh", "-c", inner], capture_output=True, timeout=30)
+    assert done.returncode == direct.returncode == 7
+    assert frame.split(done.stdout) == (direct.stdout, b"")
+    assert frame.split(done.stderr) == (direct.stderr, b"")
+    assert direct.stdout == b"it's|$HOME|a;b|\\\\|*|1|"
+
+
+def test_a_frame_tells_the_commands_output_from_the_shells():
+    frame = Frame()
+    marker = frame.marker
+    assert frame.split(b"banner\n" + marker + b"\n812\n\n" + marker + b"\nbye\n") == (
+        b"812\n", b"banner\nbye\n")
+    assert frame.split(b"no frame at all") == (b"", b"no frame at all")  # never ran
+    assert frame.split(marker + b"\ncut sh") == (b"cut sh", b"")  # cut short
+    assert Frame().marker != marker
+    with pytest.raises(ValueError):
+        frame.wrap("echo one\necho two")

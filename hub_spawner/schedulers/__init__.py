@@ -40,11 +40,13 @@ accounting), which the spawner asks only when it has to tell someone why a job e
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from xml.parsers import expat
 
 #: The most output a scheduler command may print on stdout, and on stderr (4 MiB): the SSH
@@ -84,11 +86,25 @@ class JobStatus:
 
 @dataclass(frozen=True)
 class CommandOutput:
-    """What a command run on the login node returned."""
+    """What a command run on the login node returned: its own output, and (``noise``) what
+    the login shell printed around it (banners, quota lines, ``module`` chatter), which no
+    parser reads."""
 
     exit_status: int
     stdout: str
     stderr: str
+    noise: str = ""
+
+    def around(self) -> str:
+        """For an error message about output that cannot be read: what the login shell printed
+        around the command, if anything ("" when it printed nothing)."""
+        if not self.noise.strip():
+            return ""
+        shown = self.noise.strip()
+        if len(shown) > 300:
+            shown = shown[:150] + " ... " + shown[-150:]
+        return (f" (the login shell also printed {shown!r}: check the start-up files, e.g. "
+                "~/.bashrc, for commands that print)")
 
 
 @dataclass(frozen=True)
@@ -134,6 +150,24 @@ class SubmitRejected(Exception):
 
 class SchedulerUnavailable(Exception):
     """The scheduler's commands did not answer; the message says what they said."""
+
+
+_Parsed = TypeVar("_Parsed")
+
+
+def read_output(parse: Callable[..., _Parsed], output: CommandOutput, *args: Any) -> _Parsed:
+    """``parse(output, *args)``; when the output cannot be read (an error, or a status that
+    is ``UNKNOWN``), the error also says what the login shell printed around the command."""
+    around = output.around()
+    try:
+        result = parse(output, *args)
+    except (ValueError, SubmitRejected, SchedulerUnavailable) as error:
+        if around:
+            raise type(error)(f"{error}{around}") from None
+        raise
+    if around and isinstance(result, JobStatus) and result.state is JobState.UNKNOWN:
+        return dataclasses.replace(result, reason=result.reason + around)
+    return result
 
 
 def parse_check_output(output: CommandOutput) -> str:

@@ -52,6 +52,7 @@ class Hub:
     url: str
     token: str
     log_path: Path
+    pid: int = 0  # the jupyterhub process
 
     def api(self, method: str, path: str, token: str | None = None, **kwargs):
         headers = {"Authorization": f"token {token or self.token}"}
@@ -134,7 +135,7 @@ def start_hub(state_dir: Path, port: int, token: str, extra_env: dict | None = N
         [str(jupyterhub), "-f", str(REPO / "tests" / "integration" / "hub_config.py")],
         cwd=state_dir, env=env, stdout=open(log_path, "a"), stderr=subprocess.STDOUT,
     )
-    hub = Hub(f"http://127.0.0.1:{port}", token, log_path)
+    hub = Hub(f"http://127.0.0.1:{port}", token, log_path, process.pid)
     started_hub_api_urls.add(f"http://127.0.0.1:{port + 81}/hub/api")  # hub_port: port + 81
     deadline = time.monotonic() + 60
     while True:
