@@ -221,7 +221,7 @@ def resolve(options: Any, choices: Choices) -> Request:
     limits = choices.limits_for(partition if isinstance(partition, str) else "")
     if choices.accounts:
         account = merged.get("account") or limits.default_account
-        if account not in {a.name for a in choices.accounts}:
+        if not isinstance(account, str) or account not in {a.name for a in choices.accounts}:
             raise OptionError(
                 "account", f"Account {str(account)[:40]!r} is not offered to you. Choose one "
                 f"of: {', '.join(a.name for a in choices.accounts)}."

@@ -195,6 +195,11 @@ def raw_options(formdata: Mapping[str, list[str]]) -> dict[str, str]:
     for name in fields:
         if name not in FORM_FIELDS:
             options[name] = fields[name]  # refused by validation, with its name
+    for field, units, names in (("memory", _MEMORY_UNITS, "MB or GB"),
+                                 ("walltime", _WALLTIME_UNITS, "hours or days")):
+        unit = fields.get(f"{field}_unit", "")
+        if unit and unit not in units:  # else a bare number would be read in another unit
+            raise OptionError(field, f"Unknown {field} unit {unit[:20]!r}: choose {names}.")
     memory, unit = fields.get("memory"), fields.get("memory_unit", "")
     if memory:
         options["memory"] = memory + unit if unit in _MEMORY_UNITS and _NUMBER.fullmatch(

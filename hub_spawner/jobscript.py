@@ -13,7 +13,9 @@ Requirements:
   them); environment variable names are validated. ``prologue`` is the one exception: it is
   admin-written shell code and inserted verbatim by design;
 - the ready line is trusted for its port (1024-65535) or socket path only: the tunnel dials the
-  node the *scheduler* reports, and a ready line that names another host is refused.
+  node the *scheduler* reports, and a ready line that names another host is refused. Its
+  ``host`` is the node's own name (``hostname``); ``node``, where the scheduler tells the job
+  (Slurm's ``SLURMD_NODENAME``), is the scheduler's name for it; either may match (``same_host``).
 """
 
 from __future__ import annotations
@@ -128,7 +130,8 @@ if [ "$hub_spawner_waited" -ne 0 ]; then
     exit "$hub_spawner_status"
 fi
 echo "hub_spawner: the server listens at $(date +%s.%N)"
-echo "{{ ready_marker }} {\\"host\\": \\"$(hostname)\\", \\"socket\\": \\"$hub_spawner_socket\\"}"
+echo "{{ ready_marker }} {\\"host\\": \\"$(hostname)\\"," \\
+    "\\"node\\": \\"${SLURMD_NODENAME:-}\\", \\"socket\\": \\"$hub_spawner_socket\\"}"
 wait "$hub_spawner_server"
 hub_spawner_status=$?
 rm -rf -- "$hub_spawner_socket_dir"
@@ -237,7 +240,8 @@ echo "hub_spawner: port $hub_spawner_port was taken by another process; trying a
 hub_spawner_try=$((hub_spawner_try + 1))
 done
 echo "hub_spawner: the server listens at $(date +%s.%N)"
-echo "{{ ready_marker }} {\\"host\\": \\"$(hostname)\\", \\"port\\": $hub_spawner_port}"
+echo "{{ ready_marker }} {\\"host\\": \\"$(hostname)\\"," \\
+    "\\"node\\": \\"${SLURMD_NODENAME:-}\\", \\"port\\": $hub_spawner_port}"
 wait "$hub_spawner_server"
 {% endif -%}
 """
@@ -251,6 +255,7 @@ class ReadyLine:
     host: str
     port: int
     socket: str = ""
+    node: str = ""  # the scheduler's name for the node, where the job knows it (else "")
 
 
 def render_launch(
@@ -338,6 +343,8 @@ def parse_ready_line(output: str) -> ReadyLine | None:
         raise ValueError(f"malformed ready line: {ready!r}") from None
     if not isinstance(host, str) or not _HOSTNAME.fullmatch(host):
         raise ValueError(f"ready line names an invalid host: {host!r}")
+    node = fields.get("node")
+    node = node if isinstance(node, str) and is_hostname(node) else ""  # optional: else unused
     if "socket" in fields:
         path = fields["socket"]
         if not is_socket_path(path):
@@ -345,13 +352,13 @@ def parse_ready_line(output: str) -> ReadyLine | None:
                 f"ready line names an invalid socket: {path!r} (an absolute path of letters, "
                 f"digits and ._+-, at most {MAX_SOCKET_PATH} bytes)"
             )
-        return ReadyLine(host=host, port=0, socket=path)
+        return ReadyLine(host=host, port=0, socket=path, node=node)
     port = fields["port"]
     if not isinstance(port, int) or isinstance(port, bool) or not MIN_PORT <= port <= MAX_PORT:
         raise ValueError(
             f"ready line names an invalid port: {port!r} (a server port is {MIN_PORT}-{MAX_PORT})"
         )
-    return ReadyLine(host=host, port=port)
+    return ReadyLine(host=host, port=port, node=node)
 
 
 def last_lines(output: str, count: int = 10) -> str:
@@ -361,26 +368,33 @@ def last_lines(output: str, count: int = 10) -> str:
 
 
 def same_host(reported: str, scheduled: str) -> bool:
-    """Whether the ready line's host is the node the scheduler placed the job on.
+    """Whether a name the job gave for its node is the node the scheduler placed it on.
 
-    Exact, ignoring case only: ``cn017`` is not ``cn017.cluster.example`` (nor
-    ``cn017.127.0.0.1.nip.io``). The ready line's name is never dialled in any case; this check
-    only refuses a ready line that did not come from the job's own node.
+    The same name (ignoring case), or the same first label when one of the two names has no
+    domain: Grid Engine usually knows a node by its full name (``cn017.cluster.example``) while
+    the node calls itself ``cn017``, or the other way round. Two full names that differ
+    (``cn017.a.example``, ``cn017.b.example``) are not the same host. The job's name is never
+    dialled in any case: this only refuses a ready line that did not come from the job's node.
     """
-    return reported.lower() == scheduled.lower()
+    mine, theirs = reported.lower(), scheduled.lower()
+    if mine == theirs:
+        return True
+    return ("." not in mine or "." not in theirs) and mine.split(".")[0] == theirs.split(".")[0]
 
 
 def server_address(ready: ReadyLine, scheduled_node: str) -> ReadyLine:
     """Where the tunnel connects: the node the *scheduler* placed the job on, at the port of the
     ready line. The ready line is the job's output, so the user can write anything into it; its
-    host name only has to agree with the scheduler, it is never dialled.
+    host name (or the scheduler's name for the node, ``node``) only has to agree with the
+    scheduler (``same_host``), it is never dialled.
 
     Raises ``ValueError`` when the scheduler's node is not a plain host name, or the ready line
-    names another host (see ``same_host``).
+    names another host.
     """
     if not is_hostname(scheduled_node):
         raise ValueError(f"the scheduler reports the job on {scheduled_node!r}, not a host name")
-    if not same_host(ready.host, scheduled_node):
+    if not same_host(ready.host, scheduled_node) and not (
+            ready.node and same_host(ready.node, scheduled_node)):
         raise ValueError(
             f"the job says its server is on {ready.host!r}, but the scheduler placed it on "
             f"{scheduled_node!r}"

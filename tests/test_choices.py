@@ -114,3 +114,14 @@ def test_summary_words():
         ["512 MB", "1.5 GB", "4 GB", "2 TB"]
     assert [format_duration(s) for s in (2700, 5400, 86400 * 2, 86400 + 12 * 3600)] == \
         ["45 min", "1 h 30 min", "2 d", "1 d 12 h"]
+
+
+@pytest.mark.parametrize("name", ["partition", "cpus", "memory", "gpus", "walltime", "account",
+                                  "preset"])
+@pytest.mark.parametrize("value", [["x"], {"x": 1}, True, 1.5j], ids=repr)
+def test_a_value_of_another_type_is_refused_naming_its_field(name, value):
+    """REST clients send JSON of any shape: never a TypeError (a 500), always the field."""
+    listed = choices(accounts=["proj-a"])
+    with pytest.raises(OptionError) as raised:
+        resolve({name: value}, listed)
+    assert raised.value.field == name, raised.value

@@ -73,6 +73,15 @@ def test_numbers_are_joined_with_their_units():
     assert raw_options({"walltime": ["08:00:00"]}) == {"walltime": "08:00:00"}  # API-like post
 
 
+@pytest.mark.parametrize(("field", "unit"), [("walltime", "minutes"), ("walltime", "s"),
+                                             ("memory", "T"), ("memory", "$(id)")])
+def test_a_unit_the_form_does_not_offer_is_refused_naming_its_field(field, unit):
+    """Posted as a user could: ``walltime=1`` with an unknown unit once became one minute."""
+    with pytest.raises(OptionError, match=f"Unknown {field} unit") as raised:
+        options_from_form({"preset": [""], field: ["1"], f"{field}_unit": [unit]}, CHOICES)
+    assert raised.value.field == field
+
+
 def test_a_chosen_preset_ignores_the_advanced_fields():
     options = options_from_form({"preset": ["small"], "cpus": ["99"]}, CHOICES)
     assert options["cpus"] == 1 and options["profile"] == "Small"

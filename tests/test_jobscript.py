@@ -57,30 +57,50 @@ def test_malformed_ready_line_is_an_error(payload):
         parse_ready_line(f"{READY_MARKER} {payload}\n")
 
 
-def test_same_host_is_exact_ignoring_case():
+def test_same_host_is_the_same_name_or_the_short_name_of_the_other():
+    """Grid Engine knows nodes by their full names, and nodes call themselves by either."""
     assert same_host("cn017", "cn017")
     assert same_host("CN017.Cluster.Example", "cn017.cluster.example")
+    assert same_host("cn017.cluster.example", "cn017")
+    assert same_host("cn017", "CN017.cluster.example")
     assert not same_host("cn018", "cn017")
 
 
 @pytest.mark.parametrize(("reported", "scheduled"), [
-    ("cn017.127.0.0.1.nip.io", "cn017"),  # the first label used to be enough
-    ("cn017.evil.example", "cn017"),
-    ("cn017.cluster.example", "cn017"),  # strict: no short-name matching either
-    ("cn017", "cn017.cluster.example"),
+    ("cn017.a.example", "cn017.b.example"),  # two full names that differ
+    ("elsewhere.127.0.0.1.nip.io", "cn017"),
     ("cn0170", "cn017"),
     ("cn01", "cn017"),
+    ("cn0170.cluster.example", "cn017"),
+    ("127.0.0.1", "cn017"),
 ])
-def test_same_host_refuses_a_name_that_only_starts_like_the_node(reported, scheduled):
+def test_same_host_refuses_another_host(reported, scheduled):
     assert not same_host(reported, scheduled)
 
 
 def test_server_address_dials_the_schedulers_node_with_the_ready_lines_port():
     assert server_address(ReadyLine("CN017", 43211), "cn017") == ReadyLine("cn017", 43211)
+    assert server_address(ReadyLine("cn017.cluster.example", 43211), "cn017") == ReadyLine(
+        "cn017", 43211)
+
+
+def test_the_schedulers_own_name_for_the_node_in_the_ready_line_is_enough():
+    """A Slurm NodeName may differ from the node's host name: the job also says
+    ``SLURMD_NODENAME``."""
+    ready = parse_ready_line(
+        f'{READY_MARKER} {{"host": "node-a17", "node": "cn017", "port": 43211}}\n')
+    assert ready.node == "cn017"
+    assert server_address(ready, "cn017") == ReadyLine("cn017", 43211)
+    with pytest.raises(ValueError, match="the job says its server is on 'node-a17'"):
+        server_address(ready, "cn018")
+    # An empty or unusable node name is left out (other schedulers print it empty).
+    for node in ('""', '"x y"', '["cn017"]', '"-oProxyCommand=x"'):
+        line = f'{READY_MARKER} {{"host": "node-a17", "node": {node}, "port": 43211}}\n'
+        assert parse_ready_line(line).node == ""
 
 
 @pytest.mark.parametrize(("ready", "scheduled"), [
-    (ReadyLine("cn017.127.0.0.1.nip.io", 43211), "cn017"),
+    (ReadyLine("elsewhere.127.0.0.1.nip.io", 43211), "cn017"),
     (ReadyLine("127.0.0.1", 43211), "cn017"),
     (ReadyLine("cn017", 43211), "cn017\n"),
     (ReadyLine("cn017", 43211), "-oProxyCommand=x"),

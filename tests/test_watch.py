@@ -24,6 +24,7 @@ from hub_spawner.schedulers import (
 )
 from hub_spawner.ssh import SSHTarget
 from hub_spawner.watch import Watch
+from tests.fixture_output import recorded
 
 
 def target(user: str) -> SSHTarget:
@@ -192,6 +193,28 @@ def test_torque_list_parsing_keeps_owner_and_name_and_fails_loudly():
     with pytest.raises(SchedulerUnavailable, match="cannot connect"):
         torque.parse_list_output(CommandOutput(1, "", "cannot connect to server"))
     assert torque.job_key("21.login") == torque.job_key("21") == "21"
+
+
+async def test_a_pbs_pro_job_that_finishes_during_the_listing_is_done_not_unknown():
+    """PBS Pro's qstat exits 35 with ``Job has finished`` for a job that ended while it
+    printed; the others' blocks are still there. ``poll()`` reads the watch: the finished job
+    is DONE (else its server stays "running" for ever), the other one RUNNING."""
+    output = recorded("torque", "pbspro_list_one_finished")
+    jobs = torque.parse_list_output(output)
+    assert [(j.job_id, j.owner, j.status.state) for j in jobs] == [
+        ("5678.pbs-server", "bob", JobState.RUNNING)]
+    pool = RecordingPool(lambda command: output)
+    watch = Watch(torque, pool, interval=0.05)
+    for job_id in ("5678.pbs-server", "5680.pbs-server"):
+        watch.track(job_id, target("bob"))
+    assert (await watch.status("5680.pbs-server")).state is JobState.DONE
+    assert (await watch.status("5678.pbs-server")).state is JobState.RUNNING
+    for job_id in ("5678.pbs-server", "5680.pbs-server"):
+        watch.untrack(job_id)
+    # An error line about anything else is still a failed listing.
+    with pytest.raises(SchedulerUnavailable):
+        torque.parse_list_output(CommandOutput(35, output.stdout, output.stderr +
+                                               "qstat: cannot connect to server\n"))
 
 
 def test_statuses_of_a_listing_call_an_unlisted_job_done():

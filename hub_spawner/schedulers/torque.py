@@ -164,9 +164,10 @@ def parse_list_output(output: CommandOutput) -> list[ListedJob]:
 
     Guarantees: ``SchedulerUnavailable`` when qstat failed or printed something unreadable;
     no output with exit status 0 is no job at all; a job's owner is ``Job_Owner`` without
-    its ``@host``.
+    its ``@host``. A non-zero exit whose every error line is about a job that ended while
+    qstat printed (PBS Pro's ``Job has finished``, exit 35) is a listing without that job.
     """
-    if output.exit_status != 0:
+    if output.exit_status != 0 and not _only_gone_jobs(output):
         raise SchedulerUnavailable(_error_text(output) or f"qstat exit status "
                                    f"{output.exit_status}")
     text = output.stdout.lstrip()
@@ -182,6 +183,12 @@ def parse_list_output(output: CommandOutput) -> list[ListedJob]:
                   _status_from_attributes(attributes))
         for job_id, attributes in jobs.items()
     ]
+
+
+def _only_gone_jobs(output: CommandOutput) -> bool:
+    lines = [line for line in output.stderr.splitlines() if line.strip()]
+    return output.exit_status in _GONE_EXIT_CODES and bool(lines) and all(
+        any(message in line for message in _GONE_MESSAGES) for line in lines)
 
 
 def job_key(job_id: str) -> str:

@@ -54,6 +54,11 @@ SUPERVISE_INTERVAL = 1.0
 #: environment's HUB_TUNNEL_WARM_SECONDS, for tests, else 120).
 WARM_SECONDS = float(os.environ.get("HUB_TUNNEL_WARM_SECONDS") or 120)
 MASTER_START_TIMEOUT = 20.0
+#: Masters being started at once (each is an ``ssh`` process logging in).
+MAX_MASTER_STARTS = 16
+#: The longest wait between two tries to bring back the forwards of a login node that does
+#: not answer (the wait doubles from 1 s).
+MAX_READD_BACK_OFF = 30.0
 #: Where a reverse forward with no port asked for looks for one on the login node.
 REVERSE_PORT_RANGE = (32768, 60999)
 _MASTER_PID = re.compile(r"pid=(\d+)")
@@ -166,7 +171,13 @@ class Master:
 
 
 class TunnelService:
-    """The forward table, kept true."""
+    """The forward table, kept true.
+
+    Work on one login target (its master, its forwards) is serialised by that target's own
+    lock; targets never wait for each other, so a login node that does not answer (15 s per
+    connection attempt) delays only its own forwards. At most ``MAX_MASTER_STARTS`` masters
+    are being started at once, and forwards that are down come back in the background, one
+    task per login target, tried again with a back-off while it does not answer."""
 
     def __init__(self, directory: Path, forward_ports: tuple[int, int] | None = None) -> None:
         self.directory = directory
@@ -175,11 +186,17 @@ class TunnelService:
         self.table: dict[str, Entry] = load_table(self.table_path)
         self.masters: dict[str, Master] = {}
         self.problems: dict[str, str] = {}  # name -> why it is not up right now
-        self.lock = asyncio.Lock()
         self.warm_until: dict[str, float] = {}  # login key -> when a warmed master may go
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._starts = asyncio.Semaphore(MAX_MASTER_STARTS)
+        self._readding: dict[str, asyncio.Task] = {}  # login key -> its re-add task
+        self._next_try: dict[str, tuple[float, float]] = {}  # login key -> (when, back-off)
+
+    def _lock(self, login: Login) -> asyncio.Lock:
+        return self._locks.setdefault(login.key, asyncio.Lock())
 
     async def ensure(self, forward: Forward) -> int:
-        async with self.lock:
+        async with self._lock(forward.login):
             entry = self.table.get(forward.name)
             master = self.masters.get(forward.login.key)
             if (
@@ -209,13 +226,16 @@ class TunnelService:
             return port
 
     async def close(self, name: str) -> None:
-        async with self.lock:
+        entry = self.table.get(name)
+        if entry is None:
+            return
+        async with self._lock(entry.forward.login):
             await self._close(name)
 
     async def warm(self, login: Login) -> int:
         """Have ``login``'s master up before a forward needs it (a user looks at the spawn
         form); one that no forward takes in ``WARM_SECONDS`` is stopped. Returns its pid."""
-        async with self.lock:
+        async with self._lock(login):
             master = await self._master(login)
             self.warm_until[login.key] = time.monotonic() + WARM_SECONDS
             return master.pid
@@ -240,48 +260,77 @@ class TunnelService:
 
     async def stop_everything(self) -> None:
         """Cancel every forward and end every master (teardown of a demo or a test)."""
-        async with self.lock:
-            for name in list(self.table):
-                await self._close(name)
-            for master in list(self.masters.values()):
-                await master.stop()
-            self.masters.clear()
+        for task in self._readding.values():
+            task.cancel()
+        for name in list(self.table):
+            await self.close(name)
+        for master in list(self.masters.values()):
+            await master.stop()
+        self.masters.clear()
 
     # --- keeping it true -------------------------------------------------------------------
 
-    async def restore(self) -> None:
-        """At start-up: adopt or re-make every master, re-add every forward."""
-        async with self.lock:
-            for entry in list(self.table.values()):
-                await self._readd(entry)
+    def restore(self) -> None:
+        """At start-up: every forward of the table is down until its master is adopted or
+        re-made and the forward re-added, which the supervisor does in the background (the
+        control socket answers meanwhile)."""
+        for entry in self.table.values():
+            self.problems[entry.forward.name] = "being restored after the service started"
+        self._readd_down()
 
     async def supervise(self) -> None:
         while True:
             await asyncio.sleep(SUPERVISE_INTERVAL)
-            async with self.lock:
-                for key, master in list(self.masters.items()):
-                    if not master.alive():
-                        log.warning(
-                            "master %s: gone (pid %d); re-making it and its forwards",
-                            master.login.describe(),
-                            master.pid,
-                        )
-                        del self.masters[key]
-                        for entry in self.table.values():
-                            if entry.forward.login.key == key:
-                                self.problems[entry.forward.name] = "its SSH connection dropped"
-                for entry in list(self.table.values()):
-                    if entry.forward.name in self.problems:
-                        await self._readd(entry)
-                for key, until in list(self.warm_until.items()):
-                    if until < time.monotonic():
-                        del self.warm_until[key]
-                        master = self.masters.get(key)
-                        if master is not None:
+            for key, master in list(self.masters.items()):
+                if not master.alive() and not self._lock(master.login).locked():
+                    log.warning(
+                        "master %s: gone (pid %d); re-making it and its forwards",
+                        master.login.describe(),
+                        master.pid,
+                    )
+                    del self.masters[key]
+                    for entry in self.table.values():
+                        if entry.forward.login.key == key:
+                            self.problems[entry.forward.name] = "its SSH connection dropped"
+            self._readd_down()
+            for key, until in list(self.warm_until.items()):
+                master = self.masters.get(key)
+                if until < time.monotonic() and (master is None or not
+                                                 self._lock(master.login).locked()):
+                    del self.warm_until[key]
+                    if master is not None:
+                        async with self._lock(master.login):
                             await self._stop_unused(master.login)
+
+    def _readd_down(self) -> None:
+        """Start a re-add task for each login target with forwards down, unless one runs or
+        its back-off has not ended."""
+        now = time.monotonic()
+        for login in {e.forward.login.key: e.forward.login for e in self.table.values()
+                      if e.forward.name in self.problems}.values():
+            task = self._readding.get(login.key)
+            if (task is not None and not task.done()) or (
+                    self._next_try.get(login.key, (0.0, 0.0))[0] > now):
+                continue
+            self._readding[login.key] = asyncio.ensure_future(self._readd_login(login))
+
+    async def _readd_login(self, login: Login) -> None:
+        async with self._lock(login):
+            entries = [e for e in self.table.values()
+                       if e.forward.login.key == login.key and e.forward.name in self.problems]
+            for entry in entries:
+                await self._readd(entry)
+        if any(e.forward.name in self.problems for e in entries):
+            _, back_off = self._next_try.get(login.key, (0.0, 0.0))
+            back_off = min(max(back_off * 2, 1.0), MAX_READD_BACK_OFF)
+            self._next_try[login.key] = (time.monotonic() + back_off, back_off)
+        else:
+            self._next_try.pop(login.key, None)
 
     async def _readd(self, entry: Entry) -> None:
         name = entry.forward.name
+        if self.table.get(name) is not entry:  # closed or replaced meanwhile
+            return
         try:
             master = await self._master(entry.forward.login)
             await self._add(master, entry.forward, entry.port)
@@ -297,11 +346,13 @@ class TunnelService:
         master = self.masters.get(login.key)
         if master is not None and master.alive():
             return master
-        if login.jump is not None:
-            await self._master(login.jump)  # the node hop rides on the login node's master
+        if login.jump is not None:  # the node hop rides on the login node's master
+            async with self._lock(login.jump):
+                await self._master(login.jump)
         master = Master(login, self.directory)
         if not await master.adopt():
-            await master.start()
+            async with self._starts:
+                await master.start()
         self.masters[login.key] = master
         return master
 
@@ -475,7 +526,6 @@ async def serve(
     forward_ports: tuple[int, int] | None = None,
 ) -> None:
     service = TunnelService(directory, forward_ports)
-    await service.restore()
     control_path = directory / "ctl"
     with contextlib.suppress(FileNotFoundError):
         control_path.unlink()
@@ -495,6 +545,7 @@ async def serve(
                  *listen)
     log.info("tunnel service %d: listening on %s (%d forwards)", os.getpid(), control_path,
              len(service.table))
+    service.restore()  # in the background: the control socket answers meanwhile
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

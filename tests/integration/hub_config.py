@@ -10,7 +10,10 @@ Scenarios are named servers of alice whose command is swapped in ``pre_spawn_hoo
   it in error state ``Eqw``;
 - ``held``: the job is submitted on hold (``-h``);
 - ``wrong-host``: the server prints a ready line of its own naming another host
-  (``compute.127.0.0.1.nip.io``, a name that only starts like the node) and a port;
+  (``elsewhere.127.0.0.1.nip.io``) and a port;
+- ``full-host-name``: the node calls itself ``compute.lab.example`` (``hostname`` in the job
+  says so), the scheduler ``compute``; ``other-host-name``: the node calls itself
+  ``node-a17``, a name the scheduler does not use (Slurm also tells the job its NodeName);
 - ``socket`` (any name starting with it): ``server_transport = "socket"``, no open port on the
   node; ``socket-unknown-node-key`` also gives the spawner a known_hosts without the compute
   host's key.
@@ -109,7 +112,11 @@ def scenario(spawner):
         spawner._follow_job_output = False
     elif spawner.name == "wrong-host":
         spawner.cmd = ["/bin/sh", "-c", "echo 'HUB_SPAWNER_READY {\"host\": "
-                       "\"compute.127.0.0.1.nip.io\", \"port\": 2222}'; exec sleep 600"]
+                       "\"elsewhere.127.0.0.1.nip.io\", \"port\": 2222}'; exec sleep 600"]
+    elif spawner.name == "full-host-name":
+        spawner.job_prologue = 'hostname() { echo "$(command hostname).lab.example"; }'
+    elif spawner.name == "other-host-name":
+        spawner.job_prologue = "hostname() { echo node-a17; }"
     if spawner.name.startswith("light-"):  # bench/scale_bench.py: many servers on 2 cores
         spawner.cmd = [spawner.job_python, "-m", "jupyterhub.tests.mocksu"]
     if spawner.name.startswith("socket"):

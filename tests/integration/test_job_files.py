@@ -128,11 +128,39 @@ def test_old_job_directories_beyond_the_newest_ten_are_removed_at_the_next_submi
 
 
 def test_a_ready_line_naming_another_host_is_refused_and_the_job_cancelled(hub):
-    """The job's output is the user's to write: a ready line for a host that only starts like
-    the scheduler's node is refused (exact match), and nothing is dialled."""
+    """The job's output is the user's to write: a ready line for another host is refused,
+    and nothing is dialled."""
     events, _ = hub.spawn("alice", "wrong-host")
     assert events[-1].get("failed"), events
     message = events[-1]["message"]
-    assert "the job says its server is on 'compute.127.0.0.1.nip.io'" in message, message
+    assert "the job says its server is on 'elsewhere.127.0.0.1.nip.io'" in message, message
     assert "the scheduler placed it on 'compute'" in message, message
     assert wait_for(lambda: not active_jobs("alice"), 30), active_jobs("alice")
+
+
+@pytest.mark.parametrize("scheduler", ["slurm", "sge"])
+def test_a_node_that_calls_itself_by_its_full_name_is_the_schedulers_node(hub_for, scheduler):
+    """Issue 28: the node says ``compute.lab.example``, the scheduler ``compute`` (the short
+    name rule, README "Which node"); the server starts."""
+    hub = hub_for(scheduler)
+    events, _ = hub.spawn("alice", "full-host-name")
+    assert events[-1].get("ready"), events
+    hub.stop("alice", "full-host-name")
+    assert wait_for(lambda: not active_jobs("alice", scheduler), 30)
+
+
+@pytest.mark.parametrize("scheduler", ["slurm", "sge"])
+def test_a_node_with_another_host_name_needs_the_schedulers_name_for_it(hub_for, scheduler):
+    """The node calls itself ``node-a17``: on Slurm the job also says its NodeName
+    (``SLURMD_NODENAME``), which matches; Grid Engine tells the job nothing of the kind, so
+    the ready line is refused, saying what to do."""
+    hub = hub_for(scheduler)
+    events, _ = hub.spawn("alice", "other-host-name")
+    if scheduler == "slurm":
+        assert events[-1].get("ready"), events
+        hub.stop("alice", "other-host-name")
+    else:
+        message = events[-1]["message"]
+        assert events[-1].get("failed") and "on 'node-a17'" in message, events
+        assert "tell an administrator" in message, message
+    assert wait_for(lambda: not active_jobs("alice", scheduler), 30)

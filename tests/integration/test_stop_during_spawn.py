@@ -27,11 +27,15 @@ ROUNDS = 20
 SEED = int(os.environ.get("HUB_STOP_SEED", "20261206"))
 
 
-def _settled(hub, user: str, scheduler: str) -> None:
-    """The round is over: nothing listed, no job, and the user's URL is not a loop."""
-    assert wait_for(lambda: "" not in hub.api("GET", f"/users/{user}").json()["servers"], 60), (
-        hub.api("GET", f"/users/{user}").json())
-    assert wait_for(lambda: not active_jobs(user, scheduler), 30), active_jobs(user, scheduler)
+def _settled(hub, user: str, scheduler: str, since: int) -> None:
+    """The round is over: nothing listed, no job, and the user's URL is not a loop. On a
+    failure, the server's model and what the hub logged since the round began say why."""
+    def servers() -> dict:
+        return hub.api("GET", f"/users/{user}").json()["servers"]
+
+    assert wait_for(lambda: "" not in servers(), 60), (servers(), hub.log()[since:][-6000:])
+    assert wait_for(lambda: not active_jobs(user, scheduler), 30), (
+        active_jobs(user, scheduler), hub.log()[since:][-6000:])
 
 
 def _not_a_loop(hub, session: requests.Session, user: str) -> None:
@@ -56,13 +60,14 @@ def test_stop_at_random_moments_after_a_rest_start_leaves_nothing(hub_for, sched
     since = len(hub.log())
     for round_number in range(ROUNDS):
         delay = rng.uniform(0, 3)
+        round_began = len(hub.log())
         started = time.monotonic()
         response = hub.api("POST", "/users/alice/server", json={"cpus": 1})
         assert response.status_code in (201, 202), response.text
         time.sleep(max(0.0, delay - (time.monotonic() - started)))
         stop = hub.api("DELETE", "/users/alice/server")
         assert stop.status_code in (202, 204), (round_number, delay, stop.status_code, stop.text)
-        _settled(hub, "alice", scheduler)
+        _settled(hub, "alice", scheduler, round_began)
         _not_a_loop(hub, session, "alice")
     log = _new_lines(hub, since)
     assert "RuntimeError" not in log and "Traceback" not in log, log[-3000:]
@@ -82,13 +87,14 @@ def test_stop_at_random_moments_on_the_spawn_pending_page_leaves_nothing(hub):
     with logged_in(hub, "bob") as page:
         for _ in range(ROUNDS):
             delay = rng.uniform(0, 3)
+            round_began = len(hub.log())
             _goto(page, f"{hub.url}/hub/spawn")
             started = time.monotonic()
             submit(page)
             time.sleep(max(0.0, delay - (time.monotonic() - started)))
             if not _press_stop(page):  # the server was ready first: stop it as usual
                 hub.api("DELETE", "/users/bob/server")
-            _settled(hub, "bob", "slurm")
+            _settled(hub, "bob", "slurm", round_began)
             _not_a_loop(hub, session, "bob")
     log = _new_lines(hub, since)
     assert "RuntimeError" not in log and "Traceback" not in log, log[-3000:]

@@ -4,12 +4,14 @@ real sshd, forwards to the compute host and back, restarts and SSH drops. No hub
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -232,3 +234,102 @@ def test_a_warmed_master_waits_for_a_forward_and_then_goes(lab, tmp_path):
         assert wait_for(lambda: len(processes_on("login", "bob", "sshd")) == before, 10)
     finally:
         lab.stop_tunnel_service(tmp_path / "tunnels")
+
+
+class SwitchableLogin:
+    """A TCP relay on the hub side to the login host's sshd, as a login node that can go
+    dark: ``black_hole()`` drops every connection it carries and then takes new ones without
+    a word (a host whose packets are dropped: each SSH attempt waits for its timeout)."""
+
+    def __init__(self, lab) -> None:
+        self.target = (lab.LOGIN_IP, 22)
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.dark = False
+        self.connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections.append(client)
+            if self.dark:
+                continue  # held open, never answered
+            server = socket.create_connection(self.target, timeout=10)
+            server.settimeout(None)
+            self.connections.append(server)
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while not self.dark and (data := source.recv(65536)):
+                sink.sendall(data)
+        except OSError:
+            pass
+
+    def black_hole(self) -> None:
+        self.dark = True
+        for each in self.connections:
+            with contextlib.suppress(OSError):
+                each.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+        for each in self.connections:
+            each.close()
+
+
+def test_a_dark_login_node_delays_no_other_and_a_restart_answers_at_once(lab, client,
+                                                                        echo_server, tmp_path):
+    """Issue 28: masters were made one at a time under one lock, so a login node that does not
+    answer (15 s per try) held up every other login's forwards, and a restarted service
+    opened its control socket only after every restore."""
+    relay = SwitchableLogin(lab)
+    known_hosts = tmp_path / "known_hosts"
+    host_key = (lab.LAB_DIR / "ssh_host_ed25519_key.pub").read_text().split()[:2]
+    known_hosts.write_text(f"[127.0.0.1]:{relay.port} {' '.join(host_key)}\n")
+    dark = Login("127.0.0.1", relay.port, "alice", str(lab.KEY_DIR / "alice"), str(known_hosts))
+    try:
+        # Without a dark login node: bob's master and forward, from nothing.
+        started = time.monotonic()
+        _run(client.ensure_local("bob/a", _login(lab, "bob"), "127.0.0.1", lab.COMPUTE_IP,
+                                 ECHO_PORT))
+        alone = time.monotonic() - started
+        _run(client.close("bob/a"))  # its master goes with it
+        # alice's forward through the relay; then the relay's login node goes dark.
+        port = _run(client.ensure_local("alice/dark", dark, "127.0.0.1", lab.COMPUTE_IP,
+                                        ECHO_PORT))
+        assert _echo_works(port)
+        relay.black_hole()
+        assert wait_for(lambda: not _run(client.forwards())["alice/dark"]["up"], 15, 0.3)
+        time.sleep(1)  # the service is trying the dark node again by now
+        started = time.monotonic()
+        port = _run(client.ensure_local("bob/a", _login(lab, "bob"), "127.0.0.1",
+                                        lab.COMPUTE_IP, ECHO_PORT))
+        beside = time.monotonic() - started
+        assert _echo_works(port)
+        print(f"bob's new master and forward: {alone:.2f} s alone, {beside:.2f} s beside a "
+              "dark login node", flush=True)
+        assert beside < alone + 2, (alone, beside)
+
+        # A restart: the control socket answers at once; the dark forward stays down, bob's
+        # comes back on its port.
+        os.kill(_service_pid(client), signal.SIGKILL)
+        started = time.monotonic()
+        health = _run(client.request({"op": "health"}))  # starts the new service
+        answered = time.monotonic() - started
+        print(f"a restarted service answered health in {answered:.2f} s", flush=True)
+        assert answered < 2, answered
+        assert "alice/dark" in health["down"]
+        assert wait_for(lambda: _run(client.forwards())["bob/a"]["up"], 10, 0.3)
+        assert _echo_works(port)
+        assert not _run(client.forwards())["alice/dark"]["up"]
+    finally:
+        relay.close()
