@@ -26,6 +26,7 @@ Rules this part owns:
 from __future__ import annotations
 
 import dataclasses
+import pwd
 import re
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -204,6 +205,8 @@ class Cluster:
         if not host:
             raise ClusterUnreachable("No login node is configured (login_host is empty).")
         key_text, certificate_text = await self._auth_state_identity()
+        if self.ssh_ca_key_path and not key_text:
+            self.check_principal(username)
         return SSHTarget(
             host=host,
             port=port,
@@ -221,11 +224,35 @@ class Cluster:
             certificate_text=certificate_text,
         )
 
+    def check_principal(self, username: str) -> None:
+        """Certificate mode: ``ClusterUnreachable`` for a cluster user the hub must not sign
+        a certificate for (``ssh_certificate_denied_principals``, ``ssh_certificate_min_uid``),
+        before anything is signed."""
+        if username in self.ssh_certificate_denied_principals:
+            raise ClusterUnreachable(
+                f"The hub does not sign SSH certificates for {username!r} (it is in "
+                "ssh_certificate_denied_principals); check cluster_username, or tell an "
+                "administrator.")
+        if self.ssh_certificate_min_uid:
+            uid = _uid_of(username)
+            if uid is None or uid < self.ssh_certificate_min_uid:
+                found = "is not in the hub's user database" if uid is None else f"has uid {uid}"
+                raise ClusterUnreachable(
+                    f"The hub does not sign SSH certificates for {username!r}: it {found}, "
+                    f"and ssh_certificate_min_uid is {self.ssh_certificate_min_uid}. Tell an "
+                    "administrator.")
+
     def status_target(self, owner: SSHTarget) -> SSHTarget | None:
         """The status identity's target (``status_cluster_username``) beside ``owner``'s, or
         None when every user lists their own jobs."""
         if not self.status_cluster_username or self.auth_state_ssh_key:
             return None
+        if self.ssh_ca_key_path:
+            try:
+                self.check_principal(self.status_cluster_username)
+            except ClusterUnreachable as error:  # every user lists their own jobs instead
+                self.spawner.log.warning("status_cluster_username not used: %s", error)
+                return None
         return dataclasses.replace(
             owner,
             username=self.status_cluster_username,
@@ -305,3 +332,11 @@ def cluster_named(spawner: SSHBatchSpawner, key: str) -> Cluster:
         if entry.key == key:
             return entry
     raise ValueError(f"no cluster {key!r} is configured")
+
+
+def _uid_of(username: str) -> int | None:
+    """The uid of ``username`` in this machine's user database (NSS), or None."""
+    try:
+        return pwd.getpwnam(username).pw_uid
+    except KeyError:
+        return None

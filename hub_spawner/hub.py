@@ -25,6 +25,7 @@ import weakref
 from typing import Any
 
 from .errors import ClusterUnreachable
+from .job import QueueListings
 from .reconciler import CannotActAsOwner, Reconciler
 from .ssh import ConnectionPool, SSHTarget
 from .tunnels.client import TunnelClient
@@ -52,6 +53,7 @@ class Hub:
         self.released: dict[str, float] = {}  # job names let go of (Reconciler.released)
         self.watches: dict[tuple, Watch] = {}  # watch.watch_for: one per cluster
         self.loads: dict[tuple, Any] = {}  # watch.load_for: the form's load, per cluster
+        self.queue_listings = QueueListings()  # waiting jobs' places, per cluster
         self.form_retries: dict[str, tuple[dict[str, str], Exception]] = {}  # refused forms
         self.tunnel_clients: dict[tuple[str, str, str, str], TunnelClient] = {}
         self.pool = ConnectionPool()  # every SSH connection of this hub's spawners

@@ -37,6 +37,54 @@ from .ssh import FileFollower, LoginConnection, SSHTarget
 
 Where = tuple[str, int, str]  # (login host, port, cluster user) of a job; empty: the config's
 
+#: Seconds one listing of a cluster's pending jobs serves every spawn waiting there.
+QUEUE_LISTING_SECONDS = 60.0
+#: A job submitted after the listing was made is looked up in a new one, at most this often.
+QUEUE_REFRESH_SECONDS = 5.0
+
+
+class QueueListings:
+    """The listings of pending jobs (Slurm's ``squeue --states=PENDING``, the whole cluster's)
+    that the waiting spawns read their place in the queue from: one per cluster, shared by
+    all of them for ``QUEUE_LISTING_SECONDS`` (a job newer than it gets a new one, at most
+    every ``QUEUE_REFRESH_SECONDS``), and fetched once however many ask at the same moment.
+    A user's own listing only where the shared one does not show her job (Slurm's
+    ``PrivateData=jobs`` hides other users' jobs)."""
+
+    def __init__(self) -> None:
+        # key -> (monotonic time, wall-clock time, who listed, the output or None)
+        self._listings: dict[tuple, tuple[float, float, str, Any]] = {}
+        self._fetching: dict[tuple, asyncio.Task] = {}
+        self.fetches = 0  # listings made (tests, benchmarks)
+
+    async def get(self, key: tuple, username: str,
+                  fetch: Callable[[], Awaitable[Any]], newer_than: float) -> tuple[str, Any]:
+        """``(who listed, output)``: the listing for ``key``, fetched by ``fetch()`` (as
+        ``username``) if none is fresh enough for a job submitted at ``newer_than`` (wall
+        clock); the output is ``None`` when it could not be made."""
+        entry = self._listings.get(key)
+        if entry is not None:
+            age = time.monotonic() - entry[0]
+            if age < QUEUE_LISTING_SECONDS and (entry[1] >= newer_than
+                                                or age < QUEUE_REFRESH_SECONDS):
+                return entry[2], entry[3]
+        task = self._fetching.get(key)
+        if task is None or task.done():
+            task = self._fetching[key] = asyncio.ensure_future(
+                self._fetch(key, username, fetch))
+        return await asyncio.shield(task)
+
+    async def _fetch(self, key: tuple, username: str,
+                     fetch: Callable[[], Awaitable[Any]]) -> tuple[str, Any]:
+        started, wall = time.monotonic(), time.time()
+        self.fetches += 1
+        try:
+            output = await fetch()
+        except ClusterUnreachable:
+            output = None
+        self._listings[key] = (started, wall, username, output)
+        return username, output
+
 
 @dataclasses.dataclass(frozen=True)
 class Cleanup:
@@ -77,6 +125,7 @@ class JobCalls:
     command_timeout: float
     log: logging.Logger | logging.LoggerAdapter
     log_name: str
+    queue_listings: QueueListings | None = None  # the hub's, shared by every spawn
 
     async def status(self, job_id: str, where: Where | None = None) -> JobStatus:
         """The job's status; any failure to ask is ``UNKNOWN`` with the reason. A job in an
@@ -134,20 +183,33 @@ class JobCalls:
             self.log.warning("%s: cannot read job output: %s", self.log_name, error)
             return ""
 
-    async def queue_place(self, job_id: str) -> QueuePlace | None:
+    async def queue_place(self, job_id: str, submitted_at: float = 0.0) -> QueuePlace | None:
         """The pending job's place in its queue and estimated start, where the scheduler
-        tells (Slurm); ``None`` otherwise or when it cannot be asked."""
+        tells (Slurm); ``None`` otherwise or when it cannot be asked. Read from the listing
+        all waiting spawns of the cluster share (``QueueListings``)."""
         scheduler = self.scheduler
         if not hasattr(scheduler, "pending_queue_command"):
             return None
+        listings = self.queue_listings or QueueListings()
         try:
-            connection = await self.connect(None)
-            output = await connection.run(
-                scheduler.pending_queue_command(), timeout=self.command_timeout
-            )
+            target = await self.target(None)
         except ClusterUnreachable:
             return None
-        return scheduler.parse_pending_queue(output, job_id)
+
+        async def fetch() -> Any:
+            connection = await self.connect(None)
+            return await connection.run(scheduler.pending_queue_command(),
+                                        timeout=self.command_timeout)
+
+        cluster = ("pending", scheduler.NAME, target.host, target.port)
+        listed_by, output = await listings.get(cluster, target.username, fetch, submitted_at)
+        place = None if output is None else scheduler.parse_pending_queue(output, job_id)
+        if place is None and output is not None and listed_by != target.username:
+            # Another user's listing may not show this job (PrivateData): the user's own.
+            _, output = await listings.get((*cluster, target.username), target.username, fetch,
+                                           submitted_at)
+            place = None if output is None else scheduler.parse_pending_queue(output, job_id)
+        return place
 
     def pending_message(self, job_id: str, reason: str, place: QueuePlace | None,
                         waited: float) -> str:
@@ -229,6 +291,7 @@ class ReadyWait:
     on_running: Callable[[], None]  # each time the job is seen running
     keep_paths: Callable[[], Awaitable[Any]] | None = None  # while it runs: the hub API path
     follow_output: bool = True  # False: only the checks (the benchmark's reference)
+    submitted_at: float = 0.0  # wall clock: a queue listing older than that cannot show it
     _pending_said: int = 0
     _no_node_logged: bool = False
 
@@ -269,7 +332,7 @@ class ReadyWait:
             if status.state is JobState.PENDING:
                 pending_since = pending_since or time.monotonic()
                 waited = time.monotonic() - pending_since
-                said = (status.reason, await self.calls.queue_place(self.job_id))
+                said = (status.reason, await self.calls.queue_place(self.job_id, self.submitted_at))
                 if reported != ("pending", said) or waited - last_said >= 60:
                     reported, last_said = ("pending", said), waited
                     # The bar creeps from 30 to 45 while the job waits, a step per message.

@@ -132,6 +132,23 @@ class SSHBatchSpawner(Spawner):
         help="""Key of the user's ``auth_state`` that holds an OpenSSH certificate for the
         ``auth_state_ssh_key`` (optional).""",
     )
+    ssh_certificate_denied_principals = List(
+        Unicode(),
+        default_value=["root"],
+        config=True,
+        help="""Cluster user names the hub never signs a certificate for (certificate mode):
+        a spawn or check as one of them fails with a clear message before anything is signed.
+        Add the site's service and admin accounts.""",
+    )
+    ssh_certificate_min_uid = Integer(
+        0,
+        min=0,
+        config=True,
+        help="""Certificate mode: the lowest uid the hub signs a certificate for, looked up
+        in the hub's own user database (NSS, e.g. the LDAP or SSSD it shares with the
+        cluster); a name it cannot find there is refused too. 0: no uid rule (only
+        ``ssh_certificate_denied_principals``). Sites usually set 1000.""",
+    )
     ssh_certificate_minutes = Float(
         10,
         min=1,
@@ -933,6 +950,7 @@ class SSHBatchSpawner(Spawner):
             self.cluster.server_transport == "socket", self.cluster.status_interval,
             self.cluster.status_interval_max, self._emit, started,
             keep_paths=self.server_path.keep_hub_api, follow_output=self._follow_job_output,
+            submitted_at=self.job_submitted_at,
         ).run()
 
     async def poll(self) -> int | None:
@@ -1149,7 +1167,8 @@ class SSHBatchSpawner(Spawner):
     def _calls(self) -> JobCalls:
         """The scheduler calls about this spawner's job (``hub_spawner.job``)."""
         return JobCalls(self.cluster.scheduler, self._connection, self._ssh_target,
-                        self.cluster.command_timeout, self.log, self._log_name)
+                        self.cluster.command_timeout, self.log, self._log_name,
+                        hub_of().queue_listings)
 
     async def _connection(self, where: tuple[str, int, str] | None = None) -> LoginConnection:
         pool = hub_of().pool

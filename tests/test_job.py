@@ -11,7 +11,14 @@ import time
 import pytest
 
 from hub_spawner.errors import ClusterUnreachable, SpawnError
-from hub_spawner.job import Cleanup, JobCalls, JobFiles, ordinal, readable_start
+from hub_spawner.job import (
+    Cleanup,
+    JobCalls,
+    JobFiles,
+    QueueListings,
+    ordinal,
+    readable_start,
+)
 from hub_spawner.jobfiles import RemoteEntry
 from hub_spawner.schedulers import CommandOutput, JobState, QueuePlace, sge, slurm
 from hub_spawner.ssh import SSHTarget
@@ -171,3 +178,77 @@ def test_the_servers_certificates_go_in_a_fresh_private_directory(tmp_path):
     assert ("new", directory) in connection.dirs
     assert remote["keyfile"] == f"{directory}/keyfile.pem"
     assert connection.files[remote["cafile"]] == "cafile text"
+
+
+# --- the queue place: one listing of pending jobs per cluster ---------------------------------
+
+PENDING = CommandOutput(0, "30|debug|100|N/A\n31|debug|900|2026-12-07T10:00:00\n"
+                           "32|debug|500|N/A\n", "")
+
+
+def calls_of(user: str, connection: FakeConnection, listings: QueueListings) -> JobCalls:
+    async def connect(where=None):
+        return connection
+
+    async def target(where=None):
+        return SSHTarget(host="login", port=22, username=user, key_path="k",
+                         known_hosts_path="kh")
+
+    return JobCalls(slurm, connect, target, 5.0, logging.getLogger("test"), user, listings)
+
+
+def test_ten_waiting_spawns_share_one_listing_of_the_queue():
+    """Issue 28: each waiting spawn ran its own ``squeue --states=PENDING`` of the whole
+    cluster every few seconds; now one listing serves them all for a minute."""
+    async def scenario():
+        listings = QueueListings()
+        connections = [FakeConnection(PENDING) for _ in range(10)]
+        submitted = time.time() - 1  # before the listing: it shows them
+        places = await asyncio.gather(*(
+            calls_of(f"user{n}", connection, listings).queue_place(
+                ("30", "31", "32")[n % 3], submitted)
+            for n, connection in enumerate(connections)))
+        for _ in range(5):  # later waits of the same spawns
+            await calls_of("user1", connections[1], listings).queue_place("31", submitted)
+        return places, sum(len(c.commands) for c in connections), listings.fetches
+
+    places, commands, fetches = asyncio.run(scenario())
+    assert (commands, fetches) == (1, 1)
+    assert places[1] == QueuePlace(1, 3, "2026-12-07T10:00:00") and places[0].position == 3
+
+
+def test_a_job_newer_than_the_listing_gets_a_new_one_but_not_at_every_look(monkeypatch):
+    async def scenario():
+        listings = QueueListings()
+        connection = FakeConnection(PENDING)
+        calls = calls_of("alice", connection, listings)
+        await calls.queue_place("30", time.time() - 1)
+        await calls.queue_place("33", time.time() + 1)  # newer, but the listing is 0 s old
+        first = len(connection.commands)
+        monkeypatch.setattr("hub_spawner.job.QUEUE_REFRESH_SECONDS", 0.0)
+        await calls.queue_place("33", time.time() + 1)
+        return first, len(connection.commands)
+
+    assert asyncio.run(scenario()) == (1, 2)
+
+
+def test_a_listing_that_hides_the_users_job_is_followed_by_her_own():
+    """Slurm's ``PrivateData=jobs``: bob's listing shows only bob's jobs."""
+    async def scenario():
+        listings = QueueListings()
+        bobs = FakeConnection(CommandOutput(0, "40|debug|100|N/A\n", ""))
+        alices = FakeConnection(CommandOutput(0, "41|debug|100|N/A\n", ""))
+        await calls_of("bob", bobs, listings).queue_place("40", time.time() - 1)
+        place = await calls_of("alice", alices, listings).queue_place("41", time.time() - 1)
+        return place, len(bobs.commands), len(alices.commands)
+
+    assert asyncio.run(scenario()) == (QueuePlace(1, 1, ""), 1, 1)
+
+
+def test_a_queue_listing_that_fails_is_no_place_not_an_error():
+    async def scenario():
+        listings = QueueListings()
+        broken = FakeConnection(ClusterUnreachable("login down"))
+        return await calls_of("alice", broken, listings).queue_place("30", time.time())
+
+    assert asyncio.run(scenario()) is None

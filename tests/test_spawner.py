@@ -263,6 +263,35 @@ def test_hostile_admin_setting_never_reaches_a_directive():
         spawner.options_from_form({"cpus": ["2"]})
 
 
+@pytest.mark.parametrize(("username", "config", "words"), [
+    ("root", {}, "ssh_certificate_denied_principals"),
+    ("admin", {"ssh_certificate_denied_principals": ["root", "admin"]},
+     "ssh_certificate_denied_principals"),
+    ("daemon", {"ssh_certificate_min_uid": 1000}, "has uid 1, and ssh_certificate_min_uid"),
+    ("no-such-user-here", {"ssh_certificate_min_uid": 1000}, "not in the hub's user database"),
+])
+def test_certificate_mode_refuses_a_principal_by_the_sites_rule_before_signing(
+        tmp_path, username, config, words):
+    """Issue 28: a certificate for ``root`` (or any account below the site's uid floor) is
+    never signed, with a message saying why."""
+    spawner = make_spawner("eve", login_host="login", ssh_ca_key_path=str(tmp_path / "ca"),
+                           cluster_username=lambda _: username, **config)
+    with pytest.raises(ClusterUnreachable, match=words):
+        asyncio.run(spawner._ssh_target())
+    # The status identity falls back to per-user listings instead (``nobody``: Debian's
+    # base-passwd account, uid 65534, stands for an ordinary user here).
+    spawner = make_spawner("nobody", login_host="login", ssh_ca_key_path=str(tmp_path / "ca"),
+                           status_cluster_username=username, **config)
+    owner = asyncio.run(spawner._ssh_target())
+    assert owner.username == "nobody" and spawner.cluster.status_target(owner) is None
+
+
+def test_certificate_mode_signs_for_an_ordinary_user(tmp_path):
+    spawner = make_spawner("eve", login_host="login", ssh_ca_key_path=str(tmp_path / "ca"),
+                           ssh_certificate_min_uid=0)
+    assert asyncio.run(spawner._ssh_target()).username == "eve"
+
+
 @pytest.mark.parametrize("username", ["alice\n", "alice\nbob", "\nalice", "alice "])
 def test_cluster_username_with_a_line_break_or_space_is_refused(username):
     spawner = make_spawner("alice", login_host="login", cluster_username=lambda _: username)

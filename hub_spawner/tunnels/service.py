@@ -9,6 +9,10 @@ Requirements:
   about a second of being noticed (a node hop's master after its login node's master); a
   forward that cannot come back (its port taken) is retried every second and reported by
   ``list``;
+- a login node that does not answer delays only its own forwards: work is serialised per login
+  target, at most ``MAX_MASTER_STARTS`` masters start at once, the control socket answers
+  before any forward is restored, and forwards that are down come back in the background (one
+  task per login target, with a back-off up to ``MAX_READD_BACK_OFF`` while it does not answer);
 - one service per directory (a lock file); the control socket is in a 0700 directory, mode 0600;
   control over TCP (``--listen``, for a hub in another pod) needs the token in
   ``HUB_SPAWNER_TUNNEL_TOKEN``, compared in constant time on every request;

@@ -139,6 +139,34 @@ def test_check_in_certificate_mode_passes_and_names_the_ca(lab, tmp_path):
 
 
 
+def test_certificate_mode_never_signs_for_root_or_below_the_sites_uid(lab, tmp_path):
+    """Issue 28: the hub signed a certificate for any principal, ``root`` included. Through
+    ``check`` (the same ``Cluster.ssh_target`` a spawn uses) against the lab's sshd: refused
+    before anything is signed, saying why; sshd sees no login as that user."""
+    for username, extra, said in (
+            ("root", "", "ssh_certificate_denied_principals"),
+            ("daemon", "c.SSHBatchSpawner.ssh_certificate_min_uid = 1000\n",
+             "has uid 1, and ssh_certificate_min_uid is 1000")):
+        config = tmp_path / f"jupyterhub_config_{username}.py"
+        config.write_text(
+            "c = get_config()\n"
+            f"load_subconfig({str(REPO / 'example_hub_config' / 'lab_jupyterhub_config.py')!r})\n"
+            f"c.SSHBatchSpawner.ssh_ca_key_path = {str(lab.USER_CA)!r}\n"
+            f"c.SSHBatchSpawner.cluster_username = {username!r}\n" + extra)
+        sshd_log = lab.LAB_DIR / "sshd-22.log"
+        logged_before = sshd_log.stat().st_size
+        result = subprocess.run(
+            [sys.executable, "-m", "hub_spawner", "check", "-f", str(config), "--user",
+             "alice"], cwd=tmp_path, env=dict(os.environ, HUB_STATE_DIR=str(tmp_path)),
+            capture_output=True, text=True, timeout=240)
+        assert result.returncode != 0, result.stdout
+        assert said in result.stdout and "Traceback" not in result.stdout + result.stderr, (
+            result.stdout + result.stderr)
+        with open(sshd_log, errors="replace") as log:
+            log.seek(logged_before)
+            assert f"for {username} " not in log.read()
+
+
 def test_a_key_from_auth_state_spawns_with_no_key_files(lab, tmp_path):
     """A small authenticator (tests/integration/hub_config.py) hands alice's key over at
     login; the spawner logs in with it, the tunnel service gets it as a private file. bob, who
