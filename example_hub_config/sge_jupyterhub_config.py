@@ -27,7 +27,16 @@ c.JupyterHub.spawner_class = "sge-ssh"
 # finds the proxy it started last time still running stops it.)
 c.JupyterHub.cleanup_servers = False
 c.ConfigurableHTTPProxy.should_start = False
-c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:8001"
+c.ConfigurableHTTPProxy.api_url = "https://127.0.0.1:8001"
+# TLS on every internal hop. The hub-API reverse forward listens on a login-node port every
+# cluster user can see; while it is down (an SSH drop) whoever takes that port gets a TLS
+# handshake from the server, never its token. JupyterHub makes the certificates here
+# (`jupyterhub --generate-certs` once, before the proxy's first start: its unit needs them, see
+# README "The proxy as its own service"); the hub's must name the login node as compute nodes
+# see it (hub_api_tunnel_host below).
+c.JupyterHub.internal_ssl = True
+c.JupyterHub.internal_certs_location = "/srv/jupyterhub/internal-ssl"
+c.JupyterHub.trusted_alt_names = ["DNS:login-ib0.cluster.example.org"]  # EDIT, as below
 # The proxy's unit sets the same CONFIGPROXY_AUTH_TOKEN (the hub reads it from its environment).
 c.SSHBatchSpawner.tunnel_service_dir = "/srv/jupyterhub/tunnels"
 

@@ -329,6 +329,8 @@ def start_with_the_hub() -> None:
     @functools.wraps(original)
     async def start(app: Any, *args: Any, **kwargs: Any) -> Any:
         result = await original(app, *args, **kwargs)
+        if getattr(app, "db", None) is None:  # it only did a chore (``--generate-certs``)
+            return result
         try:
             if hasattr(app.spawner_class, "cluster_record"):
                 hub = hub_of()

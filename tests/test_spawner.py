@@ -364,7 +364,8 @@ def test_the_tunnel_target_is_the_schedulers_node_not_the_jobs_words():
     assert (ready.host, ready.port) == ("compute", 43211)
 
 
-@pytest.mark.parametrize("reported", ["cn017.127.0.0.1.nip.io", "cn017.evil.example", "login"])
+@pytest.mark.parametrize("reported", ["elsewhere.127.0.0.1.nip.io", "cn0170.evil.example",
+                                      "login"])
 def test_a_ready_line_naming_another_host_fails_the_spawn(reported):
     spawner = make_spawner()
     spawner.job_id = "42"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,12 @@ from hub_spawner.tunnels.forwards import (
     master_command,
     save_table,
 )
-from hub_spawner.tunnels.service import _port_candidates, store_identity
+from hub_spawner.tunnels.service import (
+    _port_candidates,
+    identities_directory,
+    remove_unused_identities,
+    store_identity,
+)
 from hub_spawner.tunnels.service import main as service_main
 
 LOGIN = Login("login.example.org", 22, "alice", "/srv/keys/alice", "/srv/known_hosts")
@@ -122,6 +129,13 @@ def test_bad_forward_ports_are_refused_before_anything_starts(value, tmp_path, c
     assert not (tmp_path / "t").exists()
 
 
+@pytest.fixture(autouse=True)
+def _no_identities_left(tmp_path):
+    """Each test's keys in /dev/shm go with it."""
+    yield
+    shutil.rmtree(identities_directory(tmp_path), ignore_errors=True)
+
+
 def _identity():
     import asyncssh
 
@@ -136,8 +150,11 @@ def test_an_identity_is_stored_private_and_replaced_in_place(tmp_path):
     key = certified.private_key_text()  # each export differs (OpenSSH's random check word)
     path = store_identity(tmp_path, "alice", "login.example.org", 22, key,
                           certified.certificate_text())
-    assert path.parent == tmp_path / "identities"
-    assert stat.S_IMODE((tmp_path / "identities").stat().st_mode) == 0o700
+    # In memory (/dev/shm), never on the state directory's disk, in a directory of its own.
+    assert path.parent == identities_directory(tmp_path)
+    assert str(path).startswith(f"/dev/shm/hub-spawner-{os.geteuid()}-")
+    assert not (tmp_path / "identities").exists()
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     for file in (path, Path(f"{path}-cert.pub")):
         assert stat.S_IMODE(file.stat().st_mode) == 0o600
     assert path.read_text() == key
@@ -162,7 +179,42 @@ def test_a_bad_identity_is_refused(tmp_path, changes):
     with pytest.raises(ValueError):
         store_identity(tmp_path, values["username"], values["host"], values["port"],
                        values["key"], values["certificate"])
-    assert not list(tmp_path.glob("identities/*"))
+    assert not list(identities_directory(tmp_path).glob("*"))
+
+
+def test_keys_no_forward_uses_are_deleted_after_the_grace_and_in_use_ones_kept(tmp_path):
+    certified = _identity()
+    kept = store_identity(tmp_path, "alice", "login.example.org", 22,
+                          certified.private_key_text(), certified.certificate_text())
+    unused = store_identity(tmp_path, "bob", "login.example.org", 22,
+                            certified.private_key_text(), "")
+    legacy = tmp_path / "identities" / "0123456789abcdef"  # where older versions wrote
+    legacy.parent.mkdir(mode=0o700)
+    legacy.write_text("old key\n")
+    assert remove_unused_identities(tmp_path, {str(kept)}) == []  # all newer than the grace
+    old = time.time() - 60
+    for path in (kept, unused, legacy):
+        os.utime(path, (old, old))
+    assert sorted(remove_unused_identities(tmp_path, {str(kept)})) == sorted([unused, legacy])
+    assert kept.exists() and Path(f"{kept}-cert.pub").exists()
+    assert not unused.exists() and not legacy.exists()
+    assert remove_unused_identities(tmp_path, set(), grace=-1) == [kept]
+    assert not list(identities_directory(tmp_path).iterdir())
+
+
+def test_a_planted_identities_directory_is_refused(tmp_path):
+    """``/dev/shm`` is shared: a directory there that is not ours, or not private, is not
+    used."""
+    certified = _identity()
+    planted = identities_directory(tmp_path)
+    planted.mkdir(mode=0o755)
+    os.chmod(planted, 0o755)
+    try:
+        with pytest.raises(ValueError, match="not a private directory"):
+            store_identity(tmp_path, "alice", "login.example.org", 22,
+                           certified.private_key_text(), "")
+    finally:
+        planted.rmdir()
 
 
 # --- the node hop and socket destinations ----------------------------------------------------

@@ -35,9 +35,11 @@ import random
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .forwards import (
@@ -63,6 +65,10 @@ MAX_MASTER_STARTS = 16
 #: The longest wait between two tries to bring back the forwards of a login node that does
 #: not answer (the wait doubles from 1 s).
 MAX_READD_BACK_OFF = 30.0
+#: Seconds a stored identity is kept before any forward uses it (the hub stores it, then asks
+#: for the forward), and between two sweeps for identities no forward uses any more.
+IDENTITY_GRACE_SECONDS = 10.0
+IDENTITY_SWEEP_SECONDS = 30.0
 #: Where a reverse forward with no port asked for looks for one on the login node.
 REVERSE_PORT_RANGE = (32768, 60999)
 _MASTER_PID = re.compile(r"pid=(\d+)")
@@ -195,11 +201,31 @@ class TunnelService:
         self._starts = asyncio.Semaphore(MAX_MASTER_STARTS)
         self._readding: dict[str, asyncio.Task] = {}  # login key -> its re-add task
         self._next_try: dict[str, tuple[float, float]] = {}  # login key -> (when, back-off)
+        self._swept_at = 0.0
+        self._asked: dict[str, int] = {}  # key path -> ensures and warms running with it
 
     def _lock(self, login: Login) -> asyncio.Lock:
         return self._locks.setdefault(login.key, asyncio.Lock())
 
     async def ensure(self, forward: Forward) -> int:
+        with self._asking(forward.login):
+            return await self._ensure(forward)
+
+    @contextlib.contextmanager
+    def _asking(self, login: Login) -> Iterator[None]:
+        """While a request with ``login`` waits or runs, its key is in use."""
+        paths = [login.key_path] + ([login.jump.key_path] if login.jump else [])
+        for path in paths:
+            self._asked[path] = self._asked.get(path, 0) + 1
+        try:
+            yield
+        finally:
+            for path in paths:
+                self._asked[path] -= 1
+                if not self._asked[path]:
+                    del self._asked[path]
+
+    async def _ensure(self, forward: Forward) -> int:
         async with self._lock(forward.login):
             entry = self.table.get(forward.name)
             master = self.masters.get(forward.login.key)
@@ -239,10 +265,11 @@ class TunnelService:
     async def warm(self, login: Login) -> int:
         """Have ``login``'s master up before a forward needs it (a user looks at the spawn
         form); one that no forward takes in ``WARM_SECONDS`` is stopped. Returns its pid."""
-        async with self._lock(login):
-            master = await self._master(login)
-            self.warm_until[login.key] = time.monotonic() + WARM_SECONDS
-            return master.pid
+        with self._asking(login):
+            async with self._lock(login):
+                master = await self._master(login)
+                self.warm_until[login.key] = time.monotonic() + WARM_SECONDS
+                return master.pid
 
     def listing(self) -> dict:
         def master_pid(entry: Entry) -> int:
@@ -263,7 +290,8 @@ class TunnelService:
         }
 
     async def stop_everything(self) -> None:
-        """Cancel every forward and end every master (teardown of a demo or a test)."""
+        """Cancel every forward, end every master and delete every stored key (teardown of a
+        demo or a test, or a hub that stops for good)."""
         for task in self._readding.values():
             task.cancel()
         for name in list(self.table):
@@ -271,6 +299,24 @@ class TunnelService:
         for master in list(self.masters.values()):
             await master.stop()
         self.masters.clear()
+        self.warm_until.clear()
+        remove_unused_identities(self.directory, set(), grace=-1)
+        with contextlib.suppress(OSError):
+            os.rmdir(identities_directory(self.directory))
+
+    def keys_in_use(self) -> set[str]:
+        """The key paths a forward in the table, or a warmed master, logs in with (a master
+        that dies is made again with them)."""
+        logins = [e.forward.login for e in self.table.values()]
+        logins += [m.login for key, m in self.masters.items() if key in self.warm_until]
+        logins += [login.jump for login in logins if login.jump is not None]
+        return {login.key_path for login in logins} | set(self._asked)
+
+    def sweep_identities(self, grace: float = IDENTITY_GRACE_SECONDS) -> None:
+        """Delete the handed-over keys no forward uses any more (after ``grace`` seconds)."""
+        self._swept_at = time.monotonic()
+        for key in remove_unused_identities(self.directory, self.keys_in_use(), grace):
+            log.info("deleted the identity %s: no forward uses it", key.name)
 
     # --- keeping it true -------------------------------------------------------------------
 
@@ -297,6 +343,8 @@ class TunnelService:
                         if entry.forward.login.key == key:
                             self.problems[entry.forward.name] = "its SSH connection dropped"
             self._readd_down()
+            if time.monotonic() - self._swept_at >= IDENTITY_SWEEP_SECONDS:
+                self.sweep_identities()
             for key, until in list(self.warm_until.items()):
                 master = self.masters.get(key)
                 if until < time.monotonic() and (master is None or not
@@ -387,6 +435,7 @@ class TunnelService:
             flag = "-L" if entry.forward.kind == "local" else "-R"
             await master.control("cancel", flag, forward_spec(entry.forward, entry.port))
         await self._stop_unused(entry.forward.login)
+        self.sweep_identities()
 
     async def _stop_unused(self, login: Login) -> None:
         """End the master of ``login`` (and then of its jump) once no forward uses it."""
@@ -492,20 +541,42 @@ _CERTIFICATE = re.compile(
     r"[a-z0-9.-]{1,40}-cert-v01@openssh\.com [A-Za-z0-9+/=]{1,8000}( \S*)?\n?")
 
 
+def identities_directory(directory: Path) -> Path:
+    """Where the handed-over keys live: a 0700 directory of this service's own in
+    ``/dev/shm`` (memory, never on the state directory's disk or volume), named after this
+    user and the service's directory; ``<directory>/identities`` where there is no
+    ``/dev/shm``. One that exists must be a real directory of ours, mode 0700."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        return directory / "identities"
+    digest = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:16]
+    return shm / f"hub-spawner-{os.geteuid()}-{digest}"
+
+
+def _private_directory(path: Path) -> Path:
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    found = os.lstat(path)
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid() or (
+            stat.S_IMODE(found.st_mode) != 0o700):
+        raise ValueError(f"{path} is not a private directory of this user: not storing keys "
+                         "there")
+    return path
+
+
 def store_identity(
     directory: Path, username: str, host: str, port: int, key: str, certificate: str
 ) -> Path:
     """Write a key and its certificate (if any) for ``username@host:port`` where the
     masters' ``ssh -i`` finds them (``<path>`` and ``<path>-cert.pub``, 0600, replaced
     atomically: a running master keeps its connection, the next one logs in with the new
-    certificate). Returns the key's path."""
+    certificate), in ``identities_directory``. Returns the key's path."""
     Login(host, port, username, "/", "/")  # validates host, port and user name
     if not _PRIVATE_KEY.fullmatch(key):
         raise ValueError("the identity's key is not an OpenSSH private key")
     if certificate and not _CERTIFICATE.fullmatch(certificate):
         raise ValueError("the identity's certificate is not an OpenSSH certificate")
-    identities = directory / "identities"
-    identities.mkdir(mode=0o700, exist_ok=True)
+    identities = _private_directory(identities_directory(directory))
     name = hashlib.sha256(f"{username}@{host}:{port}".encode()).hexdigest()[:16]
     path = identities / name
     if not certificate:  # a plain key: a certificate left from before must not go with it
@@ -521,6 +592,33 @@ def store_identity(
             file.write(text if text.endswith("\n") else text + "\n")
         os.replace(temporary, target)
     return path
+
+
+def remove_unused_identities(directory: Path, in_use: set[str],
+                             grace: float = IDENTITY_GRACE_SECONDS) -> list[Path]:
+    """Delete the stored keys (and their certificates) that no path in ``in_use`` names and
+    that were stored more than ``grace`` seconds ago (``grace`` < 0: every one not in use),
+    here and in the ``<directory>/identities`` of older versions. Returns the keys deleted."""
+    deleted = []
+    now = time.time()
+    for identities in {identities_directory(directory), directory / "identities"}:
+        try:
+            names = os.listdir(identities)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            key = identities / name
+            if name.startswith(".") or name.endswith("-cert.pub") or str(key) in in_use:
+                continue
+            try:
+                if grace >= 0 and now - os.lstat(key).st_mtime < grace:
+                    continue
+            except FileNotFoundError:
+                continue
+            for each in (key, Path(f"{key}-cert.pub")):
+                each.unlink(missing_ok=True)
+            deleted.append(key)
+    return deleted
 
 
 async def serve(

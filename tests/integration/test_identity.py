@@ -18,6 +18,7 @@ from hub_spawner.errors import ClusterUnreachable
 from hub_spawner.identity import mint
 from hub_spawner.ssh import ConnectionPool, SSHTarget, connect
 from hub_spawner.sshlib import asyncssh
+from hub_spawner.tunnels.service import identities_directory
 
 from .conftest import (
     REPO,
@@ -103,12 +104,16 @@ def test_a_hub_in_certificate_mode_spawns_and_tunnels_with_no_key_files(lab, tmp
         events, _ = hub.spawn("alice")
         assert events[-1].get("ready"), events
         assert run_in_kernel(hub, "alice", "print(6 * 7)").strip() == "42"
-        identities = list((tmp_path / "tunnels" / "identities").iterdir())
+        stored = identities_directory(tmp_path / "tunnels")
+        assert str(stored).startswith("/dev/shm/")  # in memory, not on the state volume
+        identities = list(stored.iterdir())
         assert len(identities) == 2  # the key and its -cert.pub
         for path in identities:
             assert stat.S_IMODE(path.stat().st_mode) == 0o600
         hub.stop("alice")
         assert wait_for(lambda: not active_jobs("alice"), 30), active_jobs("alice")
+        # No forward uses them now: deleted (at the close, or the next sweep after the grace).
+        assert wait_for(lambda: not list(stored.iterdir()), 60), list(stored.iterdir())
     finally:
         stop_hub(process)
         lab.stop_tunnel_service(tmp_path / "tunnels")
@@ -180,10 +185,13 @@ def test_a_key_from_auth_state_spawns_with_no_key_files(lab, tmp_path):
         state = hub.api("GET", "/users/alice").json()["servers"][""]["state"]
         assert "PRIVATE KEY" not in str(state)  # kept in memory and auth_state, not in state
         assert run_in_kernel(hub, "alice", "print(6 * 7)").strip() == "42"
-        identities = list((tmp_path / "tunnels" / "identities").iterdir())
+        stored = identities_directory(tmp_path / "tunnels")
+        identities = list(stored.iterdir())
         assert len(identities) == 1  # the key, no certificate
         assert stat.S_IMODE(identities[0].stat().st_mode) == 0o600
+        assert not (tmp_path / "tunnels" / "identities").exists()  # never on the state disk
         hub.stop("alice")
+        assert wait_for(lambda: not list(stored.iterdir()), 60), list(stored.iterdir())
 
         hub.api("POST", "/users/bob")
         events, _ = hub.spawn("bob")

@@ -9,10 +9,16 @@ import asyncio
 import os
 import secrets
 import signal
+import socket
+import subprocess
+
+import pytest
+import requests
 
 from hub_spawner.tunnels.client import TunnelClient
 
 from .conftest import (
+    REPO,
     active_jobs,
     execute,
     open_kernel,
@@ -121,3 +127,76 @@ def _as_bob_on_login(lab, port: int) -> str:
     result = lab.in_namespace("login", ["runuser", "-u", "bob", "--", python, "-c", BOB_CLIENT,
                                         str(port), lab.LOGIN_CLUSTER_IP], check=False)
     return result.stdout.strip() or result.stderr.strip()
+
+
+PROXY_PORT = 28300
+
+
+def _proxy_with_internal_certs(lab, tmp_path, port: int, token: str) -> subprocess.Popen:
+    """configurable-http-proxy as its own process (the README's unit, z2jh's shape) with the
+    certificates JupyterHub makes for internal_ssl (``jupyterhub --generate-certs``, run as
+    the admin would before the proxy's first start): TLS on its API (a client certificate
+    from the hub's CA required) and towards the hub and the servers."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), HUB_STATE_DIR=str(tmp_path),
+               HUB_PORT=str(port), HUB_TEST_TOKEN=token, HUB_INTERNAL_SSL="1",
+               CONFIGPROXY_AUTH_TOKEN=token,
+               HUB_LAB_CONFIG=str(REPO / "example_hub_config" / "lab_jupyterhub_config.py"))
+    jupyterhub = lab.LAB_PREFIX / "venv/bin/jupyterhub"
+    made = subprocess.run([str(jupyterhub), "-f", str(REPO / "tests/integration/hub_config.py"),
+                           "--generate-certs"], cwd=tmp_path, env=env, check=True, timeout=120,
+                          capture_output=True, text=True)
+    assert "Traceback" not in made.stdout + made.stderr, made.stdout + made.stderr
+    certs = tmp_path / "certs"
+    command = [str(lab.LAB_PREFIX / "node_modules/.bin/configurable-http-proxy"),
+               "--ip", "127.0.0.1", "--port", str(port),
+               "--api-ip", "127.0.0.1", "--api-port", str(port + 1),
+               "--error-target", f"https://127.0.0.1:{port + 81}/hub/error"]
+    for side in ("api", "client"):
+        name = f"proxy-{side}"
+        command += [f"--{side}-ssl-key", str(certs / name / f"{name}.key"),
+                    f"--{side}-ssl-cert", str(certs / name / f"{name}.crt"),
+                    f"--{side}-ssl-ca", str(certs / f"{name}-ca_trust.crt"),
+                    f"--{side}-ssl-request-cert", f"--{side}-ssl-reject-unauthorized"]
+    return subprocess.Popen(command, env=dict(os.environ, CONFIGPROXY_AUTH_TOKEN=token),
+                            cwd=tmp_path, stdout=open(tmp_path / "proxy.log", "a"),
+                            stderr=subprocess.STDOUT)
+
+
+def test_internal_ssl_with_the_proxy_as_its_own_process(lab, tmp_path):
+    """Issue 28: TLS on the hub-API path is the example configs' default for real clusters,
+    where the proxy runs as its own service; that combination works end to end: a kernel
+    through proxy -> tunnel -> TLS server, a token checked over TLS, the proxy's API refusing
+    a client without the hub's certificate."""
+    token = secrets.token_hex(24)
+    proxy = _proxy_with_internal_certs(lab, tmp_path, PROXY_PORT, token)
+    process = None
+    try:
+        assert wait_for(lambda: _port_open(PROXY_PORT + 1), 20), (
+            tmp_path / "proxy.log").read_text()
+        # Without the hub's client certificate the proxy's API does not even answer.
+        with pytest.raises(requests.exceptions.SSLError):
+            requests.get(f"https://127.0.0.1:{PROXY_PORT + 1}/api/routes", verify=False,
+                         headers={"Authorization": f"token {token}"}, timeout=10)
+        hub, process = start_hub(tmp_path, PROXY_PORT, token,
+                                 {"HUB_INTERNAL_SSL": "1", "CONFIGPROXY_AUTH_TOKEN": token})
+        hub.api("POST", "/users/alice")
+        events, _ = hub.spawn("alice", "tls-proxy")
+        assert events[-1].get("ready"), events
+        kernel_id, kernel = open_kernel(hub, "alice", "tls-proxy")
+        seen = execute(kernel, "import os; print(os.environ['JUPYTERHUB_API_URL'])").split()
+        kernel.close()
+        hub.api_server("DELETE", "alice", f"/api/kernels/{kernel_id}", server="tls-proxy")
+        assert seen[0].startswith("https://login:"), seen
+        assert _fresh_token_status(hub, "tls-proxy") == 200
+        hub.stop("alice", "tls-proxy")
+        assert wait_for(lambda: not active_jobs("alice"), 20), active_jobs("alice")
+    finally:
+        if process is not None:
+            stop_hub(process)
+        lab.stop_pid(proxy.pid)
+        lab.stop_tunnel_service(tmp_path / "tunnels")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0

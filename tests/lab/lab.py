@@ -586,6 +586,7 @@ def stop_tunnel_service(directory: Path) -> bool:
     import asyncio
 
     from hub_spawner.tunnels.client import TunnelClient, TunnelError
+    from hub_spawner.tunnels.service import identities_directory
 
     client = TunnelClient(directory)
     try:
@@ -593,6 +594,8 @@ def stop_tunnel_service(directory: Path) -> bool:
         asyncio.run(client.request({"op": "stop-everything"}, start=False))
     except TunnelError:
         return False
+    finally:  # its keys in /dev/shm, also when it was not running
+        shutil.rmtree(identities_directory(directory), ignore_errors=True)
     stop_pid(pid)
     return True
 
