@@ -81,7 +81,7 @@ class QueueListings:
         try:
             output = await fetch()
         except ClusterUnreachable:
-            output = None
+            return username, None  # not kept: the next spawn to ask tries again
         self._listings[key] = (started, wall, username, output)
         return username, output
 
@@ -204,8 +204,9 @@ class JobCalls:
         cluster = ("pending", scheduler.NAME, target.host, target.port)
         listed_by, output = await listings.get(cluster, target.username, fetch, submitted_at)
         place = None if output is None else scheduler.parse_pending_queue(output, job_id)
-        if place is None and output is not None and listed_by != target.username:
-            # Another user's listing may not show this job (PrivateData): the user's own.
+        if place is None and listed_by != target.username:
+            # Another user's listing may not show this job (PrivateData), or it failed (that
+            # user's key, say): the user's own.
             _, output = await listings.get((*cluster, target.username), target.username, fetch,
                                            submitted_at)
             place = None if output is None else scheduler.parse_pending_queue(output, job_id)
@@ -378,11 +379,11 @@ class ReadyWait:
                                        "waiting for it", self.calls.log_name, name, self.job_id)
             return None
         try:
-            if follower is not None and not follower.ended:
-                output = follower.text
-            else:
-                output = await self.calls.output(self.output_path)
-            ready = parse_ready_line(output)
+            # What the follower has (a ready line it got stays good after it ended: e.g. a
+            # line too long for it came later), else the file's tail.
+            ready = parse_ready_line(follower.text) if follower is not None else None
+            if ready is None and (follower is None or follower.ended):
+                ready = parse_ready_line(await self.calls.output(self.output_path))
         except ValueError as error:
             raise BadReadyLine(f"Job {self.job_id} reported an unusable address: {error}") from None
         if ready is None:

@@ -447,13 +447,15 @@ class LoginConnection:
 
 #: The remote side of the followers: ``tail -F`` of every followed file in the background,
 #: killed as soon as the channel's stdin ends (a closed channel does not end a silent ``tail``
-#: by itself). ``-v``: each file's output comes after a ``==> PATH <==`` header; ``/dev/null``
-#: last, because tail prints no header for its last file when that is the first to print. It
-#: waits for a file to appear, and then polls it every 0.05 s: GNU tail uses inotify only for
-#: files that exist when it starts (a job's output does not yet), and never on NFS; a poll is a
-#: ``stat`` per file. Run through ``sh -c`` so that it works in any login shell (csh too); the
-#: paths are its arguments.
+#: by itself). It first prints its marker (``$0``, random per session) on a line of its own:
+#: what the login shell printed before it is not a file's. ``-v``: each file's output comes
+#: after a ``==> PATH <==`` header; ``/dev/null`` last, because tail prints no header for its
+#: last file when that is the first to print. It waits for a file to appear, and then polls it
+#: every 0.05 s: GNU tail uses inotify only for files that exist when it starts (a job's output
+#: does not yet), and never on NFS; a poll is a ``stat`` per file. Run through ``sh -c`` so
+#: that it works in any login shell (csh too); the paths are its arguments.
 _FOLLOW_SCRIPT = (
+    'printf "\\n%s\\n" "$0"; '
     'tail -v -F -n +1 -s 0.05 -- "$@" /dev/null 2>/dev/null & t=$!; read -r _; '
     'kill "$t" 2>/dev/null'
 )
@@ -574,7 +576,8 @@ class _Followers:
                 await asyncio.wait_for(self._closing.pop().wait_closed(), 5)
         if not paths:
             return False
-        command = f"exec sh -c {shlex.quote(_FOLLOW_SCRIPT)} follow " + " ".join(
+        marker = f"hub-spawner-follow-{secrets.token_hex(8)}"
+        command = f"exec sh -c {shlex.quote(_FOLLOW_SCRIPT)} {marker} " + " ".join(
             shlex.quote(path) for path in paths
         )
         log.debug("ssh %s: %s", self._connection.target.describe(), command)
@@ -589,13 +592,15 @@ class _Followers:
             follower._restart()
         self._process, self._paths = process, paths
         self._connection.busy += 1
-        self._reader = asyncio.ensure_future(self._read(process, paths))
+        self._reader = asyncio.ensure_future(self._read(process, paths, marker.encode()))
         return True
 
-    async def _read(self, process: asyncssh.SSHClientProcess, paths: list[str]) -> None:
+    async def _read(self, process: asyncssh.SSHClientProcess, paths: list[str],
+                    marker: bytes) -> None:
         headers = {f"==> {path} <==".encode(): path for path in [*paths, "/dev/null"]}
         current = ""
         pending = b""
+        started = False  # the marker came: what the login shell printed before it is done
         skipping = False  # the rest of a line longer than FOLLOW_MAX_LINE_BYTES
         blank = False  # an empty line: tail's own before a header, or the file's
         ended_line = ""  # the file whose line the last one ended (a header may take it back)
@@ -608,6 +613,9 @@ class _Followers:
                     chunk, skipping = chunk[end + 1:], False
                 *lines, pending = (pending + chunk).split(b"\n")
                 for line in lines:
+                    if not started:
+                        started = line.endswith(marker)
+                        continue
                     if line in headers:
                         if ended_line and not blank:  # tail ended a partial line for this
                             self._unterminate(ended_line)

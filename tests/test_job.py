@@ -252,3 +252,18 @@ def test_a_queue_listing_that_fails_is_no_place_not_an_error():
         return await calls_of("alice", broken, listings).queue_place("30", time.time())
 
     assert asyncio.run(scenario()) is None
+
+
+def test_a_failed_shared_listing_is_not_kept_and_the_user_lists_her_own():
+    """bob's key is broken: his failed listing hides nobody's place, and is tried again."""
+    async def scenario():
+        listings = QueueListings()
+        broken = FakeConnection(ClusterUnreachable("bob's key is refused"))
+        alices = FakeConnection(PENDING)
+        assert await calls_of("bob", broken, listings).queue_place("30", time.time()) is None
+        assert await calls_of("bob", broken, listings).queue_place("30", time.time()) is None
+        place = await calls_of("alice", alices, listings).queue_place("31", time.time() - 1)
+        return place, len(broken.commands), len(alices.commands)
+
+    place, bobs, alices = asyncio.run(scenario())
+    assert place == QueuePlace(1, 3, "2026-12-07T10:00:00") and (bobs, alices) == (2, 1)

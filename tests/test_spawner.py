@@ -375,6 +375,21 @@ def test_a_ready_line_naming_another_host_fails_the_spawn(reported):
         asyncio.run(ready_wait(spawner).read_ready_line("cn017"))
 
 
+def test_a_ready_line_the_follower_got_is_used_after_it_ended():
+    """The job printed its ready line, then a line too long for the follower, which ended:
+    the ready line it has is good (the file's tail, read otherwise, may no longer hold it)."""
+    spawner = make_spawner()
+    spawner.job_id = "42"
+    spawner._connection = connection_reading(AssertionError("no need to read the file"))
+    follower = SimpleNamespace(text=ready_output("compute"), ended=True)
+    ready = asyncio.run(ready_wait(spawner).read_ready_line("compute", follower))
+    assert (ready.host, ready.port) == ("compute", 43211)
+    # An ended follower without one: the file is read.
+    spawner._connection = connection_reading(ready_output("compute", 43212))
+    follower = SimpleNamespace(text="starting\n", ended=True)
+    assert asyncio.run(ready_wait(spawner).read_ready_line("compute", follower)).port == 43212
+
+
 def test_no_ready_line_is_read_while_the_scheduler_names_no_node():
     spawner = make_spawner()
     spawner.job_id = "42"

@@ -580,6 +580,20 @@ async def test_a_line_without_end_ends_its_follower_and_no_other(login, tmp_path
             follower.close()
 
 
+async def test_what_the_login_shell_prints_before_tail_is_no_files(login, tmp_path):
+    """A banner without a final newline would glue itself to tail's first header: the
+    follower's session prints its own marker first and everything before it is dropped."""
+    NOISE.update(stdout=b"Welcome, no newline", stderr=b"module: loaded gcc/12\n")
+    path = tmp_path / "job.out"
+    path.write_text("first line\n")
+    follower = await login.follow_file(str(path))
+    try:
+        await wait_until(lambda: follower.text == "first line\n")
+        assert "Welcome" not in follower.text and not follower.ended
+    finally:
+        follower.close()
+
+
 async def test_a_follow_cancelled_while_tail_starts_leaves_nothing(login, tmp_path):
     path = tmp_path / "job.out"
     task = asyncio.ensure_future(login.follow_file(str(path)))

@@ -202,6 +202,15 @@ def test_keys_no_forward_uses_are_deleted_after_the_grace_and_in_use_ones_kept(t
     assert not list(identities_directory(tmp_path).iterdir())
 
 
+def test_a_file_in_place_of_the_identities_directory_is_no_sweep_failure(tmp_path):
+    planted = identities_directory(tmp_path)
+    planted.write_text("not a directory")
+    try:
+        assert remove_unused_identities(tmp_path, set()) == []
+    finally:
+        planted.unlink()
+
+
 def test_a_planted_identities_directory_is_refused(tmp_path):
     """``/dev/shm`` is shared: a directory there that is not ours, or not private, is not
     used."""

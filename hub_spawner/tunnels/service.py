@@ -150,15 +150,21 @@ class Master:
         self.pid = self.process.pid
         loop = asyncio.get_running_loop()
         deadline = loop.time() + MASTER_START_TIMEOUT
-        while loop.time() < deadline and self.process.returncode is None:
-            # The control socket appears once the master has logged in (~0.1-0.2 s): a spawn
-            # waits for this, so look often; each look is only a stat until the socket exists.
-            await asyncio.sleep(0.02)
-            if self.process.returncode is None and os.path.exists(self.control_path):
-                code, _, _ = await self.control("check", timeout=5)
-                if code == 0:
-                    log.info("master %s: connected (pid %d)", self.login.describe(), self.pid)
-                    return
+        try:
+            while loop.time() < deadline and self.process.returncode is None:
+                # The control socket appears once the master has logged in (~0.1-0.2 s): a
+                # spawn waits for this, so look often; each look is a stat until it exists.
+                await asyncio.sleep(0.02)
+                if self.process.returncode is None and os.path.exists(self.control_path):
+                    code, _, _ = await self.control("check", timeout=5)
+                    if code == 0:
+                        log.info("master %s: connected (pid %d)", self.login.describe(),
+                                 self.pid)
+                        return
+        except asyncio.CancelledError:  # nobody would own it: it must not linger
+            if self.process.returncode is None:
+                self.process.kill()
+            raise
         if self.process.returncode is None:
             self.process.kill()
             await self.process.wait()
@@ -202,7 +208,7 @@ class TunnelService:
         self._readding: dict[str, asyncio.Task] = {}  # login key -> its re-add task
         self._next_try: dict[str, tuple[float, float]] = {}  # login key -> (when, back-off)
         self._swept_at = 0.0
-        self._asked: dict[str, int] = {}  # key path -> ensures and warms running with it
+        self._asked: dict[str, int] = {}  # key path or login key -> requests running with it
 
     def _lock(self, login: Login) -> asyncio.Lock:
         return self._locks.setdefault(login.key, asyncio.Lock())
@@ -214,7 +220,9 @@ class TunnelService:
     @contextlib.contextmanager
     def _asking(self, login: Login) -> Iterator[None]:
         """While a request with ``login`` waits or runs, its key is in use."""
-        paths = [login.key_path] + ([login.jump.key_path] if login.jump else [])
+        paths = [login.key_path, login.key]
+        if login.jump is not None:
+            paths += [login.jump.key_path, login.jump.key]
         for path in paths:
             self._asked[path] = self._asked.get(path, 0) + 1
         try:
@@ -226,6 +234,9 @@ class TunnelService:
                     del self._asked[path]
 
     async def _ensure(self, forward: Forward) -> int:
+        moved = self.table.get(forward.name)
+        if moved is not None and moved.forward.login.key != forward.login.key:
+            await self.close(forward.name)  # on another login node: under that one's own lock
         async with self._lock(forward.login):
             entry = self.table.get(forward.name)
             master = self.masters.get(forward.login.key)
@@ -294,6 +305,8 @@ class TunnelService:
         demo or a test, or a hub that stops for good)."""
         for task in self._readding.values():
             task.cancel()
+        await asyncio.gather(*self._readding.values(), return_exceptions=True)
+        self._readding.clear()
         for name in list(self.table):
             await self.close(name)
         for master in list(self.masters.values()):
@@ -331,28 +344,34 @@ class TunnelService:
     async def supervise(self) -> None:
         while True:
             await asyncio.sleep(SUPERVISE_INTERVAL)
-            for key, master in list(self.masters.items()):
-                if not master.alive() and not self._lock(master.login).locked():
-                    log.warning(
-                        "master %s: gone (pid %d); re-making it and its forwards",
-                        master.login.describe(),
-                        master.pid,
-                    )
-                    del self.masters[key]
-                    for entry in self.table.values():
-                        if entry.forward.login.key == key:
-                            self.problems[entry.forward.name] = "its SSH connection dropped"
-            self._readd_down()
-            if time.monotonic() - self._swept_at >= IDENTITY_SWEEP_SECONDS:
-                self.sweep_identities()
-            for key, until in list(self.warm_until.items()):
-                master = self.masters.get(key)
-                if until < time.monotonic() and (master is None or not
-                                                 self._lock(master.login).locked()):
-                    del self.warm_until[key]
-                    if master is not None:
-                        async with self._lock(master.login):
-                            await self._stop_unused(master.login)
+            try:
+                await self._supervise_once()
+            except Exception as error:  # noqa: BLE001 - the supervisor must never stop
+                log.error("supervising the forwards failed: %s", error, exc_info=True)
+
+    async def _supervise_once(self) -> None:
+        for key, master in list(self.masters.items()):
+            if not master.alive() and not self._lock(master.login).locked():
+                log.warning(
+                    "master %s: gone (pid %d); re-making it and its forwards",
+                    master.login.describe(),
+                    master.pid,
+                )
+                del self.masters[key]
+                for entry in self.table.values():
+                    if entry.forward.login.key == key:
+                        self.problems[entry.forward.name] = "its SSH connection dropped"
+        self._readd_down()
+        if time.monotonic() - self._swept_at >= IDENTITY_SWEEP_SECONDS:
+            self.sweep_identities()
+        for key, until in list(self.warm_until.items()):
+            master = self.masters.get(key)
+            if until < time.monotonic() and (master is None or not
+                                             self._lock(master.login).locked()):
+                del self.warm_until[key]
+                if master is not None:
+                    async with self._lock(master.login):
+                        await self._stop_unused(master.login)
 
     def _readd_down(self) -> None:
         """Start a re-add task for each login target with forwards down, unless one runs or
@@ -371,7 +390,11 @@ class TunnelService:
             entries = [e for e in self.table.values()
                        if e.forward.login.key == login.key and e.forward.name in self.problems]
             for entry in entries:
-                await self._readd(entry)
+                try:
+                    await self._readd(entry)
+                except Exception as error:  # noqa: BLE001 - logged; retried with back-off
+                    log.error("forward %s: restoring it failed: %s", entry.forward.name, error,
+                              exc_info=True)
         if any(e.forward.name in self.problems for e in entries):
             _, back_off = self._next_try.get(login.key, (0.0, 0.0))
             back_off = min(max(back_off * 2, 1.0), MAX_READD_BACK_OFF)
@@ -385,12 +408,22 @@ class TunnelService:
             return
         try:
             master = await self._master(entry.forward.login)
+            if self.table.get(name) is not entry:  # closed or moved while the master started
+                await self._stop_unused(entry.forward.login)
+                return
             await self._add(master, entry.forward, entry.port)
         except ForwardFailed as error:
+            if self.table.get(name) is not entry:
+                return
             if self.problems.get(name) != str(error):
                 log.warning("forward %s: cannot restore it on port %d: %s", name, entry.port, error)
             self.problems[name] = str(error)
         else:
+            if self.table.get(name) is not entry:  # closed meanwhile: not ours to keep
+                flag = "-L" if entry.forward.kind == "local" else "-R"
+                await master.control("cancel", flag, forward_spec(entry.forward, entry.port))
+                await self._stop_unused(entry.forward.login)
+                return
             self.problems.pop(name, None)
             log.info("forward %s: up on port %d", name, entry.port)
 
@@ -441,13 +474,15 @@ class TunnelService:
         """End the master of ``login`` (and then of its jump) once no forward uses it."""
         in_use = {e.forward.login.key for e in self.table.values()}
         in_use |= {e.forward.login.jump.key for e in self.table.values() if e.forward.login.jump}
+        in_use |= set(self._asked)  # a request on its way (a node hop being made on it)
         if login.key in in_use or self.warm_until.get(login.key, 0) > time.monotonic():
             return
         master = self.masters.pop(login.key, None)
         if master is not None:
             await master.stop()
         if login.jump is not None:
-            await self._stop_unused(login.jump)
+            async with self._lock(login.jump):  # child, then jump: the one lock order
+                await self._stop_unused(login.jump)
 
 
 def _port_candidates(forward: Forward, forward_ports: tuple[int, int] | None) -> list[int]:
@@ -605,6 +640,9 @@ def remove_unused_identities(directory: Path, in_use: set[str],
         try:
             names = os.listdir(identities)
         except FileNotFoundError:
+            continue
+        except OSError as error:  # not a directory (something else took the name)
+            log.warning("not sweeping identities in %s: %s", identities, error)
             continue
         for name in names:
             key = identities / name
