@@ -333,12 +333,16 @@ class ReadyWait:
             if status.state is JobState.PENDING:
                 pending_since = pending_since or time.monotonic()
                 waited = time.monotonic() - pending_since
-                said = (status.reason, await self.calls.queue_place(self.job_id, self.submitted_at))
+                place = await self.calls.queue_place(self.job_id, self.submitted_at)
+                if place is not None and status.estimated_start:
+                    # The job's own status is fresher than the shared listing (a minute).
+                    place = dataclasses.replace(place, estimated_start=status.estimated_start)
+                said = (status.reason, place)
                 if reported != ("pending", said) or waited - last_said >= 60:
                     reported, last_said = ("pending", said), waited
                     # The bar creeps from 30 to 45 while the job waits, a step per message.
                     self.emit(min(30 + self._pending_said, 45), self.calls.pending_message(
-                        self.job_id, status.reason, said[1], waited))
+                        self.job_id, status.reason, place, waited))
                     self._pending_said += 1
             elif status.state is JobState.RUNNING:
                 self.on_running()

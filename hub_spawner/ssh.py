@@ -877,9 +877,20 @@ async def connect(
             f"Cannot reach the login node {target.host}:{target.port}: {reason}. "
             "Try again later; if it persists, tell an administrator."
         ) from None
-    # Start one session: OpenSSH sets TCP_NODELAY only then (the 44 ms stall).
+    # Start one session: OpenSSH sets TCP_NODELAY only then (the 44 ms stall). What the login
+    # shell prints is thrown away as it comes, so start-up files that print for ever cost
+    # nothing but the timeout.
     try:
-        await connection.run("true", check=False, timeout=target.connect_timeout)
+        await connection.run("true", check=False, timeout=target.connect_timeout,
+                             stdout=asyncssh.DEVNULL, stderr=asyncssh.DEVNULL)
+    except asyncssh.TimeoutError:
+        connection.close()
+        raise ClusterUnreachable(
+            f"{where} accepted us, but its login shell did not run even `true` within "
+            f"{target.connect_timeout:g} s. Check {target.username}'s start-up files on the "
+            "cluster (~/.bashrc, ~/.profile) for commands that wait or print for ever, or tell "
+            "an administrator."
+        ) from None
     except (asyncssh.Error, OSError) as error:
         connection.close()
         raise ClusterUnreachable(f"{where} accepted us but cannot run commands: {error}") from None

@@ -61,6 +61,19 @@ def test_status_output_maps_to_state(name, state, node, reason):
     assert (status.state, status.node, status.reason) == (state, node, reason)
 
 
+def test_a_waiting_jobs_status_carries_slurms_expected_start_a_running_ones_does_not():
+    """Recorded with the four-field format; the three-field one of older versions still
+    reads (a job submitted before an upgrade)."""
+    pending = slurm.parse_status_output(recorded("squeue_pending_estimated"), "3")
+    assert (pending.state, pending.reason) == (JobState.PENDING, "Resources")
+    assert pending.estimated_start == "2026-12-07T11:01:52"
+    running = slurm.parse_status_output(recorded("squeue_running_with_start"), "3")
+    assert (running.state, running.node, running.estimated_start) == (
+        JobState.RUNNING, "compute", "")
+    unknown = slurm.parse_status_output(CommandOutput(0, "PENDING||Priority|N/A\n", ""), "3")
+    assert (unknown.state, unknown.estimated_start) == (JobState.PENDING, "")
+
+
 def test_completing_is_ending_not_done():
     status = slurm.parse_status_output(CommandOutput(0, "COMPLETING|compute|None\n", ""), "3")
     assert status.state is JobState.ENDING
@@ -99,7 +112,7 @@ def test_status_errors_are_unknown_never_done(output):
 
 
 def test_status_and_cancel_commands_quote_and_validate_the_job_id():
-    assert shlex.split(slurm.status_command("42"))[-1] == "--format=%T|%N|%r"
+    assert shlex.split(slurm.status_command("42"))[-1] == "--format=%T|%N|%r|%S"
     assert slurm.cancel_command("42") == "scancel 42"
     for hostile in ["42; rm -rf ~", "$(id)", "", "42\n43"]:
         with pytest.raises(ValueError):

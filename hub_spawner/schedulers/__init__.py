@@ -70,13 +70,16 @@ class JobStatus:
     """One reading of a job's status.
 
     ``state_name`` is the scheduler's own word (``PENDING``, ``r``), ``reason`` its explanation
-    (Slurm's pending reason, an error text), ``node`` the node it runs on when known.
+    (Slurm's pending reason, an error text), ``node`` the node it runs on when known, and
+    ``estimated_start`` when a waiting job is expected to start, where the scheduler tells
+    (Slurm's backfill estimate; ``""`` otherwise).
     """
 
     state: JobState
     state_name: str = ""
     reason: str = ""
     node: str = ""
+    estimated_start: str = ""
 
     @property
     def ended(self) -> bool:

@@ -100,6 +100,8 @@ _END_EXPLANATIONS = {
 
 _JOB_ID = re.compile(r"[0-9]+(_[0-9]+)?")
 _FIELD_SEPARATOR = "|"
+#: What squeue's ``%S`` prints for a job without an expected start.
+_NO_START = ("N/A", "Unknown", "")
 
 
 def template_variables(resources: Resources, settings: dict[str, Any]) -> dict[str, Any]:
@@ -143,11 +145,12 @@ def parse_submit_output(output: CommandOutput) -> str:
 
 
 def status_command(job_id: str) -> str:
-    """Command line that prints one ``STATE|NODE|REASON`` line for the job.
+    """Command line that prints one ``STATE|NODE|REASON|START`` line for the job (START: the
+    backfill scheduler's expected start of a pending job, as ``squeue --start`` shows it).
 
     ``--states=all`` keeps finished jobs visible until Slurm's MinJobAge purges them.
     """
-    fmt = _FIELD_SEPARATOR.join(["%T", "%N", "%r"])
+    fmt = _FIELD_SEPARATOR.join(["%T", "%N", "%r", "%S"])
     return (
         f"squeue --noheader --states=all --jobs={quote_job_id(job_id)} --format={shlex.quote(fmt)}"
     )
@@ -166,10 +169,12 @@ def parse_status_output(output: CommandOutput, job_id: str) -> JobStatus:
     lines = [line for line in output.stdout.splitlines() if line.strip()]
     if not lines:
         return JobStatus(JobState.DONE, reason="Slurm no longer lists the job")
-    fields = lines[0].strip().split(_FIELD_SEPARATOR)
-    if len(fields) != 3:
+    fields = [field.strip() for field in lines[0].strip().split(_FIELD_SEPARATOR)]
+    if len(fields) == 3:  # an older hub_spawner's format, still in a running job's commands
+        fields.append("")
+    if len(fields) != 4:
         return JobStatus(JobState.UNKNOWN, reason=f"unreadable squeue line {lines[0]!r}")
-    state_name, node, reason = (field.strip() for field in fields)
+    state_name, node, reason, start = fields
     reason = "" if reason == "None" else reason
     node = "" if node in ("", "(null)") else node
     state_name = state_name.split()[0] if state_name else ""
@@ -183,7 +188,9 @@ def parse_status_output(output: CommandOutput, job_id: str) -> JobStatus:
         state = JobState.DONE
     else:
         state = JobState.UNKNOWN
-    return JobStatus(state, state_name=state_name, reason=reason, node=node)
+    start = start if state is JobState.PENDING and start not in _NO_START else ""
+    return JobStatus(state, state_name=state_name, reason=reason, node=node,
+                     estimated_start=start)
 
 
 def list_command(cluster_usernames: list[str]) -> str:
@@ -308,7 +315,7 @@ def parse_pending_queue(output: CommandOutput, job_id: str) -> QueuePlace | None
     queue = sorted((job for job in jobs if job[1] == mine[1]),
                    key=lambda job: (-job[2], _job_number(job[0])))
     position = 1 + [job[0] for job in queue].index(job_id)
-    start = "" if mine[3] in ("N/A", "Unknown", "") else mine[3]
+    start = "" if mine[3] in _NO_START else mine[3]
     return QueuePlace(position, len(queue), start)
 
 

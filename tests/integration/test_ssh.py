@@ -164,25 +164,57 @@ async def test_stop_during_a_login_node_outage_answers_at_once_and_leaves_the_jo
 
 
 async def test_a_startup_file_that_prints_gigabytes_cannot_fill_the_hubs_memory(lab):
-    """alice's ~/.bashrc defines a function named ``squeue`` that prints for ever: the
-    command is cut off at MAX_OUTPUT_BYTES with a message that points at her start-up files."""
+    """alice's ~/.bashrc prints for ever before any command of ours runs: the command is cut
+    off at MAX_OUTPUT_BYTES (plus the frame's allowance) with a message that points at her
+    start-up files, and the connection stays usable once the file is fixed."""
     bashrc = Path("/home/alice/.bashrc")
     saved = bashrc.read_bytes() if bashrc.exists() else None
-    bashrc.write_text("squeue() { yes 0123456789abcdef; }\n")
-    pool = ConnectionPool()
+    pool, second_pool = ConnectionPool(), ConnectionPool()
     try:
         connection = await pool.get(target(lab))
+        bashrc.write_text("yes 0123456789abcdef\n")
         started = time.monotonic()
         with pytest.raises(ClusterUnreachable, match=r"printed more than 4 MiB.*start-up files"):
             await connection.run("squeue --noheader", timeout=60)
         assert time.monotonic() - started < 20
+        # A new connection's first session (``true``) throws the flood away as it comes and
+        # gives up after the connect timeout.
+        started = time.monotonic()
+        with pytest.raises(ClusterUnreachable, match=r"did not run even `true` within 5 s.*"
+                                                     r"start-up files"):
+            await second_pool.get(target(lab))
+        assert time.monotonic() - started < 15
+        restore(bashrc, saved)
         assert (await connection.run("echo still usable")).stdout.strip() == "still usable"
     finally:
         pool.close_all()
-        if saved is None:
-            bashrc.unlink()
-        else:
-            bashrc.write_bytes(saved)
+        second_pool.close_all()
+        restore(bashrc, saved)
+
+
+async def test_a_function_in_the_startup_files_cannot_stand_in_for_a_scheduler_command(lab):
+    """alice's ~/.bashrc defines a function named ``squeue`` that prints for ever: our
+    commands run under ``exec sh -c`` (``ssh.Frame``), so the real squeue answers."""
+    bashrc = Path("/home/alice/.bashrc")
+    saved = bashrc.read_bytes() if bashrc.exists() else None
+    pool = ConnectionPool()
+    try:
+        bashrc.write_text("squeue() { yes 0123456789abcdef; }\necho sourced-bashrc\n")
+        connection = await pool.get(target(lab))
+        output = await connection.run("squeue --version", timeout=30)
+        assert output.exit_status == 0, output
+        assert output.stdout.startswith("slurm-wlm "), output  # not ``yes``
+        assert "sourced-bashrc" in output.noise, output  # the file was read, and set aside
+    finally:
+        pool.close_all()
+        restore(bashrc, saved)
+
+
+def restore(path: Path, saved: bytes | None) -> None:
+    if saved is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_bytes(saved)
 
 
 async def test_a_fifo_in_place_of_a_file_is_refused_not_waited_on(lab):
