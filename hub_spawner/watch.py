@@ -14,8 +14,12 @@ Requirements:
 - with a status identity, a job its listing calls ended is confirmed over its owner's own
   connection before anyone hears "ended" (a site may hide other users' jobs);
 - a listing that fails keeps the old entries (they go stale) and backs off (the interval
-  doubles, up to ``max_interval``); each listing's cost (seconds, bytes, jobs) is logged at
-  debug level, a change between working and failing at warning/info.
+  doubles): up to ``max_interval`` when the scheduler answered with an error (an overloaded
+  controller is not pressed), only up to ``unreachable_max_interval`` when the login node
+  could not even be reached (a refused connection costs the cluster nothing, and the
+  reconciler must converge soon after the node is back); each listing's cost (seconds,
+  bytes, jobs) is logged at debug level, a change between working and failing at
+  warning/info.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class Watch:
     pool: ConnectionPool
     interval: float = 10.0
     max_interval: float = 120.0
+    unreachable_max_interval: float = 30.0
     stale_after: float = 35.0
     command_timeout: float = 60.0
     status_target: SSHTarget | None = None
@@ -80,6 +85,7 @@ class Watch:
     log: logging.Logger = log
     _task: asyncio.Task | None = None
     _users_failing: dict[str, str] = field(default_factory=dict)  # said once per user
+    _scheduler_failed: bool = False  # this cycle, a server's listing reached the scheduler
 
     def track(self, job_id: str, owner: SSHTarget) -> None:
         """List ``job_id`` from now on (``owner``: the connection to use when there is no
@@ -156,14 +162,24 @@ class Watch:
                 except Exception as error:  # the reconciler must not stop the listings
                     self.log.error("%s: reconciling failed unexpectedly: %s", self.name, error,
                                    exc_info=True)
-            delay = self.interval if ok else min(delay * 2, self.max_interval)
+            delay = self.next_delay(delay, ok)
             await asyncio.sleep(delay)
         self._task = None
+
+    def next_delay(self, delay: float, ok: bool) -> float:
+        """Seconds to the next cycle after one that took ``delay`` and did (``ok``) or did not
+        answer: see the module's requirements."""
+        if ok:
+            return self.interval
+        cap = self.max_interval if self._scheduler_failed else min(
+            self.max_interval, self.unreachable_max_interval)
+        return min(delay * 2, cap)
 
     async def list_once(self) -> bool:
         """One cycle: one listing per connection group (every user of the group at once).
         True if every listing answered."""
         started = time.monotonic()
+        self._scheduler_failed = False
         groups: dict[str, tuple[SSHTarget, set[str], list[str]]] = {}
         for username, user_target in [
             *((owner.username, owner) for owner in self.owners.values()),
@@ -191,13 +207,16 @@ class Watch:
     async def _list_group(self, target: SSHTarget, usernames: list[str],
                           job_ids: list[str]) -> bool:
         started = time.monotonic()
+        connected = False
         try:
             command = self.scheduler.list_command(usernames)
             connection = await self.pool.get(target)
+            connected = True
             output = await connection.run(command, timeout=self.command_timeout)
             jobs = read_output(self.scheduler.parse_list_output, output)
         except (ClusterUnreachable, SchedulerUnavailable, ValueError) as error:
             if job_ids:
+                self._scheduler_failed = self._scheduler_failed or connected
                 self._failed(str(error))
             elif self._users_failing.get(target.username) != str(error):
                 self._users_failing[target.username] = str(error)
@@ -256,7 +275,8 @@ class Watch:
             self.log.warning(
                 "%s: cannot list the hub's jobs: %s; servers keep running, their state is "
                 "unknown until a listing succeeds (retrying, backing off to %.0f s)",
-                self.name, why, self.max_interval,
+                self.name, why, self.max_interval if self._scheduler_failed
+                else min(self.max_interval, self.unreachable_max_interval),
             )
         self.failing = why
 

@@ -264,6 +264,38 @@ async def test_a_user_listed_only_for_the_reconciler_who_fails_does_not_back_off
     watch.list_users({})
 
 
+async def test_an_unreachable_login_node_backs_off_to_30_s_a_failing_scheduler_to_120_s():
+    """A refused connection costs the cluster nothing: the watch retries it at least every
+    30 s, so the reconciler converges soon after the node is back; squeue failing (an
+    overloaded slurmctld) is pressed at most every 120 s."""
+    down = {"login": True}
+
+    class Pool(RecordingPool):
+        async def get(self, where: SSHTarget):
+            if down["login"]:
+                raise ClusterUnreachable("Cannot reach the login node login:22: refused")
+            return await super().get(where)
+
+    controller_down = CommandOutput(1, "", "slurm_load_jobs error: Unable to contact slurm "
+                                           "controller (connect failure)\n")
+    watch = Watch(slurm, Pool(lambda command: controller_down), interval=10)
+    watch.track("11", target("alice"))
+    delays, delay = [], watch.interval
+    for _ in range(6):
+        assert await watch.list_once() is False
+        delay = watch.next_delay(delay, False)
+        delays.append(delay)
+    assert delays == [20, 30, 30, 30, 30, 30]
+    down["login"] = False
+    for _ in range(3):
+        assert await watch.list_once() is False
+        delay = watch.next_delay(delay, False)
+        delays.append(delay)
+    assert delays[6:] == [60, 120, 120]
+    assert watch.next_delay(delay, True) == 10
+    watch.untrack("11")
+
+
 @pytest.mark.parametrize("scheduler", ["slurm", "sge", "torque"])
 def test_each_schedulers_recorded_listing_gives_the_running_and_the_pending_job(scheduler):
     """``list_command`` as the lab's real scheduler answered it (tests/fixtures/<scheduler>/

@@ -144,6 +144,14 @@ class Chaos:
         if self.proxy is not None:
             self.lab.stop_pid(self.proxy.pid)
 
+    def hub_log_about(self, jobs: set[str]) -> str:
+        """The hub log's lines that name one of ``jobs``, and its watch and reconciler lines
+        (what a failure needs to be understood from a CI log)."""
+        words = [f"job {job}" for job in jobs] + ["reconcil", "cannot list", "answers again"]
+        lines = [line for line in (self.dir / "hub.log").read_text(errors="replace")
+                 .splitlines() if any(word in line for word in words)]
+        return "the hub log about them:\n  " + "\n  ".join(lines[-80:])
+
     # --- what the hub says -----------------------------------------------------------------
 
     def servers(self) -> dict[tuple[str, str], dict]:
@@ -337,9 +345,12 @@ class Chaos:
 
     def check(self) -> None:
         where = self.where()
-        # The hub and the scheduler agree (a cancelled job may take KillWait to leave).
-        assert wait_for(lambda: self.scheduler_jobs() <= self.job_ids(), 45), (
-            f"jobs the hub does not list: {self.scheduler_jobs() - self.job_ids()}; {where}")
+        # The hub and the scheduler agree (a cancelled job may take KillWait to leave). After
+        # a login-node outage the watch's next listing is up to 30 s away (its back-off for an
+        # unreachable node), then a cycle for the reconciler's cancel and the scheduler's end.
+        assert wait_for(lambda: self.scheduler_jobs() <= self.job_ids(), 60), (
+            f"jobs the hub does not list: {self.scheduler_jobs() - self.job_ids()}; {where}\n"
+            + self.hub_log_about(self.scheduler_jobs() - self.job_ids()))
         assert wait_for(lambda: self.job_ids() <= self.scheduler_jobs(), 30), (
             f"servers listed whose job is gone: {self.job_ids() - self.scheduler_jobs()}; "
             f"{where}")
