@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import os
 import re
 import secrets
@@ -633,6 +634,19 @@ class SSHBatchSpawner(Spawner):
     def _env_keep_default(self) -> list[str]:
         # The hub host's PATH, VIRTUAL_ENV, ... mean nothing on a compute node.
         return []
+
+    @default("ssl_alt_names")
+    def _ssl_alt_names_default(self) -> list[str]:
+        # With internal_ssl the proxy and the hub reach the server at the tunnel service's
+        # address and check that its certificate names it (loopback is named anyway).
+        names = list(self.trusted_alt_names)
+        host = self.tunnel_connect_host or (
+            "" if self.tunnel_bind_ip in ("0.0.0.0", "") else self.tunnel_bind_ip)
+        if host and host not in ("127.0.0.1", "localhost"):
+            name = f"IP:{host}" if _looks_like_ip(host) else f"DNS:{host}"
+            if name not in names:
+                names.append(name)
+        return names
 
     @default("apply_user_options")
     def _apply_user_options_default(self) -> Any:
@@ -1388,6 +1402,14 @@ def derived_hub_id(cookie_secret: bytes | str | None) -> str:
         return "00000000"
     secret = cookie_secret.encode() if isinstance(cookie_secret, str) else bytes(cookie_secret)
     return hashlib.sha256(b"hub_spawner hub id\0" + secret).hexdigest()[:8]
+
+
+def _looks_like_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _slug(name: str) -> str:

@@ -82,6 +82,7 @@ def test_renders_every_object(manifests):
         ("PersistentVolumeClaim", f"{FULLNAME}-hub-db"),
         ("PersistentVolumeClaim", f"{FULLNAME}-tunnels-state"),
         ("Secret", f"{FULLNAME}-hub-values"),
+        ("Secret", f"{FULLNAME}-internal-ssl"),
         ("Secret", f"{FULLNAME}-secret"),
         ("Service", f"{FULLNAME}-hub"),
         ("Service", f"{FULLNAME}-proxy-api"),
@@ -247,9 +248,19 @@ def test_hub_configuration(values, tmp_path):
 
     assert c.JupyterHub.spawner_class == "slurm-ssh"
     assert c.ConfigurableHTTPProxy.should_start is False
-    assert c.ConfigurableHTTPProxy.api_url == f"http://{FULLNAME}-proxy-api:8001"
+    assert c.ConfigurableHTTPProxy.api_url == f"https://{FULLNAME}-proxy-api:8001"
     assert c.JupyterHub.cleanup_servers is False
-    assert c.JupyterHub.hub_bind_url == "http://:8081"
+    assert c.JupyterHub.hub_bind_url == "https://:8081"
+    # internal_ssl on (hub.internalSsl's default), with the chart's authorities
+    assert c.JupyterHub.internal_ssl is True
+    assert c.JupyterHub.internal_certs_location == "/var/run/hub_spawner/internal-ssl"
+    assert c.JupyterHub.external_ssl_authorities["notebooks-ca"] == {
+        "key": "/etc/hub_spawner/internal-ssl-ca/notebooks-ca.key",
+        "cert": "/etc/hub_spawner/internal-ssl-ca/notebooks-ca.crt"}
+    assert sorted(c.JupyterHub.external_ssl_authorities) == [
+        "hub-ca", "notebooks-ca", "proxy-api-ca", "proxy-client-ca", "services-ca"]
+    assert c.JupyterHub.trusted_alt_names == [f"DNS:{FULLNAME}-hub",
+                                              "DNS:login-ib0.cluster.example.org"]
     assert c.JupyterHub.hub_connect_ip == f"{FULLNAME}-hub"
     assert c.JupyterHub.db_url == "sqlite:////srv/jupyterhub/jupyterhub.sqlite"
     assert "base_url" not in c.JupyterHub
@@ -363,9 +374,17 @@ def test_hub_configuration_runs_outside_kubernetes(values, tmp_path):
     env = {"HUB_SPAWNER_CHART_VALUES": str(tmp_path / "elsewhere.json"),
            "CONFIGPROXY_AUTH_TOKEN": "t" * 32, "HUB_SPAWNER_TUNNEL_ADDRESS": None,
            "HUB_SPAWNER_PROXY_API_URL": "http://127.0.0.1:8001",
-           "HUB_SPAWNER_SSH_KEY_PATH_TEMPLATE": "/srv/lab/keys/{username}"}
+           "HUB_SPAWNER_SSH_KEY_PATH_TEMPLATE": "/srv/lab/keys/{username}",
+           "HUB_SPAWNER_HUB_CONNECT_IP": "10.77.0.1",
+           "HUB_SPAWNER_INTERNAL_SSL_CA_DIR": None,
+           "HUB_SPAWNER_INTERNAL_CERTS_LOCATION": str(tmp_path / "certs")}
+    with chart.environment(env), pytest.raises(ValueError, match="HUB_SPAWNER_INTERNAL_SSL_CA_DIR"):
+        PyFileConfigLoader("jupyterhub_config.py", path=str(tmp_path / "conf")).load_config()
+    env["HUB_SPAWNER_INTERNAL_SSL_CA_DIR"] = str(tmp_path / "cas")
     with chart.environment(env):
         c = PyFileConfigLoader("jupyterhub_config.py", path=str(tmp_path / "conf")).load_config()
+    assert c.JupyterHub.internal_certs_location == str(tmp_path / "certs")
+    assert c.JupyterHub.trusted_alt_names == ["IP:10.77.0.1", "DNS:login-ib0.cluster.example.org"]
     assert c.SSHBatchSpawner.login_host == "10.77.0.2"
     assert c.SSHBatchSpawner.ssh_key_path_template == "/srv/lab/keys/{username}"
     assert c.ConfigurableHTTPProxy.api_url == "http://127.0.0.1:8001"
@@ -373,7 +392,8 @@ def test_hub_configuration_runs_outside_kubernetes(values, tmp_path):
 
 
 def test_base_url_reaches_config_probes_and_proxy(values, tmp_path):
-    manifests = chart.render(with_changes(values, {"hub": {"baseUrl": "/jupyter"}}))
+    manifests = chart.render(with_changes(values, {"hub": {"baseUrl": "/jupyter",
+                                                           "internalSsl": {"enabled": False}}}))
     c = chart.load_hub_config(manifests, tmp_path)
     assert c.JupyterHub.base_url == "/jupyter/"
     hub = chart.container(chart.hub_deployment(manifests), "hub")
@@ -441,16 +461,19 @@ def test_a_checksum_of_only_digits_stays_a_string(values):
 
 def test_upgrade_keeps_the_secrets(values):
     first = chart.render(values)
-    stored = chart.find(first, "Secret", f"{FULLNAME}-secret")
-    upgraded = chart.render(values, existing=[stored])
+    stored = stored_secrets(first)
+    upgraded = chart.render(values, existing=stored)
     assert chart.secret_data(upgraded) == chart.secret_data(first)
+    tls = f"{FULLNAME}-internal-ssl"
+    assert chart.secret_data(upgraded, tls) == chart.secret_data(first, tls)
+    assert chart.secret_data(chart.render(values), tls) != chart.secret_data(first, tls)
     # and so the pods' checksums stay, and an upgrade restarts neither proxy nor tunnels
     for deployment in (chart.proxy_deployment, chart.tunnels_deployment, chart.hub_deployment):
         assert (deployment(upgraded)["spec"]["template"]["metadata"]["annotations"]
                 == deployment(first)["spec"]["template"]["metadata"]["annotations"])
     # a value set by the user wins over the stored one (rotation)
     rotated = chart.render(with_changes(values, {"tunnels": {"token": "r" * 40}}),
-                           existing=[stored])
+                           existing=stored)
     data = chart.secret_data(rotated)
     assert data["tunnels.token"] == "r" * 40
     assert data["proxy.auth-token"] == chart.secret_data(first)["proxy.auth-token"]
@@ -726,9 +749,11 @@ def test_keys_copy_script_makes_private_copies(manifests, tmp_path):
 def key_material(manifests: list[dict], deployment: dict) -> dict:
     """What of a pod has to do with SSH identities: its Secret volumes (other than the hub's
     config), its Memory emptyDirs, the initContainers and sidecars that copy them, and the main
-    container's mounts under /etc/hub_spawner other than known_hosts."""
+    container's mounts under /etc/hub_spawner other than known_hosts. internal_ssl's
+    certificates (hub.internalSsl) are not SSH identities: test_internal_ssl_* checks them."""
     name = deployment["spec"]["template"]["metadata"]["labels"]["component"]
-    volumes = chart.pod_volumes(deployment)
+    volumes = {n: v for n, v in chart.pod_volumes(deployment).items()
+               if not n.startswith("internal-ssl")}
     return {
         "secrets": sorted(n for n, v in volumes.items() if "secret" in v),
         "memory": sorted(n for n, v in volumes.items()
@@ -737,7 +762,8 @@ def key_material(manifests: list[dict], deployment: dict) -> dict:
         "sidecars": [c for c in chart.container_names(deployment) if c != name],
         "mounts": sorted(path for path in chart.volume_mounts(deployment, name)
                          if path.startswith("/etc/hub_spawner/")
-                         and path != "/etc/hub_spawner/known_hosts"),
+                         and path not in ("/etc/hub_spawner/known_hosts",
+                                          "/etc/hub_spawner/internal-ssl-ca")),
     }
 
 
@@ -1013,8 +1039,8 @@ def test_hub_deployment(manifests):
     security = container["securityContext"]
     assert security["runAsNonRoot"] and security["runAsUser"] == 1000
     assert security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/hub/health", "port": "http"}
+    for probe in ("livenessProbe", "readinessProbe"):  # internal_ssl: no client certificate
+        assert container[probe]["tcpSocket"] == {"port": "http"}, container[probe]
     assert container["ports"] == [{"name": "http", "containerPort": 8081, "protocol": "TCP"}]
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert mounts["/usr/local/etc/jupyterhub"] == {
@@ -1043,7 +1069,7 @@ def test_hub_deployment(manifests):
 
     env = chart.hub_env(manifests)
     assert env["HUB_SPAWNER_HUB_CONNECT_IP"] == service["metadata"]["name"]
-    assert env["HUB_SPAWNER_HUB_BIND_URL"] == "http://:8081"
+    assert env["HUB_SPAWNER_HUB_BIND_URL"] == "https://:8081"
     assert env["OAUTH_CLIENT_SECRET"] is None  # hub.extraEnv, from the user's own Secret
 
 
@@ -1056,9 +1082,9 @@ def test_hub_deployment(manifests):
 def test_hub_restarts_for_config_alone(values, changes):
     """A change of values.json (now in the Secret <fullname>-hub-values, not the ConfigMap)
     restarts the hub, but neither the proxy nor the tunnel service."""
-    stored = chart.find(chart.render(values), "Secret", f"{FULLNAME}-secret")
-    before = chart.render(values, existing=[stored])
-    after = chart.render(with_changes(values, changes), existing=[stored])
+    stored = stored_secrets(chart.render(values))
+    before = chart.render(values, existing=stored)
+    after = chart.render(with_changes(values, changes), existing=stored)
     # what changed is values.json alone: the ConfigMap stays, the hub-values Secret does not
     assert (chart.find(before, "ConfigMap", f"{FULLNAME}-hub")
             == chart.find(after, "ConfigMap", f"{FULLNAME}-hub"))
@@ -1091,8 +1117,15 @@ def test_proxy(manifests):
     assert chp["image"].startswith("quay.io/jupyterhub/configurable-http-proxy:")
     assert chart.command_line(proxy, "chp") == [
         "configurable-http-proxy", "--ip=", "--api-ip=", "--port=8000", "--api-port=8001",
-        f"--default-target=http://{FULLNAME}-hub:8081",
-        f"--error-target=http://{FULLNAME}-hub:8081/hub/error",
+        f"--default-target=https://{FULLNAME}-hub:8081",
+        f"--error-target=https://{FULLNAME}-hub:8081/hub/error",
+        "--api-ssl-key=/etc/chp/tls/proxy-api.key", "--api-ssl-cert=/etc/chp/tls/proxy-api.crt",
+        "--api-ssl-ca=/etc/chp/tls/proxy-api-ca_trust.crt", "--api-ssl-request-cert",
+        "--api-ssl-reject-unauthorized",
+        "--client-ssl-key=/etc/chp/tls/proxy-client.key",
+        "--client-ssl-cert=/etc/chp/tls/proxy-client.crt",
+        "--client-ssl-ca=/etc/chp/tls/proxy-client-ca_trust.crt", "--client-ssl-request-cert",
+        "--client-ssl-reject-unauthorized",
     ]
     assert chp["env"] == [{"name": "CONFIGPROXY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {
         "name": f"{FULLNAME}-secret", "key": "proxy.auth-token"}}}]
@@ -1107,6 +1140,85 @@ def test_proxy(manifests):
         {"name": "api", "port": 8001, "targetPort": "api", "protocol": "TCP"}]
     for service in (public, api):
         assert selects({"podSelector": {"matchLabels": service["spec"]["selector"]}}, proxy)
+
+
+def stored_secrets(manifests: list[dict]) -> list[dict]:
+    """The Secrets an installed release keeps (what ``lookup`` finds on an upgrade)."""
+    return [chart.find(manifests, "Secret", f"{FULLNAME}-secret"),
+            chart.find(manifests, "Secret", f"{FULLNAME}-internal-ssl")]
+
+
+def test_internal_ssl_certificates_chain_as_jupyterhub_lays_trust_out(manifests, tmp_path):
+    """The generated authorities, the proxy's certificates and its trust bundles, checked with
+    OpenSSL: the proxy's API certificate names its Service, each certificate is signed by its
+    authority, and each bundle holds exactly the authorities JupyterHub's init_internal_ssl
+    gives that component."""
+    files = chart.secret_data(manifests, f"{FULLNAME}-internal-ssl")
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+        if name.endswith(".key"):
+            assert "PRIVATE KEY" in text, name
+
+    def verify(ca: str, cert: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / ca),
+                               str(tmp_path / cert)], capture_output=True, text=True)
+
+    for cert, ca in (("proxy-api.crt", "proxy-api-ca.crt"),
+                     ("proxy-client.crt", "proxy-client-ca.crt"),
+                     ("proxy-api.crt", "proxy-api-ca_trust.crt")):
+        assert verify(ca, cert).returncode == 0, (cert, ca, verify(ca, cert).stderr)
+    assert verify("hub-ca.crt", "proxy-api.crt").returncode != 0  # a wrong authority fails
+    names = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in",
+                            str(tmp_path / "proxy-api.crt")], capture_output=True, text=True,
+                           check=True).stdout
+    assert f"DNS:{FULLNAME}-proxy-api" in names and "IP Address:127.0.0.1" in names
+
+    def bundle(name: str) -> list[str]:
+        text = files[name]
+        return [block for block in text.split("-----END CERTIFICATE-----") if block.strip()]
+
+    cas = {name: files[f"{name}.crt"].split("-----END CERTIFICATE-----")[0]
+           for name in ("hub-ca", "notebooks-ca", "proxy-api-ca", "proxy-client-ca",
+                        "services-ca")}
+
+    def holds(name: str) -> set[str]:
+        return {ca for ca, pem in cas.items() for block in bundle(name)
+                if block.strip() == pem.strip()}
+
+    assert holds("proxy-api-ca_trust.crt") == {"proxy-api-ca", "hub-ca", "services-ca",
+                                               "notebooks-ca"}
+    assert holds("proxy-client-ca_trust.crt") == {"proxy-client-ca", "hub-ca", "notebooks-ca"}
+
+
+def test_internal_ssl_mounts_and_off_switch(values):
+    """The hub gets the authorities (keys and certificates, group-readable, memory volume for
+    what it makes), the proxy only its own certificates; with hub.internalSsl.enabled false
+    nothing of it is rendered and everything is plain HTTP, as before."""
+    manifests = chart.render(values)
+    hub, proxy = chart.hub_deployment(manifests), chart.proxy_deployment(manifests)
+    secret = f"{FULLNAME}-internal-ssl"
+    hub_items = chart.pod_volumes(hub)["internal-ssl-ca"]["secret"]
+    assert hub_items["secretName"] == secret
+    assert sorted(item["key"] for item in hub_items["items"]) == sorted(
+        f"{name}.{ext}" for name in ("hub-ca", "notebooks-ca", "proxy-api-ca",
+                                     "proxy-client-ca", "services-ca") for ext in ("crt", "key"))
+    assert {item["mode"] for item in hub_items["items"]} == {0o440}
+    assert chart.pod_volumes(hub)["internal-ssl"]["emptyDir"]["medium"] == "Memory"
+    proxy_items = chart.pod_volumes(proxy)["tls"]["secret"]
+    assert sorted(item["key"] for item in proxy_items["items"]) == [
+        "proxy-api-ca_trust.crt", "proxy-api.crt", "proxy-api.key", "proxy-client-ca_trust.crt",
+        "proxy-client.crt", "proxy-client.key"]  # no authority's key
+    assert proxy["spec"]["template"]["spec"]["securityContext"]["fsGroup"] == 65534
+    assert chart.volume_mounts(proxy, "chp")["/etc/chp/tls"]["readOnly"] is True
+
+    plain = chart.render(with_changes(values, {"hub": {"internalSsl": {"enabled": False}}}))
+    assert not [m for m in plain if m["metadata"]["name"] == secret]
+    assert "--api-ssl-key=/etc/chp/tls/proxy-api.key" not in chart.command_line(
+        chart.proxy_deployment(plain), "chp")
+    env = chart.hub_env(plain)
+    assert env["HUB_SPAWNER_PROXY_API_URL"].startswith("http://")
+    assert "HUB_SPAWNER_INTERNAL_SSL_CA_DIR" not in env
+    assert "internal-ssl" not in chart.pod_volumes(chart.hub_deployment(plain))
 
 
 def test_proxy_service_type_from_values(values):

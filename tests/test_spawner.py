@@ -924,3 +924,15 @@ def test_a_starting_server_gets_its_hub_api_path_back_only_when_the_service_lack
     finally:
         undo()
     assert calls == (["forget", "open"] if asked else [])
+
+
+def test_a_servers_certificate_names_the_tunnel_services_address():
+    """internal_ssl: the proxy and the hub reach the server at tunnel_connect_host (the chart's
+    tunnels Service) and check its certificate's name; loopback is named by JupyterHub itself."""
+    assert make_spawner().ssl_alt_names == []
+    assert make_spawner(tunnel_connect_host="hub-tunnels").ssl_alt_names == ["DNS:hub-tunnels"]
+    assert make_spawner(tunnel_bind_ip="10.0.0.5").ssl_alt_names == ["IP:10.0.0.5"]
+    assert make_spawner(tunnel_connect_host="fd00::5").ssl_alt_names == ["IP:fd00::5"]
+    # an explicit setting wins, as in JupyterHub
+    assert make_spawner(tunnel_connect_host="t", ssl_alt_names=["DNS:x"]).ssl_alt_names == [
+        "DNS:x"]

@@ -6,9 +6,11 @@ environment (its Deployment, secrets resolved from the rendered Secret), and the
 the tunnel service's command lines (their Deployments). It replaces only what a cluster would
 provide: the Kubernetes Service names become 127.0.0.1 ports, the pod's mount paths become the
 lab's key and known_hosts paths, and the tunnel service listens on 127.0.0.1 instead of its pod
-IP (``HUB_SPAWNER_TUNNEL_BIND_IP``, which the pod leaves at 0.0.0.0). Then: spawn, open a
+IP (``HUB_SPAWNER_TUNNEL_BIND_IP``, which the pod leaves at 0.0.0.0). internal_ssl is on, as
+the chart's default: the hub and the proxy get the certificates the chart generated (its
+Secret ``<fullname>-internal-ssl``, written where the pods mount it). Then: spawn, open a
 kernel websocket through the proxy, restart the hub, and the websocket lives on, as the chart
-promises.
+promises; every internal hop is TLS with the chart's authorities.
 
 No Kubernetes runs here: DNS, NetworkPolicy enforcement and volume modes are not exercised
 (tests/test_helm_chart.py checks the manifests offline).
@@ -20,11 +22,13 @@ import asyncio
 import os
 import secrets
 import socket
+import ssl
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import requests
 
 from hub_spawner.tunnels.client import TunnelClient
 from tests import helm_chart
@@ -69,10 +73,16 @@ class ChartOnThisMachine:
         name = helm_chart.fullname(manifests)
         self.rendered_env = helm_chart.hub_env(manifests)
         # Only what Kubernetes would provide changes: Service names, pod paths, the pod IP.
+        self.ca_dir = self._write_mounted(helm_chart.hub_deployment(manifests), "hub",
+                                          "/etc/hub_spawner/internal-ssl-ca", "internal-ssl-ca")
+        self.proxy_tls = self._write_mounted(helm_chart.proxy_deployment(manifests), "chp",
+                                             "/etc/chp/tls", "chp-tls")
         self.local = {
-            "HUB_SPAWNER_HUB_BIND_URL": f"http://127.0.0.1:{PORT + 81}",
+            "HUB_SPAWNER_HUB_BIND_URL": f"https://127.0.0.1:{PORT + 81}",
             "HUB_SPAWNER_HUB_CONNECT_IP": "127.0.0.1",
-            "HUB_SPAWNER_PROXY_API_URL": f"http://127.0.0.1:{PORT + 1}",
+            "HUB_SPAWNER_PROXY_API_URL": f"https://127.0.0.1:{PORT + 1}",
+            "HUB_SPAWNER_INTERNAL_SSL_CA_DIR": str(self.ca_dir),
+            "HUB_SPAWNER_INTERNAL_CERTS_LOCATION": str(directory / "internal-ssl"),
             "HUB_SPAWNER_TUNNEL_ADDRESS": f"127.0.0.1:{PORT + 2}",
             "HUB_SPAWNER_TUNNEL_CONNECT_HOST": "127.0.0.1",
             "HUB_SPAWNER_DB_URL": f"sqlite:///{directory}/jupyterhub.sqlite",
@@ -101,9 +111,11 @@ class ChartOnThisMachine:
         replaced = {"--ip=": "--ip=127.0.0.1", "--api-ip=": "--api-ip=127.0.0.1",
                     "--port=8000": f"--port={PORT}", "--api-port=8001": f"--api-port={PORT + 1}"}
         command = [str(self.lab.LAB_PREFIX / "node_modules/.bin/configurable-http-proxy")] + [
-            replaced.get(arg, arg.replace(self.hub_target, f"127.0.0.1:{PORT + 81}"))
+            replaced.get(arg, arg.replace(self.hub_target, f"127.0.0.1:{PORT + 81}")
+                         .replace("=/etc/chp/tls/", f"={self.proxy_tls}/"))
             for arg in command[1:]
         ]
+        assert not any("/etc/chp/" in arg for arg in command), command
         assert not any(self.hub_target in arg for arg in command), command
         token = self.rendered_env["CONFIGPROXY_AUTH_TOKEN"]
         self._start("proxy", command, {"CONFIGPROXY_AUTH_TOKEN": token})
@@ -138,6 +150,17 @@ class ChartOnThisMachine:
         return TunnelClient(self.directory / "tunnels", address=f"127.0.0.1:{PORT + 2}",
                             token=helm_chart.tunnels_env(self.manifests)["HUB_SPAWNER_TUNNEL_TOKEN"])
 
+    def _write_mounted(self, deployment: dict, container: str, mount_path: str,
+                       name: str) -> Path:
+        """The files the pod sees at ``mount_path``, written into a private directory."""
+        directory = self.directory / name
+        directory.mkdir(mode=0o700)
+        for path, content in helm_chart.mounted_files(self.manifests, deployment, container,
+                                                      mount_path).items():
+            (directory / path).write_text(content)
+            (directory / path).chmod(0o600)
+        return directory
+
     def _start(self, name: str, command: list[str], env: dict[str, str]) -> None:
         log = open(self.directory / f"{name}.log", "a")
         self.processes[name] = subprocess.Popen(
@@ -155,6 +178,28 @@ def _answers(hub: Hub) -> bool:
         return hub.api("GET", "/", timeout=2).status_code == 200
     except Exception:
         return False
+
+
+def check_every_internal_hop_is_tls_with_the_charts_authorities(chart, forward_port: int) -> None:
+    """The hub's port and the proxy's API speak TLS and want a client certificate; alice's
+    server, through its forward, presents a certificate that the chart's authorities (the
+    proxy's trust bundle) verify for the proxy's client certificate, i.e. the hub signed it
+    with the chart's notebooks-ca (external_ssl_authorities), not an authority of its own."""
+    for port in (PORT + 81, PORT + 1):
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(f"http://127.0.0.1:{port}/", timeout=5)  # plain HTTP: no answer
+        # TLS, but without a client certificate: refused in (or, TLS 1.3, right after) the
+        # handshake
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(f"https://127.0.0.1:{port}/", timeout=5,
+                         verify=str(chart.proxy_tls / "proxy-client-ca_trust.crt"))
+    context = ssl.create_default_context(cafile=str(chart.proxy_tls / "proxy-client-ca_trust.crt"))
+    context.load_cert_chain(str(chart.proxy_tls / "proxy-client.crt"),
+                            str(chart.proxy_tls / "proxy-client.key"))
+    with socket.create_connection(("127.0.0.1", forward_port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        issuer = dict(pair[0] for pair in tls.getpeercert()["issuer"])
+    assert issuer["commonName"] == f"{helm_chart.fullname(chart.manifests)} notebooks-ca", issuer
 
 
 @pytest.fixture
@@ -183,6 +228,7 @@ def test_the_rendered_chart_spawns_and_an_open_websocket_survives_a_hub_restart(
     assert "alice//hub-api" in forwards
     kernel_id, kernel = open_kernel(hub, "alice")
     assert execute(kernel, "x = 41; print('set')").strip() == "set"
+    check_every_internal_hop_is_tls_with_the_charts_authorities(chart, local["port"])
 
     chart.stop("hub")  # SIGTERM, as a rollout does
     assert wait_for(lambda: not _port_open(PORT + 81), 10)

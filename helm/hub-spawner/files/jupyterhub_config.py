@@ -30,6 +30,10 @@ It reads two things, so that the same file also runs outside Kubernetes:
     with identity.mode authState
   - HUB_SPAWNER_KNOWN_HOSTS_PATH -> SSHBatchSpawner.known_hosts_path
     (``/etc/hub_spawner/known_hosts``)
+  - with hub.internalSsl.enabled: HUB_SPAWNER_INTERNAL_SSL_CA_DIR, the five authorities'
+    ``<name>.key`` and ``<name>.crt`` (JupyterHub.external_ssl_authorities; from the Secret
+    ``<fullname>-internal-ssl``), and HUB_SPAWNER_INTERNAL_CERTS_LOCATION ->
+    JupyterHub.internal_certs_location (a memory volume); both required
 
   An unset variable leaves the setting at JupyterHub's or the spawner's default, except
   HUB_SPAWNER_TUNNEL_BIND_IP, whose default here is 0.0.0.0.
@@ -47,6 +51,7 @@ scope): later wins. A spawner value not in values.json is not set: the spawner's
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -174,6 +179,46 @@ elif identity_mode == "authState":
     c.SSHBatchSpawner.auth_state_ssh_key = auth_state["keyName"]
     if auth_state.get("certificateName"):
         c.SSHBatchSpawner.auth_state_ssh_certificate = auth_state["certificateName"]
+
+# --- TLS inside (hub.internalSsl) --------------------------------------------------------------
+AUTHORITIES = ("hub-ca", "notebooks-ca", "proxy-api-ca", "proxy-client-ca", "services-ca")
+
+
+def alt_name(host: str) -> str:
+    """``IP:10.0.0.1`` or ``DNS:login-ib0``: how a certificate names ``host``."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return f"DNS:{host}"
+    return f"IP:{host}"
+
+
+if hub_values.get("internalSsl", {}).get("enabled"):
+    ca_dir = os.environ.get("HUB_SPAWNER_INTERNAL_SSL_CA_DIR", "")
+    certs_location = os.environ.get("HUB_SPAWNER_INTERNAL_CERTS_LOCATION", "")
+    if not ca_dir or not certs_location:
+        raise ValueError(
+            "hub.internalSsl.enabled, but HUB_SPAWNER_INTERNAL_SSL_CA_DIR (the authorities "
+            "from the Secret <fullname>-internal-ssl) or HUB_SPAWNER_INTERNAL_CERTS_LOCATION "
+            "is not set"
+        )
+    c.JupyterHub.internal_ssl = True
+    c.JupyterHub.internal_certs_location = certs_location
+    # The chart's authorities, so that the proxy (its own Deployment, with certificates from
+    # the same Secret) and the hub trust each other; the hub signs its own certificate and
+    # each server's with them.
+    c.JupyterHub.external_ssl_authorities = {
+        name: {"key": os.path.join(ca_dir, f"{name}.key"),
+               "cert": os.path.join(ca_dir, f"{name}.crt")}
+        for name in AUTHORITIES
+    }
+    # The hub's certificate names it as the proxy reaches it (its Service) and as the
+    # servers reach it (the login node, through the hub-API reverse forward).
+    c.JupyterHub.trusted_alt_names = [
+        alt_name(host) for host in (os.environ.get("HUB_SPAWNER_HUB_CONNECT_IP", ""),
+                                    cluster.get("hubApiTunnelHost", ""))
+        if host
+    ]
 
 # The tunnel service listens on all of its pod's addresses; the proxy connects to
 # tunnel_connect_host (the tunnel service's headless Service name).

@@ -349,7 +349,7 @@ The values files/jupyterhub_config.py reads (values.json in the Secret <fullname
 */}}
 {{- define "hub-spawner.hubValuesJson" -}}
 {{- $cluster := omit .Values.cluster "knownHosts" }}
-{{- $hub := dict "baseUrl" (include "hub-spawner.baseUrl" .) "config" .Values.hub.config "extraConfig" .Values.hub.extraConfig }}
+{{- $hub := dict "baseUrl" (include "hub-spawner.baseUrl" .) "config" .Values.hub.config "extraConfig" .Values.hub.extraConfig "internalSsl" (dict "enabled" .Values.hub.internalSsl.enabled) }}
 {{- $identity := dict "mode" (include "hub-spawner.identityMode" .) }}
 {{- if eq $identity.mode "certificate" }}
 {{- $_ := set $identity "certificateMinutes" .Values.identity.certificateMinutes }}
@@ -357,4 +357,51 @@ The values files/jupyterhub_config.py reads (values.json in the Secret <fullname
 {{- $_ := set $identity "authState" .Values.identity.authState }}
 {{- end }}
 {{- toPrettyJson (dict "cluster" $cluster "identity" $identity "spawner" .Values.spawner "hub" $hub) }}
+{{- end }}
+
+{{/*
+The internal_ssl certificates (hub.internalSsl), as a JSON dict of file name -> PEM: the five
+authorities JupyterHub's internal_ssl uses (<name>.key, <name>.crt; the hub signs its own and
+each server's certificate with them, external_ssl_authorities), the proxy's API and client
+certificates, and the proxy's two trust bundles as JupyterHub lays trust out
+(init_internal_ssl). Generated once and kept: an existing Secret <fullname>-internal-ssl is
+reused as it is, so an upgrade changes no certificate (delete the Secret to renew them all,
+then restart the pods). Computed once per render.
+*/}}
+{{- define "hub-spawner.internalSslFiles" -}}
+{{- if not (hasKey .Release "hubSpawnerInternalSslCache") }}
+{{- $fullname := include "hub-spawner.fullname" . }}
+{{- $files := dict }}
+{{- $secret := lookup "v1" "Secret" .Release.Namespace (printf "%s-internal-ssl" $fullname) }}
+{{- if and $secret $secret.data (hasKey $secret.data "proxy-client-ca_trust.crt") }}
+{{- range $key, $value := $secret.data }}
+{{- $_ := set $files $key ($value | b64dec) }}
+{{- end }}
+{{- else }}
+{{- $days := int .Values.hub.internalSsl.certificateDays }}
+{{- $cas := dict }}
+{{- range $name := list "hub-ca" "notebooks-ca" "proxy-api-ca" "proxy-client-ca" "services-ca" }}
+{{- $ca := genCA (printf "%s %s" $fullname $name) $days }}
+{{- $_ := set $cas $name $ca }}
+{{- $_ := set $files (printf "%s.key" $name) $ca.Key }}
+{{- $_ := set $files (printf "%s.crt" $name) $ca.Cert }}
+{{- end }}
+{{- $api := genSignedCert "proxy-api" (list "127.0.0.1") (list "localhost" (printf "%s-proxy-api" $fullname) (printf "%s-proxy-api.%s.svc" $fullname .Release.Namespace)) $days (get $cas "proxy-api-ca") }}
+{{- $_ := set $files "proxy-api.key" $api.Key }}
+{{- $_ := set $files "proxy-api.crt" $api.Cert }}
+{{- $client := genSignedCert "proxy-client" (list "127.0.0.1") (list "localhost") $days (get $cas "proxy-client-ca") }}
+{{- $_ := set $files "proxy-client.key" $client.Key }}
+{{- $_ := set $files "proxy-client.crt" $client.Cert }}
+{{- /* What the proxy trusts: its API's clients (the hub, services, servers) and the servers and hub it proxies to. */}}
+{{- $_ := set $files "proxy-api-ca_trust.crt" (printf "%s\n%s\n%s\n%s" (get $files "proxy-api-ca.crt") (get $files "hub-ca.crt") (get $files "services-ca.crt") (get $files "notebooks-ca.crt")) }}
+{{- $_ := set $files "proxy-client-ca_trust.crt" (printf "%s\n%s\n%s" (get $files "proxy-client-ca.crt") (get $files "hub-ca.crt") (get $files "notebooks-ca.crt")) }}
+{{- end }}
+{{- $_ := set .Release "hubSpawnerInternalSslCache" $files }}
+{{- end }}
+{{- toJson (get .Release "hubSpawnerInternalSslCache") }}
+{{- end }}
+
+{{/* The internal_ssl authorities' file names in the hub pod (key and certificate of each). */}}
+{{- define "hub-spawner.internalSslAuthorities" -}}
+{{- toJson (list "hub-ca" "notebooks-ca" "proxy-api-ca" "proxy-client-ca" "services-ca") }}
 {{- end }}
