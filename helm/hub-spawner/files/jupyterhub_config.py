@@ -204,6 +204,11 @@ if hub_values.get("internalSsl", {}).get("enabled"):
         )
     c.JupyterHub.internal_ssl = True
     c.JupyterHub.internal_certs_location = certs_location
+    # certipy must name the chart's authorities as they name themselves, or OpenSSL (the
+    # proxy's, the servers') cannot chain what the hub signs: hub_spawner/certificates.py.
+    from hub_spawner.certificates import copy_issuer_key_ids
+
+    copy_issuer_key_ids()
     # The chart's authorities, so that the proxy (its own Deployment, with certificates from
     # the same Secret) and the hub trust each other; the hub signs its own certificate and
     # each server's with them.
