@@ -169,11 +169,13 @@ class Watch:
     def next_delay(self, delay: float, ok: bool) -> float:
         """Seconds to the next cycle after one that took ``delay`` and did (``ok``) or did not
         answer: see the module's requirements."""
-        if ok:
-            return self.interval
-        cap = self.max_interval if self._scheduler_failed else min(
-            self.max_interval, self.unreachable_max_interval)
-        return min(delay * 2, cap)
+        return self.interval if ok else min(delay * 2, self._back_off_cap)
+
+    @property
+    def _back_off_cap(self) -> float:
+        if self._scheduler_failed:
+            return self.max_interval
+        return min(self.max_interval, self.unreachable_max_interval)
 
     async def list_once(self) -> bool:
         """One cycle: one listing per connection group (every user of the group at once).
@@ -275,8 +277,7 @@ class Watch:
             self.log.warning(
                 "%s: cannot list the hub's jobs: %s; servers keep running, their state is "
                 "unknown until a listing succeeds (retrying, backing off to %.0f s)",
-                self.name, why, self.max_interval if self._scheduler_failed
-                else min(self.max_interval, self.unreachable_max_interval),
+                self.name, why, self._back_off_cap,
             )
         self.failing = why
 
