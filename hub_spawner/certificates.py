@@ -12,6 +12,7 @@ makes certipy copy the issuer's own identifier; for certipy's own authorities no
 from __future__ import annotations
 
 import functools
+import ipaddress
 from typing import Any
 
 from cryptography import x509
@@ -53,3 +54,12 @@ def with_issuer_key_id(extension: Any, issuer_cert: x509.Certificate) -> Any:
     except x509.ExtensionNotFound:
         return extension
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+def alt_name(host: str) -> str:
+    """How a certificate names ``host``: ``IP:10.0.0.1`` or ``DNS:login-ib0``."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return f"DNS:{host}"
+    return f"IP:{host}"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ipaddress
 import os
 import re
 import secrets
@@ -41,6 +40,7 @@ from traitlets import (
 
 from . import jobfiles, jobscript
 from . import state as saved_state
+from .certificates import alt_name
 from .choices import Choices, Request, resolve
 from .cluster import Cluster, Where, configured_clusters
 from .errors import (
@@ -640,12 +640,9 @@ class SSHBatchSpawner(Spawner):
         # With internal_ssl the proxy and the hub reach the server at the tunnel service's
         # address and check that its certificate names it (loopback is named anyway).
         names = list(self.trusted_alt_names)
-        host = self.tunnel_connect_host or (
-            "" if self.tunnel_bind_ip in ("0.0.0.0", "") else self.tunnel_bind_ip)
-        if host and host not in ("127.0.0.1", "localhost"):
-            name = f"IP:{host}" if _looks_like_ip(host) else f"DNS:{host}"
-            if name not in names:
-                names.append(name)
+        host = self.server_path.connect_ip
+        if host not in ("127.0.0.1", "localhost") and alt_name(host) not in names:
+            names.append(alt_name(host))
         return names
 
     @default("apply_user_options")
@@ -1402,14 +1399,6 @@ def derived_hub_id(cookie_secret: bytes | str | None) -> str:
         return "00000000"
     secret = cookie_secret.encode() if isinstance(cookie_secret, str) else bytes(cookie_secret)
     return hashlib.sha256(b"hub_spawner hub id\0" + secret).hexdigest()[:8]
-
-
-def _looks_like_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _slug(name: str) -> str:

@@ -51,7 +51,6 @@ scope): later wins. A spawner value not in values.json is not set: the spawner's
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
@@ -183,17 +182,11 @@ elif identity_mode == "authState":
 # --- TLS inside (hub.internalSsl) --------------------------------------------------------------
 AUTHORITIES = ("hub-ca", "notebooks-ca", "proxy-api-ca", "proxy-client-ca", "services-ca")
 
-
-def alt_name(host: str) -> str:
-    """``IP:10.0.0.1`` or ``DNS:login-ib0``: how a certificate names ``host``."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return f"DNS:{host}"
-    return f"IP:{host}"
-
-
 if hub_values.get("internalSsl", {}).get("enabled"):
+    # certipy must name the chart's authorities as they name themselves, or OpenSSL (the
+    # proxy's, the servers') cannot chain what the hub signs: hub_spawner/certificates.py.
+    from hub_spawner.certificates import alt_name, copy_issuer_key_ids
+
     ca_dir = os.environ.get("HUB_SPAWNER_INTERNAL_SSL_CA_DIR", "")
     certs_location = os.environ.get("HUB_SPAWNER_INTERNAL_CERTS_LOCATION", "")
     if not ca_dir or not certs_location:
@@ -204,10 +197,6 @@ if hub_values.get("internalSsl", {}).get("enabled"):
         )
     c.JupyterHub.internal_ssl = True
     c.JupyterHub.internal_certs_location = certs_location
-    # certipy must name the chart's authorities as they name themselves, or OpenSSL (the
-    # proxy's, the servers') cannot chain what the hub signs: hub_spawner/certificates.py.
-    from hub_spawner.certificates import copy_issuer_key_ids
-
     copy_issuer_key_ids()
     # The chart's authorities, so that the proxy (its own Deployment, with certificates from
     # the same Secret) and the hub trust each other; the hub signs its own certificate and
