@@ -16,6 +16,9 @@ Requirements:
 - one service per directory (a lock file); the control socket is in a 0700 directory, mode 0600;
   control over TCP (``--listen``, for a hub in another pod) needs the token in
   ``HUB_SPAWNER_TUNNEL_TOKEN``, compared in constant time on every request;
+- a master nothing here uses (an earlier service was killed while it warmed or started one,
+  so no forward of the table names it) is ended at start-up and on every sweep, never left
+  logged in for ever;
 - it knows forwards, not schedulers: cancelling jobs is the hub's reconciler's (a
   ``cancels.json`` an older version left is read by nobody).
 """
@@ -208,6 +211,7 @@ class TunnelService:
         self._readding: dict[str, asyncio.Task] = {}  # login key -> its re-add task
         self._next_try: dict[str, tuple[float, float]] = {}  # login key -> (when, back-off)
         self._swept_at = 0.0
+        self._masters_swept_at = time.monotonic()  # serve() looks once at start-up
         self._asked: dict[str, int] = {}  # key path or login key -> requests running with it
 
     def _lock(self, login: Login) -> asyncio.Lock:
@@ -313,6 +317,7 @@ class TunnelService:
             await master.stop()
         self.masters.clear()
         self.warm_until.clear()
+        await self.end_unused_masters()
         remove_unused_identities(self.directory, set(), grace=-1)
         with contextlib.suppress(OSError):
             os.rmdir(identities_directory(self.directory))
@@ -324,6 +329,26 @@ class TunnelService:
         logins += [m.login for key, m in self.masters.items() if key in self.warm_until]
         logins += [login.jump for login in logins if login.jump is not None]
         return {login.key_path for login in logins} | set(self._asked)
+
+    async def end_unused_masters(self) -> list[int]:
+        """End every master whose control socket is in this directory but that no forward of
+        the table, no warmed master and no request on its way uses: one an earlier service
+        started or warmed and was killed before a forward named it (no restore would ever
+        adopt it). Returns their pids."""
+        ended = []
+        for key in _master_socket_keys(self.directory):
+            async with self._locks.setdefault(key, asyncio.Lock()):
+                logins = [e.forward.login for e in self.table.values()]
+                in_use = {login.key for login in logins}
+                in_use |= {login.jump.key for login in logins if login.jump is not None}
+                if key in in_use or key in self.masters or key in self._asked:
+                    continue
+                pid = await end_master(str(self.directory / "m" / key))
+                if pid:
+                    log.warning("master pid %d: no forward uses it (left by an earlier "
+                                "service); ended it", pid)
+                    ended.append(pid)
+        return ended
 
     def sweep_identities(self, grace: float = IDENTITY_GRACE_SECONDS) -> None:
         """Delete the handed-over keys no forward uses any more (after ``grace`` seconds)."""
@@ -364,6 +389,9 @@ class TunnelService:
         self._readd_down()
         if time.monotonic() - self._swept_at >= IDENTITY_SWEEP_SECONDS:
             self.sweep_identities()
+        if time.monotonic() - self._masters_swept_at >= IDENTITY_SWEEP_SECONDS:
+            self._masters_swept_at = time.monotonic()
+            await self.end_unused_masters()
         for key, until in list(self.warm_until.items()):
             master = self.masters.get(key)
             if until < time.monotonic() and (master is None or not
@@ -483,6 +511,60 @@ class TunnelService:
         if login.jump is not None:
             async with self._lock(login.jump):  # child, then jump: the one lock order
                 await self._stop_unused(login.jump)
+
+
+def _master_socket_keys(directory: Path) -> list[str]:
+    """The login keys with a control socket in ``<directory>/m``."""
+    try:
+        names = os.listdir(directory / "m")
+    except FileNotFoundError:
+        return []
+    keys = []
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(directory / "m" / name).st_mode):
+                keys.append(name)
+    return sorted(keys)
+
+
+async def end_master(control_path: str) -> int:
+    """Ask the master on ``control_path`` to exit (``ssh -O exit``), then end it by its pid
+    if it is still there; returns its pid, 0 if no master answered (the socket is deleted)."""
+
+    async def control(operation: str) -> tuple[int, str]:
+        # The destination is a placeholder: with -S and -O, ssh only talks to the socket.
+        process = await asyncio.create_subprocess_exec(
+            "ssh", "-F", "/dev/null", "-o", "LogLevel=ERROR", "-S", control_path,
+            "-o", "ControlMaster=no", "-O", operation, "--", "unused-master",
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            _, err = await asyncio.wait_for(process.communicate(), 5)
+        except asyncio.TimeoutError:
+            process.kill()
+            await process.wait()
+            return 255, ""
+        return process.returncode or 0, err.decode(errors="replace")
+
+    code, said = await control("check")
+    match = _MASTER_PID.search(said)
+    if code != 0 or not match:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(control_path)
+        return 0
+    pid = int(match.group(1))
+    await control("exit")
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(control_path)
+    return pid
 
 
 def _port_candidates(forward: Forward, forward_ports: tuple[int, int] | None) -> list[int]:
@@ -686,6 +768,7 @@ async def serve(
     log.info("tunnel service %d: listening on %s (%d forwards)", os.getpid(), control_path,
              len(service.table))
     service.restore()  # in the background: the control socket answers meanwhile
+    cleanup = asyncio.ensure_future(service.end_unused_masters())
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -695,6 +778,7 @@ async def serve(
     for each in servers:
         each.close()
     supervisor.cancel()
+    cleanup.cancel()
     # Masters and forwards are left running on purpose: a new service adopts them.
     log.info("tunnel service %d: stopping; forwards stay up for the next service", os.getpid())
 

@@ -236,6 +236,31 @@ def test_a_warmed_master_waits_for_a_forward_and_then_goes(lab, tmp_path):
         lab.stop_tunnel_service(tmp_path / "tunnels")
 
 
+def test_a_master_a_killed_service_left_unused_is_ended_by_the_next(lab, tmp_path,
+                                                                   echo_server):
+    """A service killed while a master it warmed had no forward yet (the spawn form was open,
+    or a spawn was on its way) leaves that master logged in, and no forward of its table names
+    it: the next service ends it at start-up, and keeps (adopts) the master a forward uses."""
+    client = TunnelClient(tmp_path / "tunnels")
+    before = len(processes_on("login", "bob", "sshd"))
+    try:
+        port = _run(client.ensure_local("alice/kept", _login(lab), "127.0.0.1", lab.COMPUTE_IP,
+                                        ECHO_PORT))
+        used = _run(client.forwards())["alice/kept"]["master_pid"]
+        warmed = _run(client.warm(_login(lab, "bob")))
+        assert len(processes_on("login", "bob", "sshd")) == before + 1
+        os.kill(_service_pid(client), signal.SIGKILL)
+        _run(client.request({"op": "list"}))  # starts the next service
+        assert wait_for(lambda: not os.path.exists(f"/proc/{warmed}"), 15), (
+            f"bob's master {warmed} still runs after the service was restarted")
+        assert wait_for(lambda: len(processes_on("login", "bob", "sshd")) == before, 10)
+        assert wait_for(lambda: _run(client.forwards())["alice/kept"]["up"], 15)
+        assert _run(client.forwards())["alice/kept"]["master_pid"] == used
+        assert _echo_works(port)
+    finally:
+        lab.stop_tunnel_service(tmp_path / "tunnels")
+
+
 class SwitchableLogin:
     """A TCP relay on the hub side to the login host's sshd, as a login node that can go
     dark: ``black_hole()`` drops every connection it carries and then takes new ones without

@@ -25,6 +25,7 @@ This is test infrastructure: it runs as root, blocks, and uses subprocess freely
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -594,10 +595,24 @@ def stop_tunnel_service(directory: Path) -> bool:
         asyncio.run(client.request({"op": "stop-everything"}, start=False))
     except TunnelError:
         return False
-    finally:  # its keys in /dev/shm, also when it was not running
+    finally:  # its keys in /dev/shm and its masters, also when it was not running
         shutil.rmtree(identities_directory(directory), ignore_errors=True)
+        _stop_masters_of(directory)
     stop_pid(pid)
     return True
+
+
+def _stop_masters_of(directory: Path) -> None:
+    """SIGTERM the ssh masters with a control socket in ``directory`` (a test that failed
+    must not leave them logged in for the next one)."""
+    sockets = f" -S {directory.resolve() / 'm'}/"
+    result = subprocess.run(["pgrep", "-a", "-x", "ssh"], capture_output=True, text=True)
+    for line in result.stdout.splitlines():
+        pid, _, command = line.partition(" ")
+        if sockets in f" {command}" and " -M " in command:
+            print(f"lab: stopping ssh master {pid} of {directory}", flush=True)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGTERM)
 
 
 def stop_pid(pid: int, timeout: float = 15) -> None:
