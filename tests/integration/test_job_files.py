@@ -138,15 +138,35 @@ def test_a_ready_line_naming_another_host_is_refused_and_the_job_cancelled(hub):
     assert wait_for(lambda: not active_jobs("alice"), 30), active_jobs("alice")
 
 
-@pytest.mark.parametrize("scheduler", ["slurm", "sge"])
-def test_a_node_that_calls_itself_by_its_full_name_is_the_schedulers_node(hub_for, scheduler):
-    """Issue 28: the node says ``compute.lab.example``, the scheduler ``compute`` (the short
-    name rule, README "Which node"); the server starts."""
-    hub = hub_for(scheduler)
+def test_a_node_that_calls_itself_by_its_full_name_is_the_schedulers_node(hub_for):
+    """Issue 28: the node says ``compute.lab.example``, Slurm ``compute`` (the short name
+    rule, README "Which node"); the server starts."""
+    hub = hub_for("slurm")
     events, _ = hub.spawn("alice", "full-host-name")
     assert events[-1].get("ready"), events
     hub.stop("alice", "full-host-name")
-    assert wait_for(lambda: not active_jobs("alice", scheduler), 30)
+    assert wait_for(lambda: not active_jobs("alice", "slurm"), 30)
+
+
+@pytest.mark.parametrize("server", ["", "socket"])
+def test_grid_engine_knows_the_node_by_its_full_name(lab, hub_for, server):
+    """Issue 28, the other way round: the lab's Grid Engine knows the compute host by its full
+    name (``compute.lab.example``, its canonical name; ``ignore_fqdn false``), while the node
+    calls itself ``compute``. The ready line matches by the short name rule, the tunnel dials
+    the scheduler's name from the login node (over the node hop too, checked against
+    known_hosts under that name), and the server answers through it."""
+    queues = lab.sge_command("qstat -f -q all.q").stdout
+    assert f"all.q@{lab.COMPUTE_FQDN} " in queues, queues
+    hub = hub_for("sge")
+    events, _ = hub.spawn("alice", server)
+    assert events[-1].get("ready"), events
+    model = hub.api("GET", "/users/alice").json()["servers"][server]
+    assert model["state"]["job_host"] == lab.COMPUTE_FQDN, model["state"]
+    [job] = active_jobs("alice", "sge")
+    assert f"all.q@{lab.COMPUTE_FQDN} " in job, job  # qstat's queue column: where it runs
+    assert hub.api_server("GET", "alice", "/api/status", server).json()["started"]
+    hub.stop("alice", server)
+    assert wait_for(lambda: not active_jobs("alice", "sge"), 30)
 
 
 @pytest.mark.parametrize("scheduler", ["slurm", "sge"])

@@ -9,7 +9,8 @@ Topology (see shared/notes/cluster-lab.md):
     login    netns hsl-login 10.77.1.2 | 10.77.2.1 "login"   (sshd :22 and :2222, slurmctld,
                                                              sge_qmaster)
     compute  netns hsl-compute          10.77.2.2 "compute"  (slurmd, sge_execd, sshd :22;
-                                                             jobs run here)
+                                                             jobs run here; Grid Engine
+                                                             knows it as compute.lab.example)
 Three schedulers (``SCHEDULERS``): Slurm; Grid Engine (Debian's gridengine, cell ``default``,
 queue ``all.q``, parallel environment ``smp``); and Torque/PBS command syntax through Slurm's
 ``slurm-wlm-torque`` wrappers, which a second sshd on port 2222 puts first on users' PATH (the
@@ -46,7 +47,12 @@ HUB_IP, LOGIN_IP = "10.77.1.1", "10.77.1.2"
 LOGIN_CLUSTER_IP, COMPUTE_IP = "10.77.2.1", "10.77.2.2"
 NAMESPACES = {"login": "hsl-login", "compute": "hsl-compute"}
 USERS = ("alice", "bob")
-HOSTS_FILE = f"127.0.0.1 localhost\n{LOGIN_CLUSTER_IP} login\n{COMPUTE_IP} compute\n"
+#: The compute host's full name: its canonical name in the lab's hosts files, so Grid Engine
+#: (``ignore_fqdn false``) knows the node by it, as real cells usually do, while the node's
+#: ``hostname`` (and Slurm's NodeName) is the short ``compute``.
+COMPUTE_FQDN = "compute.lab.example"
+HOSTS_FILE = (f"127.0.0.1 localhost\n{LOGIN_CLUSTER_IP} login\n"
+              f"{COMPUTE_IP} {COMPUTE_FQDN} compute\n")
 
 KNOWN_HOSTS = LAB_DIR / "known_hosts"
 KEY_DIR = LAB_DIR / "keys"
@@ -64,7 +70,7 @@ SGE_BOOTSTRAP_TEXT = """\
 # Written by hub_spawner's test lab (tests/lab/lab.py).
 admin_user              sgeadmin
 default_domain          none
-ignore_fqdn             true
+ignore_fqdn             false
 spooling_method         berkeleydb
 spooling_lib            libspoolb
 spooling_params         {run}/sge/spooldb
@@ -76,7 +82,7 @@ worker_threads          2
 scheduler_threads       1
 """
 SGE_EXEC_HOST_TEXT = """\
-hostname              compute
+hostname              compute.lab.example
 load_scaling          NONE
 complex_values        NONE
 user_lists            NONE
@@ -103,7 +109,7 @@ qsort_args         NONE
 # Run by ``qconf -aq`` as $EDITOR on the default queue template.
 SGE_QUEUE_EDITOR_TEXT = """\
 #!/bin/sh
-sed -i -e 's/^hostlist .*/hostlist compute/' -e 's/^slots .*/slots 2/' \\
+sed -i -e 's/^hostlist .*/hostlist compute.lab.example/' -e 's/^slots .*/slots 2/' \\
     -e 's/^pe_list .*/pe_list smp/' -e 's/^load_thresholds .*/load_thresholds NONE/' \\
     -e 's|^shell .*|shell /bin/bash|' "$1"
 """
@@ -523,7 +529,7 @@ def _start_sge() -> dict[str, int]:
             global_config.append(line)
     (config / "global").write_text("\n".join(global_config) + "\n")
     sge_command(
-        f"qconf -as login && qconf -ah compute && qconf -Ae {config}/exec_host"
+        f"qconf -as login && qconf -ah {COMPUTE_FQDN} && qconf -Ae {config}/exec_host"
         f" && qconf -Ap {config}/pe && EDITOR={config}/queue_editor qconf -aq all.q"
         f" && qconf -Msconf {config}/scheduler && cd {config} && qconf -Mconf global"
     )
@@ -536,25 +542,27 @@ def _start_sge() -> dict[str, int]:
 
 def _wait_for_sge() -> None:
     def queue_up() -> bool:
-        # "all.q@compute BIP 0/0/2 0.44 lx-amd64" with no state letters once execd reports.
+        # "all.q@compute.lab.example BIP 0/0/2 0.44 lx-amd64" with no state letters once
+        # execd reports.
         result = sge_command("qstat -f -q all.q", check=False)
         for line in result.stdout.splitlines():
             fields = line.split()
-            if fields and fields[0] == "all.q@compute":
+            if fields and fields[0] == f"all.q@{COMPUTE_FQDN}":
                 return len(fields) == 5 and fields[3] != "-NA-"
         return False
 
-    _wait_until(queue_up, 60, "Grid Engine queue all.q@compute up")
+    _wait_until(queue_up, 60, f"Grid Engine queue all.q@{COMPUTE_FQDN} up")
 
 
 def _write_known_hosts() -> None:
-    """The login host by its address (as the hub dials it), and the compute host by the name
-    the schedulers report (as the node hop dials it, through the login host)."""
+    """The login host by its address (as the hub dials it), and the compute host by the names
+    the schedulers report (as the node hop dials it, through the login host): ``compute``
+    (Slurm) and its full name (Grid Engine)."""
     public = (LAB_DIR / "ssh_host_ed25519_key.pub").read_text().split()
     compute = (LAB_DIR / "ssh_host_compute_ed25519_key.pub").read_text().split()
     KNOWN_HOSTS.write_text(f"{LOGIN_IP} {public[0]} {public[1]}\n"
                            f"[{LOGIN_IP}]:{TORQUE_PORT} {public[0]} {public[1]}\n"
-                           f"compute {compute[0]} {compute[1]}\n")
+                           f"compute,{COMPUTE_FQDN} {compute[0]} {compute[1]}\n")
 
 
 def _port_open(host: str, ip: str, port: int) -> bool:
