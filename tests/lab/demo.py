@@ -13,6 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from tests.lab import lab
@@ -88,14 +90,25 @@ def _banner(scheduler: str) -> str:
 
 
 def _wait_for_hub(hub: subprocess.Popen, timeout: float = 60) -> None:
+    """Until the login page answers through the proxy: the proxy listens a moment before the
+    hub has added its route, and a visitor then gets the proxy's 404."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if hub.poll() is not None:
             raise RuntimeError("demo: the hub exited during start-up (see its log above)")
-        if _port_in_use(HUB_PORT):
+        if _login_page_answers():
             return
         time.sleep(0.3)
-    raise RuntimeError("demo: the hub did not start listening in time")
+    raise RuntimeError("demo: the hub's login page did not answer in time")
+
+
+def _login_page_answers() -> bool:
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no http_proxy
+    try:
+        with direct.open(f"http://127.0.0.1:{HUB_PORT}/hub/login", timeout=5) as page:
+            return page.status == 200
+    except (OSError, urllib.error.URLError):  # HTTPError (the proxy's 404) is a URLError
+        return False
 
 
 def _port_in_use(port: int) -> bool:
