@@ -66,7 +66,9 @@ def test_socket_mode_serves_through_the_node_hop_with_no_port_open_on_the_node(
         forwards = asyncio.run(TunnelClient(hub.log_path.parent / "tunnels").forwards())
         forward = forwards["alice/socket"]
         assert forward["destination"] == path and forward["up"], forward
-        assert forward["login"].startswith("alice@compute:22 via alice@10.77.1.2:"), forward
+        # The scheduler's name for the node: Grid Engine knows the lab's by its full name.
+        node = lab.COMPUTE_FQDN if scheduler == "sge" else "compute"
+        assert forward["login"].startswith(f"alice@{node}:22 via alice@10.77.1.2:"), forward
         assert processes_on("compute", "alice", "sshd"), "no node-hop session on compute"
 
         # Through the proxy, the hub-side tunnel and both hops: the API and a kernel.
