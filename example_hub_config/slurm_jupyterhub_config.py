@@ -35,11 +35,35 @@ c.JupyterHub.internal_certs_location = "/srv/jupyterhub/internal-ssl"
 c.JupyterHub.trusted_alt_names = ["DNS:login-ib0.cluster.example.org"]  # EDIT, as below
 # The proxy's unit sets the same CONFIGPROXY_AUTH_TOKEN (the hub reads it from its environment).
 c.SSHBatchSpawner.tunnel_service_dir = "/srv/jupyterhub/tunnels"
+# The tunnel service runs in a unit of its own (example_hub_config/systemd/), so the hub never
+# starts it: a service the hub started would belong to the hub's unit and end with
+# `systemctl restart jupyterhub`. Without such a unit, remove this line (the spawner then
+# starts the service itself, in its own session).
+c.SSHBatchSpawner.tunnel_service_start = False
+
+# Who may log in: your identity provider (EDIT the URLs and group names). Its client id and
+# secret come from the hub unit's EnvironmentFile (OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET,
+# OAUTH_CALLBACK_URL); its groups become JupyterHub groups, which the partitions' and
+# presets' "groups" and group_limits below refer to.
+c.JupyterHub.authenticator_class = "generic-oauth"
+c.GenericOAuthenticator.authorize_url = "https://sso.example.org/realms/hpc/protocol/openid-connect/auth"
+c.GenericOAuthenticator.token_url = "https://sso.example.org/realms/hpc/protocol/openid-connect/token"
+c.GenericOAuthenticator.userdata_url = "https://sso.example.org/realms/hpc/protocol/openid-connect/userinfo"
+c.GenericOAuthenticator.scope = ["openid", "profile", "groups"]
+c.GenericOAuthenticator.username_claim = "preferred_username"
+c.GenericOAuthenticator.auth_state_groups_key = "oauth_user.groups"
+c.GenericOAuthenticator.manage_groups = True
+c.GenericOAuthenticator.allowed_groups = {"hpc-users"}
+c.GenericOAuthenticator.admin_groups = {"hpc-admins"}
 
 c.SlurmSSHSpawner.login_host = "login.cluster.example.org"  # EDIT
 c.SlurmSSHSpawner.known_hosts_path = "/etc/hub_spawner/known_hosts"  # ssh-keyscan, then verify
 c.SlurmSSHSpawner.ssh_key_path_template = "/etc/hub_spawner/keys/{username}"
 c.SlurmSSHSpawner.cluster_username = "{username}"  # or e.g. "hpc_{username}", or a callable
+# One account lists every user's jobs for the status watch: one scheduler listing per cycle
+# for the whole hub instead of one per user (EDIT: an account whose key is in the key directory
+# like the users'; it only needs to see jobs).
+c.SlurmSSHSpawner.status_cluster_username = "jupyterhub-status"
 # The login node's name as compute nodes see it (often its internal interface).  # EDIT
 c.SlurmSSHSpawner.hub_api_tunnel_host = "login-ib0.cluster.example.org"
 

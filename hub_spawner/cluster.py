@@ -56,7 +56,8 @@ _KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,39}")
 _FIELDS = {"name", "display_name", "description", "groups", "scheduler", "settings", "config"}
 # Options of the whole hub (its job names, its one tunnel service), never a cluster's.
 HUB_WIDE = {"clusters", "hub_id", "tunnel_bind_ip", "tunnel_connect_host", "tunnel_service_dir",
-            "tunnel_service_address", "tunnel_service_token", "tunnel_service_python"}
+            "tunnel_service_address", "tunnel_service_token", "tunnel_service_python",
+            "tunnel_service_start"}
 _CLUSTER_USERNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
 # (login host, port, cluster user) of a job: where it was submitted and as whom.
 Where = tuple[str, int, str]

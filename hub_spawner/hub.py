@@ -55,7 +55,7 @@ class Hub:
         self.loads: dict[tuple, Any] = {}  # watch.load_for: the form's load, per cluster
         self.queue_listings = QueueListings()  # waiting jobs' places, per cluster
         self.form_retries: dict[str, tuple[dict[str, str], Exception]] = {}  # refused forms
-        self.tunnel_clients: dict[tuple[str, str, str, str], TunnelClient] = {}
+        self.tunnel_clients: dict[tuple[str, str, str, str, bool], TunnelClient] = {}
         self.pool = ConnectionPool()  # every SSH connection of this hub's spawners
         self._started_from_database = False
         self._told: set[str] = set()
@@ -64,11 +64,11 @@ class Hub:
         self._unowned_forwards: set[tuple[int, str]] = set()  # (client, forward) seen unowned
 
     def tunnel_client(self, directory: str, python: str, address: str = "",
-                      token: str = "") -> TunnelClient:
+                      token: str = "", start: bool = True) -> TunnelClient:
         """The one client per tunnel service (shared by all spawners of this hub)."""
-        key = (os.path.abspath(directory), python, address, token)
+        key = (os.path.abspath(directory), python, address, token, start)
         if key not in self.tunnel_clients:
-            self.tunnel_clients[key] = TunnelClient(key[0], python, address, token)
+            self.tunnel_clients[key] = TunnelClient(key[0], python, address, token, start)
         return self.tunnel_clients[key]
 
     def register(self, spawner: Any) -> None:

@@ -84,6 +84,7 @@ class ServerPath:
             spawner.tunnel_service_python,
             spawner.tunnel_service_address,
             spawner.tunnel_service_token,
+            spawner.tunnel_service_start,
         )
 
     async def login(self, target: SSHTarget | None = None) -> Login:

@@ -257,6 +257,15 @@ class SSHBatchSpawner(Spawner):
         config=True,
         help="The Python that runs the tunnel service when the spawner starts it.",
     )
+    tunnel_service_start = Bool(
+        True,
+        config=True,
+        help="""Start the tunnel service (on ``tunnel_service_dir``) when it is not running.
+        Turn it off when a unit of its own runs it (``example_hub_config/systemd/``): a
+        service the hub started belongs to the hub's unit, and ``systemctl restart
+        jupyterhub`` (``KillMode=control-group``) would end it and every forward with it. Off,
+        a spawn while the service is down fails, saying to start the service's unit.""",
+    )
     hub_api_tunnel_host = Unicode(
         "",
         config=True,

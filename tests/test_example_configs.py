@@ -9,6 +9,10 @@ value must pass the trait's validation, cross-validators (``@validate``) include
 """
 
 import importlib
+import os
+import shutil
+import subprocess
+import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -201,3 +205,61 @@ def test_every_example_form_offers_valid_choices_to_every_group(name, lab_enviro
         choices = spawner.cluster.choices(member_of)
         for preset in choices.presets:
             assert resolve({"preset": preset.key}, choices).summary == preset.title
+
+
+SYSTEMD_DIR = EXAMPLES_DIR / "systemd"
+
+
+@pytest.mark.parametrize("name", EXAMPLE_NAMES)
+def test_the_services_an_example_runs_are_installed(name):
+    """A managed service's ``python -m MODULE`` (the idle culler) is importable here, where the
+    lab installs what pyproject's ``hub`` extra names."""
+    config = PyFileConfigLoader(name, path=str(EXAMPLES_DIR)).load_config()
+    services = config.JupyterHub.get("services", [])
+    modules = [service["command"][service["command"].index("-m") + 1] for service in services
+               if "-m" in service.get("command", [])]
+    for module in modules:
+        assert importlib.util.find_spec(module) is not None, f"{name}: {module} is not installed"
+
+
+def test_the_systemd_units_pass_systemd_analyze_verify(tmp_path):
+    """example_hub_config/systemd/ as a site installs them, with the lab's venv and proxy at the
+    places the units name (/opt/jupyterhub, /usr/local/bin): systemd's own checker accepts the
+    three together (syntax, the units the hub's requires, executables)."""
+    verify = shutil.which("systemd-analyze")
+    assert verify, "systemd-analyze is missing: tests/lab/install.sh installs Debian's systemd"
+    proxy = Path(os.environ.get("LAB_PREFIX", "/opt/hub-spawner-lab")) / (
+        "node_modules/.bin/configurable-http-proxy")
+    assert proxy.exists(), proxy
+    units = sorted(SYSTEMD_DIR.glob("*.service"))
+    assert [unit.name for unit in units] == [
+        "hub-spawner-tunnels.service", "jupyterhub-proxy.service", "jupyterhub.service"]
+    for unit in units:
+        text = unit.read_text().replace("/opt/jupyterhub/", f"{sys.prefix}/")
+        text = text.replace("/usr/local/bin/configurable-http-proxy", str(proxy))
+        (tmp_path / unit.name).write_text(text)
+    paths = [str(tmp_path / unit.name) for unit in units]
+    result = subprocess.run([verify, "verify", "--man=no", *paths], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_hub_unit_needs_the_tunnel_unit_and_restarts_without_it():
+    """The hub requires the tunnel service's unit and starts after it; the tunnel unit kills
+    only its own process (its OpenSSH masters stay for the next one); the example configs
+    never let the hub start a service of its own inside the hub's unit."""
+    hub = (SYSTEMD_DIR / "jupyterhub.service").read_text()
+    tunnels = (SYSTEMD_DIR / "hub-spawner-tunnels.service").read_text()
+    [requires] = [line for line in hub.splitlines() if line.startswith("Requires=")]
+    [after] = [line for line in hub.splitlines() if line.startswith("After=")]
+    for unit in ("hub-spawner-tunnels.service", "jupyterhub-proxy.service"):
+        assert unit in requires.split("=", 1)[1].split() and unit in after
+    assert "\nKillMode=process\n" in tunnels
+    assert "--dir /srv/jupyterhub/tunnels" in tunnels
+    for name in EXAMPLE_NAMES:
+        if name == LAB_CONFIG_NAME:
+            continue
+        config = PyFileConfigLoader(name, path=str(EXAMPLES_DIR)).load_config()
+        assert config.SSHBatchSpawner.tunnel_service_start is False, name
+        assert config.SSHBatchSpawner.tunnel_service_dir == "/srv/jupyterhub/tunnels", name
+        assert config.ConfigurableHTTPProxy.should_start is False, name

@@ -2,8 +2,9 @@
 file is the one pyproject names, and the changelog has the version being released."""
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -31,13 +32,14 @@ def test_jupyterhub_is_capped_below_the_next_major_version():
     assert jupyterhub.endswith(f",<{major + 1}"), jupyterhub
 
 
-def test_the_hub_extra_has_the_idle_culler_the_examples_use():
-    [culler] = PYPROJECT["project"]["optional-dependencies"]["hub"]
-    name, lowest = _lowest(culler)
-    assert name == "jupyterhub-idle-culler"
-    assert TESTED[name].split(".")[0] == lowest.split(".")[0], (lowest, TESTED[name])
+def test_the_hub_extra_has_what_the_examples_use_beside_the_spawner():
+    """The idle culler and the authenticator, at the major version the lab tests."""
+    extra = dict(_lowest(r) for r in PYPROJECT["project"]["optional-dependencies"]["hub"])
+    assert set(extra) == {"jupyterhub-idle-culler", "oauthenticator"}
+    for name, lowest in extra.items():
+        assert TESTED[name].split(".")[0] == lowest.split(".")[0], (name, lowest)
     examples = "".join(p.read_text() for p in (REPO / "example_hub_config").glob("*.py"))
-    assert "jupyterhub_idle_culler" in examples
+    assert "jupyterhub_idle_culler" in examples and '"generic-oauth"' in examples
 
 
 def test_the_licence_file_is_the_one_pyproject_names():

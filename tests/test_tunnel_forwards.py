@@ -319,3 +319,17 @@ def test_a_listing_longer_than_asyncios_default_line_limit_is_read(tmp_path):
 
     listed = asyncio.run(serve_and_ask())
     assert len(json.dumps(listed)) > 64 * 1024 and listed == forwards
+
+
+def test_a_hub_that_does_not_start_the_service_says_to_start_its_unit(tmp_path):
+    """``tunnel_service_start = False`` (a systemd unit runs the service): with none running,
+    the request fails with what to do, and no service process is started."""
+    import asyncio
+
+    from hub_spawner.tunnels.client import TunnelClient, TunnelError
+
+    client = TunnelClient(tmp_path / "tunnels", start=False)
+    with pytest.raises(TunnelError, match="not running, and the hub does not start it .*"
+                                          "systemctl start hub-spawner-tunnels"):
+        asyncio.run(client.forwards())
+    assert not (tmp_path / "tunnels").exists()  # nothing made, nothing started

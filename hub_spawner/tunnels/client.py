@@ -42,8 +42,9 @@ MAX_REPLY_BYTES = 16 << 20
 
 class TunnelClient:
     """Requests to the tunnel service that keeps its state in ``directory`` (over its Unix
-    socket; started when not running), or, with ``address`` (``host:port``), to one that runs
-    elsewhere (over TCP with ``token``; never started from here)."""
+    socket; started when not running, unless ``start`` is False: then something else, such as
+    a systemd unit, runs it), or, with ``address`` (``host:port``), to one that runs elsewhere
+    (over TCP with ``token``; never started from here)."""
 
     def __init__(
         self,
@@ -51,11 +52,13 @@ class TunnelClient:
         python: str = sys.executable,
         address: str = "",
         token: str = "",
+        start: bool = True,
     ) -> None:
         self.directory = Path(directory).resolve()
         self.python = python
         self.address = address
         self.token = token
+        self.start = start
         self._start_lock = asyncio.Lock()
         self._listed: dict[str, dict] | None = None
         self._listed_at = 0.0
@@ -146,6 +149,12 @@ class TunnelClient:
             if not start:
                 raise TunnelError(
                     f"the tunnel service for {self.directory} is not running"
+                ) from None
+            if not self.start:
+                raise TunnelError(
+                    f"the tunnel service for {self.directory} is not running, and the hub does "
+                    "not start it (tunnel_service_start is off): start the service's own unit "
+                    "(e.g. systemctl start hub-spawner-tunnels)"
                 ) from None
             await self._start_service()
             reply = await self._send(request)
