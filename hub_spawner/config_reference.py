@@ -16,7 +16,13 @@ from pathlib import Path
 from traitlets import Container, TraitType, Union
 from traitlets.traitlets import DefaultHandler
 
-from .spawner import SGESSHSpawner, SlurmSSHSpawner, SSHBatchSpawner, TorqueSSHSpawner
+from .spawner import (
+    START_TIMEOUT_DEFAULT,
+    SGESSHSpawner,
+    SlurmSSHSpawner,
+    SSHBatchSpawner,
+    TorqueSSHSpawner,
+)
 from .tunnels.service import build_parser
 
 REFERENCE_NAME = "docs/configuration.md"
@@ -43,13 +49,16 @@ Options of `SSHBatchSpawner` apply to all three scheduler classes: set them as
 `example_hub_config/` show a complete setup for each scheduler.
 
 Options inherited from JupyterHub's `Spawner`, such as `start_timeout`, `http_timeout`, `cmd`,
-`default_url` and `environment`, are set the same way (`c.SlurmSSHSpawner.start_timeout = 600`)
-and documented by JupyterHub: [Spawner API reference]({SPAWNER_API_URL}).
+`default_url` and `environment`, are set the same way (`c.SlurmSSHSpawner.start_timeout = 1200`)
+and documented by JupyterHub: [Spawner API reference]({SPAWNER_API_URL}). Two defaults differ
+here: `start_timeout` is {START_TIMEOUT_DEFAULT} s (the queue wait counts against it; JupyterHub's
+is 60 s) and `env_keep` is empty (the hub host's PATH means nothing on a compute node).
 """
 
 TUNNEL_SERVICE_INTRO = """\
-Unless `tunnel_service_address` is set, the spawner starts the tunnel service (with `--dir` set
-to `tunnel_service_dir`) when it is not running, and never stops it. Run it yourself (systemd, a
+Unless `tunnel_service_address` is set or `tunnel_service_start` is off, the spawner starts the
+tunnel service (with `--dir` set to `tunnel_service_dir`) when it is not running, and never
+stops it. Run it yourself (systemd, a
 sidecar container, its own pod) to manage it separately; a service started with `--listen` is
 reached by setting `tunnel_service_address` to its `HOST:PORT`.
 """

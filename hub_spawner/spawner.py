@@ -59,6 +59,9 @@ from .ssh import LoginConnection, SSHTarget
 from .tunnels.client import TunnelError
 from .watch import Watch, watch_for
 
+#: ``start_timeout``'s default here (JupyterHub's is 60 s, less than many queue waits).
+START_TIMEOUT_DEFAULT = 600
+
 
 class SSHBatchSpawner(Spawner):
     """Start each single-user server as a batch job on a cluster whose login node we reach by SSH.
@@ -638,6 +641,12 @@ class SSHBatchSpawner(Spawner):
             raise TraitError(f"reconcile must be one of {RECONCILE_MODES}, not "
                              f"{proposal['value']!r}")
         return proposal["value"]
+
+    @default("start_timeout")
+    def _start_timeout_default(self) -> int:
+        # JupyterHub's 60 s counts the queue wait too: on a busy cluster most spawns would be
+        # cancelled while waiting. The spawn page shows the queue's reason and place meanwhile.
+        return START_TIMEOUT_DEFAULT
 
     @default("env_keep")
     def _env_keep_default(self) -> list[str]:

@@ -112,6 +112,10 @@ SCHEMA_REJECTIONS = [
     ("missing login host", {"cluster": {"loginHost": None}}, "/cluster", "'loginHost'"),
     ("empty login host", {"cluster": {"loginHost": ""}}, "/cluster/loginHost", "minLength"),
     ("missing known_hosts", {"cluster": {"knownHosts": None}}, "/cluster", "'knownHosts'"),
+    ("no way to the hub API", {"cluster": {"hubApiTunnelHost": None}}, "/cluster",
+     "missing property 'hubApiTunnelHost'"),
+    ("hub connect URL not a URL", {"cluster": {"hubConnectUrl": "hub:8081"}},
+     "/cluster/hubConnectUrl", "does not match pattern"),
     ("unknown top-level key", {"clusters": {}}, "additional properties 'clusters'", ""),
     ("unknown spawner key", {"spawner": {"maxCPUs": 4}}, "/spawner", "'maxCPUs'"),
     ("port out of range", {"proxy": {"service": {"port": 70000}}}, "/proxy/service/port",
@@ -159,6 +163,15 @@ def test_schema_rejects(values, changes, where, what):
     # helm lint (and so helm install) says the same
     report = chart.lint(bad)
     assert any(where in error and what in error for error in report["errors"]), report
+
+
+def test_a_hub_that_compute_nodes_reach_directly_needs_no_tunnel_host(values, tmp_path):
+    """cluster.hubConnectUrl instead of hubApiTunnelHost: the spawner's hub_connect_url."""
+    changes = {"cluster": {"hubApiTunnelHost": None,
+                           "hubConnectUrl": "https://hub.example.org:8081"}}
+    c = chart.load_hub_config(chart.render(with_changes(values, changes)), tmp_path)
+    assert c.SSHBatchSpawner.hub_connect_url == "https://hub.example.org:8081"
+    assert "hub_api_tunnel_host" not in c.SSHBatchSpawner
 
 
 @pytest.mark.parametrize("changes,message", [

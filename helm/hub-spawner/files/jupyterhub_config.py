@@ -69,6 +69,7 @@ CLUSTER_TRAITS = {
     "loginPort": "login_port",
     "username": "cluster_username",
     "hubApiTunnelHost": "hub_api_tunnel_host",
+    "hubConnectUrl": "hub_connect_url",
 }
 
 
