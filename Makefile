@@ -5,7 +5,7 @@ SCHEDULER ?= slurm
 # make test PYTEST_ARGS='tests/test_form.py -x': only those (the default is the whole suite).
 PYTEST_ARGS ?=
 
-.PHONY: install demo test fresh-check lint bench bench-tunnel bench-hub bench-spawn bench-scale
+.PHONY: install demo test image fresh-check lint bench bench-tunnel bench-hub bench-spawn bench-scale
 
 install:
 	LAB_PREFIX=$(LAB_PREFIX) tests/lab/install.sh
@@ -15,6 +15,11 @@ demo: install
 
 test: install
 	LAB_PREFIX=$(LAB_PREFIX) tests/run.sh $(PYTEST_ARGS)
+
+# The chart's image from the Dockerfile, with Debian's podman on a Debian 12 base made here
+# (tests/lab/image.py): localhost/hub-spawner:test.
+image: install
+	LAB_PREFIX=$(LAB_PREFIX) $(PYTHON) -m tests.lab.image
 
 # README's two commands in a really fresh Debian 12 root (see tests/fresh_check.sh): make test, then
 # make demo driven through a browser. Run it before a change to the lab, installer, Makefile or

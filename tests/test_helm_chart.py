@@ -1259,12 +1259,14 @@ def test_image_and_versions_agree():
     assert chart_meta["appVersion"] == defaults["hub"]["image"]["tag"] == version
 
     dockerfile = (chart.REPO / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.11-slim$", dockerfile, re.M)
+    assert re.search(r"^ARG BASE=python:3\.11-slim$", dockerfile, re.M)
+    assert re.search(r"^FROM \$\{BASE\}$", dockerfile, re.M)
     assert "openssh-client" in dockerfile
     assert re.search(r"^USER 1000", dockerfile, re.M)
     assert re.search(r"^WORKDIR /srv/jupyterhub$", dockerfile, re.M)
     tested = (chart.REPO / "tests" / "lab" / "requirements.txt").read_text()
-    for package in ("jupyterhub", "asyncssh", "traitlets"):
+    for package in ("jupyterhub", "jupyterhub-idle-culler", "oauthenticator", "asyncssh",
+                    "traitlets"):
         pin = re.search(rf"^{package}==(\S+)$", tested, re.M).group(0)
         assert re.search(rf"^\s+{re.escape(pin)} \\$", dockerfile, re.M), pin
 

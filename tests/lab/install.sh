@@ -16,7 +16,8 @@ STAMP=$LAB_PREFIX/.installed
 APT_PACKAGES=(openssh-server openssh-client munge slurm-wlm python3-venv iproute2 util-linux chromium
               procps passwd gridengine-master gridengine-exec gridengine-client libslurm-perl
               libslurmdb-perl libswitch-perl
-              systemd)  # systemd-analyze verify on example_hub_config/systemd/ (the units' test)
+              systemd  # systemd-analyze verify on example_hub_config/systemd/ (the units' test)
+              podman buildah runc mmdebstrap)  # the chart's image (tests/lab/image.py)
 # configurable-http-proxy runs on Node.js: Debian's nodejs and npm, unless a Node.js at least as
 # new as Debian's (18) and its npm are already there (this machine kind's image carries 20).
 NODE_MIN_MAJOR=18
