@@ -165,6 +165,21 @@ def test_schema_rejects(values, changes, where, what):
     assert any(where in error and what in error for error in report["errors"]), report
 
 
+@pytest.mark.parametrize("cull,command,scopes", [
+    ({"enabled": False}, None, None),
+    ({"timeout": 7200, "every": 300, "maxAge": 86400, "users": True},
+     ["--timeout=7200", "--cull-every=300", "--max-age=86400", "--cull-users"], "admin:users"),
+])
+def test_the_idle_culler_follows_cull(values, tmp_path, cull, command, scopes):
+    c = chart.load_hub_config(chart.render(with_changes(values, {"cull": cull})), tmp_path)
+    if command is None:
+        assert "services" not in c.JupyterHub and "load_roles" not in c.JupyterHub
+        return
+    [culler] = c.JupyterHub.services
+    assert culler["command"][3:] == command
+    assert scopes in c.JupyterHub.load_roles[0]["scopes"]
+
+
 def test_a_hub_that_compute_nodes_reach_directly_needs_no_tunnel_host(values, tmp_path):
     """cluster.hubConnectUrl instead of hubApiTunnelHost: the spawner's hub_connect_url."""
     changes = {"cluster": {"hubApiTunnelHost": None,
@@ -299,6 +314,15 @@ def test_hub_configuration(values, tmp_path):
     for unset in ("cluster_username", "default_cpus", "default_memory", "default_account",
                   "job_python", "http_timeout"):
         assert unset not in spawner, unset
+
+    # the idle culler (cull), on by default, with the role it needs
+    [culler] = c.JupyterHub.services
+    assert culler["name"] == "idle-culler"
+    assert culler["command"][1:] == ["-m", "jupyterhub_idle_culler", "--timeout=3600",
+                                     "--cull-every=600"]
+    assert c.JupyterHub.load_roles == [{
+        "name": "idle-culler", "services": ["idle-culler"],
+        "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"]}]
 
     # hub.config, then hub.extraConfig in sorted order with c and chart_values in scope
     assert c.JupyterHub.authenticator_class == "github"

@@ -53,12 +53,13 @@ def lab_values(lab) -> dict:
     values["hub"] = {
         "config": {"JupyterHub": {"authenticator_class": "dummy"},
                    "Authenticator": {"allowed_users": ["alice"]}},
+        # Beside the chart's own service (the idle culler), not instead of it.
         "extraConfig": {"lab-tests": (
             "import os\n"
-            "c.JupyterHub.services = [{'name': 'lab-tests',"
-            " 'api_token': os.environ['HUB_TEST_TOKEN']}]\n"
-            "c.JupyterHub.load_roles = [{'name': 'lab-tests', 'services': ['lab-tests'],"
-            " 'scopes': ['admin:users', 'admin:servers', 'access:servers', 'read:users']}]\n"
+            "c.JupyterHub.services.append({'name': 'lab-tests',"
+            " 'api_token': os.environ['HUB_TEST_TOKEN']})\n"
+            "c.JupyterHub.load_roles.append({'name': 'lab-tests', 'services': ['lab-tests'],"
+            " 'scopes': ['admin:users', 'admin:servers', 'access:servers', 'read:users']})\n"
         )},
     }
     return values
@@ -218,6 +219,10 @@ def test_the_rendered_chart_spawns_and_an_open_websocket_survives_a_hub_restart(
     chart.start_proxy()
     hub = chart.start_hub()
 
+    # The chart's idle culler runs as the hub's managed service and reads the users list.
+    assert "'--timeout=3600', '--cull-every=600']" in hub.log(), hub.log()[-3000:]
+    assert wait_for(lambda: "200 GET /hub/api/users" in hub.log()
+                    and "(idle-culler@" in hub.log(), 30), hub.log()[-3000:]
     hub.api("POST", "/users/alice")
     events, seconds = hub.spawn("alice")
     assert events and events[-1].get("ready"), events

@@ -28,7 +28,7 @@ HUB_CONTAINER = "hub-spawner-test-hub"
 
 
 @pytest.fixture(scope="module")
-def image(lab) -> str:
+def image() -> str:
     return image_builder.build()
 
 

@@ -54,6 +54,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 
 c = get_config()  # noqa: F821 - provided by JupyterHub (traitlets' PyFileConfigLoader)
 
@@ -231,6 +232,25 @@ if not os.environ.get("CONFIGPROXY_AUTH_TOKEN"):
 base_url = hub_values.get("baseUrl", "/")
 if base_url.strip("/"):
     c.JupyterHub.base_url = base_url
+
+# --- the idle culler (cull) --------------------------------------------------------------------
+# A server nobody uses holds a batch job (cores, memory, GPUs) until its walltime: the culler
+# stops it, and the spawner cancels its job. A managed service of the hub, in the hub's pod.
+cull = chart_values.get("cull", {})
+if cull.get("enabled", True):
+    culler = [sys.executable, "-m", "jupyterhub_idle_culler",
+              f"--timeout={int(cull.get('timeout', 3600))}",
+              f"--cull-every={int(cull.get('every', 600))}"]
+    if cull.get("maxAge"):
+        culler.append(f"--max-age={int(cull['maxAge'])}")
+    if cull.get("users"):
+        culler.append("--cull-users")
+    c.JupyterHub.services = [{"name": "idle-culler", "command": culler}]
+    scopes = ["list:users", "read:users:activity", "read:servers", "delete:servers"]
+    if cull.get("users"):
+        scopes.append("admin:users")
+    c.JupyterHub.load_roles = [
+        {"name": "idle-culler", "scopes": scopes, "services": ["idle-culler"]}]
 
 # --- hub.config, then hub.extraConfig ----------------------------------------------------------
 for section, traits in sorted(hub_values.get("config", {}).items()):

@@ -356,7 +356,7 @@ The values files/jupyterhub_config.py reads (values.json in the Secret <fullname
 {{- else if eq $identity.mode "authState" }}
 {{- $_ := set $identity "authState" .Values.identity.authState }}
 {{- end }}
-{{- toPrettyJson (dict "cluster" $cluster "identity" $identity "spawner" .Values.spawner "hub" $hub) }}
+{{- toPrettyJson (dict "cluster" $cluster "identity" $identity "spawner" .Values.spawner "hub" $hub "cull" .Values.cull) }}
 {{- end }}
 
 {{/*
