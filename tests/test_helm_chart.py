@@ -63,7 +63,13 @@ CA_KEY_PATH = "/etc/hub_spawner/ca/ca"
 
 # What lint, the Kubernetes schemas and yamllint check: the Slurm values, the variant, and the
 # Slurm values in each other identity mode.
-VARIANTS = {"slurm": {}, "variant": VARIANT, "certificate": CERTIFICATE, "authState": AUTH_STATE}
+# The users' way in: an Ingress, and the proxy serving TLS itself.
+WAY_IN = {"ingress": {"enabled": True, "ingressClassName": "nginx",
+                      "hosts": ["jupyter.example.org"],
+                      "tls": [{"hosts": ["jupyter.example.org"], "secretName": "jupyter-tls"}]},
+          "proxy": {"https": {"enabled": True, "secret": {"name": "jupyter-tls"}}}}
+VARIANTS = {"slurm": {}, "variant": VARIANT, "certificate": CERTIFICATE, "authState": AUTH_STATE,
+            "way-in": WAY_IN}
 
 
 # --- render, lint, schema ----------------------------------------------------------------------
@@ -1167,7 +1173,7 @@ def test_proxy(manifests):
     assert chp["env"] == [{"name": "CONFIGPROXY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {
         "name": f"{FULLNAME}-secret", "key": "proxy.auth-token"}}}]
     public = chart.find(manifests, "Service", f"{FULLNAME}-proxy-public")
-    assert public["spec"]["type"] == "LoadBalancer"
+    assert public["spec"]["type"] == "ClusterIP"  # as z2jh's ingress setups: no open door
     assert public["spec"]["ports"] == [
         {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
     assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in chp["ports"]
@@ -1270,6 +1276,61 @@ def test_notes(values):
     assert "kubectl -n jhub create secret generic hub-ssh-keys" in text
     assert "GatewayPorts clientspecified" in text
     assert f"service/{FULLNAME}-proxy-public" in text
+
+
+# --- the users' way in: ingress, https ---------------------------------------------------------
+
+
+def test_an_ingress_leads_to_the_proxys_public_service(values):
+    manifests = chart.render(with_changes(values, {"ingress": {
+        "enabled": True, "ingressClassName": "nginx", "hosts": ["jupyter.example.org"],
+        "annotations": {"cert-manager.io/cluster-issuer": "letsencrypt"},
+        "tls": [{"hosts": ["jupyter.example.org"], "secretName": "jupyter-tls"}]}}))
+    ingress = chart.find(manifests, "Ingress", FULLNAME)
+    assert ingress["metadata"]["annotations"] == {"cert-manager.io/cluster-issuer": "letsencrypt"}
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == [{"hosts": ["jupyter.example.org"],
+                                       "secretName": "jupyter-tls"}]
+    [rule] = ingress["spec"]["rules"]
+    assert rule["host"] == "jupyter.example.org"
+    assert rule["http"]["paths"] == [{"path": "/", "pathType": "Prefix", "backend": {
+        "service": {"name": f"{FULLNAME}-proxy-public", "port": {"name": "http"}}}}]
+    assert chart.find(manifests, "Service", f"{FULLNAME}-proxy-public")["spec"]["type"] == (
+        "ClusterIP")
+    assert "https://jupyter.example.org/" in chart.notes(with_changes(values, {"ingress": {
+        "enabled": True, "hosts": ["jupyter.example.org"], "tls": [{"secretName": "x"}]}}))
+    assert not [m for m in chart.render(values) if m["kind"] == "Ingress"]  # off by default
+
+
+def test_https_with_a_secret_makes_the_proxy_serve_tls_on_the_https_port_only(values):
+    manifests = chart.render(with_changes(values, {"proxy": {
+        "service": {"type": "LoadBalancer"},
+        "https": {"enabled": True, "type": "secret", "secret": {"name": "jupyter-tls"}}}}))
+    proxy = chart.proxy_deployment(manifests)
+    chp = chart.container(proxy, "chp")
+    assert "--ssl-key=/etc/chp/https/tls.key" in chp["command"]
+    assert "--ssl-cert=/etc/chp/https/tls.crt" in chp["command"]
+    assert chart.volume_mounts(proxy, "chp")["/etc/chp/https"]["name"] == "https"
+    assert chart.pod_volumes(proxy)["https"]["secret"]["secretName"] == "jupyter-tls"
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert chp[probe]["httpGet"]["scheme"] == "HTTPS"
+    public = chart.find(manifests, "Service", f"{FULLNAME}-proxy-public")
+    assert public["spec"]["ports"] == [
+        {"name": "https", "port": 443, "targetPort": "http", "protocol": "TCP"}]
+
+
+def test_https_offloaded_to_a_load_balancer_adds_an_https_port_to_the_plain_proxy(values):
+    manifests = chart.render(with_changes(values, {"proxy": {
+        "service": {"type": "LoadBalancer"}, "https": {"enabled": True, "type": "offload"}}}))
+    chp = chart.container(chart.proxy_deployment(manifests), "chp")
+    assert not any(arg.startswith("--ssl-") for arg in chp["command"])
+    public = chart.find(manifests, "Service", f"{FULLNAME}-proxy-public")
+    assert [port["name"] for port in public["spec"]["ports"]] == ["http", "https"]
+
+
+def test_https_with_a_secret_needs_its_name(values):
+    with pytest.raises(chart.sdk().HelmValuesError, match="/proxy/https/secret"):
+        chart.render(with_changes(values, {"proxy": {"https": {"enabled": True}}}))
 
 
 # --- the image and the docs agree with the chart -----------------------------------------------
