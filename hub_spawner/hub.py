@@ -24,6 +24,7 @@ import time
 import weakref
 from typing import Any
 
+from . import metrics
 from .errors import ClusterUnreachable
 from .job import QueueListings
 from .reconciler import CannotActAsOwner, Reconciler
@@ -169,6 +170,9 @@ class Hub:
                 table = (await client.request({"op": "list"}, start=False))["forwards"]
             except Exception:  # noqa: S112 - not running (nothing to close) or unreachable
                 continue
+            up = sum(1 for entry in table.values() if entry.get("up"))
+            metrics.FORWARDS.labels("up").set(up)
+            metrics.FORWARDS.labels("down").set(len(table) - up)
             owners = self.wanted_servers()
             if owners is None:
                 return

@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 
-from . import jobfiles
+from . import jobfiles, metrics
 from .errors import ClusterUnreachable
 from .schedulers import JobState, ListedJob
 from .ssh import ConnectionPool, SSHTarget
@@ -172,6 +172,8 @@ class Reconciler:
         found.tries += 1
         found.next_try = now + min(interval * 2 ** min(found.tries - 1, 30), self.max_backoff)
         self.cancels_sent += 1
+        metrics.RECONCILER_CANCELS.labels(metrics.cluster_label(self.scheduler.NAME,
+                                                                target.host)).inc()
         self.log.warning("cancelling job %s (%s) of %s, %s: %s (try %d)", job.job_id, job.name,
                          job.owner, job.status.state.value, why, found.tries)
         try:

@@ -38,7 +38,7 @@ from traitlets import (
     validate,
 )
 
-from . import jobfiles, jobscript
+from . import jobfiles, jobscript, metrics
 from . import state as saved_state
 from .certificates import alt_name
 from .choices import Choices, Request, resolve
@@ -873,7 +873,8 @@ class SSHBatchSpawner(Spawner):
 
     async def _start_job(self, resources: Any) -> str:
         scheduler = self.cluster.scheduler
-        steps = _Steps()
+        cluster = metrics.cluster_label(scheduler.NAME, self.cluster.login_host)
+        steps = _Steps(cluster)
         # The hub API's path (the tunnel service starting its own master, ~0.2 s) is made while
         # this connection and the job's directories are: only the secrets file needs it.
         api_path = asyncio.ensure_future(self.server_path.open_hub_api())
@@ -925,6 +926,10 @@ class SSHBatchSpawner(Spawner):
         self._emit(20, f"Submitted job {self.job_id} to {scheduler.DISPLAY_NAME}")
 
         ready = await self._wait_for_ready_line()  # host: the scheduler's node, never the job's
+        steps.done("ready line")
+        if self.job_started_at and self.job_submitted_at:
+            metrics.QUEUE_WAIT_SECONDS.labels(cluster).observe(
+                max(0.0, self.job_started_at - self.job_submitted_at))
         self.job_host, self.remote_port, self.remote_socket = ready.host, ready.port, ready.socket
         self._emit(80, f"Server listening on {self.server_path.destination}; opening the tunnel")
         try:
@@ -938,6 +943,7 @@ class SSHBatchSpawner(Spawner):
                 f"{self.cluster.known_hosts_path} under the name {ready.host!r}, and the node's "
                 f"sshd must let {connection.target.username} in while the job runs."
             ) from None
+        steps.done("tunnel")
         self._emit(90, f"Tunnel open: hub port {self.tunnel_port} -> "
                        f"{self.server_path.destination}")
         await self._track_running_job()
@@ -1328,15 +1334,18 @@ class SSHBatchSpawner(Spawner):
 
 
 class _Steps:
-    """How long each step of a spawn took, for the log: ``0.21 s (connect 0.15, ...)``."""
+    """How long each step of a spawn took, for the log (``0.21 s (connect 0.15, ...)``) and
+    the metric ``hub_spawner_spawn_step_seconds``."""
 
-    def __init__(self) -> None:
+    def __init__(self, cluster: str) -> None:
+        self._cluster = cluster
         self._start = self._last = time.monotonic()
         self._steps: list[tuple[str, float]] = []
 
     def done(self, name: str) -> None:
         now = time.monotonic()
         self._steps.append((name, now - self._last))
+        metrics.SPAWN_STEP_SECONDS.labels(self._cluster, name).observe(now - self._last)
         self._last = now
 
     def __str__(self) -> str:

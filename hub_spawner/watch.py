@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 
+from . import metrics
 from .errors import ClusterUnreachable
 from .schedulers import (
     JobState,
@@ -217,6 +218,8 @@ class Watch:
             output = await connection.run(command, timeout=self.command_timeout)
             jobs = read_output(self.scheduler.parse_list_output, output)
         except (ClusterUnreachable, SchedulerUnavailable, ValueError) as error:
+            metrics.LISTING_FAILURES.labels(
+                self.cluster_label, "scheduler" if connected else "unreachable").inc()
             if job_ids:
                 self._scheduler_failed = self._scheduler_failed or connected
                 self._failed(str(error))
@@ -228,6 +231,7 @@ class Watch:
             return False
         self._users_failing.pop(target.username, None)
         self.listings += 1
+        metrics.LISTING_SECONDS.labels(self.cluster_label).observe(time.monotonic() - started)
         self.log.debug(
             "%s: %s for %d user(s), %d job(s) of ours, as %s: %.3f s, %d bytes, %d jobs",
             self.name, command.split()[0], len(usernames), len(job_ids), target.username,
@@ -283,10 +287,19 @@ class Watch:
 
     @property
     def name(self) -> str:
+        return f"{self.scheduler.DISPLAY_NAME} at {self._where(with_port=True)}"
+
+    @property
+    def cluster_label(self) -> str:
+        """The metrics' ``cluster``: ``<scheduler>@<login host>``."""
+        return metrics.cluster_label(self.scheduler.NAME, self._where(with_port=False))
+
+    def _where(self, with_port: bool) -> str:
         target = (self.status_target or next(iter(self.owners.values()), None)
                   or next(iter(self.users.values()), None))
-        where = f"{target.host}:{target.port}" if target else "?"
-        return f"{self.scheduler.DISPLAY_NAME} at {where}"
+        if target is None:
+            return "?"
+        return f"{target.host}:{target.port}" if with_port else target.host
 
 
 def watch_for(

@@ -618,7 +618,10 @@ def test_tunnel_service_and_its_network_policy(values, low, high):
     assert chart.container(tunnels, "tunnels")["image"] == chart.container(hub, "hub")["image"]
     assert chart.tunnels_command(manifests) == [
         "python", "-m", "hub_spawner.tunnels", "--dir", "/srv/tunnels/state",
-        "--listen", "0.0.0.0:8765", "--forward-ports", f"{low}-{high}"]
+        "--listen", "0.0.0.0:8765", "--metrics", ":9101", "--forward-ports", f"{low}-{high}"]
+    annotations = tunnels["spec"]["template"]["metadata"]["annotations"]
+    assert (annotations["prometheus.io/scrape"], annotations["prometheus.io/port"]) == (
+        "true", "9101")
     tunnel_mounts = chart.container(tunnels, "tunnels")["volumeMounts"]
     mounts = {m["mountPath"]: m["name"] for m in tunnel_mounts}
     assert mounts["/srv/tunnels"] == "state"
@@ -634,7 +637,9 @@ def test_tunnel_service_and_its_network_policy(values, low, high):
     policy = chart.find(manifests, "NetworkPolicy", f"{FULLNAME}-tunnels")
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     assert selects({"podSelector": policy["spec"]["podSelector"]}, tunnels)
-    (control_from, control_ports), (forward_from, forward_ports) = ingress_rules(policy)
+    (control_from, control_ports), (forward_from, forward_ports), metrics = (
+        ingress_rules(policy))
+    assert metrics == ([], [{"port": 9101, "protocol": "TCP"}])  # counts only: any scraper
     assert len(control_from) == 1 and selects(control_from[0], hub)
     assert not selects(control_from[0], proxy)
     assert control_ports == [{"port": 8765, "protocol": "TCP"}]

@@ -213,6 +213,8 @@ class TunnelService:
         self._swept_at = 0.0
         self._masters_swept_at = time.monotonic()  # serve() looks once at start-up
         self._asked: dict[str, int] = {}  # key path or login key -> requests running with it
+        # What --metrics exports as counters (hub_spawner_tunnel_*_total).
+        self.counts = {"restores": 0, "master_starts": 0, "master_start_failures": 0}
 
     def _lock(self, login: Login) -> asyncio.Lock:
         return self._locks.setdefault(login.key, asyncio.Lock())
@@ -453,6 +455,7 @@ class TunnelService:
                 await self._stop_unused(entry.forward.login)
                 return
             self.problems.pop(name, None)
+            self.counts["restores"] += 1
             log.info("forward %s: up on port %d", name, entry.port)
 
     async def _master(self, login: Login) -> Master:
@@ -465,7 +468,12 @@ class TunnelService:
         master = Master(login, self.directory)
         if not await master.adopt():
             async with self._starts:
-                await master.start()
+                try:
+                    await master.start()
+                except ForwardFailed:
+                    self.counts["master_start_failures"] += 1
+                    raise
+                self.counts["master_starts"] += 1
         self.masters[login.key] = master
         return master
 
@@ -746,8 +754,11 @@ async def serve(
     listen: tuple[str, int] | None = None,
     token: str = "",
     forward_ports: tuple[int, int] | None = None,
+    metrics: tuple[str, int] | None = None,
 ) -> None:
     service = TunnelService(directory, forward_ports)
+    if metrics is not None:
+        serve_metrics(service, *metrics)
     control_path = directory / "ctl"
     with contextlib.suppress(FileNotFoundError):
         control_path.unlink()
@@ -793,6 +804,42 @@ def prepare_directory(directory: Path) -> None:
         raise SystemExit(f"tunnel service: {directory} is too long for Unix socket paths")
 
 
+def serve_metrics(service: TunnelService, host: str, port: int) -> None:
+    """Prometheus metrics on ``http://HOST:PORT/metrics`` (a thread of prometheus_client's):
+    masters, forwards up and down, and counters of restores and master starts. They say
+    nothing about users, so they need no token."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    class ServiceCollector:
+        def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+            masters = GaugeMetricFamily(
+                "hub_spawner_tunnel_masters",
+                "OpenSSH masters the service holds (one logged-in SSH connection each)")
+            masters.add_metric([], sum(1 for m in list(service.masters.values()) if m.alive()))
+            yield masters
+            forwards = GaugeMetricFamily(
+                "hub_spawner_tunnel_forwards", "Forwards in the service's table, by state",
+                labels=["state"])
+            total, down = len(service.table), len(service.problems)
+            forwards.add_metric(["up"], max(0, total - down))
+            forwards.add_metric(["down"], down)
+            yield forwards
+            for name, text in (
+                    ("restores", "Forwards brought back (after a restart or an SSH drop)"),
+                    ("master_starts", "OpenSSH masters started (logins)"),
+                    ("master_start_failures", "OpenSSH masters that failed to log in")):
+                counter = CounterMetricFamily(f"hub_spawner_tunnel_{name}", text)
+                counter.add_metric([], service.counts[name])
+                yield counter
+
+    registry = CollectorRegistry()
+    registry.register(ServiceCollector())
+    start_http_server(port, addr=host, registry=registry)
+    log.info("tunnel service %d: metrics on http://%s:%d/metrics", os.getpid(), host or "*",
+             port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The service's command line (also rendered into docs/configuration.md)."""
     parser = argparse.ArgumentParser(
@@ -803,6 +850,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--listen", default="", metavar="HOST:PORT",
                         help="also take control requests over TCP (token required, from "
                         "HUB_SPAWNER_TUNNEL_TOKEN)")
+    parser.add_argument("--metrics", default="", metavar="HOST:PORT",
+                        help="serve Prometheus metrics on http://HOST:PORT/metrics (masters, "
+                        "forwards, restores; no user data, no token); HOST may be empty for "
+                        "every address")
     parser.add_argument("--forward-ports", default="", metavar="LOW-HIGH",
                         help="take the local port of each forward from this range (e.g. "
                         "20000-20999, for a firewall or NetworkPolicy); default: any free port")
@@ -839,5 +890,11 @@ def main(argv: list[str] | None = None) -> int:
     except BlockingIOError:
         print(f"tunnel service: already running for {directory}", file=sys.stderr)
         return 0
-    asyncio.run(serve(directory, listen, token, forward_ports))
+    metrics = None
+    if args.metrics:
+        host, _, port = args.metrics.rpartition(":")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            parser.error(f"--metrics wants HOST:PORT (HOST may be empty), not {args.metrics!r}")
+        metrics = (host.strip("[]"), int(port))
+    asyncio.run(serve(directory, listen, token, forward_ports, metrics))
     return 0

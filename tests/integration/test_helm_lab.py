@@ -59,7 +59,8 @@ def lab_values(lab) -> dict:
             "c.JupyterHub.services.append({'name': 'lab-tests',"
             " 'api_token': os.environ['HUB_TEST_TOKEN']})\n"
             "c.JupyterHub.load_roles.append({'name': 'lab-tests', 'services': ['lab-tests'],"
-            " 'scopes': ['admin:users', 'admin:servers', 'access:servers', 'read:users']})\n"
+            " 'scopes': ['admin:users', 'admin:servers', 'access:servers', 'read:users',"
+            " 'read:metrics']})\n"
         )},
     }
     return values
@@ -101,6 +102,7 @@ class ChartOnThisMachine:
         command = [sys.executable, *command[1:]]
         command[command.index("--dir") + 1] = str(self.directory / "tunnels")
         command[command.index("--listen") + 1] = f"127.0.0.1:{PORT + 2}"
+        command[command.index("--metrics") + 1] = f"127.0.0.1:{PORT + 3}"
         env = {k: v for k, v in helm_chart.tunnels_env(self.manifests).items() if v is not None}
         self._start("tunnels", command, env)
         assert wait_for(lambda: _port_open(PORT + 2), 20)
@@ -203,6 +205,36 @@ def check_every_internal_hop_is_tls_with_the_charts_authorities(chart, forward_p
     assert issuer["commonName"] == f"{helm_chart.fullname(chart.manifests)} notebooks-ca", issuer
 
 
+def metric_values(text: str, name: str) -> dict[str, float]:
+    """``{labels: value}`` of one metric in Prometheus' text format."""
+    found = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            labels, _, value = line[len(name):].rpartition(" ")
+            found[labels] = float(value)
+    return found
+
+
+def check_the_metrics_after_a_spawn(hub, lab) -> None:
+    """The hub's /hub/metrics has ours beside JupyterHub's; the tunnel service's own
+    endpoint (--metrics, as the chart runs it) counts its master and alice's two forwards."""
+    text = hub.get("/hub/metrics").text
+    cluster = f'cluster="slurm@{lab.LOGIN_IP}"'
+    steps = metric_values(text, "hub_spawner_spawn_step_seconds_count")
+    for step in ("connect", "submit", "ready line", "tunnel"):
+        assert steps.get(f'{{{cluster},step="{step}"}}') == 1.0, (step, steps)
+    assert metric_values(text, "hub_spawner_queue_wait_seconds_count") == {f"{{{cluster}}}": 1.0}
+    assert wait_for(lambda: metric_values(hub.get("/hub/metrics").text,
+                                          "hub_spawner_scheduler_listing_seconds_count").get(
+                                              f"{{{cluster}}}", 0) >= 1, 30)
+    assert "jupyterhub_server_spawn_duration_seconds" in text  # JupyterHub's own, same registry
+    service = requests.get(f"http://127.0.0.1:{PORT + 3}/metrics", timeout=10).text
+    assert metric_values(service, "hub_spawner_tunnel_masters") == {"": 1.0}, service
+    assert metric_values(service, "hub_spawner_tunnel_forwards") == {
+        '{state="up"}': 2.0, '{state="down"}': 0.0}, service
+    assert metric_values(service, "hub_spawner_tunnel_master_starts_total") == {"": 1.0}
+
+
 @pytest.fixture
 def chart(lab, tmp_path):
     running = ChartOnThisMachine(lab, helm_chart.render(lab_values(lab)), tmp_path)
@@ -231,6 +263,7 @@ def test_the_rendered_chart_spawns_and_an_open_websocket_survives_a_hub_restart(
     low, high = helm_chart.tunnels_command(chart.manifests)[-1].split("-")
     assert int(low) <= local["port"] <= int(high), local  # --forward-ports, as the NetworkPolicy
     assert "alice//hub-api" in forwards
+    check_the_metrics_after_a_spawn(hub, lab)
     kernel_id, kernel = open_kernel(hub, "alice")
     assert execute(kernel, "x = 41; print('set')").strip() == "set"
     check_every_internal_hop_is_tls_with_the_charts_authorities(chart, local["port"])
