@@ -1,4 +1,5 @@
-"""``python -m hub_spawner check -f jupyterhub_config.py --user alice [--submit]``."""
+"""``python -m hub_spawner check -f jupyterhub_config.py --user alice [--submit]``, and
+``python -m hub_spawner init --login HOST --user ME --key KEY`` (a starting config)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import signal
 import sys
 
 from .check import Checklist, run_check
+from .init import add_arguments as add_init_arguments
+from .init import run_init
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +43,19 @@ def main(argv: list[str] | None = None) -> int:
                        help="with several clusters (c.SSHBatchSpawner.clusters), check only "
                        "this one (default: each in turn)")
     check.add_argument("-v", "--verbose", action="store_true", help="also print the spawner's log")
+    init = commands.add_parser(
+        "init", help="write a starting jupyterhub_config.py and chart values from the cluster",
+        description="Connect to the login node as one cluster user (after you confirm its "
+        "host key), find the scheduler, its partitions or queues and their limits, GPUs and "
+        "accounts, and write a commented jupyterhub_config.py, a chart values.yaml and their "
+        "known_hosts; then run `check --submit` on them.",
+    )
+    add_init_arguments(init)
     args = parser.parse_args(argv)
+    if args.command == "init":
+        logging.basicConfig(level=logging.WARNING)
+        logging.getLogger("asyncssh").setLevel(logging.ERROR)
+        return asyncio.run(run_init(args))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="[%(levelname)1.1s %(asctime)s %(name)s] %(message)s")
     if not args.verbose:

@@ -259,3 +259,73 @@ class QueuePlace:
 
 #: The name of the one load row of a scheduler whose nodes are not tied to queues (Torque).
 ALL_NODES = "all nodes"
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    """What ``python -m hub_spawner init`` learns of one partition (queue): its longest
+    walltime (``None``: no limit, or not said), and its largest node's cores, memory in MB and
+    GPUs (``None``: not said)."""
+
+    name: str
+    max_walltime_seconds: int | None = None
+    cores: int | None = None
+    memory_mb: int | None = None
+    gpus: int = 0
+
+
+_DURATION = re.compile(r"(?:(\d{1,4})-)?(\d{1,6})(?::(\d{1,2}))?(?::(\d{1,2}))?")
+_UNLIMITED = {"infinite", "unlimited", "infinity", "none", "n/a", ""}
+
+
+def parse_duration(text: str, minutes_first: bool = False) -> int | None:
+    """Seconds of a scheduler's time limit: ``D-HH:MM:SS``, ``HH:MM:SS``, ``HH:MM``, or a bare
+    number of seconds; with ``minutes_first`` (Slurm), ``MM:SS`` and a bare number of minutes.
+    ``None`` for no limit (``infinite``, ``INFINITY``, ``UNLIMITED``); ``ValueError`` when it
+    cannot be read."""
+    text = text.strip()
+    if text.lower() in _UNLIMITED:
+        return None
+    match = _DURATION.fullmatch(text)
+    if not match:
+        raise ValueError(f"not a time limit: {text!r}")
+    days, first, second, third = match.groups()
+    fields = [int(first)] + [int(x) for x in (second, third) if x is not None]
+    if len(fields) == 3:
+        seconds = fields[0] * 3600 + fields[1] * 60 + fields[2]
+    elif len(fields) == 2:
+        seconds = fields[0] * 60 + fields[1] if minutes_first and days is None else (
+            fields[0] * 3600 + fields[1] * 60)
+    else:
+        seconds = fields[0] * (60 if minutes_first else 1)
+        if days is not None:  # Slurm's D-HH
+            seconds = fields[0] * 3600
+    return seconds + int(days or 0) * 86400
+
+
+def parse_memory_mb(text: str) -> int | None:
+    """Megabytes of ``1000``, ``1000M``, ``1.9G``, ``2048kb``, ``4gb`` (units K, M, G, T;
+    a bare number is MB); ``None`` when it cannot be read."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([kKmMgGtT]?)[bB]?", text.strip())
+    if not match:
+        return None
+    number, unit = float(match.group(1)), match.group(2).upper()
+    factor = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}[unit]
+    return int(number * factor)
+
+
+def merge_queue_limits(found: dict[str, QueueLimits], limits: QueueLimits) -> None:
+    """Keep the largest of each limit for a queue seen on several lines (node types)."""
+    old = found.get(limits.name)
+    if old is None:
+        found[limits.name] = limits
+        return
+
+    def larger(a: int | None, b: int | None) -> int | None:
+        return b if a is None else a if b is None else max(a, b)
+
+    found[limits.name] = QueueLimits(
+        limits.name,
+        larger(old.max_walltime_seconds, limits.max_walltime_seconds),
+        larger(old.cores, limits.cores), larger(old.memory_mb, limits.memory_mb),
+        max(old.gpus, limits.gpus))

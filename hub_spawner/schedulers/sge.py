@@ -26,10 +26,13 @@ from . import (
     JobState,
     JobStatus,
     ListedJob,
+    QueueLimits,
     QueueLoad,
     SchedulerUnavailable,
     SubmitRejected,
     listed_usernames,
+    parse_duration,
+    parse_memory_mb,
     parse_xml,
 )
 
@@ -389,3 +392,42 @@ def _error_text(output: CommandOutput) -> str:
         if line and line != "Exiting.":
             lines.append(line)
     return "; ".join(lines)
+
+
+def discovery_command() -> str:
+    """Each queue's ``h_rt`` and ``slots`` (``qconf -sq``), then ``qhost`` (CPUs and memory per
+    host), for ``python -m hub_spawner init``."""
+    return ("for q in $(qconf -sql); do echo \"%queue $q\"; "
+            "qconf -sq \"$q\" | grep -E '^(h_rt|slots) '; done; echo %hosts; qhost")
+
+
+def parse_discovery_output(output: CommandOutput) -> list[QueueLimits]:
+    """Read ``discovery_command`` output: each queue with its ``h_rt`` and largest ``slots``
+    value (``1,[node=8]`` gives 8), and the largest host's memory; ``ValueError`` when no
+    queue was listed."""
+    queues: dict[str, dict[str, Any]] = {}
+    memory_mb: int | None = None
+    current, in_hosts, header = "", False, []
+    for line in output.stdout.splitlines():
+        if line.startswith("%queue "):
+            current = line.split(None, 1)[1].strip()
+            queues[current] = {}
+        elif line.strip() == "%hosts":
+            in_hosts = True
+        elif in_hosts:
+            fields = line.split()
+            if "MEMTOT" in fields:
+                header = fields
+            elif header and len(fields) == len(header) and not line.startswith("-"):
+                memory = parse_memory_mb(fields[header.index("MEMTOT")])
+                if memory is not None:
+                    memory_mb = max(memory_mb or 0, memory)
+        elif current and line.startswith("h_rt "):
+            queues[current]["walltime"] = parse_duration(line.split(None, 1)[1])
+        elif current and line.startswith("slots "):
+            counts = [int(n) for n in re.findall(r"\d+", line.split(None, 1)[1])]
+            queues[current]["cores"] = max(counts) if counts else None
+    if not queues:
+        raise ValueError(f"qconf -sql listed no queue: {_error_text(output) or output.stdout!r}")
+    return [QueueLimits(name, found.get("walltime"), found.get("cores"), memory_mb)
+            for name, found in queues.items()]

@@ -22,11 +22,14 @@ from . import (
     JobState,
     JobStatus,
     ListedJob,
+    QueueLimits,
     QueueLoad,
     QueuePlace,
     SchedulerUnavailable,
     SubmitRejected,
     listed_usernames,
+    merge_queue_limits,
+    parse_duration,
 )
 
 NAME = "slurm"
@@ -432,3 +435,28 @@ def _error_text(output: CommandOutput) -> str:
         if line:
             lines.append(line)
     return "; ".join(lines)
+
+
+def discovery_command() -> str:
+    """One sinfo line per partition and node type: partition, time limit, CPUs per node,
+    memory per node (MB), GRES (``python -m hub_spawner init``)."""
+    return "sinfo --noheader --format='%R|%l|%c|%m|%G'"
+
+
+def parse_discovery_output(output: CommandOutput) -> list[QueueLimits]:
+    """Read ``discovery_command`` output: each partition with its largest limits (a ``+`` after
+    a number, "at least", is read as the number); ``ValueError`` when sinfo failed."""
+    if output.exit_status != 0:
+        raise ValueError(f"sinfo failed: {_error_text(output) or output.exit_status}")
+    found: dict[str, QueueLimits] = {}
+    for line in output.stdout.splitlines():
+        fields = line.strip().split(_FIELD_SEPARATOR)
+        if len(fields) != 5 or not fields[0]:
+            continue
+        name, limit, cpus, memory, gres = (field.strip().rstrip("+") for field in fields)
+        gpus = sum(int(count) for count in re.findall(r"(?:^|,)gpu(?::[^:,(]+)?:(\d+)", gres))
+        merge_queue_limits(found, QueueLimits(
+            name, parse_duration(limit, minutes_first=True),
+            int(cpus) if cpus.isdigit() else None,
+            int(memory) if memory.isdigit() else None, gpus))
+    return list(found.values())

@@ -24,9 +24,12 @@ from . import (
     JobState,
     JobStatus,
     ListedJob,
+    QueueLimits,
     QueueLoad,
     SchedulerUnavailable,
     SubmitRejected,
+    parse_duration,
+    parse_memory_mb,
     parse_xml,
 )
 
@@ -449,3 +452,45 @@ def _error_text(output: CommandOutput) -> str:
         return "; ".join(line.strip().rstrip("'").strip() for line in inner)
     lines = [re.sub(r"^qsub: ", "", line.strip()) for line in text.splitlines() if line.strip()]
     return "; ".join(lines)
+
+
+def discovery_command() -> str:
+    """``pbsnodes -a`` (cores, GPUs and memory per node), then ``qstat -Qf`` (each queue's
+    ``resources_max.walltime``), for ``python -m hub_spawner init``."""
+    return "pbsnodes -a; echo %queues; qstat -Qf 2>/dev/null"
+
+
+def parse_discovery_output(output: CommandOutput) -> list[QueueLimits]:
+    """Read ``discovery_command`` output: every queue ``qstat -Qf`` lists (none: one row,
+    ``ALL_NODES``, for a site whose ``qstat -Qf`` says nothing) with its longest walltime and
+    the largest node's cores (``np`` or ``resources_available.ncpus``), memory (``physmem`` in
+    the status, or ``resources_available.mem``) and GPUs; ``ValueError`` when pbsnodes listed
+    no node."""
+    nodes_text, _, queues_text = output.stdout.partition("%queues")
+    nodes: list[dict[str, str]] = []
+    for line in nodes_text.splitlines():
+        if line.strip() and not line[0].isspace():
+            nodes.append({})
+        elif nodes and " = " in line:
+            key, _, value = line.strip().partition(" = ")
+            nodes[-1][key] = value.strip()
+    if not nodes:
+        raise ValueError(f"pbsnodes listed no node: {_error_text(output) or output.stdout!r}")
+    cores = max((int(n.get("resources_available.ncpus") or n.get("np") or 0) for n in nodes),
+                default=0) or None
+    gpus = max((int(n.get("resources_available.ngpus") or n.get("gpus") or 0) for n in nodes),
+               default=0)
+    memories = [parse_memory_mb(n.get("resources_available.mem", "")) or parse_memory_mb(
+        (re.search(r"(?:^|,)physmem=([^,]+)", n.get("status", "")) or [None, ""])[1])
+        for n in nodes]
+    memory_mb = max((m for m in memories if m), default=None)
+    queues: dict[str, int | None] = {}
+    current = ""
+    for line in queues_text.splitlines():
+        if line.startswith("Queue: "):
+            current = line.split(None, 1)[1].strip()
+            queues[current] = None
+        elif current and line.strip().startswith("resources_max.walltime = "):
+            queues[current] = parse_duration(line.split("=", 1)[1])
+    return [QueueLimits(name, walltime, cores, memory_mb, gpus)
+            for name, walltime in (queues or {ALL_NODES: None}).items()]
