@@ -107,7 +107,10 @@ c.TorqueSSHSpawner.http_timeout = 120
 c.JupyterHub.services = [
     {
         "name": "idle-culler",
-        "command": [sys.executable, "-m", "jupyterhub_idle_culler", "--timeout=3600"],
+        # With internal_ssl the culler talks TLS to the hub with the hub's certificates.
+        "command": [sys.executable, "-m", "jupyterhub_idle_culler", "--timeout=3600",
+                    "--ssl-enabled=true",
+                    "--internal-certs-location=/srv/jupyterhub/internal-ssl"],
     }
 ]
 c.JupyterHub.load_roles = [

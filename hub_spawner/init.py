@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import re
 import shlex
@@ -129,8 +130,9 @@ async def discover(args: argparse.Namespace, known_hosts: Path, known_hosts_line
         _, text = await run("hostname -f 2>/dev/null || hostname")
         login_name = (text.split() or [args.login])[0]
         prologue = args.job_prologue
-        _, text = await run(f"{prologue}\ncommand -v jupyterhub-singleuser" if prologue
-                            else "command -v jupyterhub-singleuser")
+        # The prologue may span lines; commands to the login shell are one line each.
+        script = base64.b64encode(f"{prologue}\ncommand -v jupyterhub-singleuser\n".encode())
+        _, text = await run(f"echo {script.decode()} | base64 -d | sh")
         singleuser = text.strip().splitlines()[-1] if text.strip() else ""
     except ClusterUnreachable as error:
         raise InitError(f"cannot log in to {args.login}:{args.port} as {args.user} with "

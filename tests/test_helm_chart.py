@@ -182,7 +182,7 @@ def test_the_idle_culler_follows_cull(values, tmp_path, cull, command, scopes):
         assert "services" not in c.JupyterHub and "load_roles" not in c.JupyterHub
         return
     [culler] = c.JupyterHub.services
-    assert culler["command"][3:] == command
+    assert culler["command"][3:3 + len(command)] == command
     assert scopes in c.JupyterHub.load_roles[0]["scopes"]
 
 
@@ -288,9 +288,10 @@ def test_hub_configuration(values, tmp_path):
     # internal_ssl on (hub.internalSsl's default), with the chart's authorities
     assert c.JupyterHub.internal_ssl is True
     assert c.JupyterHub.internal_certs_location == "/var/run/hub_spawner/internal-ssl"
+    # copies in memory of the mounted /etc/hub_spawner/internal-ssl-ca (certipy chmods them)
     assert c.JupyterHub.external_ssl_authorities["notebooks-ca"] == {
-        "key": "/etc/hub_spawner/internal-ssl-ca/notebooks-ca.key",
-        "cert": "/etc/hub_spawner/internal-ssl-ca/notebooks-ca.crt"}
+        "key": "/var/run/hub_spawner/internal-ssl/chart-authorities/notebooks-ca.key",
+        "cert": "/var/run/hub_spawner/internal-ssl/chart-authorities/notebooks-ca.crt"}
     assert sorted(c.JupyterHub.external_ssl_authorities) == [
         "hub-ca", "notebooks-ca", "proxy-api-ca", "proxy-client-ca", "services-ca"]
     assert c.JupyterHub.trusted_alt_names == [f"DNS:{FULLNAME}-hub",
@@ -325,7 +326,8 @@ def test_hub_configuration(values, tmp_path):
     [culler] = c.JupyterHub.services
     assert culler["name"] == "idle-culler"
     assert culler["command"][1:] == ["-m", "jupyterhub_idle_culler", "--timeout=3600",
-                                     "--cull-every=600"]
+                                     "--cull-every=600", "--ssl-enabled=true",
+                                     "--internal-certs-location=/var/run/hub_spawner/internal-ssl"]
     assert c.JupyterHub.load_roles == [{
         "name": "idle-culler", "services": ["idle-culler"],
         "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"]}]

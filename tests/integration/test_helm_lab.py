@@ -252,7 +252,8 @@ def test_the_rendered_chart_spawns_and_an_open_websocket_survives_a_hub_restart(
     hub = chart.start_hub()
 
     # The chart's idle culler runs as the hub's managed service and reads the users list.
-    assert "'--timeout=3600', '--cull-every=600']" in hub.log(), hub.log()[-3000:]
+    assert "'--timeout=3600', '--cull-every=600', '--ssl-enabled=true'" in hub.log(), (
+        hub.log()[-3000:])
     assert wait_for(lambda: "200 GET /hub/api/users" in hub.log()
                     and "(idle-culler@" in hub.log(), 30), hub.log()[-3000:]
     hub.api("POST", "/users/alice")

@@ -3,9 +3,10 @@ Debian 12 base made by mmdebstrap: no registry is reachable), started as the cha
 (read-only root, uid 1000), and the rendered chart's hub running *from that image* against the
 lab: it spawns alice's server on Slurm and a kernel runs code through the proxy.
 
-The proxy and the tunnel service run as processes (test_helm_lab.py runs all three that way);
-the hub container shares this machine's network (``--network=host``), where Kubernetes would
-give it a pod network: Service names become 127.0.0.1 ports, as in test_helm_lab.py.
+The hub and the tunnel service run in containers of the image, the proxy as a process
+(test_helm_lab.py runs all three as processes). The containers share this machine's network
+(``--network=host``) where Kubernetes would give each pod its own: Service names become
+127.0.0.1 ports, as in test_helm_lab.py.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from tests import helm_chart
 from tests.lab import image as image_builder
 
 from .conftest import Hub, active_jobs, execute, open_kernel, wait_for
-from .test_helm_lab import PORT, ChartOnThisMachine, _answers, lab_values
+from .test_helm_lab import PORT, ChartOnThisMachine, _answers, _port_open, lab_values
 
 UID = 1000
 HUB_CONTAINER = "hub-spawner-test-hub"
+TUNNELS_CONTAINER = "hub-spawner-test-tunnels"
 
 
 @pytest.fixture(scope="module")
@@ -100,15 +102,43 @@ class ChartHubInImage(ChartOnThisMachine):
             raise AssertionError(self.hub_container_log()[-4000:])
         return hub
 
+    def start_tunnel_service_in_image(self, image: str) -> None:
+        """The chart's tunnels pod: the same image, its command with the addresses changed,
+        the keys and known_hosts where the hub's paths name them (both pods mount them so)."""
+        command = helm_chart.tunnels_command(self.manifests)
+        command[command.index("--listen") + 1] = f"127.0.0.1:{PORT + 2}"
+        command[command.index("--metrics") + 1] = f"127.0.0.1:{PORT + 3}"
+        env = {k: v for k, v in helm_chart.tunnels_env(self.manifests).items() if v is not None}
+        env_file = self.directory / "tunnels.env"
+        env_file.touch(mode=0o600)
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in sorted(env.items())))
+        hub_env = self.rendered_env
+        mounts = {
+            self._owned_copy(self.lab.KNOWN_HOSTS, "tunnels/known_hosts"):
+                hub_env["HUB_SPAWNER_KNOWN_HOSTS_PATH"],
+            self._owned_copy(self.lab.KEY_DIR / "alice", "tunnels/keys/alice").parent:
+                str(Path(hub_env["HUB_SPAWNER_SSH_KEY_PATH_TEMPLATE"]).parent),
+        }
+        arguments = ["run", "--detach", "--name", TUNNELS_CONTAINER, "--network=host",
+                     "--read-only", "--user", f"{UID}:{UID}", "--env-file", str(env_file),
+                     "--tmpfs", "/tmp", "--tmpfs", "/srv/tunnels:rw,U"]
+        for source, target in mounts.items():
+            arguments += ["-v", f"{source}:{target}:ro"]
+        image_builder.podman("rm", "--force", "--ignore", TUNNELS_CONTAINER)
+        image_builder.podman(*arguments, image, *command)
+        if not wait_for(lambda: _port_open(PORT + 2), 30):
+            raise AssertionError(image_builder.podman("logs", TUNNELS_CONTAINER,
+                                                      check=False).stderr[-3000:])
+
     def hub_container_log(self) -> str:
         result = image_builder.podman("logs", HUB_CONTAINER, check=False)
         return result.stdout + result.stderr
 
-    def stop_hub_container(self) -> None:
-        log = self.hub_container_log()
-        (self.directory / "hub.log").write_text(log)
-        image_builder.podman("stop", "--time", "30", HUB_CONTAINER, check=False, timeout=90)
-        image_builder.podman("rm", "--force", "--ignore", HUB_CONTAINER, check=False)
+    def stop_containers(self) -> None:
+        (self.directory / "hub.log").write_text(self.hub_container_log())
+        for name in (HUB_CONTAINER, TUNNELS_CONTAINER):  # the tunnels' masters end with theirs
+            image_builder.podman("stop", "--time", "30", name, check=False, timeout=90)
+            image_builder.podman("rm", "--force", "--ignore", name, check=False)
 
     def _owned_copy(self, source: Path, name: str) -> Path:
         """A copy of ``source`` that uid 1000 owns and alone reads (as the pod's keys-copy
@@ -130,15 +160,15 @@ class ChartHubInImage(ChartOnThisMachine):
 def chart_in_image(lab, tmp_path):
     running = ChartHubInImage(lab, helm_chart.render(lab_values(lab)), tmp_path)
     yield running
-    running.stop_hub_container()
-    running.stop_all()
+    running.stop_containers()
+    running.stop("proxy")
     lab.in_namespace("login", ["scancel", "--user=alice"], check=False)
     assert wait_for(lambda: not active_jobs("alice"), 30), active_jobs("alice")
 
 
 def test_the_rendered_charts_hub_from_the_image_spawns_on_the_lab(lab, image, chart_in_image):
     chart = chart_in_image
-    chart.start_tunnel_service()
+    chart.start_tunnel_service_in_image(image)
     chart.start_proxy()
     hub = chart.start_hub_in_image(image)
     hub.api("POST", "/users/alice")

@@ -39,8 +39,8 @@ def test_init_writes_a_config_that_check_submit_passes(lab, tmp_path, scheduler,
                "--port", str(port), "--user", user, "--key", str(lab.KEY_DIR / user),
                "--fingerprint", fingerprint(lab), "--out", str(tmp_path),
                "--job-prologue", PROLOGUE.format(prefix=lab.LAB_PREFIX)]
-    if scheduler == "torque":  # Slurm's sinfo is on that PATH too: the lab's Torque is Slurm
-        command += ["--scheduler", "torque"]
+    if scheduler != "slurm":  # the lab's login host has Slurm's sinfo on every PATH too
+        command += ["--scheduler", scheduler]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
@@ -56,8 +56,10 @@ def test_init_writes_a_config_that_check_submit_passes(lab, tmp_path, scheduler,
     else:
         assert [p["name"] for p in spawner.partitions] == queues
     assert spawner.max_cpus == 2  # the lab's compute host
-    if scheduler == "slurm":
-        assert spawner.partitions[1]["max_walltime"] == "2-00:00:00"  # slurm.conf's "long"
+    if scheduler == "slurm":  # detected; slurm.conf gives both partitions MaxTime=INFINITE
+        assert "max_walltime" not in spawner.partitions[1]
+        assert spawner.max_walltime == "7-00:00:00"
+        assert "(no limit found: EDIT)" in (tmp_path / "jupyterhub_config.py").read_text()
     if scheduler == "sge":
         assert config.SGESSHSpawner.parallel_environment == "smp"
     known = (tmp_path / "known_hosts").read_text()

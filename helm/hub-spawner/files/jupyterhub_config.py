@@ -184,6 +184,31 @@ elif identity_mode == "authState":
 # --- TLS inside (hub.internalSsl) --------------------------------------------------------------
 AUTHORITIES = ("hub-ca", "notebooks-ca", "proxy-api-ca", "proxy-client-ca", "services-ca")
 
+
+def copy_authorities(source: str, target: str) -> None:
+    """The chart's authorities from ``source`` (read-only) into ``target`` (0700; keys 0600,
+    certificates 0644), and hub-ca's certificate also where the idle culler looks for it
+    (``<certs location>/hub-ca/hub-ca.crt``, which JupyterHub writes only for authorities of
+    its own). Nothing happens when ``source`` is not there (the config read outside a pod)."""
+    if not os.path.isdir(source):
+        return
+    culler_dir = os.path.join(os.path.dirname(target), "hub-ca")
+    for directory in (target, culler_dir):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    copies = [(f"{name}.{ext}", target, 0o600 if ext == "key" else 0o644)
+              for name in AUTHORITIES for ext in ("key", "crt")]
+    copies.append(("hub-ca.crt", culler_dir, 0o644))
+    for name, directory, mode in copies:
+        if not os.path.exists(os.path.join(source, name)):
+            continue
+        with open(os.path.join(source, name), "rb") as file:
+            data = file.read()
+        path = os.path.join(directory, name)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+        os.chmod(path, mode)
+
 if hub_values.get("internalSsl", {}).get("enabled"):
     # certipy must name the chart's authorities as they name themselves, or OpenSSL (the
     # proxy's, the servers') cannot chain what the hub signs: hub_spawner/certificates.py.
@@ -203,9 +228,13 @@ if hub_values.get("internalSsl", {}).get("enabled"):
     # The chart's authorities, so that the proxy (its own Deployment, with certificates from
     # the same Secret) and the hub trust each other; the hub signs its own certificate and
     # each server's with them.
+    # certipy chmods every file it opens (0600 / 0644), which the read-only Secret volume
+    # refuses (EROFS): the hub uses copies in its memory volume.
+    authorities_dir = os.path.join(certs_location, "chart-authorities")
+    copy_authorities(ca_dir, authorities_dir)
     c.JupyterHub.external_ssl_authorities = {
-        name: {"key": os.path.join(ca_dir, f"{name}.key"),
-               "cert": os.path.join(ca_dir, f"{name}.crt")}
+        name: {"key": os.path.join(authorities_dir, f"{name}.key"),
+               "cert": os.path.join(authorities_dir, f"{name}.crt")}
         for name in AUTHORITIES
     }
     # The hub's certificate names it as the proxy reaches it (its Service) and as the
@@ -245,6 +274,9 @@ if cull.get("enabled", True):
         culler.append(f"--max-age={int(cull['maxAge'])}")
     if cull.get("users"):
         culler.append("--cull-users")
+    if hub_values.get("internalSsl", {}).get("enabled"):  # its own TLS settings
+        culler += ["--ssl-enabled=true",
+                   f"--internal-certs-location={c.JupyterHub.internal_certs_location}"]
     c.JupyterHub.services = [{"name": "idle-culler", "command": culler}]
     scopes = ["list:users", "read:users:activity", "read:servers", "delete:servers"]
     if cull.get("users"):
