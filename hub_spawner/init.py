@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
+from .chart_schema import camel
 from .errors import ClusterUnreachable
 from .schedulers import ALL_NODES, CommandOutput, QueueLimits, sge, slurm, torque
 from .ssh import ConnectionPool, SSHTarget
@@ -263,11 +264,6 @@ def render_config(found: Found) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _camel(name: str) -> str:
-    first, *rest = name.split("_")
-    return first + "".join(part.capitalize() for part in rest)
-
-
 def render_values(found: Found) -> str:
     """A chart ``values.yaml`` for what init found (JSON is YAML: each value as JSON)."""
     settings = spawner_settings(found)
@@ -292,7 +288,7 @@ def render_values(found: Found) -> str:
     ]
     for name, value in settings.items():
         if name not in cluster_keys:
-            lines.append(f"  {_camel(name)}: {json.dumps(value)}")
+            lines.append(f"  {camel(name)}: {json.dumps(value)}")
     if found.scheduler == "sge":
         lines.append(f"  sge: {json.dumps({'parallelEnvironment': found.parallel_environment})}")
     lines += [
