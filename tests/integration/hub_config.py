@@ -14,6 +14,8 @@ Scenarios are named servers of alice whose command is swapped in ``pre_spawn_hoo
 - ``full-host-name``: the node calls itself ``compute.lab.example`` (``hostname`` in the job
   says so), the scheduler ``compute``; ``other-host-name``: the node calls itself
   ``node-a17``, a name the scheduler does not use (Slurm also tells the job its NodeName);
+- ``unit-managed-service``: ``tunnel_service_start = False`` with a tunnel service directory
+  where none runs (the systemd layout with the service's unit stopped);
 - ``socket`` (any name starting with it): ``server_transport = "socket"``, no open port on the
   node; ``socket-unknown-node-key`` also gives the spawner a known_hosts without the compute
   host's key.
@@ -121,6 +123,9 @@ def scenario(spawner):
         spawner.cmd = [spawner.job_python, "-m", "jupyterhub.tests.mocksu"]
     if spawner.name.startswith("socket"):
         spawner.server_transport = "socket"
+    if spawner.name == "unit-managed-service":  # as under systemd, with that unit stopped
+        spawner.tunnel_service_start = False
+        spawner.tunnel_service_dir = os.path.join(os.environ["HUB_STATE_DIR"], "tunnels-unit")
     if spawner.name == "socket-unknown-node-key":
         login_only = os.path.join(os.environ["HUB_STATE_DIR"], "known_hosts-login-only")
         with open(spawner.known_hosts_path) as full, open(login_only, "w") as part:

@@ -19,7 +19,7 @@ import pytest
 from hub_spawner.tunnels.client import TunnelClient, TunnelError
 from hub_spawner.tunnels.forwards import Login
 
-from .conftest import processes_on, wait_for
+from .conftest import active_jobs, processes_on, wait_for
 
 ECHO_PORT = 18950
 #: An echo server (one thread per connection) on the compute host.
@@ -358,3 +358,18 @@ def test_a_dark_login_node_delays_no_other_and_a_restart_answers_at_once(lab, cl
         assert not _run(client.forwards())["alice/dark"]["up"]
     finally:
         relay.close()
+
+
+def test_a_hub_that_leaves_the_service_to_its_unit_fails_the_spawn_saying_so(lab, hub):
+    """``tunnel_service_start = False`` (example_hub_config/systemd/) with the service's unit
+    stopped: the spawn fails before any job exists, saying to start the unit, and the hub
+    starts no service of its own (under systemd it would die with the hub's unit)."""
+    events, _ = hub.spawn("alice", "unit-managed-service")
+    assert events[-1].get("failed"), events
+    message = events[-1]["message"]
+    assert "the hub does not start it (tunnel_service_start is off)" in message, message
+    assert "systemctl start hub-spawner-tunnels" in message, message
+    assert not active_jobs("alice"), active_jobs("alice")
+    running = subprocess.run(["pgrep", "-af", "hub_spawner.tunnels --dir .*tunnels-unit"],
+                             capture_output=True, text=True).stdout
+    assert running == "", running
