@@ -100,6 +100,14 @@ if lab_is_up; then
          "(python -m tests.lab.lab down, or Ctrl-C in make demo)." >&2
     exit 1
 fi
+# The fresh root shares this machine's network stack: a hub or proxy left running here (an
+# interrupted make test) holds the ports the suite's hubs use, and their tests fail for it.
+if pgrep -f 'configurable-http-proxy|bin/jupyterhub ' >/dev/null; then
+    echo "fresh_check: a JupyterHub or configurable-http-proxy runs on this machine" \
+         "($(pgrep -f 'configurable-http-proxy|bin/jupyterhub ' | tr '\n' ' ')): the fresh" \
+         "root's hubs need their ports. Stop them first." >&2
+    exit 1
+fi
 started_all=$SECONDS
 
 if [ ! -f "$TARBALL" ]; then
