@@ -161,3 +161,15 @@ async def test_existing_files_are_not_overwritten(tmp_path):
     code = await init.run_init(args, say=lambda *a, **k: said.append(a[0]))
     assert code == 1 and "pass --force" in said[0]
     assert (tmp_path / "values.yaml").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("user", ["alice; rm -rf ~", "$(id)", "-oProxyCommand=x", "a b"])
+async def test_a_hostile_user_name_is_refused_before_any_connection(tmp_path, user):
+    """--user reaches a remote command (sacctmgr user=...): anything but a user name is
+    refused before init connects anywhere, and nothing is written."""
+    said = []
+    args = argparse.Namespace(out=tmp_path / "out", force=False, user=user, key=tmp_path / "k",
+                              login="login.invalid", port=22, fingerprint="")
+    code = await init.run_init(args, say=lambda *a, **k: said.append(a[0]))
+    assert code == 1 and "is not a user name" in said[0], said
+    assert not (tmp_path / "out").exists()
