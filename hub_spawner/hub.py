@@ -29,7 +29,7 @@ from .errors import ClusterUnreachable
 from .job import QueueListings
 from .reconciler import CannotActAsOwner, Reconciler
 from .ssh import ConnectionPool, SSHTarget
-from .tunnels.client import TunnelClient
+from .tunnels.client import TunnelClient, TunnelError
 from .watch import Watch
 
 log = logging.getLogger("hub_spawner.hub")
@@ -152,8 +152,9 @@ class Hub:
     async def reconcile_forwards(self, interval: float) -> None:
         """Each tunnel service's table against the servers the hub wants (at most once per
         ``interval``, whichever cluster's cycle asks): a forward that no running or starting
-        server owns in two listings in a row is closed. A service that is not running is not
-        started for this; when the database cannot be read nothing is closed."""
+        server owns in two listings in a row is closed. A service that is not running is
+        started only when ssh masters it started are left (it adopts those a forward uses and
+        ends the others); when the database cannot be read nothing is closed."""
         now = time.monotonic()
         if now - self._forwards_at < interval * 0.9:
             return
@@ -167,7 +168,7 @@ class Hub:
             clients[id(client)] = client
         for client in clients.values():
             try:
-                table = (await client.request({"op": "list"}, start=False))["forwards"]
+                table = await self._forward_table(client)
             except Exception:  # noqa: S112 - not running (nothing to close) or unreachable
                 continue
             up = sum(1 for entry in table.values() if entry.get("up"))
@@ -194,6 +195,20 @@ class Hub:
                 client.forget_listing()
             self._unowned_forwards = {
                 item for item in self._unowned_forwards if item[0] != id(client)} | seen
+
+    async def _forward_table(self, client: TunnelClient) -> dict[str, dict]:
+        try:
+            return (await client.request({"op": "list"}, start=False))["forwards"]
+        except TunnelError:
+            left = client.masters_left()
+            if not left or not client.start:
+                raise
+        # A killed service's masters outlive it (so that its users' connections do); with no
+        # server running nothing else would start it again, and an unused one stays logged in.
+        self.log.warning("the tunnel service (%s) is not running and %d ssh master(s) it "
+                         "started are left; starting it, to adopt those that forwards use and "
+                         "end the others", client.directory, len(left))
+        return (await client.request({"op": "list"}))["forwards"]
 
     def wanted_servers(self) -> set[str] | None:
         """``user/server`` of every server that is running or starting (a job on record, in

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from ..errors import SpawnError
-from .forwards import Forward, Login
+from .forwards import Forward, Login, master_socket_keys
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,11 @@ class TunnelClient:
     def forget_listing(self) -> None:
         """The next ``recent_forwards`` asks the service again (a forward changed)."""
         self._listed = None
+
+    def masters_left(self) -> list[str]:
+        """The ssh masters whose control socket is in a local service's directory (none for a
+        service reached by ``address``): a service that is not running left them."""
+        return [] if self.address else master_socket_keys(self.directory)
 
     async def health(self) -> dict:
         return await self.request({"op": "health"}, start=False)

@@ -1,4 +1,5 @@
-"""Forwards as data, and the OpenSSH command lines that make them. Pure: no I/O but the table file.
+"""Forwards as data, and the OpenSSH command lines that make them. Pure: no I/O but the table file
+and the listing of the masters' control sockets.
 
 Requirements:
 - a forward is named (``alice/restart``, ``alice/restart/hub-api``) and fully described by its
@@ -13,12 +14,14 @@ Requirements:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import re
 import shlex
+import stat
 from pathlib import Path
 
 CIPHERS = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com"
@@ -261,6 +264,21 @@ class Entry:
 
     def to_json(self) -> dict:
         return {"forward": self.forward.to_json(), "port": self.port}
+
+
+def master_socket_keys(directory: Path) -> list[str]:
+    """The login keys with a master's control socket in ``<directory>/m`` (the service's
+    directory)."""
+    try:
+        names = os.listdir(directory / "m")
+    except FileNotFoundError:
+        return []
+    keys = []
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(directory / "m" / name).st_mode):
+                keys.append(name)
+    return sorted(keys)
 
 
 def load_table(path: Path) -> dict[str, Entry]:

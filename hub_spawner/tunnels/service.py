@@ -53,6 +53,7 @@ from .forwards import (
     forward_spec,
     load_table,
     master_command,
+    master_socket_keys,
     save_table,
 )
 
@@ -338,7 +339,7 @@ class TunnelService:
         started or warmed and was killed before a forward named it (no restore would ever
         adopt it). Returns their pids."""
         ended = []
-        for key in _master_socket_keys(self.directory):
+        for key in master_socket_keys(self.directory):
             async with self._locks.setdefault(key, asyncio.Lock()):
                 logins = [e.forward.login for e in self.table.values()]
                 in_use = {login.key for login in logins}
@@ -519,20 +520,6 @@ class TunnelService:
         if login.jump is not None:
             async with self._lock(login.jump):  # child, then jump: the one lock order
                 await self._stop_unused(login.jump)
-
-
-def _master_socket_keys(directory: Path) -> list[str]:
-    """The login keys with a control socket in ``<directory>/m``."""
-    try:
-        names = os.listdir(directory / "m")
-    except FileNotFoundError:
-        return []
-    keys = []
-    for name in names:
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(directory / "m" / name).st_mode):
-                keys.append(name)
-    return sorted(keys)
 
 
 async def end_master(control_path: str) -> int:

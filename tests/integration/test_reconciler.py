@@ -10,8 +10,10 @@ it hand-submits cannot touch the session hubs' jobs, and theirs cannot touch its
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import secrets
+import signal
 import time
 from pathlib import Path
 
@@ -250,6 +252,35 @@ def test_a_forward_no_server_owns_is_closed_within_two_cycles_and_a_running_ones
         assert "forward alice/" not in hub.log()
         print(f"forward added by hand closed {closed_after:.1f} s later (cycle {INTERVAL:g} s)")
         hub.stop("alice")
+    finally:
+        stop_hub(process)
+        lab.stop_tunnel_service(tmp_path / "tunnels")
+
+
+def test_a_master_left_by_a_killed_service_is_ended_with_no_server_running(lab, tmp_path):
+    """The tunnel service is SIGKILLed while it holds a master of bob's that no forward uses
+    (his spawn was on its way) and no server runs, so no spawner asks for the service again:
+    the hub's forward cycle starts it (masters are left in its directory), and the new service
+    ends that master. Seen in the chaos test: a master left logged in to the login node."""
+    hub, process = start_hub(tmp_path, PORTS["slurm"] + 9, secrets.token_hex(24),
+                             hub_env("slurm"))
+    tunnels = TunnelClient(tmp_path / "tunnels")
+    try:
+        hub.api("POST", "/users/alice")
+        spawn_and_stop(hub)  # alice on record: the cluster's cycle runs with no server
+        login = Login(lab.LOGIN_IP, 22, "bob", str(lab.KEY_DIR / "bob"), str(lab.KNOWN_HOSTS))
+        master = asyncio.run(tunnels.warm(login))
+        service = asyncio.run(tunnels.health())["pid"]
+        os.kill(service, signal.SIGKILL)
+        killed = time.monotonic()
+        assert wait_for(lambda: not os.path.exists(f"/proc/{master}"), 3 * INTERVAL + 20,
+                        interval=0.2), f"bob's master {master} still runs; {hub.log()[-3000:]}"
+        ended_after = time.monotonic() - killed
+        assert "ssh master(s) it started are left; starting it" in hub.log()
+        assert asyncio.run(tunnels.health())["pid"] != service
+        assert asyncio.run(tunnels.forwards()) == {}
+        print(f"bob's master ended {ended_after:.1f} s after its service was killed "
+              f"(cycle {INTERVAL:g} s)")
     finally:
         stop_hub(process)
         lab.stop_tunnel_service(tmp_path / "tunnels")
