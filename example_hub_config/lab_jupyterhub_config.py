@@ -56,6 +56,9 @@ c.SSHBatchSpawner.tunnel_service_dir = f"{state_dir}/tunnels"
 c.SSHBatchSpawner.ssh_key_path_template = f"{lab_dir}/keys/{{username}}"
 # Compute nodes reach the hub API through a reverse tunnel on the login node's cluster-side name.
 c.SSHBatchSpawner.hub_api_tunnel_host = "login"
+# With the lab's second login host (`python -m tests.lab.lab up slurm --login-hosts 2`, then
+# c.SSHBatchSpawner.login_hosts = ["login", "login2"]): each one's cluster-side name.
+c.SSHBatchSpawner.hub_api_tunnel_hosts = {"login": "login", "login2": "login2"}
 c.SSHBatchSpawner.job_python = f"{lab_prefix}/venv/bin/python"
 c.SSHBatchSpawner.cmd = [f"{lab_prefix}/venv/bin/jupyterhub-singleuser"]
 c.SSHBatchSpawner.default_url = "/lab"

@@ -51,9 +51,11 @@ FROM_JUPYTERHUB = ("cmd", "args", "default_url", "notebook_dir", "environment", 
 #: Options the chart sets itself, from other values or the pods' layout: never in ``spawner``.
 SET_BY_THE_CHART = {
     "login_host": "cluster.loginHost",
+    "login_hosts": "cluster.loginHosts",
     "login_port": "cluster.loginPort",
     "cluster_username": "cluster.username",
     "hub_api_tunnel_host": "cluster.hubApiTunnelHost",
+    "hub_api_tunnel_hosts": "cluster.hubApiTunnelHosts",
     "known_hosts_path": "cluster.knownHosts (mounted)",
     "ssh_key_path_template": "identity.mode keys (the keys Secret, mounted)",
     "ssh_ca_key_path": "identity.mode certificate (identity.caKeySecret, mounted)",

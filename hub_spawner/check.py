@@ -152,9 +152,9 @@ async def run_check(
         target = None
         if spawner is not None and _job_script_renders(checks, spawner):
             target = await _config_target(checks, spawner)
-        await _check_steps(checks, spawner, target)
+        usable = await _check_steps(checks, spawner, target)
         if submit:
-            if checks.failed_here():
+            if not usable or any(": " not in name for name in checks.failed):
                 for name in ("job", "tunnel", "server", "cleanup"):
                     checks.skip(name, "needs every step above")
             else:
@@ -171,9 +171,29 @@ async def run_check(
 
 
 async def _check_steps(checks: Checklist, spawner: SSHBatchSpawner | None,
-                       target: SSHTarget | None) -> None:
+                       target: SSHTarget | None) -> bool:
     """Key, login node, host key, login and scheduler, each skipped when one it needs did not
-    pass."""
+    pass; with several login nodes, on each (its own heading and scope). True if one login
+    node passed them all (a submission can go through it)."""
+    nodes = spawner.cluster.login_nodes if spawner is not None and target is not None else []
+    if len(nodes) <= 1:
+        await _check_node(checks, spawner, target)
+        return not checks.failed_here()
+    outer, passed = checks.scope, []
+    for node in nodes:
+        checks.scope = f"{outer} {node}".strip()
+        checks.heading(f"login node {node}")
+        await _check_node(checks, spawner, target.at(node))
+        if not checks.did_not_pass("scheduler"):
+            passed.append(node)
+    checks.scope = outer
+    checks.heading(f"{len(passed)} of {len(nodes)} login nodes pass"
+                   + (f" ({', '.join(passed)})" if passed else ""))
+    return bool(passed)
+
+
+async def _check_node(checks: Checklist, spawner: SSHBatchSpawner | None,
+                      target: SSHTarget | None) -> None:
     steps = [  # name, check, the steps it needs
         ("key", _check_key, ()),
         ("reachable", _check_reachable, ()),
@@ -503,7 +523,7 @@ async def _server_host_key(target: SSHTarget, algorithms: list[str]) -> asyncssh
 
 async def _check_login(checks: Checklist, spawner: SSHBatchSpawner, target: SSHTarget) -> None:
     try:
-        connection = await spawner._connection()
+        connection = await hub.hub_of().pool.get(target)
         output = await connection.run("hostname; id -un", timeout=spawner.cluster.command_timeout)
     except SpawnError as error:
         checks.fail("login", str(error))
@@ -526,7 +546,7 @@ async def _check_scheduler(checks: Checklist, spawner: SSHBatchSpawner,
                            target: SSHTarget) -> None:
     scheduler = spawner.cluster.scheduler
     try:
-        connection = await spawner._connection()
+        connection = await hub.hub_of().pool.get(target)
         output = await connection.run(scheduler.check_command(target.username),
                                       timeout=spawner.cluster.command_timeout)
         version = parse_check_output(output)

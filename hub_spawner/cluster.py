@@ -85,6 +85,10 @@ class Cluster:
         """An option of the spawner, as this cluster sets it."""
         if name.startswith("_") or name in ("spawner", "config"):
             raise AttributeError(name)
+        return self.option(name)
+
+    def option(self, name: str) -> Any:
+        """The spawner's option ``name``, as this cluster sets it."""
         if name in self.config:
             return self.config[name]
         spawner = self.spawner
@@ -94,6 +98,25 @@ class Cluster:
 
     def __repr__(self) -> str:
         return f"<Cluster {self.key or '(own)'} {self.scheduler.NAME}>"
+
+    @property
+    def login_nodes(self) -> list[str]:
+        """The cluster's login nodes as the hub reaches them, in order: ``login_hosts``, else
+        ``login_host``."""
+        hosts = [str(host) for host in self.option("login_hosts") if host]
+        single = self.option("login_host")
+        return hosts or ([single] if single else [])
+
+    @property
+    def login_host(self) -> str:
+        """The first login node: the cluster's name for the hub (its key: one watch, one
+        reconciler), whichever node a job went through."""
+        nodes = self.login_nodes
+        return nodes[0] if nodes else ""
+
+    def hub_api_host(self, node: str) -> str:
+        """Where compute nodes reach the hub API through login node ``node``."""
+        return self.option("hub_api_tunnel_hosts").get(node) or self.option("hub_api_tunnel_host")
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -159,7 +182,7 @@ class Cluster:
 
     def job_script(self, resources: Resources, *, job_name: str, output_path: str,
                    secrets_path: str, command: list[str], ready_timeout: int, tls: bool,
-                   hub_api_direct: bool) -> str:
+                   hub_api_direct: bool, login_node: str = "") -> str:
         """The job script as this cluster runs it: its scheduler's template (or the admin's),
         directives, prologue, Python and transport around the server's ``command``."""
         launch = jobscript.render_launch(
@@ -170,7 +193,7 @@ class Cluster:
             ready_timeout_seconds=ready_timeout,
             tls=tls,
             route_to="" if self.server_listens_on_all_addresses or hub_api_direct
-            else self.hub_api_tunnel_host,
+            else self.hub_api_host(login_node),
             socket=self.server_transport == "socket",
             walltime_seconds=resources.walltime_seconds,
         )
@@ -193,6 +216,9 @@ class Cluster:
         spawner = self.spawner
         host, port, username = where
         host, port = host or self.login_host, port or self.login_port
+        # A job's node, or the first: the others (when it is one of them) if it does not answer.
+        nodes = self.login_nodes
+        alternates = tuple(node for node in nodes if node != host) if host in nodes else ()
         if not username:
             if callable(self.cluster_username):
                 username = await maybe_future(self.cluster_username(spawner))
@@ -212,6 +238,7 @@ class Cluster:
             host=host,
             port=port,
             username=username,
+            alternates=alternates,
             key_path=(
                 "" if self.ssh_ca_key_path or self.auth_state_ssh_key
                 else self.ssh_key_path_template.format(username=username)

@@ -24,6 +24,7 @@ import asyncio
 import errno
 import logging
 import os
+import re
 import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -87,22 +88,28 @@ class ServerPath:
             spawner.tunnel_service_start,
         )
 
-    async def login(self, target: SSHTarget | None = None) -> Login:
-        """The tunnel service's view of the spawner's SSH target (or of ``target``)."""
+    async def login(self, target: SSHTarget | None = None, hub_api: bool = False) -> Login:
+        """The tunnel service's view of the spawner's SSH target (or of ``target``): on the
+        login node the job went through for the hub API's path (the job was told that
+        node's address), else on the first of the cluster's nodes that answers lately."""
         target = target or await self.spawner._ssh_target()
+        if hub_api and self.spawner.job_submit_host:
+            host = self.spawner.job_submit_host
+        else:
+            host = hub_of().pool.order(target)[0]
         if target.key_text or target.ca_key_path:
             # From auth_state, or a fresh certificate: handed to the service, which writes
             # them as private files for its OpenSSH (in OpenSSH's own key format).
             found = client_identity(target)
             key, certificate = found if isinstance(found, tuple) else (found, None)
             key_path = await self.tunnels.store_identity(
-                target.host, target.port, target.username, key.export_private_key().decode(),
+                host, target.port, target.username, key.export_private_key().decode(),
                 certificate.export_certificate().decode() if certificate else "",
             )
         else:
             key_path = os.path.abspath(target.key_path)
         try:
-            return Login(target.host, target.port, target.username, key_path,
+            return Login(host, target.port, target.username, key_path,
                          os.path.abspath(target.known_hosts_path))
         except ValueError as error:
             raise TunnelError(f"Cannot ask for a tunnel: {error}") from None
@@ -139,15 +146,20 @@ class ServerPath:
         hub_api = urlparse(spawner.hub.api_url)
         if spawner.hub_connect_url:
             return url_path_join(spawner.hub_connect_url, hub_api.path)
-        listen_host = spawner.cluster.hub_api_tunnel_host or "127.0.0.1"
-        spawner.api_tunnel_port = await self.tunnels.ensure_reverse(
-            self.api_name,
-            await self.login(),
-            listen_host,
-            hub_api.hostname or "127.0.0.1",
-            hub_api.port or 80,
-            listen_port=spawner.api_tunnel_port,
-        )
+        login = await self.login(hub_api=True)
+        listen_host = spawner.cluster.hub_api_host(login.host) or "127.0.0.1"
+        try:
+            spawner.api_tunnel_port = await self.tunnels.ensure_reverse(
+                self.api_name,
+                login,
+                listen_host,
+                hub_api.hostname or "127.0.0.1",
+                hub_api.port or 80,
+                listen_port=spawner.api_tunnel_port,
+            )
+        except TunnelError as error:
+            _node_down(login, error)
+            raise
         return f"{hub_api.scheme}://{listen_host}:{spawner.api_tunnel_port}{hub_api.path}"
 
     def close_late_api_path(self, api_path: asyncio.Future) -> None:
@@ -158,13 +170,28 @@ class ServerPath:
     async def open_server(self, listen_port: int = 0) -> int:
         """Ask for the forward to the job's server (on ``listen_port``, or any port): through
         the login node to NODE:PORT, or, in socket mode, through a second SSH hop (login node
-        -> node) to the node's Unix socket. Returns the hub-side port."""
-        spawner = self.spawner
+        -> node) to the node's Unix socket. Returns the hub-side port. A login node that does
+        not answer is marked down and the next of the cluster's nodes is tried once."""
         login = await self.login()
+        try:
+            return await self._open_server(login, listen_port)
+        except TunnelError as error:
+            if not _node_down(login, error):
+                raise
+            again = await self.login()
+            if again.host == login.host:
+                raise
+            self.spawner.log.warning("%s: login node %s does not answer; opening the tunnel "
+                                     "through %s", self.spawner._log_name, login.host,
+                                     again.host)
+            return await self._open_server(again, listen_port)
+
+    async def _open_server(self, login: Login, listen_port: int) -> int:
+        spawner = self.spawner
         if not spawner.remote_socket:
             return await self.tunnels.ensure_local(
-                self.name, login, spawner.tunnel_bind_ip, spawner.job_host, spawner.remote_port,
-                listen_port=listen_port,
+                self.name, login, spawner.tunnel_bind_ip, spawner.job_host,
+                spawner.remote_port, listen_port=listen_port,
             )
         try:
             node = Login(spawner.job_host, spawner.cluster.node_ssh_port, login.username,
@@ -377,6 +404,21 @@ class ServerPath:
                 except Exception as error:
                     self.spawner.log.warning("%s: could not close tunnel %s: %s",
                                              self.spawner._log_name, name, error)
+
+
+#: What OpenSSH (the tunnel service's master) says when the login node itself does not answer.
+_NODE_DOWN = re.compile(r"connect to host \S+ port \d+: (Connection refused|Connection timed "
+                        r"out|No route to host|Network is unreachable)|no answer in time")
+
+
+def _node_down(login: Login, error: Exception) -> bool:
+    """Whether the service could not make a forward because ``login``'s node does not answer;
+    if so, that node is marked down in the hub's pool: the next try (and every user's next
+    command) goes to another of the cluster's login nodes."""
+    if not _NODE_DOWN.search(str(error)):
+        return False
+    hub_of().pool.mark_down(login.host, login.port, f"the tunnel service: {error}")
+    return True
 
 
 def port_taken(ip: str, port: int) -> bool:

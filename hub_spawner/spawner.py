@@ -82,7 +82,23 @@ class SSHBatchSpawner(Spawner):
         Example: ``c.SlurmSSHSpawner.login_host = "login.cluster.example.org"``.
         """,
     )
-    login_port = Integer(22, config=True, help="SSH port of the login node.")
+    login_hosts = List(
+        Unicode(),
+        config=True,
+        help="""The cluster's login nodes, as the hub host reaches them, when it has several
+        (``login_host`` is then not used). The first is the cluster's name for the hub (one
+        status listing, one reconciler); every connection goes to the first that answers,
+        and a node that did not answer (a refused or timed-out connection) is passed over for
+        a minute. A spawn submits, and opens the hub API's reverse tunnel, through one node;
+        its server's tunnel, status listings and cancels move to another node when that one
+        goes down. All must share the scheduler and the users' home directories, and each
+        needs its host key in ``known_hosts_path``.
+
+        Example: ``c.SlurmSSHSpawner.login_hosts = ["login1.hpc.example.org",
+        "login2.hpc.example.org"]``.
+        """,
+    )
+    login_port = Integer(22, config=True, help="SSH port of the login node(s).")
     known_hosts_path = Unicode(
         "/etc/hub_spawner/known_hosts",
         config=True,
@@ -282,6 +298,25 @@ class SSHBatchSpawner(Spawner):
         on the login node itself.
 
         Not used when ``hub_connect_url`` is set: then compute nodes reach the hub directly.
+        With several login nodes (``login_hosts``), see ``hub_api_tunnel_hosts``.
+        """,
+    )
+    hub_api_tunnel_hosts = Dict(
+        key_trait=Unicode(),
+        value_trait=Unicode(),
+        config=True,
+        help="""With several login nodes: each one's name as compute nodes see it, by its
+        name in ``login_hosts`` (a node not listed here uses ``hub_api_tunnel_host``).
+
+        A job is told the hub API address of the login node it was submitted through, so its
+        server reaches the hub only while that node is up: when it goes down, the server's
+        own tunnel moves to another login node and keeps answering (the hub checks logins
+        it has seen recently from its cache), but it cannot reach the hub for new logins,
+        activity or its end until that node is back. ``hub_connect_url`` (compute nodes reach
+        the hub directly) has no such tie.
+
+        Example: ``{"login1.hpc.example.org": "login1-ib0", "login2.hpc.example.org":
+        "login2-ib0"}``.
         """,
     )
 
@@ -698,7 +733,8 @@ class SSHBatchSpawner(Spawner):
         self.job_name = ""
         self.job_host = ""
         self.job_cluster_username = ""  # who the job runs as (from state, or at submit)
-        self.job_login_host = ""  # where it was submitted (from state, or at submit)
+        self.job_login_host = ""  # the cluster it was submitted to (its first login node)
+        self.job_submit_host = ""  # the login node it went through (its hub API path is there)
         self.job_login_port = 0
         self.remote_port = 0
         self.remote_socket = ""
@@ -875,11 +911,15 @@ class SSHBatchSpawner(Spawner):
         scheduler = self.cluster.scheduler
         cluster = metrics.cluster_label(scheduler.NAME, self.cluster.login_host)
         steps = _Steps(cluster)
-        # The hub API's path (the tunnel service starting its own master, ~0.2 s) is made while
-        # this connection and the job's directories are: only the secrets file needs it.
+        connection = await self._connection()
+        steps.done("connect")
+        # The login node that answered takes the job and the hub API's path (the job is told
+        # that node's address). That path (the tunnel service starting its own master, ~0.2 s)
+        # is made while the job's directories are: only the secrets file needs it.
+        self.job_submit_host = connection.target.host
         api_path = asyncio.ensure_future(self.server_path.open_hub_api())
         try:
-            connection, paths = await self._prepare_job_dir(steps)
+            paths = await self._prepare_job_dir(connection, steps)
         except BaseException:
             # Let the service finish what it was asked (the cleanup then closes it by name).
             try:
@@ -950,15 +990,15 @@ class SSHBatchSpawner(Spawner):
         scheme = "https" if self.internal_ssl else "http"
         return f"{scheme}://{self.server_path.connect_ip}:{self.tunnel_port}"
 
-    async def _prepare_job_dir(self, steps: _Steps) -> tuple[LoginConnection, jobfiles.JobPaths]:
-        """Connect, and make the job's own fresh directory (old ones beyond the kept number are
-        removed); the job's name and file paths are set."""
-        connection = await self._connection()
-        steps.done("connect")
-        self._emit(5, f"Connected to {self.cluster.login_host} as {connection.target.username}")
+    async def _prepare_job_dir(self, connection: LoginConnection,
+                               steps: _Steps) -> jobfiles.JobPaths:
+        """Make the job's own fresh directory (old ones beyond the kept number are removed);
+        the job's name and file paths are set."""
+        self._emit(5, f"Connected to {connection.target.host} as {connection.target.username}")
         self.job_cluster_username = connection.target.username
         self.cluster_username_on_record = connection.target.username
-        self.job_login_host, self.job_login_port = connection.target.host, connection.target.port
+        # The cluster's name (its first login node) is on record: any of its nodes serves.
+        self.job_login_host, self.job_login_port = self.cluster.login_host, connection.target.port
         self.job_name = job_name(self._hub_id, self.user.name, self.name, secrets.token_hex(4))
         files = self._files(connection)
         paths, state_dir, job_dir = await files.make_job_dir(self.job_name)
@@ -968,7 +1008,7 @@ class SSHBatchSpawner(Spawner):
         min_age = self.cluster.limits().max_walltime_seconds + float(self.start_timeout)
         await files.remove_old(state_dir, job_dir, self.cluster.job_files_keep, min_age)
         steps.done("old files")
-        return connection, paths
+        return paths
 
     def _files(self, connection: LoginConnection) -> JobFiles:
         return JobFiles(connection, self.cluster.remote_state_dir, self.cluster.command_timeout,
@@ -1227,7 +1267,7 @@ class SSHBatchSpawner(Spawner):
             resources, job_name=self.job_name, output_path=self.output_path,
             secrets_path=self.secrets_path, command=self.cmd + self.get_args(),
             ready_timeout=int(self.start_timeout), tls=self.internal_ssl,
-            hub_api_direct=bool(self.hub_connect_url))
+            hub_api_direct=bool(self.hub_connect_url), login_node=self.job_submit_host)
 
     async def _release(self, why: str, wait: bool = True) -> None:
         """Cancel the job (by id, or by its unique name if the id never came back), close the

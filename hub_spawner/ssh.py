@@ -16,6 +16,10 @@ Requirements:
   by its timeout and by ``MAX_OUTPUT_BYTES`` of stdout and of stderr (read in chunks; beyond
   it the channel is closed), an SFTP operation by its timeout as a whole, and only regular
   files are read (a FIFO in place of a job's output is refused, not opened);
+- a cluster with several login nodes (``SSHTarget.alternates``) is reached through the first
+  that answers: a node whose connection attempt was refused or timed out is passed over for
+  ``LOGIN_DOWN_SECONDS`` (while another answers) and the pool's connections to it are closed,
+  so every user's next command goes to another node;
 - whatever the user's login shell prints around a command (a banner in ``~/.bashrc``, quota
   lines, ``module`` chatter, on stdout or stderr) is never parsed: each command runs between
   markers of its own (``Frame``) and only what it printed between them is its output.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import posixpath
@@ -55,6 +60,8 @@ FOLLOW_MAX_BYTES = 256 * 1024
 #: The longest line the followers' reader keeps while it waits for the line's end. The user owns
 #: her job's output: a file that grows without a newline must not grow a buffer in the hub.
 FOLLOW_MAX_LINE_BYTES = 64 * 1024
+#: How long a login node that did not answer is passed over, when the cluster has others.
+LOGIN_DOWN_SECONDS = 60.0
 
 ENCRYPTION_PREFERENCE = (
     "aes128-gcm@openssh.com",
@@ -84,9 +91,16 @@ class SSHTarget:
     #: auth_state mode: the key (and certificate) the authenticator handed over, as text.
     key_text: str = field(default="", repr=False)
     certificate_text: str = field(default="", repr=False)
+    #: The cluster's other login nodes (same port, scheduler and homes), tried in order when
+    #: ``host`` does not answer.
+    alternates: tuple[str, ...] = ()
 
     def describe(self) -> str:
         return f"{self.username}@{self.host}:{self.port}"
+
+    def at(self, host: str) -> SSHTarget:
+        """This target on login node ``host`` alone."""
+        return dataclasses.replace(self, host=host, alternates=())
 
 
 #: Room for what the login shell prints around a command, beyond the command's own limit.
@@ -126,6 +140,10 @@ class Frame:
         if end < body:
             return raw[body:], raw[:start]
         return raw[body:end], raw[:start] + raw[end + len(self.marker) + 2:]
+
+
+class LoginNodeDown(ClusterUnreachable):
+    """The login node did not answer (refused, timed out, unreachable): another may."""
 
 
 class SSHCommandError(ClusterUnreachable):
@@ -795,15 +813,66 @@ class ConnectionPool:
         self._locks: dict[SSHTarget, asyncio.Lock] = {}
         self._last_used: dict[SSHTarget, float] = {}
         self._reaper: asyncio.Task | None = None
+        self._down_until: dict[tuple[str, int], float] = {}  # (host, port) -> monotonic
 
     async def get(self, target: SSHTarget) -> LoginConnection:
-        """A live connection for ``target``; raises ``ClusterUnreachable`` with the reason."""
+        """A live connection for ``target`` (on its host, or, when that does not answer, on
+        the first of its alternates that does); raises ``ClusterUnreachable`` with the
+        reason. The connection's own ``target`` says which node it reached."""
+        if not target.alternates:
+            return await self._get(target)
+        hosts = self.order(target)
+        for host in hosts:  # a connection open to a node that answers serves as it is
+            existing = self._connections.get(target.at(host))
+            if existing is not None and not existing.is_closed() and not self.is_down(
+                    host, target.port):
+                self._last_used[target.at(host)] = time.monotonic()
+                return existing
+        errors = []
+        for host in hosts:
+            try:
+                return await self._get(target.at(host))
+            except LoginNodeDown as error:
+                errors.append(str(error))
+        raise ClusterUnreachable(
+            f"None of the cluster's {len(hosts)} login nodes answers ({', '.join(hosts)}): "
+            + " ".join(errors))
+
+    def order(self, target: SSHTarget) -> list[str]:
+        """``target``'s host and alternates, those that did not answer lately last."""
+        hosts = list(dict.fromkeys((target.host, *target.alternates)))
+        up = [host for host in hosts if not self.is_down(host, target.port)]
+        return up + [host for host in hosts if host not in up]
+
+    def is_down(self, host: str, port: int) -> bool:
+        return self._down_until.get((host, port), 0.0) > time.monotonic()
+
+    def mark_down(self, host: str, port: int, why: str) -> None:
+        """Login node ``host`` did not answer: pass it over for ``LOGIN_DOWN_SECONDS``, and
+        close the pool's connections to it (likely dead; a command on one would wait for its
+        timeout)."""
+        if not self.is_down(host, port):
+            log.warning("login node %s:%d does not answer (%s); where the cluster has other "
+                        "login nodes, they are used for %.0f s", host, port, why,
+                        LOGIN_DOWN_SECONDS)
+        self._down_until[(host, port)] = time.monotonic() + LOGIN_DOWN_SECONDS
+        for target, connection in list(self._connections.items()):
+            if (target.host, target.port) == (host, port) and not connection.busy:
+                connection.close()
+                del self._connections[target]
+
+    async def _get(self, target: SSHTarget) -> LoginConnection:
         self._last_used[target] = time.monotonic()
         lock = self._locks.setdefault(target, asyncio.Lock())
         async with lock:
             existing = self._connections.get(target)
             if existing is None or existing.is_closed():
-                existing = LoginConnection(target, await connect(target), self.max_sessions)
+                try:
+                    made = await connect(target)
+                except LoginNodeDown as error:
+                    self.mark_down(target.host, target.port, str(error))
+                    raise
+                existing = LoginConnection(target, made, self.max_sessions)
                 self._connections[target] = existing
         if self.idle_timeout > 0 and (self._reaper is None or self._reaper.done()):
             self._reaper = asyncio.ensure_future(self._close_idle())
@@ -871,7 +940,13 @@ async def connect(
             f"{where} refused the SSH key {target.key_path}. Check that its public key is in "
             f"{target.username}'s ~/.ssh/authorized_keys on the cluster."
         ) from None
-    except (asyncssh.Error, OSError, asyncio.TimeoutError) as error:
+    except (OSError, asyncio.TimeoutError) as error:  # refused, unreachable, no answer
+        reason = str(error) or type(error).__name__
+        raise LoginNodeDown(
+            f"Cannot reach the login node {target.host}:{target.port}: {reason}. "
+            "Try again later; if it persists, tell an administrator."
+        ) from None
+    except asyncssh.Error as error:  # it answered, then broke off (e.g. sshd's MaxStartups)
         reason = str(error) or type(error).__name__
         raise ClusterUnreachable(
             f"Cannot reach the login node {target.host}:{target.port}: {reason}. "

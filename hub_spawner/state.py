@@ -38,6 +38,7 @@ def of(spawner: SSHBatchSpawner) -> dict[str, Any]:
             scheduler=spawner.cluster.scheduler.NAME,
             login_host=spawner.job_login_host or spawner.cluster.login_host,
             login_port=spawner.job_login_port or spawner.cluster.login_port,
+            submit_host=spawner.job_submit_host,
             cluster_username=spawner.job_cluster_username,
             job_id=spawner.job_id,
             job_name=spawner.job_name,
@@ -96,6 +97,7 @@ def load(spawner: SSHBatchSpawner, state: dict[str, Any]) -> None:
         spawner._start_interrupted = True
         spawner._submission_sent = bool(spawner.job_name)  # no id yet: cancelled by its name
     spawner.job_host = _state_text(state, "job_host")
+    spawner.job_submit_host = _state_text(state, "submit_host")
     spawner.remote_port = int(state.get("remote_port") or 0)
     spawner.remote_socket = _state_text(state, "remote_socket")
     spawner.tunnel_port = int(state.get("tunnel_port") or 0)

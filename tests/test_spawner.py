@@ -868,11 +868,15 @@ def test_a_start_cancelled_while_its_hub_api_path_is_made_closes_that_path_after
         events.append("api path made")
         return "http://127.0.0.1:1/hub/api"
 
-    async def prepare_job_dir(steps):
+    async def prepare_job_dir(connection, steps):
         await asyncio.sleep(60)
+
+    async def connection(where=None):
+        return SimpleNamespace(target=SimpleNamespace(host="login", port=22, username="alice"))
 
     spawner.server_path.open_hub_api = open_hub_api
     spawner._prepare_job_dir = prepare_job_dir
+    spawner._connection = connection
 
     async def cancel_the_start():
         start = asyncio.ensure_future(spawner.start())

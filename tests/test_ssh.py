@@ -749,3 +749,41 @@ def test_a_frame_tells_the_commands_output_from_the_shells():
     assert Frame().marker != marker
     with pytest.raises(ValueError):
         frame.wrap("echo one\necho two")
+
+
+# --- several login nodes: the first that answers ---------------------------------------------
+
+async def test_a_login_node_that_refuses_is_passed_over_for_the_next(tmp_path):
+    """The target's own node (127.0.0.2: nothing listens there) refuses: the pool connects to
+    its alternate, remembers the first as down (tried last for a while), and a cluster whose
+    nodes all refuse is one error naming each."""
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    client_key = asyncssh.generate_private_key("ssh-ed25519")
+    server = await asyncssh.listen(
+        "127.0.0.1", 0, server_host_keys=[host_key], encoding=None,
+        authorized_client_keys=asyncssh.import_authorized_keys(
+            client_key.export_public_key().decode()),
+        server_factory=SometimesFullServer)
+    port = server.sockets[0].getsockname()[1]
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{port} {host_key.export_public_key().decode()}")
+    key_path = tmp_path / "key"
+    client_key.write_private_key(str(key_path))
+    key_path.chmod(0o600)
+    pool = ConnectionPool()
+    target = SSHTarget("127.0.0.2", port, "alice", str(key_path), str(known_hosts),
+                       connect_timeout=5, alternates=("127.0.0.1",))
+    try:
+        connection = await pool.get(target)
+        assert connection.target.host == "127.0.0.1"
+        assert pool.is_down("127.0.0.2", port) and not pool.is_down("127.0.0.1", port)
+        assert pool.order(target) == ["127.0.0.1", "127.0.0.2"]
+        assert await pool.get(target) is connection  # kept, no new attempt
+        nowhere = SSHTarget("127.0.0.3", port + 1, "alice", str(key_path), str(known_hosts),
+                            connect_timeout=5, alternates=("127.0.0.4",))
+        with pytest.raises(ClusterUnreachable, match="None of the cluster's 2 login nodes "
+                           r"answers \(127.0.0.3, 127.0.0.4\)"):
+            await pool.get(nowhere)
+    finally:
+        pool.close_all()
+        server.close()

@@ -1,6 +1,7 @@
 """The three-host lab: hub (root network namespace), login and compute (their own namespaces).
 
-    python -m tests.lab.lab up [SCHEDULER...]   # build it (tears down a leftover one first)
+    python -m tests.lab.lab up [SCHEDULER...] [--login-hosts 2]   # build it (tears down a
+                                                # leftover one first); 2: with host login2
     python -m tests.lab.lab down    # tear it down: processes by PID, namespaces, routes, veths
     python -m tests.lab.lab status
 
@@ -11,6 +12,13 @@ Topology (see shared/notes/cluster-lab.md):
     compute  netns hsl-compute          10.77.2.2 "compute"  (slurmd, sge_execd, sshd :22;
                                                              jobs run here; Grid Engine
                                                              knows it as compute.lab.example)
+    login2   netns hsl-login2 10.77.3.2 | 10.77.2.3 "login2" (a second login node, when asked
+                                                             for: sshd :22 and :2222, the same
+                                                             controllers, homes and users)
+The cluster side (10.77.2.0/24) is a bridge in the compute host's namespace (the cluster's
+switch): both login hosts reach the compute host and the controllers on the first login host.
+The hub reaches the login hosts by address, and, while login2 is up, also by the names
+``login`` and ``login2`` (lines of the hub's /etc/hosts, removed when the lab goes down).
 Three schedulers (``SCHEDULERS``): Slurm; Grid Engine (Debian's gridengine, cell ``default``,
 queue ``all.q``, parallel environment ``smp``); and Torque/PBS command syntax through Slurm's
 ``slurm-wlm-torque`` wrappers, which a second sshd on port 2222 puts first on users' PATH (the
@@ -45,14 +53,18 @@ STATE_FILE = LAB_DIR / "lab.json"
 SAFETY_ROUTE = "10.77.0.0/16"
 HUB_IP, LOGIN_IP = "10.77.1.1", "10.77.1.2"
 LOGIN_CLUSTER_IP, COMPUTE_IP = "10.77.2.1", "10.77.2.2"
-NAMESPACES = {"login": "hsl-login", "compute": "hsl-compute"}
+HUB2_IP, LOGIN2_IP, LOGIN2_CLUSTER_IP = "10.77.3.1", "10.77.3.2", "10.77.2.3"
+NAMESPACES = {"login": "hsl-login", "compute": "hsl-compute", "login2": "hsl-login2"}
+#: Each host's address on the hub's side (the compute host's: on the cluster's side).
+HOST_IPS = {"login": LOGIN_IP, "login2": LOGIN2_IP, "compute": COMPUTE_IP}
+HUB_HOSTS_MARK = "# hub_spawner lab: login hosts (tests/lab/lab.py)"
 USERS = ("alice", "bob")
 #: The compute host's full name: its canonical name in the lab's hosts files, so Grid Engine
 #: (``ignore_fqdn false``) knows the node by it, as real cells usually do, while the node's
 #: ``hostname`` (and Slurm's NodeName) is the short ``compute``.
 COMPUTE_FQDN = "compute.lab.example"
 HOSTS_FILE = (f"127.0.0.1 localhost\n{LOGIN_CLUSTER_IP} login\n"
-              f"{COMPUTE_IP} {COMPUTE_FQDN} compute\n")
+              f"{COMPUTE_IP} {COMPUTE_FQDN} compute\n{LOGIN2_CLUSTER_IP} login2\n")
 
 KNOWN_HOSTS = LAB_DIR / "known_hosts"
 KEY_DIR = LAB_DIR / "keys"
@@ -173,9 +185,9 @@ LogLevel VERBOSE
 """
 
 
-def up(schedulers: tuple[str, ...] = SCHEDULERS) -> dict:
-    """Build the lab with these schedulers (Torque/PBS needs Slurm); returns its state (also
-    written to ``STATE_FILE``)."""
+def up(schedulers: tuple[str, ...] = SCHEDULERS, login_hosts: int = 1) -> dict:
+    """Build the lab with these schedulers (Torque/PBS needs Slurm) and one or two login hosts;
+    returns its state (also written to ``STATE_FILE``)."""
     if STATE_FILE.exists():
         down()
     unknown = set(schedulers) - set(SCHEDULERS)
@@ -206,8 +218,58 @@ def up(schedulers: tuple[str, ...] = SCHEDULERS) -> dict:
         _write_state(state)
         down()
         raise
+    if login_hosts >= 2:
+        state = add_login2()
     return state
 
+
+def add_login2() -> dict:
+    """Add the second login host to the running lab (once): its namespace and links, its own
+    host key and sshds (:22, and :2222 with the Torque/PBS wrappers when Torque is up), in the
+    known_hosts file and, with the first, in the hub's /etc/hosts as ``login`` and
+    ``login2``. Returns the lab's state."""
+    state = json.loads(STATE_FILE.read_text())
+    if state.get("login_hosts", 1) >= 2:
+        return state
+    namespace = NAMESPACES["login2"]
+    try:
+        _ip("netns", "add", namespace)
+        _ip("-n", namespace, "link", "set", "lo", "up")
+        Path(f"/etc/netns/{namespace}").mkdir(parents=True, exist_ok=True)
+        Path(f"/etc/netns/{namespace}/hosts").write_text(HOSTS_FILE)
+        _ip("link", "add", "hsl-hub2", "type", "veth", "peer", "name", "hsl-m1", "netns",
+            namespace)
+        _ip("addr", "add", f"{HUB2_IP}/24", "dev", "hsl-hub2")
+        _ip("link", "set", "hsl-hub2", "up")
+        _ip("-n", namespace, "addr", "add", f"{LOGIN2_IP}/24", "dev", "hsl-m1")
+        _ip("-n", namespace, "link", "set", "hsl-m1", "up")
+        _ip("-n", namespace, "link", "add", "hsl-m2", "type", "veth", "peer", "name", "hsl-c3",
+            "netns", NAMESPACES["compute"])
+        _ip("-n", namespace, "addr", "add", f"{LOGIN2_CLUSTER_IP}/24", "dev", "hsl-m2")
+        _ip("-n", namespace, "link", "set", "hsl-m2", "up")
+        _ip("-n", NAMESPACES["compute"], "link", "set", "hsl-c3", "master", "hsl-br")
+        _ip("-n", NAMESPACES["compute"], "link", "set", "hsl-c3", "up")
+        subprocess.run(["ip", "netns", "exec", namespace, "sysctl", "-qw",
+                        "net.ipv4.ip_forward=0"], check=True)
+        key = LAB_DIR / "ssh_host_login2_ed25519_key"
+        key.unlink(missing_ok=True)
+        Path(f"{key}.pub").unlink(missing_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                       check=True)
+        ports = [22] + ([TORQUE_PORT] if "torque" in state["schedulers"] else [])
+        for port in ports:
+            _write_sshd_config(f"login2-{port}", LOGIN2_IP, port, key.name)
+        state["login_hosts"] = 2
+        for port in ports:
+            state["pids"][f"sshd-login2-{port}"] = _start_sshd(port, host="login2")
+        _write_state(state)
+        _hub_hosts(True)
+        _write_known_hosts()
+    except BaseException:
+        _write_state(state)
+        down()
+        raise
+    return state
 
 def down() -> None:
     """Cancel lab jobs, stop lab daemons by PID, remove namespaces, veths, routes and keys."""
@@ -224,8 +286,8 @@ def down() -> None:
             sge_command(f"qdel -u {','.join(USERS)}", check=False, timeout=10)
         except subprocess.TimeoutExpired:
             print("lab: qdel timed out", file=sys.stderr)
-    for name in ("sshd", "sshd-torque", "sshd-compute", "slurmd", "slurmctld", "sge_execd",
-                 "sge_qmaster", "munged"):
+    for name in ("sshd", "sshd-torque", "sshd-compute", "sshd-login2-22", "sshd-login2-2222",
+                 "slurmd", "slurmctld", "sge_execd", "sge_qmaster", "munged"):
         pid = pids.get(name)
         if pid and _alive(pid):
             stop_pid(pid)
@@ -236,7 +298,9 @@ def down() -> None:
     for namespace in NAMESPACES.values():
         subprocess.run(["ip", "netns", "del", namespace], check=False, stderr=subprocess.DEVNULL)
         shutil.rmtree(f"/etc/netns/{namespace}", ignore_errors=True)
-    subprocess.run(["ip", "link", "del", "hsl-hub"], check=False, stderr=subprocess.DEVNULL)
+    for link in ("hsl-hub", "hsl-hub2"):
+        subprocess.run(["ip", "link", "del", link], check=False, stderr=subprocess.DEVNULL)
+    _hub_hosts(False)
     subprocess.run(["ip", "route", "del", "unreachable", SAFETY_ROUTE], check=False,
                    stderr=subprocess.DEVNULL)
     # Private keys do not outlive the lab (logs stay, for debugging).
@@ -294,7 +358,7 @@ def _runtime_dirs() -> None:
 def _network() -> None:
     # Safety first: nothing in 10.77/16 may ever leave through the default route.
     _ip("route", "replace", "unreachable", SAFETY_ROUTE)
-    for namespace in NAMESPACES.values():
+    for namespace in (NAMESPACES["login"], NAMESPACES["compute"]):
         _ip("netns", "add", namespace)
         _ip("-n", namespace, "link", "set", "lo", "up")
         Path(f"/etc/netns/{namespace}").mkdir(parents=True, exist_ok=True)
@@ -309,8 +373,12 @@ def _network() -> None:
         "netns", compute)
     _ip("-n", login, "addr", "add", f"{LOGIN_CLUSTER_IP}/24", "dev", "hsl-l2")
     _ip("-n", login, "link", "set", "hsl-l2", "up")
-    _ip("-n", compute, "addr", "add", f"{COMPUTE_IP}/24", "dev", "hsl-c2")
+    # The cluster's switch: a bridge in the compute host's namespace (login2 joins it).
+    _ip("-n", compute, "link", "add", "hsl-br", "type", "bridge")
+    _ip("-n", compute, "link", "set", "hsl-c2", "master", "hsl-br")
+    _ip("-n", compute, "addr", "add", f"{COMPUTE_IP}/24", "dev", "hsl-br")
     _ip("-n", compute, "link", "set", "hsl-c2", "up")
+    _ip("-n", compute, "link", "set", "hsl-br", "up")
     # The login host must not route between its two sides.
     subprocess.run(["ip", "netns", "exec", login, "sysctl", "-qw", "net.ipv4.ip_forward=0"],
                    check=True)
@@ -386,18 +454,28 @@ def _configure_sshd() -> None:
         "compute": (COMPUTE_IP, 22, "ssh_host_compute_ed25519_key"),
     }
     for name, (listen_ip, port, host_key) in configs.items():
-        config = LAB_DIR / f"sshd_config-{name}"
-        config.write_text(SSHD_CONFIG_TEXT.format(listen_ip=listen_ip, run=LAB_DIR, port=port,
-                                                  name=name, host_key=host_key,
-                                                  users=" ".join(USERS)))
-        subprocess.run(["/usr/sbin/sshd", "-t", "-f", str(config)], check=True)
+        _write_sshd_config(name, listen_ip, port, host_key)
+
+
+def _write_sshd_config(name: str, listen_ip: str, port: int, host_key: str) -> None:
+    config = LAB_DIR / f"sshd_config-{name}"
+    config.write_text(SSHD_CONFIG_TEXT.format(listen_ip=listen_ip, run=LAB_DIR, port=port,
+                                              name=name, host_key=host_key,
+                                              users=" ".join(USERS)))
+    subprocess.run(["/usr/sbin/sshd", "-t", "-f", str(config)], check=True)
+
+
+def _sshd_name(host: str, port: int) -> str:
+    if host == "compute":
+        return "compute"
+    return str(port) if host == "login" else f"{host}-{port}"
 
 
 def _start_sshd(port: int = 22, host: str = "login") -> int:
-    """An sshd of the login host (on ``TORQUE_PORT`` its sessions see the Torque/PBS wrappers
+    """An sshd of a login host (on ``TORQUE_PORT`` its sessions see the Torque/PBS wrappers
     in /usr/local/bin, first on PATH, so ``qsub`` there is Torque's, not Grid Engine's), or the
     compute host's (port 22)."""
-    name = "compute" if host == "compute" else str(port)
+    name = _sshd_name(host, port)
     config = LAB_DIR / f"sshd_config-{name}"
     binds = {str(TORQUE_WRAPPERS): "/usr/local/bin"} if port == TORQUE_PORT else None
     process = subprocess.Popen(
@@ -405,8 +483,8 @@ def _start_sshd(port: int = 22, host: str = "login") -> int:
         stdout=subprocess.DEVNULL, stderr=open(LAB_DIR / f"sshd-{name}.log", "a"),
         start_new_session=True,
     )
-    ip = COMPUTE_IP if host == "compute" else LOGIN_IP
-    _wait_until(lambda: _port_open(host, ip, port), 10, f"sshd on the {host} host, port {port}")
+    _wait_until(lambda: _port_open(host, HOST_IPS[host], port), 10,
+                f"sshd on the {host} host, port {port}")
     return process.pid
 
 
@@ -529,7 +607,8 @@ def _start_sge() -> dict[str, int]:
             global_config.append(line)
     (config / "global").write_text("\n".join(global_config) + "\n")
     sge_command(
-        f"qconf -as login && qconf -ah {COMPUTE_FQDN} && qconf -Ae {config}/exec_host"
+        f"qconf -as login && qconf -as login2 && qconf -ah {COMPUTE_FQDN}"
+        f" && qconf -Ae {config}/exec_host"
         f" && qconf -Ap {config}/pe && EDITOR={config}/queue_editor qconf -aq all.q"
         f" && qconf -Msconf {config}/scheduler && cd {config} && qconf -Mconf global"
     )
@@ -560,9 +639,55 @@ def _write_known_hosts() -> None:
     (Slurm) and its full name (Grid Engine)."""
     public = (LAB_DIR / "ssh_host_ed25519_key.pub").read_text().split()
     compute = (LAB_DIR / "ssh_host_compute_ed25519_key.pub").read_text().split()
-    KNOWN_HOSTS.write_text(f"{LOGIN_IP} {public[0]} {public[1]}\n"
-                           f"[{LOGIN_IP}]:{TORQUE_PORT} {public[0]} {public[1]}\n"
-                           f"compute,{COMPUTE_FQDN} {compute[0]} {compute[1]}\n")
+    lines = [f"{LOGIN_IP} {public[0]} {public[1]}",
+             f"[{LOGIN_IP}]:{TORQUE_PORT} {public[0]} {public[1]}",
+             f"compute,{COMPUTE_FQDN} {compute[0]} {compute[1]}"]
+    login2 = LAB_DIR / "ssh_host_login2_ed25519_key.pub"
+    if login2.exists():  # both login hosts also by the names the hub then resolves
+        second = login2.read_text().split()
+        lines += [f"login {public[0]} {public[1]}",
+                  f"[login]:{TORQUE_PORT} {public[0]} {public[1]}",
+                  f"{LOGIN2_IP},login2 {second[0]} {second[1]}",
+                  f"[{LOGIN2_IP}]:{TORQUE_PORT},[login2]:{TORQUE_PORT} {second[0]} {second[1]}"]
+    KNOWN_HOSTS.write_text("\n".join(lines) + "\n")
+
+
+def _hub_hosts(present: bool) -> None:
+    """Add (or remove) the lines of the hub's /etc/hosts that name the login hosts."""
+    hosts = Path("/etc/hosts")
+    lines = hosts.read_text().splitlines()
+    kept = [line for line in lines if HUB_HOSTS_MARK not in line]
+    if not present and kept == lines:
+        return
+    if present:
+        kept += [f"{LOGIN_IP} login {HUB_HOSTS_MARK}", f"{LOGIN2_IP} login2 {HUB_HOSTS_MARK}"]
+    hosts.write_text("\n".join(kept) + "\n")
+
+
+def login_host_down(host: str = "login") -> None:
+    """A login host goes down for the hub: its sshds stop (their sessions live on, cut off)
+    and its hub-side link goes down, so every packet to it is dropped."""
+    state = json.loads(STATE_FILE.read_text())
+    link = "hsl-l1" if host == "login" else "hsl-m1"
+    _ip("-n", NAMESPACES[host], "link", "set", link, "down")
+    for name, pid in state["pids"].items():
+        if name in (("sshd", "sshd-torque") if host == "login" else ()) or name.startswith(
+                f"sshd-{host}-"):
+            stop_pid(pid)
+
+
+def login_host_up(host: str = "login") -> None:
+    """Undo ``login_host_down``: the link up, its sshds started again (same host keys)."""
+    state = json.loads(STATE_FILE.read_text())
+    link = "hsl-l1" if host == "login" else "hsl-m1"
+    _ip("-n", NAMESPACES[host], "link", "set", link, "up")
+    names = {"sshd": 22, "sshd-torque": TORQUE_PORT} if host == "login" else {
+        name: int(name.rsplit("-", 1)[1]) for name in state["pids"]
+        if name.startswith(f"sshd-{host}-")}
+    for name, port in names.items():
+        if name in state["pids"] and not _alive(state["pids"][name]):
+            state["pids"][name] = _start_sshd(port, host=host)
+    _write_state(state)
 
 
 def _port_open(host: str, ip: str, port: int) -> bool:
@@ -584,6 +709,8 @@ def _alive(pid: int) -> bool:
 
 
 def _namespace_pids(namespace: str) -> list[int]:
+    if not Path(f"/run/netns/{namespace}").exists():
+        return []
     result = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True,
                             check=False)
     return [int(pid) for pid in result.stdout.split() if pid.isdigit()]
@@ -662,7 +789,13 @@ def _write_state(state: dict) -> None:
 def main(argv: list[str]) -> int:
     command = argv[1] if len(argv) > 1 else "status"
     if command == "up":
-        state = up(tuple(argv[2:]) or SCHEDULERS)
+        words = argv[2:]
+        login_hosts = 1
+        if "--login-hosts" in words:
+            at = words.index("--login-hosts")
+            login_hosts = int(words[at + 1])
+            del words[at:at + 2]
+        state = up(tuple(words) or SCHEDULERS, login_hosts)
         print(f"lab up: {state['pids']}")
     elif command == "down":
         down()

@@ -67,9 +67,11 @@ SCHEDULERS = {
 # cluster.* -> SSHBatchSpawner trait (cluster.scheduler and cluster.knownHosts are handled apart)
 CLUSTER_TRAITS = {
     "loginHost": "login_host",
+    "loginHosts": "login_hosts",
     "loginPort": "login_port",
     "username": "cluster_username",
     "hubApiTunnelHost": "hub_api_tunnel_host",
+    "hubApiTunnelHosts": "hub_api_tunnel_hosts",
     "hubConnectUrl": "hub_connect_url",
 }
 
@@ -241,7 +243,8 @@ if hub_values.get("internalSsl", {}).get("enabled"):
     # servers reach it (the login node, through the hub-API reverse forward).
     c.JupyterHub.trusted_alt_names = [
         alt_name(host) for host in (os.environ.get("HUB_SPAWNER_HUB_CONNECT_IP", ""),
-                                    cluster.get("hubApiTunnelHost", ""))
+                                    cluster.get("hubApiTunnelHost", ""),
+                                    *cluster.get("hubApiTunnelHosts", {}).values())
         if host
     ]
 
