@@ -48,7 +48,7 @@ from .choices import resolve
 from .cluster import Cluster, configured_clusters
 from .errors import BadReadyLine, JobEndedEarly, SpawnError
 from .resources import format_walltime
-from .schedulers import SchedulerUnavailable, parse_check_output
+from .schedulers import SchedulerUnavailable, parse_check_output, read_output
 from .spawner import SSHBatchSpawner
 from .ssh import SSHTarget
 from .sshlib import asyncssh
@@ -83,10 +83,13 @@ class Checklist:
         """Step ``name`` of the current scope failed or was skipped."""
         return self.scoped(name) in self.failed or self.scoped(name) in self.skipped
 
-    def failed_here(self) -> bool:
-        """Anything failed that the current scope's steps depend on (its own, or global)."""
+    def failed_here(self, but: tuple[str, ...] = ()) -> bool:
+        """Anything failed that the current scope's steps depend on (its own, or global),
+        other than the steps ``but``."""
         prefix = f"{self.scope}: " if self.scope else ""
-        return any(": " not in name or name.startswith(prefix) for name in self.failed)
+        skip = {self.scoped(name) for name in but}
+        return any((": " not in name or name.startswith(prefix)) and name not in skip
+                   for name in self.failed)
 
     def ended(self, status: str, step: str) -> bool:
         """Step ``step`` of any scope has ``status`` (``"ok"`` or ``"FAIL"``)."""
@@ -178,7 +181,8 @@ async def _check_steps(checks: Checklist, spawner: SSHBatchSpawner | None,
     nodes = spawner.cluster.login_nodes if spawner is not None and target is not None else []
     if len(nodes) <= 1:
         await _check_node(checks, spawner, target)
-        return not checks.failed_here()
+        # Without the status identity the hub lists per user: a test job can still run.
+        return not checks.failed_here(but=("status",))
     outer, passed = checks.scope, []
     for node in nodes:
         checks.scope = f"{outer} {node}".strip()
@@ -200,11 +204,18 @@ async def _check_node(checks: Checklist, spawner: SSHBatchSpawner | None,
         ("host key", _check_host_key, ("reachable",)),
         ("login", _check_login, ("key", "reachable", "host key")),
         ("scheduler", _check_scheduler, ("login",)),
+        ("status", _check_status_identity, ("scheduler",)),
     ]
     for name, step, needs in steps:
         missing = [need for need in needs if checks.did_not_pass(need)]
         if target is None or missing:
             checks.skip(name, f"needs {', '.join(missing) or 'config'}")
+            continue
+        if target.jump is not None and name in ("reachable", "host key"):
+            # Behind a bastion the hub reaches only the bastion: these two are its; the login
+            # node's host key is checked (as strictly) when the login goes through it.
+            checks.note(f"{name}: of the bastion {target.jump.host}:{target.jump.port}")
+            await step(checks, spawner, target.jump)
             continue
         await step(checks, spawner, target)
 
@@ -539,7 +550,8 @@ async def _check_login(checks: Checklist, spawner: SSHBatchSpawner, target: SSHT
         checks.fail("login", f"logged in, but as {user}, not {target.username}",
                     "check the login node's authorized_keys and sshd configuration")
         return
-    checks.ok("login", f"logged in as {user} on {host}")
+    via = f" through the bastion {target.jump.host}" if target.jump is not None else ""
+    checks.ok("login", f"logged in as {user} on {host}{via}")
 
 
 async def _check_scheduler(checks: Checklist, spawner: SSHBatchSpawner,
@@ -560,6 +572,38 @@ async def _check_scheduler(checks: Checklist, spawner: SSHBatchSpawner,
         return
     checks.ok("scheduler", f"{scheduler.DISPLAY_NAME} {version}; it answers for "
               f"{target.username}")
+
+
+async def _check_status_identity(checks: Checklist, spawner: SSHBatchSpawner,
+                                 target: SSHTarget) -> None:
+    """The status identity logs in and lists this user's jobs (one listing per cycle for all
+    users); without one, a note that listings grow with users (not a failure)."""
+    status = spawner.cluster.status_target(target)
+    if status is None:
+        checks.ok("status", "no status identity: one scheduler listing per user per "
+                  f"{spawner.cluster.cluster_status_interval:g} s, each over the user's own "
+                  "connection (listings and login-node sessions grow with users)")
+        checks.note("-> set status_cluster_username to an account that may see every "
+                    "user's jobs, for one listing per cycle")
+        return
+    scheduler = spawner.cluster.scheduler
+    try:
+        connection = await hub.hub_of().pool.get(status)
+        output = await connection.run(scheduler.list_command([target.username]),
+                                      timeout=spawner.cluster.command_timeout)
+        jobs = read_output(scheduler.parse_list_output, output)
+    except SpawnError as error:
+        checks.fail("status", f"the status identity {status.username} cannot log in: {error}",
+                    "give it a key (ssh_key_path_template) or let the CA sign for it; until "
+                    "then the hub lists each user's jobs over their own connection")
+        return
+    except (SchedulerUnavailable, ValueError) as error:
+        checks.fail("status", f"the status identity {status.username} cannot list jobs: "
+                    f"{error}", f"check {scheduler.DISPLAY_NAME}'s commands for that account")
+        return
+    checks.ok("status", f"{status.username} lists every user's jobs in one command per "
+              f"{spawner.cluster.cluster_status_interval:g} s ({len(jobs)} of "
+              f"{target.username}'s now)")
 
 
 def _owner(uid: int) -> str:

@@ -103,8 +103,10 @@ class Cluster:
     def login_nodes(self) -> list[str]:
         """The cluster's login nodes as the hub reaches them, in order: ``login_hosts``, else
         ``login_host``."""
-        hosts = [str(host) for host in self.option("login_hosts") if host]
         single = self.option("login_host")
+        if "login_host" in self.config and "login_hosts" not in self.config:
+            return [single] if single else []  # this cluster's own, over the spawner's list
+        hosts = [str(host) for host in self.option("login_hosts") if host]
         return hosts or ([single] if single else [])
 
     @property
@@ -234,7 +236,7 @@ class Cluster:
         key_text, certificate_text = await self._auth_state_identity()
         if self.ssh_ca_key_path and not key_text:
             self.check_principal(username)
-        return SSHTarget(
+        target = SSHTarget(
             host=host,
             port=port,
             username=username,
@@ -251,6 +253,25 @@ class Cluster:
             key_text=key_text,
             certificate_text=certificate_text,
         )
+        return self.behind_bastion(target)
+
+    def behind_bastion(self, target: SSHTarget) -> SSHTarget:
+        """``target`` reached through the cluster's bastion (``jump_host``), if it has one:
+        the same identity, as ``jump_username``."""
+        if not self.jump_host:
+            return target
+        username = self.jump_username.format(username=target.username)
+        if not _CLUSTER_USERNAME.fullmatch(username):
+            raise ClusterUnreachable(
+                f"The bastion username {username!r} is not a valid Unix user name; check the "
+                "jump_username setting.")
+        if self.ssh_ca_key_path and not target.key_text and username != target.username:
+            self.check_principal(username)
+        jump = dataclasses.replace(
+            target, host=self.jump_host, port=self.jump_port, username=username,
+            alternates=(), jump=None,
+            key_path=target.key_path and self.ssh_key_path_template.format(username=username))
+        return dataclasses.replace(target, jump=jump)
 
     def check_principal(self, username: str) -> None:
         """Certificate mode: ``ClusterUnreachable`` for a cluster user the hub must not sign
@@ -281,13 +302,14 @@ class Cluster:
             except ClusterUnreachable as error:  # every user lists their own jobs instead
                 self.spawner.log.warning("status_cluster_username not used: %s", error)
                 return None
-        return dataclasses.replace(
+        return self.behind_bastion(dataclasses.replace(
             owner,
             username=self.status_cluster_username,
             key_path="" if self.ssh_ca_key_path
             else self.ssh_key_path_template.format(username=self.status_cluster_username),
             key_id="hub_spawner:status",
-        )
+            jump=None,
+        ))
 
     async def _auth_state_identity(self) -> tuple[str, str]:
         """The key (and certificate) from the user's auth_state, if that is configured."""

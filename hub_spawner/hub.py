@@ -267,7 +267,7 @@ class Hub:
 
     async def users_to_list(self, key: ClusterKey, watch: Watch) -> dict[str, SSHTarget]:
         """The cluster users on record for this cluster, with the connection to list each
-        one's jobs (the status identity's, when there is one)."""
+        one's jobs: the status identity's while it can log in, else the user's own."""
         usernames = {s.cluster_record()[3] for s in list(self.spawners)
                      if s.cluster_record()[:3] == key}
         try:
@@ -278,9 +278,10 @@ class Hub:
         usernames.discard(None)
         usernames.discard("")
         users: dict[str, SSHTarget] = {}
+        status = watch.usable_status_target()
         for username in sorted(usernames):
-            if watch.status_target is not None:
-                users[username] = watch.status_target
+            if status is not None:
+                users[username] = status
                 continue
             try:
                 users[username] = await self.owner_target(key, username)

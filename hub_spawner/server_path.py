@@ -21,6 +21,7 @@ down.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import os
@@ -93,26 +94,35 @@ class ServerPath:
         login node the job went through for the hub API's path (the job was told that
         node's address), else on the first of the cluster's nodes that answers lately."""
         target = target or await self.spawner._ssh_target()
-        if hub_api and self.spawner.job_submit_host:
-            host = self.spawner.job_submit_host
+        pinned = self.spawner.job_submit_host or self.spawner.job_login_host  # older state
+        if hub_api and pinned:
+            host = pinned
         else:
             host = hub_of().pool.order(target)[0]
-        if target.key_text or target.ca_key_path:
-            # From auth_state, or a fresh certificate: handed to the service, which writes
-            # them as private files for its OpenSSH (in OpenSSH's own key format).
-            found = client_identity(target)
-            key, certificate = found if isinstance(found, tuple) else (found, None)
-            key_path = await self.tunnels.store_identity(
-                host, target.port, target.username, key.export_private_key().decode(),
-                certificate.export_certificate().decode() if certificate else "",
-            )
-        else:
-            key_path = os.path.abspath(target.key_path)
         try:
-            return Login(host, target.port, target.username, key_path,
-                         os.path.abspath(target.known_hosts_path))
+            jump = None
+            if target.jump is not None:  # the bastion: its master carries the login node's
+                jump = Login(target.jump.host, target.jump.port, target.jump.username,
+                             await self._key_path(target.jump),
+                             os.path.abspath(target.jump.known_hosts_path))
+            return Login(host, target.port, target.username,
+                         await self._key_path(dataclasses.replace(target, host=host)),
+                         os.path.abspath(target.known_hosts_path), jump=jump)
         except ValueError as error:
             raise TunnelError(f"Cannot ask for a tunnel: {error}") from None
+
+    async def _key_path(self, target: SSHTarget) -> str:
+        """The key file the service logs in to ``target`` with: the configured one, or one
+        from auth_state, or a fresh certificate, handed to the service, which writes them as
+        private files for its OpenSSH (in OpenSSH's own key format)."""
+        if not (target.key_text or target.ca_key_path):
+            return os.path.abspath(target.key_path)
+        found = client_identity(target)
+        key, certificate = found if isinstance(found, tuple) else (found, None)
+        return await self.tunnels.store_identity(
+            target.host, target.port, target.username, key.export_private_key().decode(),
+            certificate.export_certificate().decode() if certificate else "",
+        )
 
     # --- opening -----------------------------------------------------------------------------
 
@@ -406,18 +416,26 @@ class ServerPath:
                                              self.spawner._log_name, name, error)
 
 
-#: What OpenSSH (the tunnel service's master) says when the login node itself does not answer.
-_NODE_DOWN = re.compile(r"connect to host \S+ port \d+: (Connection refused|Connection timed "
-                        r"out|No route to host|Network is unreachable)|no answer in time")
+#: What OpenSSH (the tunnel service's master) says when the login node itself does not answer:
+#: its own connect, or (behind a bastion) the bastion's forward to it.
+_NODE_DOWN = re.compile(r"ssh: connect to host (?P<host>\S+) port \d+: (Connection refused|"
+                        r"Connection timed out|No route to host|Network is unreachable)|"
+                        r"open failed: connect failed: (?P<via>Connection refused|Connection "
+                        r"timed out|No route to host|Network is unreachable)")
 
 
 def _node_down(login: Login, error: Exception) -> bool:
     """Whether the service could not make a forward because ``login``'s node does not answer;
     if so, that node is marked down in the hub's pool: the next try (and every user's next
     command) goes to another of the cluster's login nodes."""
-    if not _NODE_DOWN.search(str(error)):
+    text = str(error)
+    if not text.startswith(f"cannot connect to {login.describe()}:"):
+        return False  # another master's (a node hop's) failure, not this node's
+    found = _NODE_DOWN.search(text)
+    if found is None or (found["host"] or "") not in ("", login.host) or (
+            found["via"] and login.jump is None):
         return False
-    hub_of().pool.mark_down(login.host, login.port, f"the tunnel service: {error}")
+    hub_of().pool.mark_down(login.host, login.port, f"the tunnel service: {text}")
     return True
 
 

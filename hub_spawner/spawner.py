@@ -99,6 +99,31 @@ class SSHBatchSpawner(Spawner):
         """,
     )
     login_port = Integer(22, config=True, help="SSH port of the login node(s).")
+    jump_host = Unicode(
+        "",
+        config=True,
+        help="""The site's bastion (jump host) in front of the login nodes, as the hub host
+        reaches it; empty: the hub reaches the login nodes directly.
+
+        Every connection goes through it: the hub's own (asyncssh), the tunnel service's
+        masters (and, in socket mode, their node hops) and ``check``'s. The login nodes'
+        names (``login_host``, ``login_hosts``) are then as the bastion reaches them. The
+        user logs in to the bastion with the same identity as to the login node (key,
+        certificate or ``auth_state`` key), as ``jump_username``; its host key must be in
+        ``known_hosts_path`` beside the login nodes'. It needs ``AllowTcpForwarding yes``
+        (at least ``local``); the tunnel service's master there holds one session that
+        runs ``sleep`` (a bastion with no shell at all is not supported yet).
+
+        Example: ``c.SlurmSSHSpawner.jump_host = "bastion.hpc.example.org"``.
+        """,
+    )
+    jump_port = Integer(22, config=True, help="SSH port of the bastion (``jump_host``).")
+    jump_username = Unicode(
+        "{username}",
+        config=True,
+        help="""The account on the bastion: a template with ``{username}``, the cluster user
+        (default: the same account).""",
+    )
     known_hosts_path = Unicode(
         "/etc/hub_spawner/known_hosts",
         config=True,

@@ -94,9 +94,13 @@ class SSHTarget:
     #: The cluster's other login nodes (same port, scheduler and homes), tried in order when
     #: ``host`` does not answer.
     alternates: tuple[str, ...] = ()
+    #: The site's bastion (jump host): the connection to ``host`` is tunneled through a
+    #: connection to it (as strict: its host key in the same known_hosts file).
+    jump: SSHTarget | None = None
 
     def describe(self) -> str:
-        return f"{self.username}@{self.host}:{self.port}"
+        via = f" via {self.jump.describe()}" if self.jump is not None else ""
+        return f"{self.username}@{self.host}:{self.port}{via}"
 
     def at(self, host: str) -> SSHTarget:
         """This target on login node ``host`` alone."""
@@ -144,6 +148,10 @@ class Frame:
 
 class LoginNodeDown(ClusterUnreachable):
     """The login node did not answer (refused, timed out, unreachable): another may."""
+
+
+class LoginRefused(ClusterUnreachable):
+    """The host answered and refused this user's key or certificate, or there is none."""
 
 
 class SSHCommandError(ClusterUnreachable):
@@ -829,9 +837,9 @@ class ConnectionPool:
                 self._last_used[target.at(host)] = time.monotonic()
                 return existing
         errors = []
-        for host in hosts:
+        for number, host in enumerate(hosts, 1):
             try:
-                return await self._get(target.at(host))
+                return await self._get(target.at(host), pass_over=number < len(hosts))
             except LoginNodeDown as error:
                 errors.append(str(error))
         raise ClusterUnreachable(
@@ -861,12 +869,16 @@ class ConnectionPool:
                 connection.close()
                 del self._connections[target]
 
-    async def _get(self, target: SSHTarget) -> LoginConnection:
+    async def _get(self, target: SSHTarget, pass_over: bool = False) -> LoginConnection:
+        """``pass_over``: another node is left to try, so one marked down while this waited
+        for the lock is not dialled again (each waiter would wait its connect timeout)."""
         self._last_used[target] = time.monotonic()
         lock = self._locks.setdefault(target, asyncio.Lock())
         async with lock:
             existing = self._connections.get(target)
             if existing is None or existing.is_closed():
+                if pass_over and self.is_down(target.host, target.port):
+                    raise LoginNodeDown(f"{target.host}:{target.port} did not answer lately")
                 try:
                     made = await connect(target)
                 except LoginNodeDown as error:
@@ -903,14 +915,44 @@ class ConnectionPool:
 async def connect(
     target: SSHTarget, client_key: asyncssh.SSHKey | tuple | None = None
 ) -> asyncssh.SSHClientConnection:
-    """Open and warm up one SSH connection; every failure becomes a ``ClusterUnreachable``.
+    """Open and warm up one SSH connection (through its own connection to ``target.jump``,
+    which it closes when it closes); every failure becomes a ``ClusterUnreachable``.
     ``client_key``: log in with this (key, or key and certificate) instead of the target's."""
+    client_key = client_key or client_identity(target)
+    tunnel = None
+    if target.jump is not None:
+        try:
+            tunnel = await _connect(target.jump, None, None, warm=False)
+        except LoginNodeDown as error:  # the bastion, not this login node: no other node helps
+            raise ClusterUnreachable(str(error)) from None
+    try:
+        connection = await _connect(target, client_key, tunnel, warm=True)
+    except BaseException:
+        if tunnel is not None:
+            tunnel.close()
+        raise
+    if tunnel is not None:
+        asyncio.ensure_future(_close_after(connection, tunnel)).add_done_callback(_forget)
+    return connection
+
+
+async def _close_after(connection: asyncssh.SSHClientConnection,
+                       tunnel: asyncssh.SSHClientConnection) -> None:
+    await connection.wait_closed()
+    tunnel.close()
+
+
+async def _connect(target: SSHTarget, client_key: asyncssh.SSHKey | tuple | None,
+                   tunnel: asyncssh.SSHClientConnection | None,
+                   warm: bool) -> asyncssh.SSHClientConnection:
     where = target.describe()
+    role = "login node" if warm else "bastion"
     client_key = client_key or client_identity(target)
     try:
         connection = await asyncssh.connect(
             target.host,
             target.port,
+            tunnel=tunnel,
             username=target.username,
             client_keys=[client_key],
             known_hosts=target.known_hosts_path,
@@ -926,32 +968,46 @@ async def connect(
         raise ClusterUnreachable(
             f"The host key of {target.host}:{target.port} is not in {target.known_hosts_path} "
             f"(or does not match it): {error.reason}. Refusing to connect. An administrator must "
-            "add the login node's key to that known_hosts file."
+            f"add the {role}'s key to that known_hosts file."
         ) from None
     except asyncssh.PermissionDenied:
         if target.ca_key_path:
-            raise ClusterUnreachable(
+            raise LoginRefused(
                 f"{where} refused the hub's SSH certificate for {target.username} (signed by "
                 f"{target.ca_key_path}). Check that the login node's sshd trusts that CA "
                 "(TrustedUserCAKeys) and accepts the principal "
                 f"{target.username}, and that the hub's clock is right."
             ) from None
-        raise ClusterUnreachable(
+        raise LoginRefused(
             f"{where} refused the SSH key {target.key_path}. Check that its public key is in "
             f"{target.username}'s ~/.ssh/authorized_keys on the cluster."
+        ) from None
+    except asyncssh.ChannelOpenError as error:  # the bastion could not (or may not) reach it
+        if error.code != asyncssh.OPEN_CONNECT_FAILED:
+            raise ClusterUnreachable(
+                f"The bastion {target.jump.host if target.jump else ''} refused to forward to "
+                f"{target.host}:{target.port}: {error.reason}. It needs AllowTcpForwarding; "
+                "tell an administrator.") from None
+        raise LoginNodeDown(
+            f"The bastion {target.jump.host if target.jump else ''} cannot reach the login node "
+            f"{target.host}:{target.port}: {error.reason}. Try again later; if it persists, "
+            "tell an administrator."
         ) from None
     except (OSError, asyncio.TimeoutError) as error:  # refused, unreachable, no answer
         reason = str(error) or type(error).__name__
         raise LoginNodeDown(
-            f"Cannot reach the login node {target.host}:{target.port}: {reason}. "
+            f"Cannot reach the {role} {target.host}:{target.port}: {reason}. "
             "Try again later; if it persists, tell an administrator."
         ) from None
     except asyncssh.Error as error:  # it answered, then broke off (e.g. sshd's MaxStartups)
         reason = str(error) or type(error).__name__
         raise ClusterUnreachable(
-            f"Cannot reach the login node {target.host}:{target.port}: {reason}. "
+            f"Cannot reach the {role} {target.host}:{target.port}: {reason}. "
             "Try again later; if it persists, tell an administrator."
         ) from None
+    if not warm:  # a bastion: it carries the connection, it runs nothing (it may not let us)
+        log.info("SSH connection to the bastion %s established", where)
+        return connection
     # Start one session: OpenSSH sets TCP_NODELAY only then (the 44 ms stall). What the login
     # shell prints is thrown away as it comes, so start-up files that print for ever cost
     # nothing but the timeout.
@@ -984,7 +1040,7 @@ def client_identity(target: SSHTarget) -> asyncssh.SSHKey | tuple:
                                   target.certificate_minutes)
         return certified.key, certified.certificate
     if not os.path.exists(target.key_path):
-        raise ClusterUnreachable(
+        raise LoginRefused(
             f"No SSH key for {target.username} at {target.key_path}. "
             "Ask an administrator to provision one."
         )

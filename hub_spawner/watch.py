@@ -42,9 +42,12 @@ from .schedulers import (
     read_output,
     statuses_of,
 )
-from .ssh import ConnectionPool, SSHTarget
+from .ssh import ConnectionPool, LoginRefused, SSHTarget
 
 log = logging.getLogger("hub_spawner.watch")
+
+#: How long a status identity that could not log in is left aside (users list their own).
+STATUS_RETRY_SECONDS = 300.0
 
 
 @dataclass
@@ -87,6 +90,9 @@ class Watch:
     _task: asyncio.Task | None = None
     _users_failing: dict[str, str] = field(default_factory=dict)  # said once per user
     _scheduler_failed: bool = False  # this cycle, a server's listing reached the scheduler
+    #: Until then the status identity is not used: it could not log in (listed per user).
+    status_refused_until: float = 0.0
+    _status_refused: str = ""  # why, said once
 
     def track(self, job_id: str, owner: SSHTarget) -> None:
         """List ``job_id`` from now on (``owner``: the connection to use when there is no
@@ -183,16 +189,19 @@ class Watch:
         True if every listing answered."""
         started = time.monotonic()
         self._scheduler_failed = False
+        status = self.usable_status_target()
         groups: dict[str, tuple[SSHTarget, set[str], list[str]]] = {}
         for username, user_target in [
             *((owner.username, owner) for owner in self.owners.values()),
             *self.users.items(),
         ]:
-            target = self.status_target or user_target
+            if status is None and user_target == self.status_target:
+                continue  # given before it was refused: the hub gives their own next cycle
+            target = status or user_target
             key = repr((target.host, target.port, target.username))
             groups.setdefault(key, (target, set(), []))[1].add(username)
         for job_id, owner in self.owners.items():
-            target = self.status_target or owner
+            target = status or owner
             groups[repr((target.host, target.port, target.username))][2].append(job_id)
         ok = True
         for target, usernames, job_ids in groups.values():
@@ -200,6 +209,8 @@ class Watch:
             # not back off the servers' listings: its users' jobs are just not reconciled.
             if not await self._list_group(target, sorted(usernames), job_ids) and job_ids:
                 ok = False
+            if status is not None and not self.usable_status_target():
+                return await self.list_once()  # it could not log in: this cycle per user
         if ok and self.failing:
             self.log.info("%s: the scheduler answers again", self.name)
             self.failing = ""
@@ -207,13 +218,24 @@ class Watch:
         self.cycle_started = started
         return ok
 
+    def usable_status_target(self) -> SSHTarget | None:
+        """The status identity, unless it could not log in lately."""
+        if self.status_target is None or time.monotonic() < self.status_refused_until:
+            return None
+        return self.status_target
+
     async def _list_group(self, target: SSHTarget, usernames: list[str],
                           job_ids: list[str]) -> bool:
         started = time.monotonic()
         connected = False
         try:
             command = self.scheduler.list_command(usernames)
-            connection = await self.pool.get(target)
+            try:
+                connection = await self.pool.get(target)
+            except ClusterUnreachable as error:
+                if target == self.status_target and isinstance(error, LoginRefused):
+                    self._refuse_status(str(error))
+                raise
             connected = True
             output = await connection.run(command, timeout=self.command_timeout)
             jobs = read_output(self.scheduler.parse_list_output, output)
@@ -247,6 +269,19 @@ class Watch:
         for username in usernames:
             self.listed[username] = Listing(now, [j for j in jobs if j.owner == username])
         return True
+
+    def _refuse_status(self, why: str) -> None:
+        """The status identity cannot log in (no key, refused, host key): list each user's
+        jobs over their own connection for ``STATUS_RETRY_SECONDS``, and say so once."""
+        self.status_refused_until = time.monotonic() + STATUS_RETRY_SECONDS
+        if why != self._status_refused:
+            self._status_refused = why
+            self.log.warning(
+                "%s: the status identity %s cannot log in (%s); listing each user's jobs over "
+                "their own connection instead (one listing per user per cycle; trying it again "
+                "in %.0f s). Check status_cluster_username and its key or certificate.",
+                self.name, self.status_target.username if self.status_target else "?", why,
+                STATUS_RETRY_SECONDS)
 
     async def _confirm_ends(self, statuses: dict[str, JobStatus]) -> None:
         """A job the status identity's listing calls ended is asked about once more over its
@@ -320,6 +355,13 @@ def watch_for(
     found = watches.get(key)
     if found is None:
         found = watches[key] = Watch(scheduler, pool, loop=asyncio.get_running_loop())
+        if status_target is None:
+            (logger or log).warning(
+                "%s at %s:%d: no status identity (status_cluster_username): every %.0f s, one "
+                "scheduler listing per cluster user with a server or a job on record, over that "
+                "user's own connection, so listings and login-node sessions grow with users. "
+                "Set status_cluster_username to an account that may see every user's jobs for "
+                "one listing per cycle.", scheduler.DISPLAY_NAME, host, port, interval)
     found.interval = interval
     found.stale_after = 3 * interval + 1
     found.command_timeout = command_timeout

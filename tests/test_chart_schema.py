@@ -94,10 +94,13 @@ def test_a_wrong_value_or_key_fails_at_install_naming_it(changes, where):
 
 
 def test_values_yaml_shows_only_keys_the_schema_takes():
-    """The commented examples in values.yaml's spawner section are real keys."""
+    """The spawner section's keys and its commented examples in values.yaml are real keys."""
     text = (chart.CHART_DIR / "values.yaml").read_text()
-    section = text.split("\nspawner: {}\n", 1)[1].split("\n# ---", 1)[0]
+    section = text.split("\nspawner:\n", 1)[1].split("\n# ---", 1)[0]
     example = yaml.safe_load("\n".join(line.strip()[2:] for line in section.splitlines()
                                        if line.strip().startswith("# ") and ":" in line))
     schema = chart_schema.spawner_schema()["properties"]
     assert example and set(example) <= set(schema), set(example) - set(schema)
+    values = yaml.safe_load(text)["spawner"]
+    assert values == {"statusClusterUsername": "jupyterhub-status"}, values
+    assert set(values) <= set(schema)

@@ -940,3 +940,36 @@ def test_a_servers_certificate_names_the_tunnel_services_address():
     # an explicit setting wins, as in JupyterHub
     assert make_spawner(tunnel_connect_host="t", ssl_alt_names=["DNS:x"]).ssl_alt_names == [
         "DNS:x"]
+
+
+@pytest.mark.parametrize(("text", "behind_bastion", "down"), [
+    ("cannot connect to alice@login1:22: ssh: connect to host login1 port 22: No route to "
+     "host", False, True),
+    ("cannot connect to alice@login1:22: ssh: connect to host login1 port 22: Connection "
+     "timed out", False, True),
+    ("cannot connect to alice@login1:22: alice@login1: Permission denied (publickey).", False,
+     False),
+    # a node hop's own master (the node does not answer): not the login node's fault
+    ("cannot connect to alice@cn1:22 via alice@login1:22: no answer in time", False, False),
+    # behind a bastion: the bastion down is not this login node down ...
+    ("cannot connect to alice@login1:22 via alice@bastion:22: ssh: connect to host bastion "
+     "port 22: Connection timed out", True, False),
+    # ... the bastion's forward to the node failing is
+    ("cannot connect to alice@login1:22 via alice@bastion:22: channel 0: open failed: connect "
+     "failed: No route to host\nstdio forwarding failed", True, True),
+])
+def test_only_the_login_nodes_own_connect_failure_marks_it_down(text, behind_bastion, down):
+    """What the tunnel service says decides whether a login node is passed over (and every
+    user's idle connection to it closed): only its own connect failure does."""
+    from hub_spawner import server_path
+    from hub_spawner.hub import hub_of
+    from hub_spawner.tunnels.client import TunnelError
+    from hub_spawner.tunnels.forwards import Login
+
+    async def judge() -> tuple[bool, bool]:
+        bastion = Login("bastion", 22, "alice", "/k", "/kh") if behind_bastion else None
+        login = Login("login1", 22, "alice", "/k", "/kh", jump=bastion)
+        said = server_path._node_down(login, TunnelError(text))
+        return said, hub_of().pool.is_down("login1", 22)
+
+    assert asyncio.run(judge()) == (down, down)

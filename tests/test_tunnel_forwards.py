@@ -254,8 +254,14 @@ def test_a_node_hop_has_its_own_master_and_leaves_plain_logins_ids_alone():
     # The id of a login without a hop is what it was before hops existed (a running master
     # of an older service is adopted, not replaced).
     assert LOGIN.key == "a49e90d69edd"  # as computed before this change
-    with pytest.raises(ValueError, match="one hop at most"):
-        Login("cn1", 22, "alice", "/k", "/kh", jump=NODE)
+    # Behind a bastion, a node hop has two: node via login node via bastion; never three.
+    bastion = Login("bastion.example.org", 22, "alice", "/k", "/kh")
+    behind = Login("login", 22, "alice", "/k", "/kh", jump=bastion)
+    node = Login("cn1", 22, "alice", "/k", "/kh", jump=behind)
+    assert [each.host for each in node.chain()] == ["cn1", "login", "bastion.example.org"]
+    assert node.describe() == "alice@cn1:22 via alice@login:22 via alice@bastion.example.org:22"
+    with pytest.raises(ValueError, match="two hops at most"):
+        Login("cn2", 22, "alice", "/k", "/kh", jump=node)
 
 
 def test_a_socket_forward_round_trips_through_the_table(tmp_path):

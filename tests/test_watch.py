@@ -22,7 +22,7 @@ from hub_spawner.schedulers import (
     statuses_of,
     torque,
 )
-from hub_spawner.ssh import SSHTarget
+from hub_spawner.ssh import LoginRefused, SSHTarget
 from hub_spawner.watch import Watch
 from tests.fixture_output import recorded
 
@@ -317,3 +317,39 @@ def test_each_schedulers_recorded_listing_gives_the_running_and_the_pending_job(
     states = {job.status.state: job for job in jobs}
     assert set(states) == {JobState.RUNNING, JobState.PENDING}
     assert states[JobState.RUNNING].status.node == "compute"
+
+
+async def test_a_status_identity_that_cannot_log_in_is_left_aside_and_users_list_their_own(
+        caplog):
+    """The status account's key is refused: the same cycle lists alice's and bob's jobs over
+    their own connections, the log says why and what to check, and the next cycles do not try
+    the status account again (for ``STATUS_RETRY_SECONDS``)."""
+
+    class Pool(RecordingPool):
+        refusal: Exception = LoginRefused("login refused the SSH key /k/status")
+
+        async def get(self, where: SSHTarget):
+            if where.username == "status":
+                raise self.refusal
+            return await super().get(where)
+
+    pool = Pool(lambda command: SQUEUE)
+    watch = Watch(slurm, pool, interval=10, status_target=target("status"))
+    watch.track("11", target("alice"))
+    watch.track("12", target("bob"))
+    # An outage is not a refusal: the status identity stays (the listing just fails).
+    pool.refusal = ClusterUnreachable("None of the cluster's 2 login nodes answers")
+    assert await watch.list_once() is False
+    assert watch.usable_status_target() is not None and not pool.commands
+    pool.refusal = LoginRefused("login refused the SSH key /k/status")
+    assert await watch.list_once() is True
+    assert (await watch.status("11")).state is JobState.RUNNING
+    assert (await watch.status("12")).state is JobState.PENDING
+    assert sorted(user for user, _ in pool.commands) == ["alice", "bob"]
+    assert "the status identity status cannot log in" in caplog.text
+    assert "Check status_cluster_username" in caplog.text
+    pool.commands.clear()
+    assert await watch.list_once() is True
+    assert sorted(user for user, _ in pool.commands) == ["alice", "bob"]
+    for job in ("11", "12"):
+        watch.untrack(job)

@@ -7,9 +7,10 @@ Requirements:
 - every value that reaches an ``ssh`` command line is validated here; no secret is ever on one
   (a key is named by its path, which the service reads, never its contents);
 - host keys stay strict: only the configured known_hosts file is used, unknown keys are refused;
-- a master may reach its host through another master (``Login.jump``, the node hop): the
-  second hop is a stdio forward over the first master's connection, never a new login to the
-  login node, and as strict as the first.
+- a master may reach its host through another master (``Login.jump``: the node hop, a
+  bastion in front of the login nodes, or both): each hop is a stdio forward over the
+  previous master's connection, never a new login to the host before it, and as strict as
+  the first.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class Login:
     username: str
     key_path: str
     known_hosts_path: str
-    #: Reach ``host`` through this login's master (a compute node via its login node).
+    #: Reach ``host`` through this login's master (a compute node via its login node, a
+    #: login node via the site's bastion; a node via its login node via the bastion).
     jump: Login | None = None
 
     def __post_init__(self) -> None:
@@ -56,7 +58,7 @@ class Login:
             os.path.isabs(self.known_hosts_path),
             f"known_hosts path {self.known_hosts_path!r} (must be absolute)",
         )
-        _check(self.jump is None or self.jump.jump is None, "login: one hop at most")
+        _check(len(self.chain()) <= 3, "login: two hops at most")
 
     @property
     def key(self) -> str:
@@ -66,6 +68,10 @@ class Login:
             del fields["jump"]  # as before the node hop existed: running masters keep their id
         text = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def chain(self) -> list[Login]:
+        """This login and each one it is reached through, nearest first."""
+        return [self, *(self.jump.chain() if self.jump is not None else [])]
 
     def describe(self) -> str:
         via = f" via {self.jump.describe()}" if self.jump is not None else ""

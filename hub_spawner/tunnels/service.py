@@ -227,9 +227,7 @@ class TunnelService:
     @contextlib.contextmanager
     def _asking(self, login: Login) -> Iterator[None]:
         """While a request with ``login`` waits or runs, its key is in use."""
-        paths = [login.key_path, login.key]
-        if login.jump is not None:
-            paths += [login.jump.key_path, login.jump.key]
+        paths = [path for each in login.chain() for path in (each.key_path, each.key)]
         for path in paths:
             self._asked[path] = self._asked.get(path, 0) + 1
         try:
@@ -330,8 +328,7 @@ class TunnelService:
         that dies is made again with them)."""
         logins = [e.forward.login for e in self.table.values()]
         logins += [m.login for key, m in self.masters.items() if key in self.warm_until]
-        logins += [login.jump for login in logins if login.jump is not None]
-        return {login.key_path for login in logins} | set(self._asked)
+        return {each.key_path for login in logins for each in login.chain()} | set(self._asked)
 
     async def end_unused_masters(self) -> list[int]:
         """End every master whose control socket is in this directory but that no forward of
@@ -341,9 +338,8 @@ class TunnelService:
         ended = []
         for key in master_socket_keys(self.directory):
             async with self._locks.setdefault(key, asyncio.Lock()):
-                logins = [e.forward.login for e in self.table.values()]
-                in_use = {login.key for login in logins}
-                in_use |= {login.jump.key for login in logins if login.jump is not None}
+                in_use = {each.key for e in self.table.values()
+                          for each in e.forward.login.chain()}
                 if key in in_use or key in self.masters or key in self._asked:
                     continue
                 pid = await end_master(str(self.directory / "m" / key))
@@ -463,7 +459,8 @@ class TunnelService:
         master = self.masters.get(login.key)
         if master is not None and master.alive():
             return master
-        if login.jump is not None:  # the node hop rides on the login node's master
+        if login.jump is not None:  # the node hop rides on the login node's master, that
+            # (behind a bastion) on the bastion's
             async with self._lock(login.jump):
                 await self._master(login.jump)
         master = Master(login, self.directory)
@@ -509,8 +506,7 @@ class TunnelService:
 
     async def _stop_unused(self, login: Login) -> None:
         """End the master of ``login`` (and then of its jump) once no forward uses it."""
-        in_use = {e.forward.login.key for e in self.table.values()}
-        in_use |= {e.forward.login.jump.key for e in self.table.values() if e.forward.login.jump}
+        in_use = {each.key for e in self.table.values() for each in e.forward.login.chain()}
         in_use |= set(self._asked)  # a request on its way (a node hop being made on it)
         if login.key in in_use or self.warm_until.get(login.key, 0) > time.monotonic():
             return

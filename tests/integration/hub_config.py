@@ -171,6 +171,8 @@ if os.environ.get("HUB_CLUSTER_STATUS_INTERVAL"):
     c.SSHBatchSpawner.cluster_status_interval = float(os.environ["HUB_CLUSTER_STATUS_INTERVAL"])
 if os.environ.get("HUB_LOGIN_HOSTS"):  # e.g. "login,login2" (the lab's add_login2)
     c.SSHBatchSpawner.login_hosts = os.environ["HUB_LOGIN_HOSTS"].split(",")
+if os.environ.get("HUB_JUMP_HOST"):  # the lab's bastion (add_bastion)
+    c.SSHBatchSpawner.jump_host = os.environ["HUB_JUMP_HOST"]
 if os.environ.get("HUB_SSH_CONNECT_TIMEOUT"):
     c.SSHBatchSpawner.ssh_connect_timeout = float(os.environ["HUB_SSH_CONNECT_TIMEOUT"])
 if os.environ.get("HUB_STATUS_USER"):

@@ -58,10 +58,11 @@ def service_processes(tmp_path: Path) -> list[str]:
 def test_everything_passes_and_the_test_job_leaves_nothing_behind(lab, tmp_path):
     code, output = run_check(tmp_path, write_config(tmp_path), "--submit")
     assert code == 0, output
-    for step in ("config", "key", "reachable", "host key", "login", "scheduler", "job",
-                 "tunnel", "server", "cleanup"):
+    for step in ("config", "key", "reachable", "host key", "login", "scheduler", "status",
+                 "job", "tunnel", "server", "cleanup"):
         line(output, "ok", step)
-    assert "all 10 checks passed" in output
+    assert "no status identity: one scheduler listing per user" in line(output, "ok", "status")
+    assert "all 11 checks passed" in output
     assert re.search(r"ssh-ed25519 SHA256:\S+ matches ", output)
     assert "Slurm slurm-wlm 22.05" in line(output, "ok", "scheduler")
     assert "checked our token with the hub API" in line(output, "ok", "server")
@@ -250,7 +251,7 @@ def test_every_cluster_is_checked_and_a_broken_one_fails_alone(lab, tmp_path):
         assert scheduler in line(parts[key], "ok", "scheduler")
     assert "cannot connect to" in line(parts["gone"], "FAIL", "reachable")
     line(parts["gone"], "skip", "scheduler")
-    assert output.rstrip().endswith("1 of 15 checks failed: gone: reachable"), output
+    assert output.rstrip().endswith("1 of 17 checks failed: gone: reachable"), output
 
 
 def test_a_test_job_on_the_chosen_cluster_leaves_nothing_behind(lab, tmp_path):
@@ -262,6 +263,6 @@ def test_a_test_job_on_the_chosen_cluster_leaves_nothing_behind(lab, tmp_path):
     line(output, "ok", "job")
     assert "checked our token with the hub API" in line(output, "ok", "server")
     line(output, "ok", "cleanup")
-    assert "all 10 checks passed" in output
+    assert "all 11 checks passed" in output
     assert active_jobs("alice", "sge") == [] and active_jobs("alice") == []
     assert wait_for(lambda: service_processes(tmp_path) == [], timeout=10)

@@ -140,7 +140,7 @@ def test_check_in_certificate_mode_passes_and_names_the_ca(lab, tmp_path):
         capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"ok    key        CA key {lab.USER_CA}: ssh-ed25519 SHA256:" in result.stdout
-    assert "all 10 checks passed" in result.stdout
+    assert "all 11 checks passed" in result.stdout
 
 
 

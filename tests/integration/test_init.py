@@ -75,7 +75,7 @@ def test_init_writes_a_config_that_check_submit_passes(lab, tmp_path, scheduler,
          "--user", user, "--submit"], cwd=tmp_path, env=env, capture_output=True, text=True,
         timeout=300)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "all 10 checks passed" in check.stdout, check.stdout
+    assert "all 11 checks passed" in check.stdout, check.stdout
     assert wait_for(lambda: not active_jobs(user, scheduler), 30)
 
 

@@ -104,6 +104,8 @@ def test_a_login_node_going_down_moves_new_spawns_running_tunnels_and_stops(logi
             lab.login_host_up("login")
         stop_hub(process)
         lab.stop_tunnel_service(tmp_path / "tunnels")
+        for user in ("alice", "bob"):  # a failed test's jobs must not hold the node
+            lab.in_namespace("login", ["scancel", f"--user={user}"], check=False)
 
 
 def test_check_reports_each_login_node(login2, tmp_path):

@@ -141,3 +141,28 @@ def test_a_running_servers_own_ssh_connection_closes_when_idle(lab, tmp_path):
         stop_hub(process)
         lab.stop_tunnel_service(tmp_path / "tunnels")
         lab.in_namespace("login", ["scancel", "--user=bob"], check=False)
+
+
+def test_a_status_identity_that_cannot_log_in_leaves_each_user_listing_their_own(lab, tmp_path):
+    """``status_cluster_username`` names an account the hub has no key for (``carol``): the
+    hub says so once, lists bob's jobs over his own connection, and his spawn, poll and stop
+    work as without a status identity."""
+    hub, process = start_hub(tmp_path, PORT + 20, secrets.token_hex(24),
+                             {"HUB_POLL_INTERVAL": "1", "HUB_STATUS_USER": "carol",
+                              "HUB_CLUSTER_STATUS_INTERVAL": str(INTERVAL), "HUB_DEBUG": "1"})
+    try:
+        hub.api("POST", "/users/bob")
+        events, _ = hub.spawn("bob")
+        assert events[-1].get("ready"), events
+        time.sleep(3 * INTERVAL)
+        log = hub.log()
+        assert log.count("the status identity carol cannot log in") == 1, log[-3000:]
+        assert "Check status_cluster_username" in log
+        assert re.search(r"squeue for 1 user\(s\), 1 job\(s\) of ours, as bob:", log)
+        assert not re.search(r"job\(s\) of ours, as carol:", log)
+        assert hub.get("/user/bob/api/status").status_code == 200
+        hub.stop("bob")
+        assert wait_for(lambda: not active_jobs("bob"), 30), active_jobs("bob")
+    finally:
+        stop_hub(process)
+        lab.stop_tunnel_service(tmp_path / "tunnels")

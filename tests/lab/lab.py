@@ -54,9 +54,14 @@ SAFETY_ROUTE = "10.77.0.0/16"
 HUB_IP, LOGIN_IP = "10.77.1.1", "10.77.1.2"
 LOGIN_CLUSTER_IP, COMPUTE_IP = "10.77.2.1", "10.77.2.2"
 HUB2_IP, LOGIN2_IP, LOGIN2_CLUSTER_IP = "10.77.3.1", "10.77.3.2", "10.77.2.3"
-NAMESPACES = {"login": "hsl-login", "compute": "hsl-compute", "login2": "hsl-login2"}
+#: The bastion (``add_bastion``): the hub's side, and its link to the first login host.
+HUB3_IP, BASTION_IP = "10.77.4.1", "10.77.4.2"
+BASTION_INNER_IP, LOGIN_BASTION_SIDE_IP = "10.77.5.1", "10.77.5.2"
+NAMESPACES = {"login": "hsl-login", "compute": "hsl-compute", "login2": "hsl-login2",
+              "bastion": "hsl-bastion"}
 #: Each host's address on the hub's side (the compute host's: on the cluster's side).
-HOST_IPS = {"login": LOGIN_IP, "login2": LOGIN2_IP, "compute": COMPUTE_IP}
+HOST_IPS = {"login": LOGIN_IP, "login2": LOGIN2_IP, "compute": COMPUTE_IP,
+            "bastion": BASTION_IP}
 HUB_HOSTS_MARK = "# hub_spawner lab: login hosts (tests/lab/lab.py)"
 USERS = ("alice", "bob")
 #: The compute host's full name: its canonical name in the lab's hosts files, so Grid Engine
@@ -287,7 +292,8 @@ def down() -> None:
         except subprocess.TimeoutExpired:
             print("lab: qdel timed out", file=sys.stderr)
     for name in ("sshd", "sshd-torque", "sshd-compute", "sshd-login2-22", "sshd-login2-2222",
-                 "slurmd", "slurmctld", "sge_execd", "sge_qmaster", "munged"):
+                 "sshd-bastion-22", "sshd-login-bastion-side", "slurmd", "slurmctld",
+                 "sge_execd", "sge_qmaster", "munged"):
         pid = pids.get(name)
         if pid and _alive(pid):
             stop_pid(pid)
@@ -298,7 +304,7 @@ def down() -> None:
     for namespace in NAMESPACES.values():
         subprocess.run(["ip", "netns", "del", namespace], check=False, stderr=subprocess.DEVNULL)
         shutil.rmtree(f"/etc/netns/{namespace}", ignore_errors=True)
-    for link in ("hsl-hub", "hsl-hub2"):
+    for link in ("hsl-hub", "hsl-hub2", "hsl-hub3"):
         subprocess.run(["ip", "link", "del", link], check=False, stderr=subprocess.DEVNULL)
     _hub_hosts(False)
     subprocess.run(["ip", "route", "del", "unreachable", SAFETY_ROUTE], check=False,
@@ -471,11 +477,11 @@ def _sshd_name(host: str, port: int) -> str:
     return str(port) if host == "login" else f"{host}-{port}"
 
 
-def _start_sshd(port: int = 22, host: str = "login") -> int:
+def _start_sshd(port: int = 22, host: str = "login", name: str = "", ip: str = "") -> int:
     """An sshd of a login host (on ``TORQUE_PORT`` its sessions see the Torque/PBS wrappers
-    in /usr/local/bin, first on PATH, so ``qsub`` there is Torque's, not Grid Engine's), or the
-    compute host's (port 22)."""
-    name = _sshd_name(host, port)
+    in /usr/local/bin, first on PATH, so ``qsub`` there is Torque's, not Grid Engine's), the
+    compute host's (port 22) or the bastion's; ``name`` and ``ip``: another of a host's."""
+    name = name or _sshd_name(host, port)
     config = LAB_DIR / f"sshd_config-{name}"
     binds = {str(TORQUE_WRAPPERS): "/usr/local/bin"} if port == TORQUE_PORT else None
     process = subprocess.Popen(
@@ -483,7 +489,7 @@ def _start_sshd(port: int = 22, host: str = "login") -> int:
         stdout=subprocess.DEVNULL, stderr=open(LAB_DIR / f"sshd-{name}.log", "a"),
         start_new_session=True,
     )
-    _wait_until(lambda: _port_open(host, HOST_IPS[host], port), 10,
+    _wait_until(lambda: _port_open(host, ip or HOST_IPS[host], port), 10,
                 f"sshd on the {host} host, port {port}")
     return process.pid
 
@@ -642,13 +648,18 @@ def _write_known_hosts() -> None:
     lines = [f"{LOGIN_IP} {public[0]} {public[1]}",
              f"[{LOGIN_IP}]:{TORQUE_PORT} {public[0]} {public[1]}",
              f"compute,{COMPUTE_FQDN} {compute[0]} {compute[1]}"]
+    # The login host also by its name: as the hub resolves it while login2 is up, and as a
+    # bastion dials it.
+    lines += [f"login {public[0]} {public[1]}", f"[login]:{TORQUE_PORT} {public[0]} {public[1]}"]
     login2 = LAB_DIR / "ssh_host_login2_ed25519_key.pub"
-    if login2.exists():  # both login hosts also by the names the hub then resolves
+    if login2.exists():
         second = login2.read_text().split()
-        lines += [f"login {public[0]} {public[1]}",
-                  f"[login]:{TORQUE_PORT} {public[0]} {public[1]}",
-                  f"{LOGIN2_IP},login2 {second[0]} {second[1]}",
+        lines += [f"{LOGIN2_IP},login2 {second[0]} {second[1]}",
                   f"[{LOGIN2_IP}]:{TORQUE_PORT},[login2]:{TORQUE_PORT} {second[0]} {second[1]}"]
+    bastion = LAB_DIR / "ssh_host_bastion_ed25519_key.pub"
+    if bastion.exists():
+        third = bastion.read_text().split()
+        lines += [f"{BASTION_IP},bastion {third[0]} {third[1]}"]
     KNOWN_HOSTS.write_text("\n".join(lines) + "\n")
 
 
@@ -664,6 +675,56 @@ def _hub_hosts(present: bool) -> None:
     hosts.write_text("\n".join(kept) + "\n")
 
 
+def add_bastion() -> dict:
+    """Add a bastion in front of the first login host (once): its namespace, linked to the
+    hub (``BASTION_IP``) and to the login host only (a second sshd of the login host, with
+    its host key, listens on that link), its own host key and sshd, in the known_hosts file
+    as ``bastion``. The bastion resolves the login host as ``login``. Returns the state."""
+    state = json.loads(STATE_FILE.read_text())
+    if state.get("bastion"):
+        return state
+    namespace, login = NAMESPACES["bastion"], NAMESPACES["login"]
+    try:
+        _ip("netns", "add", namespace)
+        _ip("-n", namespace, "link", "set", "lo", "up")
+        Path(f"/etc/netns/{namespace}").mkdir(parents=True, exist_ok=True)
+        Path(f"/etc/netns/{namespace}/hosts").write_text(
+            f"127.0.0.1 localhost\n{LOGIN_BASTION_SIDE_IP} login\n")
+        _ip("link", "add", "hsl-hub3", "type", "veth", "peer", "name", "hsl-b1", "netns",
+            namespace)
+        _ip("addr", "add", f"{HUB3_IP}/24", "dev", "hsl-hub3")
+        _ip("link", "set", "hsl-hub3", "up")
+        _ip("-n", namespace, "addr", "add", f"{BASTION_IP}/24", "dev", "hsl-b1")
+        _ip("-n", namespace, "link", "set", "hsl-b1", "up")
+        _ip("-n", namespace, "link", "add", "hsl-b2", "type", "veth", "peer", "name", "hsl-l3",
+            "netns", login)
+        _ip("-n", namespace, "addr", "add", f"{BASTION_INNER_IP}/24", "dev", "hsl-b2")
+        _ip("-n", namespace, "link", "set", "hsl-b2", "up")
+        _ip("-n", login, "addr", "add", f"{LOGIN_BASTION_SIDE_IP}/24", "dev", "hsl-l3")
+        _ip("-n", login, "link", "set", "hsl-l3", "up")
+        subprocess.run(["ip", "netns", "exec", namespace, "sysctl", "-qw",
+                        "net.ipv4.ip_forward=0"], check=True)
+        key = LAB_DIR / "ssh_host_bastion_ed25519_key"
+        key.unlink(missing_ok=True)
+        Path(f"{key}.pub").unlink(missing_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                       check=True)
+        _write_sshd_config("bastion-22", BASTION_IP, 22, key.name)
+        _write_sshd_config("login-bastion-side", LOGIN_BASTION_SIDE_IP, 22,
+                           "ssh_host_ed25519_key")
+        state["bastion"] = True
+        state["pids"]["sshd-bastion-22"] = _start_sshd(22, host="bastion")
+        state["pids"]["sshd-login-bastion-side"] = _start_sshd(
+            22, host="login", name="login-bastion-side", ip=LOGIN_BASTION_SIDE_IP)
+        _write_state(state)
+        _write_known_hosts()
+    except BaseException:
+        _write_state(state)
+        down()
+        raise
+    return state
+
+
 def login_host_down(host: str = "login") -> None:
     """A login host goes down for the hub: its sshds stop (their sessions live on, cut off)
     and its hub-side link goes down, so every packet to it is dropped."""
@@ -671,9 +732,17 @@ def login_host_down(host: str = "login") -> None:
     link = "hsl-l1" if host == "login" else "hsl-m1"
     _ip("-n", NAMESPACES[host], "link", "set", link, "down")
     for name, pid in state["pids"].items():
-        if name in (("sshd", "sshd-torque") if host == "login" else ()) or name.startswith(
-                f"sshd-{host}-"):
+        if name in _hub_side_sshds(host, state):
             stop_pid(pid)
+
+
+def _hub_side_sshds(host: str, state: dict) -> dict[str, int]:
+    """The sshds of login host ``host`` that the hub reaches (name in the state -> port); not
+    the first login host's bastion-side one."""
+    if host == "login":
+        return {"sshd": 22, "sshd-torque": TORQUE_PORT}
+    return {name: int(name.rsplit("-", 1)[1]) for name in state["pids"]
+            if name.startswith(f"sshd-{host}-")}
 
 
 def login_host_up(host: str = "login") -> None:
@@ -681,10 +750,7 @@ def login_host_up(host: str = "login") -> None:
     state = json.loads(STATE_FILE.read_text())
     link = "hsl-l1" if host == "login" else "hsl-m1"
     _ip("-n", NAMESPACES[host], "link", "set", link, "up")
-    names = {"sshd": 22, "sshd-torque": TORQUE_PORT} if host == "login" else {
-        name: int(name.rsplit("-", 1)[1]) for name in state["pids"]
-        if name.startswith(f"sshd-{host}-")}
-    for name, port in names.items():
+    for name, port in _hub_side_sshds(host, state).items():
         if name in state["pids"] and not _alive(state["pids"][name]):
             state["pids"][name] = _start_sshd(port, host=host)
     _write_state(state)
