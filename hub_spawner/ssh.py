@@ -33,6 +33,7 @@ import dataclasses
 import logging
 import os
 import posixpath
+import random
 import secrets
 import shlex
 import stat
@@ -62,6 +63,9 @@ FOLLOW_MAX_BYTES = 256 * 1024
 FOLLOW_MAX_LINE_BYTES = 64 * 1024
 #: How long a login node that did not answer is passed over, when the cluster has others.
 LOGIN_DOWN_SECONDS = 60.0
+#: New connections the pool opens to one login node at once: with the tunnel service's own
+#: (``MASTER_STARTS_PER_HOST``) at most 10, sshd's default ``MaxStartups`` start.
+HANDSHAKES_PER_HOST = 4
 
 ENCRYPTION_PREFERENCE = (
     "aes128-gcm@openssh.com",
@@ -148,6 +152,10 @@ class Frame:
 
 class LoginNodeDown(ClusterUnreachable):
     """The login node did not answer (refused, timed out, unreachable): another may."""
+
+
+class HandshakeCut(ClusterUnreachable):
+    """sshd closed the connection before the SSH handshake (beyond its ``MaxStartups``)."""
 
 
 class LoginRefused(ClusterUnreachable):
@@ -822,6 +830,7 @@ class ConnectionPool:
         self._last_used: dict[SSHTarget, float] = {}
         self._reaper: asyncio.Task | None = None
         self._down_until: dict[tuple[str, int], float] = {}  # (host, port) -> monotonic
+        self._handshakes: dict[tuple[str, int], asyncio.Semaphore] = {}
 
     async def get(self, target: SSHTarget) -> LoginConnection:
         """A live connection for ``target`` (on its host, or, when that does not answer, on
@@ -879,8 +888,11 @@ class ConnectionPool:
             if existing is None or existing.is_closed():
                 if pass_over and self.is_down(target.host, target.port):
                     raise LoginNodeDown(f"{target.host}:{target.port} did not answer lately")
+                handshakes = self._handshakes.setdefault(
+                    (target.host, target.port), asyncio.Semaphore(HANDSHAKES_PER_HOST))
                 try:
-                    made = await connect(target)
+                    async with handshakes:  # below sshd's MaxStartups, with the service's
+                        made = await connect(target)
                 except LoginNodeDown as error:
                     self.mark_down(target.host, target.port, str(error))
                     raise
@@ -922,11 +934,11 @@ async def connect(
     tunnel = None
     if target.jump is not None:
         try:
-            tunnel = await _connect(target.jump, None, None, warm=False)
+            tunnel = await _with_retries(_connect, target.jump, None, None, warm=False)
         except LoginNodeDown as error:  # the bastion, not this login node: no other node helps
             raise ClusterUnreachable(str(error)) from None
     try:
-        connection = await _connect(target, client_key, tunnel, warm=True)
+        connection = await _with_retries(_connect, target, client_key, tunnel, warm=True)
     except BaseException:
         if tunnel is not None:
             tunnel.close()
@@ -934,6 +946,24 @@ async def connect(
     if tunnel is not None:
         asyncio.ensure_future(_close_after(connection, tunnel)).add_done_callback(_forget)
     return connection
+
+
+#: Tries of a connection sshd closed before the handshake (beyond its ``MaxStartups``: 10
+#: unauthenticated connections at once by default, easily passed by a spawn storm).
+HANDSHAKE_TRIES = 4
+
+
+async def _with_retries(connect_once: Callable[..., Awaitable[_Result]], target: SSHTarget,
+                        *args: object, **kwargs: object) -> _Result:
+    for attempt in range(1, HANDSHAKE_TRIES + 1):
+        try:
+            return await connect_once(target, *args, **kwargs)
+        except HandshakeCut as error:
+            if attempt == HANDSHAKE_TRIES:
+                raise
+            log.info("%s (try %d of %d); trying again", error, attempt, HANDSHAKE_TRIES)
+            await asyncio.sleep(random.uniform(0.2, 1.0) * attempt)
+    raise AssertionError("unreachable")
 
 
 async def _close_after(connection: asyncssh.SSHClientConnection,
@@ -993,13 +1023,20 @@ async def _connect(target: SSHTarget, client_key: asyncssh.SSHKey | tuple | None
             f"{target.host}:{target.port}: {error.reason}. Try again later; if it persists, "
             "tell an administrator."
         ) from None
+    except (asyncssh.ConnectionLost, ConnectionResetError):  # cut: sshd's MaxStartups
+        raise HandshakeCut(
+            f"The {role} {target.host}:{target.port} closed the connection before the SSH "
+            "handshake: its sshd takes only so many new connections at once (MaxStartups). "
+            "Try again in a moment; if it persists, tell an administrator (raise MaxStartups "
+            "in its sshd_config)."
+        ) from None
     except (OSError, asyncio.TimeoutError) as error:  # refused, unreachable, no answer
         reason = str(error) or type(error).__name__
         raise LoginNodeDown(
             f"Cannot reach the {role} {target.host}:{target.port}: {reason}. "
             "Try again later; if it persists, tell an administrator."
         ) from None
-    except asyncssh.Error as error:  # it answered, then broke off (e.g. sshd's MaxStartups)
+    except asyncssh.Error as error:  # it answered, then broke off
         reason = str(error) or type(error).__name__
         raise ClusterUnreachable(
             f"Cannot reach the {role} {target.host}:{target.port}: {reason}. "

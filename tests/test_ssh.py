@@ -9,6 +9,7 @@ replaced by operations that never return.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shlex
 import stat
@@ -786,4 +787,59 @@ async def test_a_login_node_that_refuses_is_passed_over_for_the_next(tmp_path):
             await pool.get(nowhere)
     finally:
         pool.close_all()
+        server.close()
+
+
+async def test_a_connection_sshd_cuts_before_the_handshake_is_tried_again(tmp_path):
+    """A login node beyond its MaxStartups closes new connections before the SSH banner: the
+    connection is tried again (after a short random pause), and succeeds when sshd lets it
+    in; one that is always cut says so, naming MaxStartups."""
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    client_key = asyncssh.generate_private_key("ssh-ed25519")
+    server = await asyncssh.listen(
+        "127.0.0.1", 0, server_host_keys=[host_key], encoding=None,
+        authorized_client_keys=asyncssh.import_authorized_keys(
+            client_key.export_public_key().decode()),
+        server_factory=SometimesFullServer)
+    ssh_port = server.sockets[0].getsockname()[1]
+    cut = {"left": 2}
+
+    async def relay(reader, writer):
+        if cut["left"] > 0:  # as sshd beyond MaxStartups: closed before a word
+            cut["left"] -= 1
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", ssh_port)
+
+        async def pump(source, sink):
+            with contextlib.suppress(OSError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    front = await asyncio.start_server(relay, "127.0.0.1", 0)
+    port = front.sockets[0].getsockname()[1]
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{port} {host_key.export_public_key().decode()}")
+    key_path = tmp_path / "key"
+    client_key.write_private_key(str(key_path))
+    key_path.chmod(0o600)
+    pool = ConnectionPool()
+    target = SSHTarget("127.0.0.1", port, "alice", str(key_path), str(known_hosts),
+                       connect_timeout=5)
+    try:
+        connection = await pool.get(target)
+        assert cut["left"] == 0 and not connection.is_closed()
+        pool.close_all()
+        cut["left"] = 100
+        with pytest.raises(ClusterUnreachable, match="closed the connection before the SSH "
+                           "handshake.*MaxStartups"):
+            await pool.get(target)
+        assert cut["left"] == 100 - 4  # HANDSHAKE_TRIES
+    finally:
+        pool.close_all()
+        front.close()
         server.close()

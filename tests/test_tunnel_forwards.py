@@ -339,3 +339,16 @@ def test_a_hub_that_does_not_start_the_service_says_to_start_its_unit(tmp_path):
                                           "systemctl start hub-spawner-tunnels"):
         asyncio.run(client.forwards())
     assert not (tmp_path / "tunnels").exists()  # nothing made, nothing started
+@pytest.mark.parametrize(("said", "cut"), [
+    ("kex_exchange_identification: Connection closed by remote host", True),
+    ("kex_exchange_identification: read: Connection reset by peer", True),
+    ("Connection reset by 10.77.1.2 port 22", True),
+    ("ssh: connect to host 10.77.1.2 port 22: Connection refused", False),
+    ("alice@10.77.1.2: Permission denied (publickey).", False),
+])
+def test_only_a_connection_cut_before_the_handshake_is_tried_again(said, cut):
+    """What OpenSSH says when sshd is beyond its MaxStartups (tried again) and what it says
+    otherwise (not)."""
+    from hub_spawner.tunnels.service import _HANDSHAKE_CUT
+
+    assert bool(_HANDSHAKE_CUT.search(f"cannot connect to alice@10.77.1.2:22: {said}")) is cut

@@ -10,8 +10,10 @@ Requirements:
   forward that cannot come back (its port taken) is retried every second and reported by
   ``list``;
 - a login node that does not answer delays only its own forwards: work is serialised per login
-  target, at most ``MAX_MASTER_STARTS`` masters start at once, the control socket answers
-  before any forward is restored, and forwards that are down come back in the background (one
+  target, at most ``MAX_MASTER_STARTS`` masters start at once (``MASTER_STARTS_PER_HOST`` to
+  one host, below sshd's ``MaxStartups``; one it cut off is tried again), the control socket
+  answers before any forward is restored, and forwards that are down come back in the
+  background (one
   task per login target, with a back-off up to ``MAX_READD_BACK_OFF`` while it does not answer);
 - one service per directory (a lock file); the control socket is in a 0700 directory, mode 0600;
   control over TCP (``--listen``, for a hub in another pod) needs the token in
@@ -66,6 +68,14 @@ WARM_SECONDS = float(os.environ.get("HUB_TUNNEL_WARM_SECONDS") or 120)
 MASTER_START_TIMEOUT = 20.0
 #: Masters being started at once (each is an ``ssh`` process logging in).
 MAX_MASTER_STARTS = 16
+#: Masters started to one login node at once: with the hub's own new connections
+#: (``ssh.HANDSHAKES_PER_HOST``) at most 10, sshd's default ``MaxStartups`` start.
+MASTER_STARTS_PER_HOST = 6
+#: Tries of a master whose connection sshd closed before the SSH handshake: what a login node
+#: does beyond its ``MaxStartups`` (10 unauthenticated connections at once by default).
+HANDSHAKE_TRIES = 4
+_HANDSHAKE_CUT = re.compile(r"kex_exchange_identification: (Connection closed by remote host|"
+                            r"read: Connection reset by peer)|Connection reset by \S+ port \d+")
 #: The longest wait between two tries to bring back the forwards of a login node that does
 #: not answer (the wait doubles from 1 s).
 MAX_READD_BACK_OFF = 30.0
@@ -139,7 +149,21 @@ class Master:
         return True
 
     async def start(self) -> None:
-        """Start the master and wait until it is connected; ``ForwardFailed`` says why not."""
+        """Start the master and wait until it is connected; ``ForwardFailed`` says why not.
+        A connection sshd closed before the handshake (``MaxStartups``: too many at once) is
+        tried again, ``HANDSHAKE_TRIES`` times in all, after a random pause."""
+        for attempt in range(1, HANDSHAKE_TRIES + 1):
+            try:
+                return await self._start_once()
+            except ForwardFailed as error:
+                if attempt == HANDSHAKE_TRIES or not _HANDSHAKE_CUT.search(str(error)):
+                    raise
+                log.info("master %s: sshd closed the connection before the handshake (try "
+                         "%d of %d; MaxStartups?); trying again", self.login.describe(),
+                         attempt, HANDSHAKE_TRIES)
+                await asyncio.sleep(random.uniform(0.2, 1.0) * attempt)
+
+    async def _start_once(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.control_path)
         with open(self.log_path, "ab") as log_file:
@@ -209,6 +233,7 @@ class TunnelService:
         self.warm_until: dict[str, float] = {}  # login key -> when a warmed master may go
         self._locks: dict[str, asyncio.Lock] = {}
         self._starts = asyncio.Semaphore(MAX_MASTER_STARTS)
+        self._host_starts: dict[tuple[str, int], asyncio.Semaphore] = {}
         self._readding: dict[str, asyncio.Task] = {}  # login key -> its re-add task
         self._next_try: dict[str, tuple[float, float]] = {}  # login key -> (when, back-off)
         self._swept_at = 0.0
@@ -465,7 +490,9 @@ class TunnelService:
                 await self._master(login.jump)
         master = Master(login, self.directory)
         if not await master.adopt():
-            async with self._starts:
+            per_host = self._host_starts.setdefault(
+                (login.host, login.port), asyncio.Semaphore(MASTER_STARTS_PER_HOST))
+            async with self._starts, per_host:
                 try:
                     await master.start()
                 except ForwardFailed:
