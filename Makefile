@@ -5,7 +5,7 @@ SCHEDULER ?= slurm
 # make test PYTEST_ARGS='tests/test_form.py -x': only those (the default is the whole suite).
 PYTEST_ARGS ?=
 
-.PHONY: install demo test image fresh-check lint bench bench-tunnel bench-hub bench-spawn bench-scale
+.PHONY: install demo test image fresh-check lint bench bench-tunnel bench-hub bench-spawn bench-scale bench-users
 
 install:
 	LAB_PREFIX=$(LAB_PREFIX) tests/lab/install.sh
@@ -31,7 +31,7 @@ lint: install
 	$(LAB_PREFIX)/venv/bin/ruff check hub_spawner tests bench example_hub_config
 
 # Benchmarks (bench/RESULTS.md): tunnel vs ssh -L, then the hub's load while servers download.
-bench: bench-tunnel bench-hub bench-spawn bench-scale
+bench: bench-tunnel bench-hub bench-spawn bench-scale bench-users
 
 bench-tunnel: install
 	LAB_PREFIX=$(LAB_PREFIX) $(PYTHON) -m bench.tunnel_bench
@@ -44,3 +44,6 @@ bench-spawn: install
 
 bench-scale: install
 	LAB_PREFIX=$(LAB_PREFIX) $(PYTHON) -m bench.scale_bench
+
+bench-users: install
+	LAB_PREFIX=$(LAB_PREFIX) $(PYTHON) -m bench.users_bench

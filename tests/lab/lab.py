@@ -64,6 +64,8 @@ HOST_IPS = {"login": LOGIN_IP, "login2": LOGIN2_IP, "compute": COMPUTE_IP,
             "bastion": BASTION_IP}
 HUB_HOSTS_MARK = "# hub_spawner lab: login hosts (tests/lab/lab.py)"
 USERS = ("alice", "bob")
+#: Benchmark users (``add_users``): hsu001, hsu002, ...; every lab sshd lets them in.
+BENCH_USER_PREFIX = "hsu"
 #: The compute host's full name: its canonical name in the lab's hosts files, so Grid Engine
 #: (``ignore_fqdn false``) knows the node by it, as real cells usually do, while the node's
 #: ``hostname`` (and Slurm's NodeName) is the short ``compute``.
@@ -414,6 +416,34 @@ def _users_and_keys() -> None:
             os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
+def add_users(count: int) -> list[str]:
+    """``count`` benchmark users (``hsu001`` ...): accounts with homes (made once, kept like
+    alice's and bob's) and, each time, a fresh key in ``KEY_DIR`` (gone with the lab) whose
+    public half is their ``authorized_keys``. Returns their names."""
+    names = [f"{BENCH_USER_PREFIX}{number:03d}" for number in range(1, count + 1)]
+    for name in names:
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", name],
+                           check=True)
+            subprocess.run(["usermod", "-p", "*", name], check=True)
+            entry = pwd.getpwnam(name)
+        key = KEY_DIR / name
+        key.unlink(missing_ok=True)
+        Path(f"{key}.pub").unlink(missing_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{name}@hub-lab",
+                        "-f", str(key)], check=True)
+        ssh_dir = Path(entry.pw_dir) / ".ssh"
+        ssh_dir.mkdir(mode=0o700, exist_ok=True)
+        authorized = ssh_dir / "authorized_keys"
+        authorized.write_text(Path(f"{key}.pub").read_text())
+        os.chmod(authorized, 0o600)
+        for path in (ssh_dir, authorized):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+    return names
+
+
 def _start_munged() -> int:
     process = subprocess.Popen(
         ["runuser", "-u", "munge", "--", "/usr/sbin/munged", "--foreground", "--force"],
@@ -467,7 +497,7 @@ def _write_sshd_config(name: str, listen_ip: str, port: int, host_key: str) -> N
     config = LAB_DIR / f"sshd_config-{name}"
     config.write_text(SSHD_CONFIG_TEXT.format(listen_ip=listen_ip, run=LAB_DIR, port=port,
                                               name=name, host_key=host_key,
-                                              users=" ".join(USERS)))
+                                              users=" ".join(USERS) + f" {BENCH_USER_PREFIX}*"))
     subprocess.run(["/usr/sbin/sshd", "-t", "-f", str(config)], check=True)
 
 
