@@ -52,6 +52,7 @@ HUB_PORT = 18800
 STATUS_INTERVAL = 10.0
 SERVER = "light-1"
 ERRORS: list[str] = []
+MIN_AVAILABLE_MB = 2048
 
 
 def main() -> int:
@@ -135,6 +136,11 @@ def _spawn_up_to(hub: Hub, users: list[str], count: int, running: list[str]) -> 
     had to end ("" if not)."""
     waiting = [user for user in users if user not in set(running)]
     while len(running) < count and waiting:
+        available = _available_mb()
+        if available < MIN_AVAILABLE_MB:  # all hosts share this machine's memory
+            return (f"this machine's memory at N={len(running)}: {available:.0f} MB available "
+                    f"(the servers on the compute host use most; stopped below "
+                    f"{MIN_AVAILABLE_MB} MB)")
         batch = [waiting.pop(0) for _ in range(min(20, count - len(running), len(waiting)))]
         with ThreadPoolExecutor(len(batch)) as pool:
             results = list(pool.map(lambda user: press_start(hub, user, SERVER, timeout=600),
@@ -149,6 +155,11 @@ def _spawn_up_to(hub: Hub, users: list[str], count: int, running: list[str]) -> 
             return f"more than 10 spawns failed by N={len(running)}: {ERRORS[-1][:300]}"
         print(f"{len(running)} users with a server", flush=True)
     return ""
+
+
+def _available_mb() -> float:
+    found = re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text())
+    return int(found.group(1)) / 1024 if found else 0.0
 
 
 def _stop_all(hub: Hub, running: list[str]) -> None:
@@ -178,6 +189,7 @@ def _measure(hub: Hub, hub_pid: int, state_dir: Path, running: list[str], args) 
         "listings_per_cycle": (_job_info_rpcs() - listings_before) / (seconds / STATUS_INTERVAL),
         "hub_rss_mb": _rss_mb(hub_pid),
         "hub_fds": len(os.listdir(f"/proc/{hub_pid}/fd")),
+        "available_mb": _available_mb(),
     }
     row.update(_probe(hub))
     print(f"N={row['users']}: {row}", flush=True)
