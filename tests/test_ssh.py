@@ -14,6 +14,7 @@ import os
 import shlex
 import stat
 import time
+from pathlib import Path
 
 import pytest
 
@@ -153,9 +154,10 @@ class SometimesFullServer(asyncssh.SSHServer):
         return asyncssh.SSHServerProcess(fake_command, asyncssh.SFTPServer, 3, False)
 
 
-@pytest.fixture
-async def login(tmp_path):
-    """A ``LoginConnection`` to the stand-in server; closed afterwards."""
+async def stand_in_server(tmp_path: Path, known_port: int = 0):
+    """The stand-in SSH server on 127.0.0.1 (its sessions run fake_command, or SFTP), a
+    client key it accepts (``tmp_path/key``) and a known_hosts file naming it on its port (or
+    on ``known_port``: a relay in front of it). Returns (server, port, known_hosts, key)."""
     host_key = asyncssh.generate_private_key("ssh-ed25519")
     client_key = asyncssh.generate_private_key("ssh-ed25519")
     server = await asyncssh.listen(
@@ -164,14 +166,22 @@ async def login(tmp_path):
         authorized_client_keys=asyncssh.import_authorized_keys(
             client_key.export_public_key().decode()),
         encoding=None,
-        server_factory=SometimesFullServer,  # its sessions run fake_command, or SFTP
+        server_factory=SometimesFullServer,
     )
     port = server.sockets[0].getsockname()[1]
     known_hosts = tmp_path / "known_hosts"
-    known_hosts.write_text(f"[127.0.0.1]:{port} {host_key.export_public_key().decode()}")
+    known_hosts.write_text(f"[127.0.0.1]:{known_port or port} "
+                           f"{host_key.export_public_key().decode()}")
     key_path = tmp_path / "key"
     client_key.write_private_key(str(key_path))
     key_path.chmod(0o600)
+    return server, port, known_hosts, key_path
+
+
+@pytest.fixture
+async def login(tmp_path):
+    """A ``LoginConnection`` to the stand-in server; closed afterwards."""
+    server, port, known_hosts, key_path = await stand_in_server(tmp_path)
     pool = ConnectionPool()
     target = SSHTarget("127.0.0.1", port, "alice", str(key_path), str(known_hosts),
                        connect_timeout=5)
@@ -758,19 +768,7 @@ async def test_a_login_node_that_refuses_is_passed_over_for_the_next(tmp_path):
     """The target's own node (127.0.0.2: nothing listens there) refuses: the pool connects to
     its alternate, remembers the first as down (tried last for a while), and a cluster whose
     nodes all refuse is one error naming each."""
-    host_key = asyncssh.generate_private_key("ssh-ed25519")
-    client_key = asyncssh.generate_private_key("ssh-ed25519")
-    server = await asyncssh.listen(
-        "127.0.0.1", 0, server_host_keys=[host_key], encoding=None,
-        authorized_client_keys=asyncssh.import_authorized_keys(
-            client_key.export_public_key().decode()),
-        server_factory=SometimesFullServer)
-    port = server.sockets[0].getsockname()[1]
-    known_hosts = tmp_path / "known_hosts"
-    known_hosts.write_text(f"[127.0.0.1]:{port} {host_key.export_public_key().decode()}")
-    key_path = tmp_path / "key"
-    client_key.write_private_key(str(key_path))
-    key_path.chmod(0o600)
+    server, port, known_hosts, key_path = await stand_in_server(tmp_path)
     pool = ConnectionPool()
     target = SSHTarget("127.0.0.2", port, "alice", str(key_path), str(known_hosts),
                        connect_timeout=5, alternates=("127.0.0.1",))
@@ -794,14 +792,6 @@ async def test_a_connection_sshd_cuts_before_the_handshake_is_tried_again(tmp_pa
     """A login node beyond its MaxStartups closes new connections before the SSH banner: the
     connection is tried again (after a short random pause), and succeeds when sshd lets it
     in; one that is always cut says so, naming MaxStartups."""
-    host_key = asyncssh.generate_private_key("ssh-ed25519")
-    client_key = asyncssh.generate_private_key("ssh-ed25519")
-    server = await asyncssh.listen(
-        "127.0.0.1", 0, server_host_keys=[host_key], encoding=None,
-        authorized_client_keys=asyncssh.import_authorized_keys(
-            client_key.export_public_key().decode()),
-        server_factory=SometimesFullServer)
-    ssh_port = server.sockets[0].getsockname()[1]
     cut = {"left": 2}
 
     async def relay(reader, writer):
@@ -822,11 +812,7 @@ async def test_a_connection_sshd_cuts_before_the_handshake_is_tried_again(tmp_pa
 
     front = await asyncio.start_server(relay, "127.0.0.1", 0)
     port = front.sockets[0].getsockname()[1]
-    known_hosts = tmp_path / "known_hosts"
-    known_hosts.write_text(f"[127.0.0.1]:{port} {host_key.export_public_key().decode()}")
-    key_path = tmp_path / "key"
-    client_key.write_private_key(str(key_path))
-    key_path.chmod(0o600)
+    server, ssh_port, known_hosts, key_path = await stand_in_server(tmp_path, known_port=port)
     pool = ConnectionPool()
     target = SSHTarget("127.0.0.1", port, "alice", str(key_path), str(known_hosts),
                        connect_timeout=5)

@@ -396,51 +396,39 @@ def _users_and_keys() -> None:
     KEY_DIR.mkdir(mode=0o700, exist_ok=True)
     os.chmod(KEY_DIR, 0o700)
     for user in USERS:
-        try:
-            pwd.getpwnam(user)
-        except KeyError:
-            subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", user], check=True)
-        subprocess.run(["usermod", "-p", "*", user], check=True)  # unlocked, no password
-        entry = pwd.getpwnam(user)
-        key = KEY_DIR / user
-        key.unlink(missing_ok=True)
-        Path(f"{key}.pub").unlink(missing_ok=True)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{user}@hub-lab",
-                        "-f", str(key)], check=True)
-        ssh_dir = Path(entry.pw_dir) / ".ssh"
-        ssh_dir.mkdir(mode=0o700, exist_ok=True)
-        authorized = ssh_dir / "authorized_keys"
-        authorized.write_text(Path(f"{key}.pub").read_text())
-        os.chmod(authorized, 0o600)
-        for path in (ssh_dir, authorized):
-            os.chown(path, entry.pw_uid, entry.pw_gid)
+        _user_with_a_key(user)
+
+
+def _user_with_a_key(user: str) -> None:
+    """Lab user ``user`` (made once, unlocked, no password) with a fresh key in ``KEY_DIR``
+    whose public half is their ``authorized_keys``."""
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", user], check=True)
+    subprocess.run(["usermod", "-p", "*", user], check=True)  # unlocked, no password
+    entry = pwd.getpwnam(user)
+    key = KEY_DIR / user
+    key.unlink(missing_ok=True)
+    Path(f"{key}.pub").unlink(missing_ok=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{user}@hub-lab",
+                    "-f", str(key)], check=True)
+    ssh_dir = Path(entry.pw_dir) / ".ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    authorized = ssh_dir / "authorized_keys"
+    authorized.write_text(Path(f"{key}.pub").read_text())
+    os.chmod(authorized, 0o600)
+    for path in (ssh_dir, authorized):
+        os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
 def add_users(count: int) -> list[str]:
-    """``count`` benchmark users (``hsu001`` ...): accounts with homes (made once, kept like
-    alice's and bob's) and, each time, a fresh key in ``KEY_DIR`` (gone with the lab) whose
-    public half is their ``authorized_keys``. Returns their names."""
+    """``count`` benchmark users (``hsu001`` ...), as alice and bob: accounts with homes
+    (made once, kept) and, each time, a fresh key in ``KEY_DIR`` (gone with the lab). Returns
+    their names."""
     names = [f"{BENCH_USER_PREFIX}{number:03d}" for number in range(1, count + 1)]
     for name in names:
-        try:
-            entry = pwd.getpwnam(name)
-        except KeyError:
-            subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", name],
-                           check=True)
-            subprocess.run(["usermod", "-p", "*", name], check=True)
-            entry = pwd.getpwnam(name)
-        key = KEY_DIR / name
-        key.unlink(missing_ok=True)
-        Path(f"{key}.pub").unlink(missing_ok=True)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{name}@hub-lab",
-                        "-f", str(key)], check=True)
-        ssh_dir = Path(entry.pw_dir) / ".ssh"
-        ssh_dir.mkdir(mode=0o700, exist_ok=True)
-        authorized = ssh_dir / "authorized_keys"
-        authorized.write_text(Path(f"{key}.pub").read_text())
-        os.chmod(authorized, 0o600)
-        for path in (ssh_dir, authorized):
-            os.chown(path, entry.pw_uid, entry.pw_gid)
+        _user_with_a_key(name)
     return names
 
 
