@@ -240,24 +240,11 @@ def add_login2() -> dict:
         return state
     namespace = NAMESPACES["login2"]
     try:
-        _ip("netns", "add", namespace)
-        _ip("-n", namespace, "link", "set", "lo", "up")
-        Path(f"/etc/netns/{namespace}").mkdir(parents=True, exist_ok=True)
-        Path(f"/etc/netns/{namespace}/hosts").write_text(HOSTS_FILE)
-        _ip("link", "add", "hsl-hub2", "type", "veth", "peer", "name", "hsl-m1", "netns",
-            namespace)
-        _ip("addr", "add", f"{HUB2_IP}/24", "dev", "hsl-hub2")
-        _ip("link", "set", "hsl-hub2", "up")
-        _ip("-n", namespace, "addr", "add", f"{LOGIN2_IP}/24", "dev", "hsl-m1")
-        _ip("-n", namespace, "link", "set", "hsl-m1", "up")
-        _ip("-n", namespace, "link", "add", "hsl-m2", "type", "veth", "peer", "name", "hsl-c3",
-            "netns", NAMESPACES["compute"])
-        _ip("-n", namespace, "addr", "add", f"{LOGIN2_CLUSTER_IP}/24", "dev", "hsl-m2")
-        _ip("-n", namespace, "link", "set", "hsl-m2", "up")
-        _ip("-n", NAMESPACES["compute"], "link", "set", "hsl-c3", "master", "hsl-br")
-        _ip("-n", NAMESPACES["compute"], "link", "set", "hsl-c3", "up")
-        subprocess.run(["ip", "netns", "exec", namespace, "sysctl", "-qw",
-                        "net.ipv4.ip_forward=0"], check=True)
+        _new_namespace(namespace, HOSTS_FILE)
+        _link("", "hsl-hub2", HUB2_IP, namespace, "hsl-m1", LOGIN2_IP)
+        _link(namespace, "hsl-m2", LOGIN2_CLUSTER_IP, NAMESPACES["compute"], "hsl-c3",
+              bridge="hsl-br")
+        _no_forwarding(namespace)
         key = LAB_DIR / "ssh_host_login2_ed25519_key"
         key.unlink(missing_ok=True)
         Path(f"{key}.pub").unlink(missing_ok=True)
@@ -366,30 +353,48 @@ def _runtime_dirs() -> None:
 def _network() -> None:
     # Safety first: nothing in 10.77/16 may ever leave through the default route.
     _ip("route", "replace", "unreachable", SAFETY_ROUTE)
-    for namespace in (NAMESPACES["login"], NAMESPACES["compute"]):
-        _ip("netns", "add", namespace)
-        _ip("-n", namespace, "link", "set", "lo", "up")
-        Path(f"/etc/netns/{namespace}").mkdir(parents=True, exist_ok=True)
-        Path(f"/etc/netns/{namespace}/hosts").write_text(HOSTS_FILE)
     login, compute = NAMESPACES["login"], NAMESPACES["compute"]
-    _ip("link", "add", "hsl-hub", "type", "veth", "peer", "name", "hsl-l1", "netns", login)
-    _ip("addr", "add", f"{HUB_IP}/24", "dev", "hsl-hub")
-    _ip("link", "set", "hsl-hub", "up")
-    _ip("-n", login, "addr", "add", f"{LOGIN_IP}/24", "dev", "hsl-l1")
-    _ip("-n", login, "link", "set", "hsl-l1", "up")
-    _ip("-n", login, "link", "add", "hsl-l2", "type", "veth", "peer", "name", "hsl-c2",
-        "netns", compute)
-    _ip("-n", login, "addr", "add", f"{LOGIN_CLUSTER_IP}/24", "dev", "hsl-l2")
-    _ip("-n", login, "link", "set", "hsl-l2", "up")
+    for namespace in (login, compute):
+        _new_namespace(namespace, HOSTS_FILE)
+    _link("", "hsl-hub", HUB_IP, login, "hsl-l1", LOGIN_IP)
     # The cluster's switch: a bridge in the compute host's namespace (login2 joins it).
     _ip("-n", compute, "link", "add", "hsl-br", "type", "bridge")
-    _ip("-n", compute, "link", "set", "hsl-c2", "master", "hsl-br")
     _ip("-n", compute, "addr", "add", f"{COMPUTE_IP}/24", "dev", "hsl-br")
-    _ip("-n", compute, "link", "set", "hsl-c2", "up")
     _ip("-n", compute, "link", "set", "hsl-br", "up")
-    # The login host must not route between its two sides.
-    subprocess.run(["ip", "netns", "exec", login, "sysctl", "-qw", "net.ipv4.ip_forward=0"],
-                   check=True)
+    _link(login, "hsl-l2", LOGIN_CLUSTER_IP, compute, "hsl-c2", bridge="hsl-br")
+    _no_forwarding(login)  # the login host must not route between its two sides
+
+
+def _new_namespace(namespace: str, hosts: str) -> None:
+    """A host's network namespace with its loopback up and its own hosts file."""
+    _ip("netns", "add", namespace)
+    _ip("-n", namespace, "link", "set", "lo", "up")
+    Path(f"/etc/netns/{namespace}").mkdir(parents=True, exist_ok=True)
+    Path(f"/etc/netns/{namespace}/hosts").write_text(hosts)
+
+
+def _link(side: str, device: str, address: str, peer_side: str, peer_device: str,
+          peer_address: str = "", bridge: str = "") -> None:
+    """A veth pair, both ends up: ``device`` in namespace ``side`` ("": the hub's) with
+    ``address``/24, ``peer_device`` in ``peer_side`` with ``peer_address``/24, or a port of
+    the bridge ``bridge`` there."""
+    def where(namespace: str) -> list[str]:
+        return ["-n", namespace] if namespace else []
+
+    _ip(*where(side), "link", "add", device, "type", "veth", "peer", "name", peer_device,
+        "netns", peer_side)
+    _ip(*where(side), "addr", "add", f"{address}/24", "dev", device)
+    _ip(*where(side), "link", "set", device, "up")
+    if bridge:
+        _ip(*where(peer_side), "link", "set", peer_device, "master", bridge)
+    else:
+        _ip(*where(peer_side), "addr", "add", f"{peer_address}/24", "dev", peer_device)
+    _ip(*where(peer_side), "link", "set", peer_device, "up")
+
+
+def _no_forwarding(namespace: str) -> None:
+    subprocess.run(["ip", "netns", "exec", namespace, "sysctl", "-qw",
+                    "net.ipv4.ip_forward=0"], check=True)
 
 
 def _users_and_keys() -> None:
@@ -703,25 +708,10 @@ def add_bastion() -> dict:
         return state
     namespace, login = NAMESPACES["bastion"], NAMESPACES["login"]
     try:
-        _ip("netns", "add", namespace)
-        _ip("-n", namespace, "link", "set", "lo", "up")
-        Path(f"/etc/netns/{namespace}").mkdir(parents=True, exist_ok=True)
-        Path(f"/etc/netns/{namespace}/hosts").write_text(
-            f"127.0.0.1 localhost\n{LOGIN_BASTION_SIDE_IP} login\n")
-        _ip("link", "add", "hsl-hub3", "type", "veth", "peer", "name", "hsl-b1", "netns",
-            namespace)
-        _ip("addr", "add", f"{HUB3_IP}/24", "dev", "hsl-hub3")
-        _ip("link", "set", "hsl-hub3", "up")
-        _ip("-n", namespace, "addr", "add", f"{BASTION_IP}/24", "dev", "hsl-b1")
-        _ip("-n", namespace, "link", "set", "hsl-b1", "up")
-        _ip("-n", namespace, "link", "add", "hsl-b2", "type", "veth", "peer", "name", "hsl-l3",
-            "netns", login)
-        _ip("-n", namespace, "addr", "add", f"{BASTION_INNER_IP}/24", "dev", "hsl-b2")
-        _ip("-n", namespace, "link", "set", "hsl-b2", "up")
-        _ip("-n", login, "addr", "add", f"{LOGIN_BASTION_SIDE_IP}/24", "dev", "hsl-l3")
-        _ip("-n", login, "link", "set", "hsl-l3", "up")
-        subprocess.run(["ip", "netns", "exec", namespace, "sysctl", "-qw",
-                        "net.ipv4.ip_forward=0"], check=True)
+        _new_namespace(namespace, f"127.0.0.1 localhost\n{LOGIN_BASTION_SIDE_IP} login\n")
+        _link("", "hsl-hub3", HUB3_IP, namespace, "hsl-b1", BASTION_IP)
+        _link(namespace, "hsl-b2", BASTION_INNER_IP, login, "hsl-l3", LOGIN_BASTION_SIDE_IP)
+        _no_forwarding(namespace)
         key = LAB_DIR / "ssh_host_bastion_ed25519_key"
         key.unlink(missing_ok=True)
         Path(f"{key}.pub").unlink(missing_ok=True)
