@@ -7,6 +7,7 @@ import json
 import os
 import pwd
 import secrets
+import socket
 import subprocess
 import time
 import uuid
@@ -149,6 +150,28 @@ def start_hub(state_dir: Path, port: int, token: str, extra_env: dict | None = N
             raise RuntimeError(f"the test hub did not start:\n{hub.log()[-3000:]}")
         time.sleep(0.3)
     return hub, process
+
+
+def start_proxy(port: int, token: str, log_dir: Path) -> subprocess.Popen:
+    """configurable-http-proxy as its own process (z2jh's shape), where a test hub started
+    with ``CONFIGPROXY_AUTH_TOKEN`` = ``token`` on ``port`` expects it (API on port + 1, errors
+    to the hub on port + 81); returns once its API answers."""
+    proxy = subprocess.Popen(
+        [str(lab_module.LAB_PREFIX / "node_modules/.bin/configurable-http-proxy"),
+         "--ip", "127.0.0.1", "--port", str(port), "--api-ip", "127.0.0.1",
+         "--api-port", str(port + 1), "--error-target", f"http://127.0.0.1:{port + 81}/hub/error"],
+        env=dict(os.environ, CONFIGPROXY_AUTH_TOKEN=token), cwd=REPO,
+        stdout=open(log_dir / "proxy.log", "a"), stderr=subprocess.STDOUT,
+    )
+
+    def answers() -> bool:
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port + 1)) == 0
+
+    if not wait_for(answers, 20):
+        lab_module.stop_pid(proxy.pid)
+        raise RuntimeError(f"configurable-http-proxy did not start; see {log_dir}/proxy.log")
+    return proxy
 
 
 def stop_hub(process: subprocess.Popen) -> None:

@@ -11,7 +11,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 
@@ -24,6 +23,7 @@ from .conftest import (
     open_kernel,
     processes_on,
     start_hub,
+    start_proxy,
     stop_hub,
     wait_for,
 )
@@ -43,11 +43,6 @@ def behind_bastion(lab):
         lab.login_host_up("login")
 
 
-def _port_in_use(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM], ids=["TERM"])
 def test_spawn_kernel_restart_and_stop_through_the_bastion(behind_bastion, tmp_path, signum):
     """Spawn, a kernel, a hub restart with its websocket open (the same connection keeps
@@ -57,16 +52,9 @@ def test_spawn_kernel_restart_and_stop_through_the_bastion(behind_bastion, tmp_p
     proxy_token = secrets.token_hex(24)
     env = {"HUB_KEEP_SERVERS": "1", "CONFIGPROXY_AUTH_TOKEN": proxy_token,
            "HUB_SCHEDULER": "slurm", "HUB_LOGIN_HOSTS": "login", "HUB_JUMP_HOST": lab.BASTION_IP}
-    proxy = subprocess.Popen(
-        [str(lab.LAB_PREFIX / "node_modules/.bin/configurable-http-proxy"), "--ip", "127.0.0.1",
-         "--port", str(PORT), "--api-ip", "127.0.0.1", "--api-port", str(PORT + 1),
-         "--error-target", f"http://127.0.0.1:{PORT + 81}/hub/error"],
-        env=dict(os.environ, CONFIGPROXY_AUTH_TOKEN=proxy_token), cwd=REPO,
-        stdout=open(tmp_path / "proxy.log", "a"), stderr=subprocess.STDOUT,
-    )
+    proxy = start_proxy(PORT, proxy_token, tmp_path)
     process = None
     try:
-        assert wait_for(lambda: _port_in_use(PORT + 1), 20)
         token = secrets.token_hex(24)
         hub, process = start_hub(tmp_path, PORT, token, env)
         hub.api("POST", "/users/alice")

@@ -16,7 +16,6 @@ import re
 import secrets
 import signal
 import socket
-import subprocess
 import time
 
 import pytest
@@ -24,13 +23,13 @@ import pytest
 from hub_spawner.tunnels.client import TunnelClient
 
 from .conftest import (
-    REPO,
     active_jobs,
     connect_kernel,
     execute,
     open_kernel,
     squat_on_login,
     start_hub,
+    start_proxy,
     stop_hub,
     wait_for,
 )
@@ -141,15 +140,8 @@ def test_open_kernel_websocket_survives_a_hub_restart(lab, tmp_path, signum):
     same variables); a new request through the proxy works as soon as the hub answers."""
     proxy_token = secrets.token_hex(24)
     env = {"HUB_KEEP_SERVERS": "1", "CONFIGPROXY_AUTH_TOKEN": proxy_token}
-    proxy = subprocess.Popen(
-        [str(lab.LAB_PREFIX / "node_modules/.bin/configurable-http-proxy"), "--ip", "127.0.0.1",
-         "--port", str(PORT), "--api-ip", "127.0.0.1", "--api-port", str(PORT + 1),
-         "--error-target", f"http://127.0.0.1:{PORT + 81}/hub/error"],
-        env=dict(os.environ, CONFIGPROXY_AUTH_TOKEN=proxy_token), cwd=REPO,
-        stdout=open(tmp_path / "proxy.log", "a"), stderr=subprocess.STDOUT,
-    )
+    proxy = start_proxy(PORT, proxy_token, tmp_path)
     try:
-        assert wait_for(lambda: _port_in_use(PORT + 1), 20)
         token = secrets.token_hex(24)
         hub, process = start_hub(tmp_path, PORT, token, env)
         try:

@@ -245,11 +245,7 @@ def add_login2() -> dict:
         _link(namespace, "hsl-m2", LOGIN2_CLUSTER_IP, NAMESPACES["compute"], "hsl-c3",
               bridge="hsl-br")
         _no_forwarding(namespace)
-        key = LAB_DIR / "ssh_host_login2_ed25519_key"
-        key.unlink(missing_ok=True)
-        Path(f"{key}.pub").unlink(missing_ok=True)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
-                       check=True)
+        key = _fresh_key(LAB_DIR / "ssh_host_login2_ed25519_key")
         ports = [22] + ([TORQUE_PORT] if "torque" in state["schedulers"] else [])
         for port in ports:
             _write_sshd_config(f"login2-{port}", LOGIN2_IP, port, key.name)
@@ -413,11 +409,7 @@ def _user_with_a_key(user: str) -> None:
         subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", user], check=True)
     subprocess.run(["usermod", "-p", "*", user], check=True)  # unlocked, no password
     entry = pwd.getpwnam(user)
-    key = KEY_DIR / user
-    key.unlink(missing_ok=True)
-    Path(f"{key}.pub").unlink(missing_ok=True)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{user}@hub-lab",
-                    "-f", str(key)], check=True)
+    key = _fresh_key(KEY_DIR / user, comment=f"{user}@hub-lab")
     ssh_dir = Path(entry.pw_dir) / ".ssh"
     ssh_dir.mkdir(mode=0o700, exist_ok=True)
     authorized = ssh_dir / "authorized_keys"
@@ -467,16 +459,22 @@ def start_sshd() -> None:
     _write_state(state)
 
 
+def _fresh_key(key: Path, comment: str = "") -> Path:
+    """A new ed25519 key pair at ``key`` (and ``key``.pub), replacing any old one."""
+    key.unlink(missing_ok=True)
+    Path(f"{key}.pub").unlink(missing_ok=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", *(["-C", comment] if comment
+                    else []), "-f", str(key)], check=True)
+    return key
+
+
 def _configure_sshd() -> None:
     """Host keys of the login and compute hosts, a user CA (for the certificate identity mode:
     both sshds accept a certificate whose principal is the user's name) and the three sshd
     configs (login :22 and :2222, compute :22)."""
     for key in (LAB_DIR / "ssh_host_ed25519_key", LAB_DIR / "ssh_host_compute_ed25519_key",
                 USER_CA):
-        key.unlink(missing_ok=True)
-        Path(f"{key}.pub").unlink(missing_ok=True)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
-                       check=True)
+        _fresh_key(key)
     configs = {
         "22": (LOGIN_IP, 22, "ssh_host_ed25519_key"),
         str(TORQUE_PORT): (LOGIN_IP, TORQUE_PORT, "ssh_host_ed25519_key"),
@@ -712,11 +710,7 @@ def add_bastion() -> dict:
         _link("", "hsl-hub3", HUB3_IP, namespace, "hsl-b1", BASTION_IP)
         _link(namespace, "hsl-b2", BASTION_INNER_IP, login, "hsl-l3", LOGIN_BASTION_SIDE_IP)
         _no_forwarding(namespace)
-        key = LAB_DIR / "ssh_host_bastion_ed25519_key"
-        key.unlink(missing_ok=True)
-        Path(f"{key}.pub").unlink(missing_ok=True)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
-                       check=True)
+        key = _fresh_key(LAB_DIR / "ssh_host_bastion_ed25519_key")
         _write_sshd_config("bastion-22", BASTION_IP, 22, key.name)
         _write_sshd_config("login-bastion-side", LOGIN_BASTION_SIDE_IP, 22,
                            "ssh_host_ed25519_key")
